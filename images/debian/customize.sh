@@ -1,0 +1,158 @@
+#!/bin/sh
+# Turns the freshly installed Debian tree at $1 into the shared base image.
+# Runs on the host as mmdebstrap's customize hook; part of the recipe hash.
+#
+# The image is identical for every node and every cluster. Node identity
+# (hostname, addresses, SSH keys, role configuration) arrives at boot on a
+# small config disk (/dev/vdb, mounted at /photon) and is applied by
+# photon-firstboot.service before the network and sshd start.
+set -eu
+root="$1"
+in_root() { chroot "$root" "$@"; }
+
+# An initrd that loads virtio and ext4 only: small, so it unpacks fast under TCG.
+sed -i 's/^MODULES=.*/MODULES=list/' "$root/etc/initramfs-tools/initramfs.conf"
+printf '%s\n' virtio_ring virtio virtio_pci virtio_blk virtio_net ext4 \
+    > "$root/etc/initramfs-tools/modules"
+in_root update-initramfs -u -k all >/dev/null
+
+# Servers start only when a node's role asks for them (see roles/*.sh).
+for unit in etcd redis-server named haproxy nginx prometheus \
+    prometheus-node-exporter; do
+    in_root systemctl disable "$unit.service" >/dev/null 2>&1 || true
+done
+# Timers and jobs that only steal CPU from a short-lived test guest.
+for unit in apt-daily.timer apt-daily-upgrade.timer man-db.timer e2scrub_all.timer \
+    fstrim.timer e2scrub_reap.service prometheus-node-exporter-apt.timer \
+    prometheus-node-exporter-smartmon.timer prometheus-node-exporter-nvme.timer \
+    prometheus-node-exporter-ipmitool-sensor.timer prometheus-node-exporter-mellanox-hca-temp.timer; do
+    in_root systemctl mask "$unit" >/dev/null 2>&1 || true
+done
+
+# Host keys come from the config disk, one per node and cluster, so the
+# driver knows them in advance and can verify every connection.
+rm -f "$root"/etc/ssh/ssh_host_*
+cat > "$root/etc/ssh/sshd_config.d/photon.conf" <<'EOF'
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+UseDNS no
+HostKey /etc/ssh/ssh_host_ed25519_key
+EOF
+
+# The config disk.
+mkdir -p "$root/photon"
+cat > "$root/etc/fstab" <<'EOF'
+/dev/vda  /        ext4  rw,noatime  0 1
+/dev/vdb  /photon  ext4  ro,nofail,x-systemd.device-timeout=30s  0 0
+EOF
+
+cat > "$root/usr/local/sbin/photon-firstboot" <<'EOF'
+#!/bin/sh
+# Applies this node's identity from the config disk, then its role.
+set -eu
+C=/photon
+. "$C/node.env"
+echo "$NODE_NAME" > /etc/hostname
+hostname "$NODE_NAME"
+cp "$C/hosts" /etc/hosts
+install -d -m 700 /root/.ssh
+install -m 600 "$C/authorized_keys" /root/.ssh/authorized_keys
+install -m 600 "$C/ssh_host_ed25519_key" /etc/ssh/ssh_host_ed25519_key
+install -m 644 "$C/ssh_host_ed25519_key.pub" /etc/ssh/ssh_host_ed25519_key.pub
+mkdir -p /run/systemd/network
+cp "$C"/network/*.network /run/systemd/network/
+if [ -f "$C/role.sh" ]; then
+    sh "$C/role.sh"
+fi
+echo "photon-firstboot: $NODE_NAME configured as $NODE_ROLE"
+EOF
+chmod 755 "$root/usr/local/sbin/photon-firstboot"
+
+cat > "$root/etc/systemd/system/photon-firstboot.service" <<'EOF'
+[Unit]
+Description=Apply node identity and role from the photon config disk
+DefaultDependencies=no
+RequiresMountsFor=/photon
+After=systemd-remount-fs.service
+Before=sysinit.target network-pre.target systemd-networkd.service ssh.service
+Wants=network-pre.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/local/sbin/photon-firstboot
+StandardOutput=journal+console
+
+[Install]
+WantedBy=sysinit.target
+EOF
+in_root systemctl enable photon-firstboot.service systemd-networkd.service >/dev/null 2>&1
+# The role script starts its servers once the system is up.
+cat > "$root/etc/systemd/system/photon-role.service" <<'EOF'
+[Unit]
+Description=Start the servers of this node's role
+After=photon-firstboot.service network-online.target
+Wants=network-online.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh -c 'exec systemctl start --no-block $(cat /run/photon-role-units)'
+
+[Install]
+WantedBy=multi-user.target
+EOF
+in_root systemctl enable photon-role.service >/dev/null 2>&1
+# network-online must not wait for the slirp NIC's carrier games.
+mkdir -p "$root/etc/systemd/system/systemd-networkd-wait-online.service.d"
+cat > "$root/etc/systemd/system/systemd-networkd-wait-online.service.d/photon.conf" <<'EOF'
+[Service]
+ExecStart=
+ExecStart=/lib/systemd/systemd-networkd-wait-online --any --timeout=20
+EOF
+
+# A quiet, fast journal that survives for collection.
+mkdir -p "$root/etc/systemd/journald.conf.d"
+printf '[Journal]\nStorage=volatile\nRuntimeMaxUse=32M\n' \
+    > "$root/etc/systemd/journald.conf.d/photon.conf"
+
+# The nested-guest kit: the image's own kernel plus a busybox initramfs that
+# prints a marker, for workers to boot with qemu inside the guest.
+kit="$root/usr/local/share/photon/nested"
+mkdir -p "$kit/initramfs/bin"
+cp "$root"/boot/vmlinuz-* "$kit/vmlinuz"
+cp "$root/bin/busybox" "$kit/initramfs/bin/busybox"
+cat > "$kit/initramfs/init" <<'EOF'
+#!/bin/busybox sh
+/bin/busybox mkdir -p /proc
+/bin/busybox mount -t proc proc /proc
+echo "PHOTON-NESTED-GUEST-OK $(/bin/busybox cat /proc/cpuinfo | /bin/busybox grep -c ^processor) cpu"
+/bin/busybox poweroff -f
+EOF
+chmod 755 "$kit/initramfs/init"
+(cd "$kit/initramfs" && find . | cpio -o -H newc 2>/dev/null | gzip -1 > "$kit/initramfs.gz")
+rm -rf "$kit/initramfs"
+
+# The coronafs part: a qcow2 volume exported over NBD by qemu-storage-daemon.
+cat > "$root/etc/systemd/system/photon-volume-export.service" <<'EOF'
+[Unit]
+Description=Export a node-local volume over NBD (coronafs part)
+After=network-online.target
+
+[Service]
+StateDirectory=photon
+ExecStartPre=/bin/sh -c 'test -e /var/lib/photon/volume.qcow2 || qemu-img create -q -f qcow2 /var/lib/photon/volume.qcow2 1G'
+ExecStart=/usr/bin/qemu-storage-daemon \
+    --blockdev driver=file,node-name=file0,filename=/var/lib/photon/volume.qcow2 \
+    --blockdev driver=qcow2,node-name=vol0,file=file0 \
+    --nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809 \
+    --export type=nbd,id=exp0,node-name=vol0,name=vol0,writable=on
+Restart=on-failure
+EOF
+
+# Every node gets its own id from the kernel command line (systemd.machine_id=);
+# a fixed one here keeps systemd from treating each boot as a first boot,
+# which would re-apply presets and enable every server on every node.
+rm -f "$root/usr/sbin/policy-rc.d"
+echo 70686f746f6e2d636c75737465720001 > "$root/etc/machine-id"
+rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*

@@ -1,0 +1,2 @@
+# storage nodes: a volume exported over NBD (coronafs part).
+units photon-volume-export.service

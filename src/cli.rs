@@ -1,0 +1,213 @@
+//! Command-line definitions, and the mapping from each command to the
+//! functions that do the work.
+
+use crate::cluster::{self, StartOptions};
+use crate::error::bad_input;
+use crate::machine::{self, accel::AccelRequest};
+use crate::spec::Cluster;
+use crate::state::{self, RunningCluster, StateDir};
+use crate::{image, status};
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Boot clusters of QEMU virtual machines from prebuilt images, validate them
+/// layer by layer, and keep the evidence.
+///
+/// The default cluster is the embedded `reference` profile: six Debian guests
+/// (node01-03 control plane, node04-05 workers, node06 gateway).
+///
+/// Typical session:
+///   photon-cluster build            # build the images (cached by recipe)
+///   photon-cluster start            # boot every node, wait until ready
+///   photon-cluster status           # state, accel, ports, units per node
+///   photon-cluster ssh node04       # a shell on node04
+///   photon-cluster stop             # power down, kill after a deadline
+///
+/// Exit codes: 0 ok; 1 a check failed; 2 bad input (refused before anything
+/// started); 3 infrastructure failure (build, QEMU, boot); 130 interrupted.
+#[derive(Parser, Debug)]
+#[command(name = "photon-cluster", version, verbatim_doc_comment)]
+pub struct Cli {
+    #[command(flatten)]
+    pub target: Target,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Target {
+    /// An embedded profile: `reference` (six nodes) or `reference-storage` (five).
+    #[arg(long, global = true, default_value = "reference", conflicts_with = "cluster")]
+    pub profile: String,
+    /// A cluster definition file (TOML) instead of an embedded profile.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub cluster: Option<PathBuf>,
+    /// Base state directory [default: $PHOTON_VM_DIR or ~/.photoncloud-test-cluster];
+    /// profiles with a state suffix use a `-<suffix>` sibling.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Build the cluster's images (cached under the state directory by recipe hash).
+    Build,
+    /// Boot every node in dependency order and wait until each is ready
+    /// (SSH answers and its expected systemd units are active).
+    Start(StartArgs),
+    /// Show state, pid, accel, ports, uptime and units of every node.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Open a shell on a node, or run one command there and pass on its exit code.
+    Ssh {
+        /// The node, e.g. node04.
+        node: String,
+        /// A command to run instead of an interactive shell.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Power every node down over QMP; kill what has not stopped after the grace period.
+    Stop {
+        /// Seconds to wait for a clean powerdown before killing.
+        #[arg(long, default_value_t = 30)]
+        grace: u64,
+    },
+    /// Stop the cluster if it runs and remove its runtime state (keys, overlays, logs).
+    Clean {
+        /// Also remove the built images and the cached KVM probe.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Check a cluster definition and exit: 0 if valid, 2 with file:line:field if not.
+    Check,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StartArgs {
+    /// Accelerator: `auto` prefers KVM and falls back to TCG (recorded and shown)
+    /// when /dev/kvm is missing or a KVM guest hangs; `kvm` makes that an error.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub accel: AccelRequest,
+    /// Seconds each node may take to become ready.
+    #[arg(long, default_value_t = 600)]
+    pub ready_timeout: u64,
+}
+
+impl StartArgs {
+    pub fn options(&self) -> StartOptions {
+        StartOptions {
+            accel: self.accel,
+            ready_timeout: Duration::from_secs(self.ready_timeout),
+        }
+    }
+}
+
+impl Target {
+    pub fn load(&self) -> Result<Cluster> {
+        Ok(match &self.cluster {
+            Some(path) => Cluster::load(path)?,
+            None => Cluster::profile(&self.profile)?,
+        })
+    }
+
+    pub fn state(&self, cluster: &Cluster) -> Result<StateDir> {
+        Ok(StateDir::new(state::state_dir(
+            self.state_dir.as_deref(),
+            &cluster.spec.cluster.state_suffix,
+        )?))
+    }
+}
+
+pub fn run(cli: Cli) -> Result<i32> {
+    let cluster = cli.target.load()?;
+    let state = cli.target.state(&cluster)?;
+    match cli.command {
+        Cmd::Check => {
+            println!(
+                "{}: valid ({} nodes)",
+                cluster.source.display(),
+                cluster.spec.nodes.len()
+            );
+        }
+        Cmd::Build => {
+            let _lock = state.lock("build")?;
+            let img = image::build(&cluster, &state)?;
+            println!("kernel  {}", img.kernel.display());
+            println!("initrd  {}", img.initrd.display());
+            println!("rootfs  {}", img.rootfs.display());
+        }
+        Cmd::Start(args) => {
+            let _lock = state.lock("start")?;
+            cluster::start(&cluster, &state, &args.options())?;
+            status::print(&status::collect(&require_running(&state)?), false)?;
+        }
+        Cmd::Status { json } => {
+            let record = require_running(&state)?;
+            status::print(&status::collect(&record), json)?;
+        }
+        Cmd::Ssh { node, command } => {
+            let record = require_running(&state)?;
+            if command.is_empty() {
+                return interactive_ssh(&record, &node);
+            }
+            let guest = cluster::connect(&record, &node)?;
+            let out = guest.exec(&command.join(" "), Duration::from_secs(600))?;
+            print!("{}", out.stdout);
+            eprint!("{}", out.stderr);
+            return Ok(out.code);
+        }
+        Cmd::Stop { grace } => {
+            let _lock = state.lock("stop")?;
+            let notes = cluster::stop(&state, Duration::from_secs(grace))?;
+            if notes.is_empty() {
+                println!("no cluster running in {}", state.root.display());
+            }
+            for (node, note) in notes {
+                println!("{node}: {note}");
+            }
+        }
+        Cmd::Clean { all } => {
+            let _lock = state.lock("clean")?;
+            cluster::clean(&state, all)?;
+            println!("cleaned {}", state.root.display());
+        }
+    }
+    Ok(0)
+}
+
+fn require_running(state: &StateDir) -> Result<RunningCluster> {
+    state.load_running()?.ok_or_else(|| {
+        bad_input(format!(
+            "no cluster is running in {}; run `photon-cluster start` first",
+            state.root.display()
+        ))
+    })
+}
+
+/// Hands the terminal to OpenSSH for an interactive shell, pinned to the
+/// cluster's key and the host keys the driver gave each node.
+fn interactive_ssh(record: &RunningCluster, node: &str) -> Result<i32> {
+    use std::os::unix::process::CommandExt;
+    let n = record
+        .nodes
+        .get(node)
+        .ok_or_else(|| bad_input(format!("no node {node:?} in the running cluster")))?;
+    if !machine::is_running(n.pid) {
+        anyhow::bail!("{node}: QEMU (pid {}) is not running", n.pid);
+    }
+    let err = std::process::Command::new("ssh")
+        .arg("-i")
+        .arg(&record.ssh_key)
+        .args(["-p", &n.ssh_port.to_string()])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", record.known_hosts.display()))
+        .args(["-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes"])
+        .arg("root@127.0.0.1")
+        .exec();
+    Err(err).context("running ssh (install openssh-client)")
+}

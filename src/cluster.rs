@@ -1,0 +1,454 @@
+//! The cluster as a whole: start (boot every node and wait for it to be
+//! ready), status, stop and clean. `start` persists what it launched in
+//! `<state>/cluster.json`, so later commands attach without guessing.
+
+use crate::error::{Interrupted, bad_input};
+use crate::guest::{self, Endpoint, Guest};
+use crate::machine::{self, Accel, MachineConfig, accel::AccelRequest};
+use crate::progress::Progress;
+use crate::spec::Cluster;
+use crate::state::{RunningCluster, RunningNode, StateDir};
+use crate::{fabric, image, provision};
+use anyhow::{Context, Result, anyhow, bail};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fs;
+use std::process::Command;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct StartOptions {
+    pub accel: AccelRequest,
+    /// Deadline for each node to become ready, from its launch.
+    pub ready_timeout: Duration,
+}
+
+/// Refuses to start over a cluster that is still running in this state dir;
+/// clears the record of one whose processes are all gone.
+fn refuse_if_running(state: &StateDir) -> Result<()> {
+    if let Some(running) = state.load_running()? {
+        let alive: Vec<&String> = running
+            .nodes
+            .iter()
+            .filter(|(_, n)| machine::is_running(n.pid))
+            .map(|(name, _)| name)
+            .collect();
+        if !alive.is_empty() {
+            return Err(bad_input(format!(
+                "a cluster is already running in {} (nodes {}); run `photon-cluster stop` first",
+                state.root.display(),
+                alive.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        fs::remove_file(state.cluster_file())?;
+    }
+    Ok(())
+}
+
+/// Boots every node in dependency order and waits until each is ready: SSH
+/// answers and its expected units are active. On failure or Ctrl-C, every
+/// QEMU started here is killed before returning.
+pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result<RunningCluster> {
+    refuse_if_running(state)?;
+    let image = image::resolve(cluster, state)?;
+    require_program(machine::QEMU, "qemu-system-x86")?;
+    let ports = fabric::allocate_ports(cluster)?;
+    let accel = machine::accel::choose(
+        opts.accel,
+        &image.kernel,
+        &state.accel_probe(),
+        &state.root.join("probe"),
+    )?;
+    let accel_used = if accel.used == "kvm" { Accel::Kvm } else { Accel::Tcg };
+    match &accel.fallback_reason {
+        Some(r) => eprintln!("accel: using TCG (software emulation): {r}"),
+        None => eprintln!("accel: using {}", accel.used.to_uppercase()),
+    }
+    let keys = provision::cluster_keys(&state.ssh())?;
+    let mcast = fabric::mcast_for(&state.root);
+
+    // Prepare every node's disks before launching any, so bad input or a
+    // full disk stops us before a single QEMU runs.
+    let mut prepared = Vec::new();
+    for (index, node) in cluster.spec.nodes.iter().enumerate() {
+        let name = node.name.get_ref().clone();
+        let dir = state.node(&name);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        let overlay = dir.join("overlay.qcow2");
+        run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&image.rootfs)
+            .arg(&overlay))
+        .with_context(|| format!("{name}: creating the copy-on-write overlay"))?;
+        let host_key = provision::config_disk(cluster, index, node, &keys, &dir)?;
+        let (host_mac, fabric_mac) = fabric::macs(index);
+        let node_ports = ports[&name].clone();
+        let config = MachineConfig {
+            name: name.clone(),
+            accel: accel_used,
+            memory_mib: node.memory_mib,
+            vcpus: node.vcpus,
+            kernel: image.kernel.clone(),
+            initrd: image.initrd.clone(),
+            overlay,
+            config_disk: dir.join("config.img"),
+            serial_log: dir.join("vm.log"),
+            qmp_socket: dir.join("qmp.sock"),
+            pidfile: dir.join("qemu.pid"),
+            forwards: node_ports.pairs(),
+            host_mac,
+            fabric_mac,
+            fabric_mcast: mcast.clone(),
+            machine_id: hex::encode(
+                &Sha256::digest(format!("{}/{name}", state.root.display()).as_bytes())[..16],
+            ),
+        };
+        prepared.push((node, config, node_ports, host_key));
+    }
+    let known_hosts = state.ssh().join("known_hosts");
+    fs::write(
+        &known_hosts,
+        prepared
+            .iter()
+            .map(|(_, _, p, k)| format!("[127.0.0.1]:{} {k}\n", p.ssh))
+            .collect::<String>(),
+    )?;
+
+    let mut record = RunningCluster {
+        name: cluster.spec.cluster.name.clone(),
+        source: cluster.source.display().to_string(),
+        accel: accel.clone(),
+        started_unix: chrono::Utc::now().timestamp(),
+        ssh_key: keys.private_key.clone(),
+        known_hosts,
+        image,
+        nodes: BTreeMap::new(),
+    };
+
+    // Launch in dependency order. Guests boot concurrently (under TCG a
+    // sequential boot would multiply the wall time); dependency order decides
+    // the launch order and when each node's readiness is judged.
+    let order: Vec<String> = cluster
+        .boot_order()
+        .iter()
+        .map(|n| n.name.get_ref().clone())
+        .collect();
+    let t0 = Instant::now();
+    let mut launch_times = BTreeMap::new();
+    for name in &order {
+        let (node, config, node_ports, _) = prepared
+            .iter()
+            .find(|p| p.1.name == *name)
+            .expect("every ordered node was prepared");
+        let dir = state.node(name);
+        let child = match machine::launch(config, &dir.join("qemu.log")) {
+            Ok(c) => c,
+            Err(e) => {
+                teardown(&record);
+                return Err(e);
+            }
+        };
+        launch_times.insert(name.clone(), Instant::now());
+        record.nodes.insert(
+            name.clone(),
+            RunningNode {
+                role: node.role.get_ref().clone(),
+                address: node.address.get_ref().to_string(),
+                pid: child.id() as i32,
+                ssh_port: node_ports.ssh,
+                forwards: node_ports.forwards.clone(),
+                units: node.units.clone(),
+                dir: dir.clone(),
+                booted_unix: chrono::Utc::now().timestamp(),
+                ready_after_s: None,
+            },
+        );
+        // The Child is dropped without waiting: QEMU outlives `start`.
+        drop(child);
+        state.save_running(&record)?;
+    }
+
+    let progress = Progress::new(&order);
+    let result = wait_ready(cluster, &record, &prepared_endpoints(&record, &prepared), opts, &progress);
+    progress.finish();
+    match result {
+        Ok(ready) => {
+            for (name, secs) in ready {
+                if let Some(n) = record.nodes.get_mut(&name) {
+                    n.ready_after_s = Some(secs);
+                }
+            }
+            state.save_running(&record)?;
+            eprintln!(
+                "cluster {}: {} nodes ready in {:.1} s (accel {})",
+                record.name,
+                record.nodes.len(),
+                t0.elapsed().as_secs_f64(),
+                record.accel.summary()
+            );
+            Ok(record)
+        }
+        Err(e) => {
+            eprintln!("start failed; stopping every node it launched");
+            teardown(&record);
+            let _ = fs::remove_file(state.cluster_file());
+            Err(e)
+        }
+    }
+}
+
+fn prepared_endpoints(
+    record: &RunningCluster,
+    prepared: &[(&crate::spec::NodeSpec, MachineConfig, fabric::NodePorts, String)],
+) -> BTreeMap<String, Endpoint> {
+    prepared
+        .iter()
+        .map(|(_, c, p, k)| {
+            (
+                c.name.clone(),
+                Endpoint {
+                    node: c.name.clone(),
+                    port: p.ssh,
+                    key: record.ssh_key.clone(),
+                    host_key: k.clone(),
+                },
+            )
+        })
+        .collect()
+}
+
+#[derive(Clone, PartialEq)]
+enum Phase {
+    Waiting,
+    Ready,
+    Failed,
+}
+
+/// One thread per node. A node's readiness is judged only after its
+/// dependencies are ready; if one of them fails, it stops waiting.
+fn wait_ready(
+    cluster: &Cluster,
+    record: &RunningCluster,
+    endpoints: &BTreeMap<String, Endpoint>,
+    opts: &StartOptions,
+    progress: &Progress,
+) -> Result<Vec<(String, f64)>> {
+    let phases: Arc<(Mutex<BTreeMap<String, Phase>>, Condvar)> = Arc::new((
+        Mutex::new(
+            record
+                .nodes
+                .keys()
+                .map(|k| (k.clone(), Phase::Waiting))
+                .collect(),
+        ),
+        Condvar::new(),
+    ));
+    let started = Instant::now();
+    let results: Vec<Result<(String, f64)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = record
+            .nodes
+            .iter()
+            .map(|(name, node)| {
+                let phases = phases.clone();
+                let spec = cluster.node(name).expect("node in spec");
+                let deps: Vec<String> = spec.depends_on.iter().map(|d| d.get_ref().clone()).collect();
+                let endpoint = endpoints[name].clone();
+                s.spawn(move || {
+                    let console = node.dir.join("vm.log");
+                    let pid = node.pid;
+                    let console_for_abort = console.clone();
+                    let abort = move || -> Option<anyhow::Error> {
+                        if crate::interrupted() {
+                            return Some(Interrupted.into());
+                        }
+                        if !machine::is_running(pid) {
+                            return Some(anyhow!(
+                                "{name}: QEMU exited during boot; qemu.log: {}; last console lines:\n{}",
+                                fs::read_to_string(node.dir.join("qemu.log")).unwrap_or_default().trim(),
+                                machine::console_tail(&console_for_abort, 12)
+                            ));
+                        }
+                        None
+                    };
+                    let outcome = (|| -> Result<(String, f64)> {
+                        progress.set(name, "booting");
+                        let guest: Guest = guest::wait_for_ssh(&endpoint, opts.ready_timeout, &console, &abort)?;
+                        progress.set(name, "sshd up; waiting for dependencies");
+                        wait_for_deps(&phases, name, &deps, &abort)?;
+                        progress.set(name, &format!("waiting for {} units", node.units.len()));
+                        let left = opts.ready_timeout.saturating_sub(started.elapsed());
+                        guest::wait_for_units(&guest, &node.units, left.max(Duration::from_secs(30)), &abort)?;
+                        let secs = started.elapsed().as_secs_f64();
+                        progress.done(name, &format!("ready in {secs:.1} s"));
+                        Ok((name.clone(), secs))
+                    })();
+                    let (lock, cvar) = &*phases;
+                    lock.lock().expect("phases").insert(
+                        name.clone(),
+                        if outcome.is_ok() { Phase::Ready } else { Phase::Failed },
+                    );
+                    cvar.notify_all();
+                    if let Err(e) = &outcome {
+                        progress.done(name, &format!("FAILED: {}", first_line(e)));
+                    }
+                    outcome
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("node thread")).collect()
+    });
+    let mut ready = Vec::new();
+    let mut errors = Vec::new();
+    for r in results {
+        match r {
+            Ok(x) => ready.push(x),
+            Err(e) if e.is::<Interrupted>() => return Err(e),
+            Err(e) => errors.push(e),
+        }
+    }
+    // Report the root cause first, not the nodes that gave up waiting on it.
+    errors.sort_by_key(|e| e.to_string().contains("dependency"));
+    match errors.into_iter().next() {
+        None => Ok(ready),
+        Some(e) => Err(e),
+    }
+}
+
+fn first_line(e: &anyhow::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
+fn wait_for_deps(
+    phases: &(Mutex<BTreeMap<String, Phase>>, Condvar),
+    name: &str,
+    deps: &[String],
+    abort: guest::Abort,
+) -> Result<()> {
+    let (lock, cvar) = phases;
+    let mut map = lock.lock().expect("phases");
+    loop {
+        if let Some(d) = deps.iter().find(|d| map.get(*d) == Some(&Phase::Failed)) {
+            bail!("{name}: dependency {d} failed to become ready");
+        }
+        if deps.iter().all(|d| map.get(d) == Some(&Phase::Ready)) {
+            return Ok(());
+        }
+        if let Some(e) = abort() {
+            return Err(e);
+        }
+        map = cvar
+            .wait_timeout(map, Duration::from_millis(500))
+            .expect("phases")
+            .0;
+    }
+}
+
+/// Kills every node of a record at once (failure or Ctrl-C during start).
+pub fn teardown(record: &RunningCluster) {
+    for node in record.nodes.values() {
+        machine::kill_now(node.pid);
+    }
+}
+
+/// Powers every node down over QMP, killing what does not stop in `grace`.
+pub fn stop(state: &StateDir, grace: Duration) -> Result<Vec<(String, String)>> {
+    let Some(record) = state.load_running()? else {
+        return Ok(Vec::new());
+    };
+    let notes: Vec<(String, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = record
+            .nodes
+            .iter()
+            .map(|(name, n)| {
+                s.spawn(move || {
+                    (
+                        name.clone(),
+                        machine::stop(n.pid, &n.dir.join("qmp.sock"), grace),
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("stop thread")).collect()
+    });
+    let left: Vec<&String> = record
+        .nodes
+        .iter()
+        .filter(|(_, n)| machine::is_running(n.pid))
+        .map(|(name, _)| name)
+        .collect();
+    if !left.is_empty() {
+        bail!("QEMU still running for {left:?} after stop");
+    }
+    fs::remove_file(state.cluster_file())?;
+    Ok(notes)
+}
+
+/// Removes the runtime state (and with `all`, the images and probe cache).
+pub fn clean(state: &StateDir, all: bool) -> Result<()> {
+    if state.load_running()?.is_some() {
+        stop(state, Duration::from_secs(30))?;
+    }
+    for dir in [state.root.join("nodes"), state.ssh(), state.root.join("probe")] {
+        let _ = fs::remove_dir_all(dir);
+    }
+    if all {
+        let _ = fs::remove_dir_all(state.images());
+        let _ = fs::remove_file(state.accel_probe());
+    }
+    Ok(())
+}
+
+/// A connected guest for an attached command (`ssh`, lanes).
+pub fn connect(record: &RunningCluster, node: &str) -> Result<Guest> {
+    let n = record.nodes.get(node).ok_or_else(|| {
+        bad_input(format!(
+            "no node {node:?} in the running cluster (nodes: {})",
+            record.nodes.keys().cloned().collect::<Vec<_>>().join(", ")
+        ))
+    })?;
+    if !machine::is_running(n.pid) {
+        bail!("{node}: QEMU (pid {}) is not running; see {}", n.pid, n.dir.join("vm.log").display());
+    }
+    Guest::connect(&endpoint(record, node)?, Duration::from_secs(20))
+}
+
+/// The endpoint of a node of a running cluster, host key from known_hosts.
+pub fn endpoint(record: &RunningCluster, node: &str) -> Result<Endpoint> {
+    let n = &record.nodes[node];
+    let known = fs::read_to_string(&record.known_hosts)
+        .with_context(|| format!("reading {}", record.known_hosts.display()))?;
+    let prefix = format!("[127.0.0.1]:{} ", n.ssh_port);
+    let host_key = known
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .with_context(|| format!("{node}: no host key in {}", record.known_hosts.display()))?
+        .to_string();
+    Ok(Endpoint {
+        node: node.to_string(),
+        port: n.ssh_port,
+        key: record.ssh_key.clone(),
+        host_key,
+    })
+}
+
+fn require_program(program: &str, package: &str) -> Result<()> {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        .unwrap_or(false);
+    if !found {
+        return Err(bad_input(format!(
+            "`{program}` is not on PATH; install it with `apt-get install {package}`"
+        )));
+    }
+    Ok(())
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}

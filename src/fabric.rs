@@ -1,0 +1,167 @@
+//! The virtual network: one L2 segment shared by every guest of a cluster,
+//! and the host's 127.0.0.1 forwards into each guest.
+//!
+//! The segment is QEMU's multicast socket netdev: no root, no helper process.
+//! Each cluster gets its own group and port, derived from its state
+//! directory, so two clusters on one host never see each other's frames.
+
+use crate::error::bad_input;
+use crate::spec::{Cluster, NodeSpec};
+use anyhow::Result;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::Path;
+
+/// The multicast group and UDP port of a cluster's L2 segment.
+pub fn mcast_for(state_root: &Path) -> (String, u16) {
+    let h = Sha256::digest(state_root.as_os_str().as_encoded_bytes());
+    let group = format!("230.{}.{}.{}", h[0], h[1], h[2].max(1));
+    let port = 20000 + (u16::from_be_bytes([h[3], h[4]]) % 20000);
+    (group, port)
+}
+
+/// MAC addresses: one for the host-forward NIC, one for the fabric NIC.
+/// Index-based, so they are stable and unique within the segment.
+pub fn macs(index: usize) -> (String, String) {
+    let i = index as u8 + 1;
+    (
+        format!("52:54:00:00:00:{i:02x}"),
+        format!("52:54:00:4d:00:{i:02x}"),
+    )
+}
+
+/// Host ports for one node: SSH first, then the declared forwards.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodePorts {
+    pub ssh: u16,
+    /// name -> (guest, host)
+    pub forwards: BTreeMap<String, (u16, u16)>,
+}
+
+impl NodePorts {
+    /// (host, guest) pairs for the QEMU command line, SSH first.
+    pub fn pairs(&self) -> Vec<(u16, u16)> {
+        std::iter::once((self.ssh, 22))
+            .chain(self.forwards.values().map(|(g, h)| (*h, *g)))
+            .collect()
+    }
+}
+
+/// Allocates every host port of the cluster at once. Pinned ports must be
+/// free now; the others are picked by the kernel. All listeners stay open
+/// until every port is chosen, so no two forwards get the same port.
+pub fn allocate_ports(cluster: &Cluster) -> Result<BTreeMap<String, NodePorts>> {
+    let mut held: Vec<TcpListener> = Vec::new();
+    let mut take = |pinned: Option<u16>, what: &str| -> Result<u16> {
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, pinned.unwrap_or(0))).map_err(|e| {
+            bad_input(format!(
+                "port clash: host port 127.0.0.1:{} for {what} is not free ({e}); \
+                 change or drop `host` in {}",
+                pinned.unwrap_or(0),
+                cluster.source.display()
+            ))
+        })?;
+        let port = l.local_addr()?.port();
+        held.push(l);
+        Ok(port)
+    };
+    let mut out = BTreeMap::new();
+    for node in &cluster.spec.nodes {
+        let name = node.name.get_ref();
+        let ssh = take(None, &format!("{name}/ssh"))?;
+        let mut forwards = BTreeMap::new();
+        for f in &node.forward {
+            let f = f.get_ref();
+            let host = take(f.host, &format!("{name}/{}", f.name))?;
+            forwards.insert(f.name.clone(), (f.guest, host));
+        }
+        out.insert(name.clone(), NodePorts { ssh, forwards });
+    }
+    Ok(out)
+}
+
+/// /etc/hosts for every guest: every node by short and qualified name.
+pub fn hosts_file(cluster: &Cluster) -> String {
+    let domain = &cluster.spec.network.domain;
+    let mut s = String::from("127.0.0.1 localhost\n");
+    for n in &cluster.spec.nodes {
+        let name = n.name.get_ref();
+        s.push_str(&format!("{} {name}.{domain} {name}\n", n.address.get_ref()));
+    }
+    s
+}
+
+/// systemd-networkd files for a node: the slirp NIC with a static address
+/// (no DHCP wait) and the fabric NIC with the node's cluster address.
+pub fn network_files(cluster: &Cluster, index: usize, node: &NodeSpec) -> Vec<(String, String)> {
+    let (host_mac, fabric_mac) = macs(index);
+    let prefix = crate::spec::parse_subnet(cluster.spec.network.subnet.get_ref())
+        .map(|s| s.prefix)
+        .unwrap_or(24);
+    vec![
+        (
+            "10-host.network".into(),
+            format!(
+                "[Match]\nMACAddress={host_mac}\n\n[Network]\nAddress=10.0.2.15/24\n\
+                 Gateway=10.0.2.2\nLinkLocalAddressing=no\nIPv6AcceptRA=no\n"
+            ),
+        ),
+        (
+            "20-fabric.network".into(),
+            format!(
+                "[Match]\nMACAddress={fabric_mac}\n\n[Network]\nAddress={}/{prefix}\n\
+                 LinkLocalAddressing=no\nIPv6AcceptRA=no\n",
+                node.address.get_ref()
+            ),
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clusters_in_different_state_dirs_get_different_segments() {
+        let a = mcast_for(Path::new("/root/.photoncloud-test-cluster"));
+        let b = mcast_for(Path::new("/root/.photoncloud-test-cluster-storage"));
+        assert_ne!(a, b);
+        assert!(a.0.starts_with("230."));
+        assert!((20000..40000).contains(&a.1));
+    }
+
+    #[test]
+    fn ports_are_unique_across_the_cluster() {
+        let c = Cluster::profile("reference").unwrap();
+        let ports = allocate_ports(&c).unwrap();
+        let mut all: Vec<u16> = ports.values().flat_map(|p| p.pairs()).map(|(h, _)| h).collect();
+        let n = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), n);
+        assert_eq!(ports["node01"].pairs()[0].1, 22);
+    }
+
+    #[test]
+    fn a_pinned_port_in_use_is_refused() {
+        let busy = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = busy.local_addr().unwrap().port();
+        let text = crate::spec::PROFILES[0].1.replace(
+            "{ name = \"haproxy\", guest = 80 }",
+            &format!("{{ name = \"haproxy\", guest = 80, host = {port} }}"),
+        );
+        let c = crate::spec::parse(Path::new("r.toml"), &text).unwrap();
+        let err = allocate_ports(&c).unwrap_err();
+        assert_eq!(crate::error::exit_code(&err), crate::error::EXIT_BAD_INPUT);
+        assert!(err.to_string().contains(&format!("127.0.0.1:{port}")), "{err}");
+    }
+
+    #[test]
+    fn hosts_file_names_every_node() {
+        let c = Cluster::profile("reference").unwrap();
+        let h = hosts_file(&c);
+        assert!(h.contains("10.77.0.14 node04.photon.test node04\n"));
+        assert_eq!(h.lines().count(), 7);
+    }
+}

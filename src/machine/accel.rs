@@ -1,0 +1,153 @@
+//! Choosing KVM or TCG. `auto` prefers KVM and falls back to TCG when
+//! /dev/kvm is missing, or when a KVM guest shows no console progress within
+//! a watchdog (on some hosts /dev/kvm exists but guests hang right after the
+//! firmware). The fallback is always recorded and shown, never silent.
+
+use super::{Accel, QEMU};
+use crate::error::bad_input;
+use crate::state::AccelChoice;
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::fs::{self, OpenOptions};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccelRequest {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl AccelRequest {
+    pub fn name(self) -> &'static str {
+        match self {
+            AccelRequest::Auto => "auto",
+            AccelRequest::Kvm => "kvm",
+            AccelRequest::Tcg => "tcg",
+        }
+    }
+}
+
+/// How long a KVM guest may stay silent on its console before we call it hung.
+pub const WATCHDOG: Duration = Duration::from_secs(8);
+
+/// The verdict of one KVM probe, cached per host boot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Probe {
+    pub boot_id: String,
+    pub kvm_usable: bool,
+    pub reason: Option<String>,
+    pub probed_at: String,
+}
+
+pub fn choose(
+    request: AccelRequest,
+    kernel: &Path,
+    cache: &Path,
+    work: &Path,
+) -> Result<AccelChoice> {
+    let choice = |used: Accel, reason: Option<String>| AccelChoice {
+        used: used.name().into(),
+        requested: request.name().into(),
+        fallback_reason: reason,
+    };
+    if request == AccelRequest::Tcg {
+        return Ok(choice(Accel::Tcg, None));
+    }
+    let probe = probe_cached(kernel, cache, work)?;
+    match (request, probe.kvm_usable) {
+        (_, true) => Ok(choice(Accel::Kvm, None)),
+        (AccelRequest::Kvm, false) => Err(bad_input(format!(
+            "--accel kvm: KVM is not usable here: {}; use --accel auto or tcg",
+            probe.reason.unwrap_or_default()
+        ))),
+        _ => Ok(choice(Accel::Tcg, probe.reason)),
+    }
+}
+
+fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Reuses the verdict from earlier in this host boot, else probes.
+fn probe_cached(kernel: &Path, cache: &Path, work: &Path) -> Result<Probe> {
+    let id = boot_id();
+    if let Ok(bytes) = fs::read(cache)
+        && let Ok(p) = serde_json::from_slice::<Probe>(&bytes)
+        && p.boot_id == id
+        && !id.is_empty()
+    {
+        return Ok(p);
+    }
+    let (kvm_usable, reason) = probe(kernel, work)?;
+    let p = Probe {
+        boot_id: id,
+        kvm_usable,
+        reason,
+        probed_at: chrono::Utc::now().to_rfc3339(),
+    };
+    crate::state::write_atomic(cache, &serde_json::to_vec_pretty(&p)?)?;
+    Ok(p)
+}
+
+/// Boots the image's kernel under KVM with no root disk and watches the
+/// console: a working KVM prints the kernel banner within a second or two.
+fn probe(kernel: &Path, work: &Path) -> Result<(bool, Option<String>)> {
+    let kvm = Path::new("/dev/kvm");
+    if !kvm.exists() {
+        return Ok((false, Some("/dev/kvm is missing".into())));
+    }
+    if let Err(e) = OpenOptions::new().read(true).write(true).open(kvm) {
+        return Ok((false, Some(format!("/dev/kvm cannot be opened: {e}"))));
+    }
+    fs::create_dir_all(work)?;
+    let log = work.join("kvm-probe.log");
+    let _ = fs::remove_file(&log);
+    let mut child = Command::new(QEMU)
+        .args(["-accel", "kvm", "-cpu", "host", "-m", "256", "-nodefaults"])
+        .args(["-display", "none", "-no-reboot", "-kernel"])
+        .arg(kernel)
+        .args(["-append", "console=ttyS0 panic=-1"])
+        .arg("-serial")
+        .arg(format!("file:{}", log.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {QEMU} for the KVM probe"))?;
+    let started = Instant::now();
+    let verdict = loop {
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("Linux version") {
+            break (true, None);
+        }
+        if let Some(status) = child.try_wait()? {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use std::io::Read;
+                let _ = e.read_to_string(&mut err);
+            }
+            break (
+                false,
+                Some(format!("KVM guest exited ({status}) before any console output: {}", err.trim())),
+            );
+        }
+        if started.elapsed() > WATCHDOG {
+            break (
+                false,
+                Some(format!(
+                    "KVM guest showed no console progress within {} s",
+                    WATCHDOG.as_secs()
+                )),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(verdict)
+}

@@ -1,0 +1,189 @@
+//! The QEMU command line for one node, as a pure function of its settings.
+
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// Everything that decides a node's QEMU command line.
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    pub name: String,
+    pub accel: Accel,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub overlay: PathBuf,
+    pub config_disk: PathBuf,
+    pub serial_log: PathBuf,
+    pub qmp_socket: PathBuf,
+    pub pidfile: PathBuf,
+    /// (host port on 127.0.0.1, guest port), SSH first.
+    pub forwards: Vec<(u16, u16)>,
+    pub host_mac: String,
+    pub fabric_mac: String,
+    /// The multicast group and port of the cluster's L2 segment.
+    pub fabric_mcast: (String, u16),
+    pub machine_id: String,
+}
+
+/// Builds the argument list (without the program name).
+pub fn qemu_args(c: &MachineConfig) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut arg = |parts: &[&str]| a.extend(parts.iter().map(|s| s.to_string()));
+    arg(&["-name", &c.name]);
+    arg(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    arg(&["-machine", "pc"]);
+    match c.accel {
+        Accel::Kvm => arg(&["-accel", "kvm", "-cpu", "host"]),
+        // One vCPU thread per guest is all TCG can use here; `max` exposes the
+        // same CPU features to every guest whatever the host is.
+        Accel::Tcg => arg(&["-accel", "tcg", "-cpu", "max"]),
+    }
+    arg(&["-m", &c.memory_mib.to_string(), "-smp", &c.vcpus.to_string()]);
+    // A kernel panic or reboot ends QEMU, so a dead guest never looks slow.
+    arg(&["-no-reboot"]);
+    arg(&["-kernel", &path(&c.kernel), "-initrd", &path(&c.initrd)]);
+    let append = format!(
+        "root=/dev/vda rw console=ttyS0,115200 net.ifnames=0 panic=-1 \
+         systemd.machine_id={} systemd.show_status=true",
+        c.machine_id
+    );
+    arg(&["-append", &append]);
+    // cache=unsafe: test guests are thrown away, and flushes cost real time under TCG.
+    arg(&[
+        "-drive",
+        &format!(
+            "if=none,id=root,file={},format=qcow2,cache=unsafe,discard=unmap",
+            path(&c.overlay)
+        ),
+        "-device",
+        "virtio-blk-pci,drive=root",
+    ]);
+    arg(&[
+        "-drive",
+        &format!(
+            "if=none,id=config,file={},format=raw,readonly=on",
+            path(&c.config_disk)
+        ),
+        "-device",
+        "virtio-blk-pci,drive=config",
+    ]);
+    let hostfwd: String = c
+        .forwards
+        .iter()
+        .map(|(h, g)| format!(",hostfwd=tcp:127.0.0.1:{h}-:{g}"))
+        .collect();
+    arg(&[
+        "-netdev",
+        &format!("user,id=host,net=10.0.2.0/24{hostfwd}"),
+        "-device",
+        &format!("virtio-net-pci,netdev=host,mac={}", c.host_mac),
+    ]);
+    arg(&[
+        "-netdev",
+        &format!(
+            "socket,id=fabric,mcast={}:{},localaddr=127.0.0.1",
+            c.fabric_mcast.0, c.fabric_mcast.1
+        ),
+        "-device",
+        &format!("virtio-net-pci,netdev=fabric,mac={}", c.fabric_mac),
+    ]);
+    arg(&[
+        "-object",
+        "rng-random,id=rng,filename=/dev/urandom",
+        "-device",
+        "virtio-rng-pci,rng=rng",
+    ]);
+    arg(&["-serial", &format!("file:{}", path(&c.serial_log))]);
+    arg(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", path(&c.qmp_socket)),
+    ]);
+    arg(&["-pidfile", &path(&c.pidfile)]);
+    a
+}
+
+fn path(p: &std::path::Path) -> String {
+    p.display().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(accel: Accel) -> MachineConfig {
+        MachineConfig {
+            name: "node04".into(),
+            accel,
+            memory_mib: 1024,
+            vcpus: 1,
+            kernel: "/img/vmlinuz".into(),
+            initrd: "/img/initrd.img".into(),
+            overlay: "/s/node04/overlay.qcow2".into(),
+            config_disk: "/s/node04/config.img".into(),
+            serial_log: "/s/node04/vm.log".into(),
+            qmp_socket: "/s/node04/qmp.sock".into(),
+            pidfile: "/s/node04/qemu.pid".into(),
+            forwards: vec![(40122, 22), (40180, 8080)],
+            host_mac: "52:54:00:00:00:04".into(),
+            fabric_mac: "52:54:00:4d:00:04".into(),
+            fabric_mcast: ("230.0.77.1".into(), 21000),
+            machine_id: "0123".into(),
+        }
+    }
+
+    fn after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn forwards_bind_loopback_only() {
+        let args = qemu_args(&config(Accel::Tcg));
+        let net = after(&args, "-netdev");
+        assert!(net[0].contains("hostfwd=tcp:127.0.0.1:40122-:22"), "{net:?}");
+        assert!(net[0].contains("hostfwd=tcp:127.0.0.1:40180-:8080"), "{net:?}");
+        assert!(!net[0].contains("0.0.0.0"));
+        assert_eq!(
+            net[1],
+            "socket,id=fabric,mcast=230.0.77.1:21000,localaddr=127.0.0.1"
+        );
+    }
+
+    #[test]
+    fn accel_selects_cpu_model() {
+        let tcg = qemu_args(&config(Accel::Tcg));
+        assert_eq!(after(&tcg, "-accel"), ["tcg"]);
+        let kvm = qemu_args(&config(Accel::Kvm));
+        assert_eq!(after(&kvm, "-accel"), ["kvm"]);
+        assert_eq!(after(&kvm, "-cpu"), ["host"]);
+    }
+
+    #[test]
+    fn console_goes_to_the_node_log_and_qmp_to_its_socket() {
+        let args = qemu_args(&config(Accel::Tcg));
+        assert_eq!(after(&args, "-serial"), ["file:/s/node04/vm.log"]);
+        assert_eq!(
+            after(&args, "-qmp"),
+            ["unix:/s/node04/qmp.sock,server=on,wait=off"]
+        );
+        assert!(after(&args, "-append")[0].contains("console=ttyS0"));
+        assert!(args.contains(&"-no-reboot".to_string()));
+    }
+}

@@ -1,0 +1,126 @@
+//! One QEMU process per node: launching it, watching it, stopping it, and
+//! choosing the accelerator it runs under.
+
+pub mod accel;
+pub mod cmdline;
+pub mod qmp;
+
+pub use cmdline::{Accel, MachineConfig, qemu_args};
+
+use anyhow::{Context, Result};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::fs::{self, File};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const QEMU: &str = "qemu-system-x86_64";
+
+/// Launches QEMU for one node. QEMU gets its own process group, so a Ctrl-C
+/// in the terminal reaches the driver (which tears down in order) and not
+/// the guests directly; it outlives `start` on purpose.
+pub fn launch(config: &MachineConfig, qemu_log: &Path) -> Result<Child> {
+    let log = File::create(qemu_log)
+        .with_context(|| format!("creating {}", qemu_log.display()))?;
+    let args = qemu_args(config);
+    let child = Command::new(QEMU)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("{}: spawning {QEMU} {}", config.name, args.join(" ")))?;
+    Ok(child)
+}
+
+/// Whether `pid` is a live QEMU process (not a zombie, not a reused pid).
+pub fn is_running(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // Field 3, after the parenthesised command name, is the state.
+    let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next());
+    let cmd = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    state != Some("Z") && String::from_utf8_lossy(&cmd).contains("qemu-system")
+}
+
+/// Asks the guest to power down over QMP, waits up to `grace`, then kills.
+/// Returns a note on how it ended, for the user.
+pub fn stop(pid: i32, qmp_socket: &Path, grace: Duration) -> String {
+    if !is_running(pid) {
+        return "not running".into();
+    }
+    let asked = qmp::Qmp::connect(qmp_socket, Duration::from_secs(5))
+        .and_then(|mut q| q.execute("system_powerdown"))
+        .is_ok();
+    if asked && wait_exit(pid, grace) {
+        return "powered down".into();
+    }
+    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    if wait_exit(pid, Duration::from_secs(5)) {
+        return if asked {
+            format!("terminated after {} s powerdown deadline", grace.as_secs())
+        } else {
+            "terminated (QMP unreachable)".into()
+        };
+    }
+    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    wait_exit(pid, Duration::from_secs(5));
+    "killed".into()
+}
+
+/// Kills at once; used when tearing down after a failure or Ctrl-C.
+pub fn kill_now(pid: i32) {
+    if is_running(pid) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        wait_exit(pid, Duration::from_secs(5));
+    }
+}
+
+fn wait_exit(pid: i32, within: Duration) -> bool {
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if !is_running(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    !is_running(pid)
+}
+
+/// The last `n` non-empty lines of a console log, for error messages.
+pub fn console_tail(log: &Path, n: usize) -> String {
+    let bytes = fs::read(log).unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_tail_keeps_the_last_lines() {
+        let p = std::env::temp_dir().join(format!("pc-tail-{}", std::process::id()));
+        fs::write(&p, "a\r\n\nb\nc\n").unwrap();
+        assert_eq!(console_tail(&p, 2), "b\nc");
+        fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn our_own_pid_is_not_a_qemu() {
+        assert!(!is_running(std::process::id() as i32));
+        assert!(!is_running(0));
+    }
+}

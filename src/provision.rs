@@ -1,0 +1,190 @@
+//! Per-node provisioning: the cluster's SSH keys and each node's config disk.
+//!
+//! The base image is the same for every node and every cluster; everything
+//! that makes a node itself travels on a small ext4 disk (made with
+//! `mkfs.ext4 -d`, no loop devices) that the guest applies at boot:
+//! hostname, /etc/hosts, network files, SSH keys, and its role script.
+
+use crate::fabric;
+use crate::spec::{Cluster, NodeSpec};
+use anyhow::{Context, Result, bail};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Role scripts shipped to guests; `common.sh` runs before each.
+const ROLE_SCRIPTS: &[(&str, &str)] = &[
+    ("common", include_str!("../images/debian/roles/common.sh")),
+    ("control", include_str!("../images/debian/roles/control.sh")),
+    ("worker", include_str!("../images/debian/roles/worker.sh")),
+    ("gateway", include_str!("../images/debian/roles/gateway.sh")),
+    ("storage", include_str!("../images/debian/roles/storage.sh")),
+];
+
+fn role_script(name: &str) -> &'static str {
+    ROLE_SCRIPTS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, s)| *s)
+        .unwrap_or("")
+}
+
+/// The cluster's client key pair and shared secret, made once per cluster.
+pub struct ClusterKeys {
+    pub private_key: PathBuf,
+    pub public_key: String,
+    pub iam_secret: String,
+}
+
+pub fn cluster_keys(ssh_dir: &Path) -> Result<ClusterKeys> {
+    fs::create_dir_all(ssh_dir)?;
+    let private_key = ssh_dir.join("id_ed25519");
+    if !private_key.exists() {
+        keygen(&private_key, "photon-cluster")?;
+    }
+    let secret_file = ssh_dir.join("iam-secret");
+    if !secret_file.exists() {
+        fs::write(&secret_file, random_hex(16))?;
+    }
+    Ok(ClusterKeys {
+        public_key: fs::read_to_string(private_key.with_extension("pub"))?
+            .trim()
+            .to_string(),
+        private_key,
+        iam_secret: fs::read_to_string(secret_file)?.trim().to_string(),
+    })
+}
+
+fn random_hex(n: usize) -> String {
+    use std::io::Read;
+    let mut buf = vec![0u8; n];
+    if let Ok(mut f) = fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut buf);
+    }
+    hex::encode(buf)
+}
+
+/// Generates an ed25519 key pair with OpenSSH's own ssh-keygen.
+pub fn keygen(path: &Path, comment: &str) -> Result<()> {
+    let _ = fs::remove_file(path);
+    let _ = fs::remove_file(path.with_extension("pub"));
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
+        .arg(path)
+        .output()
+        .context("running ssh-keygen (install openssh-client)")?;
+    if !out.status.success() {
+        bail!("ssh-keygen failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+fn names_with_role(cluster: &Cluster, role: &str) -> String {
+    cluster
+        .spec
+        .nodes
+        .iter()
+        .filter(|n| n.role.get_ref() == role)
+        .map(|n| n.name.get_ref().as_str())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// node.env: the facts the guest-side scripts need, as shell assignments.
+pub fn node_env(cluster: &Cluster, node: &NodeSpec, keys: &ClusterKeys) -> String {
+    let all: Vec<&str> = cluster
+        .spec
+        .nodes
+        .iter()
+        .map(|n| n.name.get_ref().as_str())
+        .collect();
+    let vars = [
+        ("CLUSTER_NAME", cluster.spec.cluster.name.clone()),
+        ("NODE_NAME", node.name.get_ref().clone()),
+        ("NODE_ROLE", node.role.get_ref().clone()),
+        ("NODE_ADDR", node.address.get_ref().to_string()),
+        ("DOMAIN", cluster.spec.network.domain.clone()),
+        ("ALL_NODES", all.join(" ")),
+        ("CONTROL_NODES", names_with_role(cluster, "control")),
+        ("WORKER_NODES", names_with_role(cluster, "worker")),
+        ("GATEWAY_NODES", names_with_role(cluster, "gateway")),
+        ("STORAGE_NODES", names_with_role(cluster, "storage")),
+        ("IAM_SECRET", keys.iam_secret.clone()),
+    ];
+    vars.iter()
+        .map(|(k, v)| format!("{k}='{}'\n", v.replace('\'', "")))
+        .collect()
+}
+
+/// Writes the node's config tree under `dir/config` and packs it into
+/// `dir/config.img`. Returns the node's SSH host public key line.
+pub fn config_disk(
+    cluster: &Cluster,
+    index: usize,
+    node: &NodeSpec,
+    keys: &ClusterKeys,
+    dir: &Path,
+) -> Result<String> {
+    let tree = dir.join("config");
+    let _ = fs::remove_dir_all(&tree);
+    fs::create_dir_all(tree.join("network"))?;
+    fs::write(tree.join("node.env"), node_env(cluster, node, keys))?;
+    fs::write(tree.join("hosts"), fabric::hosts_file(cluster))?;
+    fs::write(tree.join("authorized_keys"), format!("{}\n", keys.public_key))?;
+    for (name, text) in fabric::network_files(cluster, index, node) {
+        fs::write(tree.join("network").join(name), text)?;
+    }
+    let role = node.role.get_ref();
+    let script = format!(
+        "set -eu\n. /photon/node.env\n{}\n{}\n",
+        role_script("common"),
+        role_script(role)
+    );
+    fs::write(tree.join("role.sh"), script)?;
+    let host_key = tree.join("ssh_host_ed25519_key");
+    keygen(&host_key, &format!("root@{}", node.name.get_ref()))?;
+    let image = dir.join("config.img");
+    let _ = fs::remove_file(&image);
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "photon-config", "-d"])
+        .arg(&tree)
+        .arg(&image)
+        .arg("8M")
+        .output()
+        .context("running mkfs.ext4 (install e2fsprogs)")?;
+    if !out.status.success() {
+        bail!(
+            "mkfs.ext4 for {} failed: {}",
+            image.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(fs::read_to_string(host_key.with_extension("pub"))?.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_env_lists_peers_by_role() {
+        let c = Cluster::profile("reference").unwrap();
+        let keys = ClusterKeys {
+            private_key: "/k".into(),
+            public_key: "ssh-ed25519 AAA".into(),
+            iam_secret: "s3cret".into(),
+        };
+        let env = node_env(&c, c.node("node04").unwrap(), &keys);
+        assert!(env.contains("NODE_NAME='node04'\n"));
+        assert!(env.contains("NODE_ROLE='worker'\n"));
+        assert!(env.contains("CONTROL_NODES='node01 node02 node03'\n"));
+        assert!(env.contains("GATEWAY_NODES='node06'\n"));
+    }
+
+    #[test]
+    fn every_role_has_a_script() {
+        for role in crate::spec::ROLES {
+            assert!(!role_script(role).is_empty(), "no script for role {role}");
+        }
+    }
+}

@@ -1,0 +1,595 @@
+//! The cluster definition: a TOML file, its typed model, and the validation
+//! that refuses a bad definition before anything starts.
+//!
+//! Every refusal names the file, the line and the field, so a user can jump
+//! straight to the mistake: `cluster.toml:42:8: node[3].role: unknown role ...`.
+
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// The roles a node can play. The image provider knows how to configure each.
+pub const ROLES: &[&str] = &["control", "worker", "gateway", "storage"];
+
+/// Profiles embedded in the binary, selectable with `--profile NAME`.
+pub const PROFILES: &[(&str, &str)] = &[
+    ("reference", include_str!("../profiles/reference.toml")),
+    (
+        "reference-storage",
+        include_str!("../profiles/reference-storage.toml"),
+    ),
+];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSpec {
+    pub cluster: ClusterMeta,
+    pub image: ImageSpec,
+    pub network: NetworkSpec,
+    #[serde(rename = "node", default)]
+    pub nodes: Vec<NodeSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterMeta {
+    pub name: String,
+    /// Appended as `-<suffix>` to the state directory; empty for the default.
+    #[serde(default)]
+    pub state_suffix: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "provider", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ImageSpec {
+    /// Built from Debian packages by `photon-cluster build`, cached by recipe hash.
+    Debian { suite: String },
+    /// Paths given: a kernel, an initrd and an ext4 root image.
+    Prebuilt {
+        kernel: Spanned<PathBuf>,
+        initrd: Spanned<PathBuf>,
+        rootfs: Spanned<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    pub subnet: Spanned<String>,
+    pub domain: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    pub name: Spanned<String>,
+    pub role: Spanned<String>,
+    pub address: Spanned<Ipv4Addr>,
+    #[serde(default = "default_memory")]
+    pub memory_mib: u32,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    #[serde(default)]
+    pub depends_on: Vec<Spanned<String>>,
+    /// systemd units that must be active before the node counts as ready.
+    #[serde(default)]
+    pub units: Vec<String>,
+    #[serde(default)]
+    pub forward: Vec<Spanned<Forward>>,
+}
+
+/// A guest TCP port reachable from the host on 127.0.0.1. `host` pins the
+/// host port; without it the driver allocates a free one at start.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Forward {
+    pub name: String,
+    pub guest: u16,
+    pub host: Option<u16>,
+}
+
+fn default_memory() -> u32 {
+    1024
+}
+fn default_vcpus() -> u32 {
+    1
+}
+
+/// A refusal of the definition, pointing at the file, line and field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.field,
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for SpecError {}
+
+/// A definition that passed validation, with the text it came from.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub source: PathBuf,
+    pub spec: ClusterSpec,
+}
+
+impl Cluster {
+    /// Loads an embedded profile by name.
+    pub fn profile(name: &str) -> Result<Cluster, SpecError> {
+        let text = PROFILES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| *t)
+            .ok_or_else(|| SpecError {
+                file: PathBuf::from("--profile"),
+                line: 0,
+                column: 0,
+                field: "profile".into(),
+                message: format!(
+                    "unknown profile {name:?} (embedded profiles: {})",
+                    PROFILES.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")
+                ),
+            })?;
+        parse(Path::new(&format!("<embedded>/profiles/{name}.toml")), text)
+    }
+
+    /// Loads and validates a cluster file from disk.
+    pub fn load(path: &Path) -> Result<Cluster, SpecError> {
+        let text = std::fs::read_to_string(path).map_err(|e| SpecError {
+            file: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            field: "file".into(),
+            message: format!("cannot read: {e}"),
+        })?;
+        parse(path, &text)
+    }
+
+    pub fn node(&self, name: &str) -> Option<&NodeSpec> {
+        self.spec.nodes.iter().find(|n| *n.name.get_ref() == name)
+    }
+
+    /// Node names in an order where every node comes after its dependencies.
+    pub fn boot_order(&self) -> Vec<&NodeSpec> {
+        let index: HashMap<&str, &NodeSpec> = self
+            .spec
+            .nodes
+            .iter()
+            .map(|n| (n.name.get_ref().as_str(), n))
+            .collect();
+        let mut done: Vec<&NodeSpec> = Vec::new();
+        fn visit<'a>(
+            n: &'a NodeSpec,
+            index: &HashMap<&str, &'a NodeSpec>,
+            done: &mut Vec<&'a NodeSpec>,
+        ) {
+            if done.iter().any(|d| d.name == n.name) {
+                return;
+            }
+            for dep in &n.depends_on {
+                visit(index[dep.get_ref().as_str()], index, done);
+            }
+            done.push(n);
+        }
+        for n in &self.spec.nodes {
+            visit(n, &index, &mut done);
+        }
+        done
+    }
+}
+
+/// Parses and validates `text`, which was read from `file`.
+pub fn parse(file: &Path, text: &str) -> Result<Cluster, SpecError> {
+    let at = |span: Option<Range<usize>>, field: &str, message: String| {
+        let (line, column) = span.map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+        SpecError {
+            file: file.to_path_buf(),
+            line,
+            column,
+            field: field.to_string(),
+            message,
+        }
+    };
+    let spec: ClusterSpec = toml::from_str(text).map_err(|e| {
+        let msg = e.message().to_string();
+        at(e.span(), &field_of_message(&msg), msg)
+    })?;
+    validate(&spec, &at)?;
+    Ok(Cluster {
+        source: file.to_path_buf(),
+        spec,
+    })
+}
+
+/// The toml crate's messages name the offending key in backticks; surface it
+/// as the field so the error always has one.
+fn field_of_message(msg: &str) -> String {
+    msg.split('`')
+        .nth(1)
+        .map(str::to_string)
+        .unwrap_or_else(|| "document".to_string())
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, column)
+}
+
+type At<'a> = dyn Fn(Option<Range<usize>>, &str, String) -> SpecError + 'a;
+
+fn validate(spec: &ClusterSpec, at: &At) -> Result<(), SpecError> {
+    if spec.nodes.is_empty() {
+        return Err(at(None, "node", "the cluster defines no [[node]]".into()));
+    }
+    let subnet = parse_subnet(spec.network.subnet.get_ref()).ok_or_else(|| {
+        at(
+            Some(spec.network.subnet.span()),
+            "network.subnet",
+            format!(
+                "{:?} is not an IPv4 subnet like \"10.77.0.0/24\"",
+                spec.network.subnet.get_ref()
+            ),
+        )
+    })?;
+    if let ImageSpec::Prebuilt {
+        kernel,
+        initrd,
+        rootfs,
+    } = &spec.image
+    {
+        for (field, p) in [
+            ("image.kernel", kernel),
+            ("image.initrd", initrd),
+            ("image.rootfs", rootfs),
+        ] {
+            if !p.get_ref().is_file() {
+                return Err(at(
+                    Some(p.span()),
+                    field,
+                    format!("missing image: {} does not exist", p.get_ref().display()),
+                ));
+            }
+        }
+    }
+
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut addresses: HashMap<Ipv4Addr, &str> = HashMap::new();
+    let mut host_ports: HashMap<u16, String> = HashMap::new();
+    for (i, node) in spec.nodes.iter().enumerate() {
+        let name = node.name.get_ref().as_str();
+        let field = |f: &str| format!("node[{i}].{f}");
+        if !valid_hostname(name) {
+            return Err(at(
+                Some(node.name.span()),
+                &field("name"),
+                format!("{name:?} is not a valid host name (letters, digits and '-')"),
+            ));
+        }
+        if let Some(first) = names.insert(name, i) {
+            return Err(at(
+                Some(node.name.span()),
+                &field("name"),
+                format!("duplicate node {name:?}: node[{first}] already has that name"),
+            ));
+        }
+        if !ROLES.contains(&node.role.get_ref().as_str()) {
+            return Err(at(
+                Some(node.role.span()),
+                &field("role"),
+                format!(
+                    "unknown role {:?} (expected one of: {})",
+                    node.role.get_ref(),
+                    ROLES.join(", ")
+                ),
+            ));
+        }
+        let addr = *node.address.get_ref();
+        if !subnet.contains(addr) {
+            return Err(at(
+                Some(node.address.span()),
+                &field("address"),
+                format!("{addr} is outside network.subnet {}", subnet.text()),
+            ));
+        }
+        if let Some(other) = addresses.insert(addr, name) {
+            return Err(at(
+                Some(node.address.span()),
+                &field("address"),
+                format!("address {addr} is already used by {other}"),
+            ));
+        }
+        if node.memory_mib < 256 {
+            return Err(at(
+                Some(node.name.span()),
+                &field("memory_mib"),
+                format!("{} MiB is too little for systemd; use 256 or more", node.memory_mib),
+            ));
+        }
+        if node.vcpus == 0 {
+            return Err(at(Some(node.name.span()), &field("vcpus"), "must be at least 1".into()));
+        }
+        let mut guest_ports: HashMap<u16, &str> = HashMap::new();
+        for (j, fwd) in node.forward.iter().enumerate() {
+            let f = fwd.get_ref();
+            if f.guest == 22 {
+                return Err(at(
+                    Some(fwd.span()),
+                    &field(&format!("forward[{j}].guest")),
+                    "port 22 is always forwarded for SSH; remove this entry".into(),
+                ));
+            }
+            if let Some(other) = guest_ports.insert(f.guest, &f.name) {
+                return Err(at(
+                    Some(fwd.span()),
+                    &field(&format!("forward[{j}].guest")),
+                    format!("port clash: guest port {} is already forwarded as {other:?}", f.guest),
+                ));
+            }
+            if let Some(h) = f.host {
+                let owner = format!("{name}/{}", f.name);
+                if let Some(other) = host_ports.insert(h, owner) {
+                    return Err(at(
+                        Some(fwd.span()),
+                        &field(&format!("forward[{j}].host")),
+                        format!("port clash: host port {h} is already taken by {other}"),
+                    ));
+                }
+            }
+        }
+    }
+    for (i, node) in spec.nodes.iter().enumerate() {
+        for (j, dep) in node.depends_on.iter().enumerate() {
+            if !names.contains_key(dep.get_ref().as_str()) {
+                return Err(at(
+                    Some(dep.span()),
+                    &format!("node[{i}].depends_on[{j}]"),
+                    format!("unknown node {:?}", dep.get_ref()),
+                ));
+            }
+        }
+    }
+    if let Some(cycle) = find_cycle(spec) {
+        let (i, j) = cycle.1;
+        return Err(at(
+            Some(spec.nodes[i].depends_on[j].span()),
+            &format!("node[{i}].depends_on[{j}]"),
+            format!("dependency cycle: {}", cycle.0.join(" -> ")),
+        ));
+    }
+    Ok(())
+}
+
+/// Finds a dependency cycle, returning its path and the edge that closes it.
+fn find_cycle(spec: &ClusterSpec) -> Option<(Vec<String>, (usize, usize))> {
+    let index: BTreeMap<&str, usize> = spec
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.name.get_ref().as_str(), i))
+        .collect();
+    // 0 = unvisited, 1 = on the current path, 2 = finished.
+    let mut mark = vec![0u8; spec.nodes.len()];
+    fn dfs(
+        i: usize,
+        spec: &ClusterSpec,
+        index: &BTreeMap<&str, usize>,
+        mark: &mut [u8],
+        path: &mut Vec<usize>,
+    ) -> Option<(Vec<String>, (usize, usize))> {
+        mark[i] = 1;
+        path.push(i);
+        for (j, dep) in spec.nodes[i].depends_on.iter().enumerate() {
+            let d = index[dep.get_ref().as_str()];
+            if mark[d] == 1 {
+                let start = path.iter().position(|&p| p == d).unwrap_or(0);
+                let mut names: Vec<String> = path[start..]
+                    .iter()
+                    .map(|&p| spec.nodes[p].name.get_ref().clone())
+                    .collect();
+                names.push(spec.nodes[d].name.get_ref().clone());
+                return Some((names, (i, j)));
+            }
+            if mark[d] == 0
+                && let Some(c) = dfs(d, spec, index, mark, path)
+            {
+                return Some(c);
+            }
+        }
+        path.pop();
+        mark[i] = 2;
+        None
+    }
+    for i in 0..spec.nodes.len() {
+        if mark[i] == 0
+            && let Some(c) = dfs(i, spec, &index, &mut mark, &mut Vec::new())
+        {
+            return Some(c);
+        }
+    }
+    None
+}
+
+fn valid_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        && !name.starts_with('-')
+}
+
+/// An IPv4 subnet in CIDR form.
+#[derive(Debug, Clone, Copy)]
+pub struct Subnet {
+    pub base: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Subnet {
+    pub fn contains(&self, a: Ipv4Addr) -> bool {
+        let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
+        u32::from(a) & mask == u32::from(self.base) & mask
+    }
+    pub fn text(&self) -> String {
+        format!("{}/{}", self.base, self.prefix)
+    }
+}
+
+pub fn parse_subnet(s: &str) -> Option<Subnet> {
+    let (a, p) = s.split_once('/')?;
+    let prefix: u8 = p.parse().ok()?;
+    (8..=30).contains(&prefix).then_some(())?;
+    Some(Subnet {
+        base: a.parse().ok()?,
+        prefix,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refuse(text: &str) -> SpecError {
+        parse(Path::new("c.toml"), text).expect_err("definition should be refused")
+    }
+
+    const HEAD: &str = r#"[cluster]
+name = "t"
+[image]
+provider = "debian"
+suite = "bookworm"
+[network]
+subnet = "10.9.0.0/24"
+domain = "t.test"
+"#;
+
+    fn node(name: &str, role: &str, addr: &str, extra: &str) -> String {
+        format!(
+            "[[node]]\nname = \"{name}\"\nrole = \"{role}\"\naddress = \"{addr}\"\n{extra}\n"
+        )
+    }
+
+    #[test]
+    fn embedded_profiles_are_valid() {
+        for (name, _) in PROFILES {
+            let c = Cluster::profile(name).unwrap();
+            assert!(!c.spec.nodes.is_empty());
+        }
+        let r = Cluster::profile("reference").unwrap();
+        assert_eq!(r.spec.nodes.len(), 6);
+        let s = Cluster::profile("reference-storage").unwrap();
+        assert_eq!(s.spec.nodes.len(), 5);
+    }
+
+    #[test]
+    fn unknown_role_names_line_and_field() {
+        let text = format!(
+            "{HEAD}{}{}",
+            node("a", "control", "10.9.0.1", ""),
+            node("b", "gatewy", "10.9.0.2", "")
+        );
+        let e = refuse(&text);
+        assert_eq!(e.field, "node[1].role");
+        assert_eq!(e.line, 15);
+        assert!(e.message.contains("unknown role \"gatewy\""), "{e}");
+        assert!(e.to_string().starts_with("c.toml:15:"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_node_is_refused() {
+        let text = format!(
+            "{HEAD}{}{}",
+            node("a", "control", "10.9.0.1", ""),
+            node("a", "worker", "10.9.0.2", "")
+        );
+        let e = refuse(&text);
+        assert_eq!(e.field, "node[1].name");
+        assert!(e.message.contains("duplicate node"), "{e}");
+    }
+
+    #[test]
+    fn host_port_clash_is_refused() {
+        let text = format!(
+            "{HEAD}{}{}",
+            node("a", "control", "10.9.0.1", "forward = [{ name = \"x\", guest = 80, host = 18080 }]"),
+            node("b", "worker", "10.9.0.2", "forward = [{ name = \"y\", guest = 81, host = 18080 }]")
+        );
+        let e = refuse(&text);
+        assert_eq!(e.field, "node[1].forward[0].host");
+        assert!(e.message.contains("port clash"), "{e}");
+        assert_eq!(e.line, 17);
+    }
+
+    #[test]
+    fn dependency_cycle_is_refused_with_its_path() {
+        let text = format!(
+            "{HEAD}{}{}{}",
+            node("a", "control", "10.9.0.1", "depends_on = [\"c\"]"),
+            node("b", "worker", "10.9.0.2", "depends_on = [\"a\"]"),
+            node("c", "worker", "10.9.0.3", "depends_on = [\"b\"]")
+        );
+        let e = refuse(&text);
+        assert!(e.message.contains("dependency cycle: a -> c -> b -> a"), "{e}");
+    }
+
+    #[test]
+    fn unknown_dependency_is_refused() {
+        let text = format!("{HEAD}{}", node("a", "control", "10.9.0.1", "depends_on = [\"zz\"]"));
+        assert!(refuse(&text).message.contains("unknown node \"zz\""));
+    }
+
+    #[test]
+    fn missing_prebuilt_image_is_refused() {
+        let text = HEAD.replace(
+            "provider = \"debian\"\nsuite = \"bookworm\"",
+            "provider = \"prebuilt\"\nkernel = \"/nonexistent/vmlinuz\"\ninitrd = \"/nonexistent/initrd\"\nrootfs = \"/nonexistent/root.img\"",
+        ) + &node("a", "control", "10.9.0.1", "");
+        let e = refuse(&text);
+        assert_eq!(e.field, "image.kernel");
+        assert!(e.message.contains("missing image"), "{e}");
+        assert_eq!(e.line, 5);
+    }
+
+    #[test]
+    fn syntax_and_unknown_fields_point_at_the_line() {
+        let text = format!("{HEAD}{}", node("a", "control", "10.9.0.1", "memroy_mib = 4"));
+        let e = refuse(&text);
+        assert_eq!(e.line, 13, "{e}");
+        assert!(e.message.contains("memroy_mib"), "{e}");
+    }
+
+    #[test]
+    fn address_outside_subnet_is_refused() {
+        let text = format!("{HEAD}{}", node("a", "control", "10.8.0.1", ""));
+        assert_eq!(refuse(&text).field, "node[0].address");
+    }
+
+    #[test]
+    fn boot_order_puts_dependencies_first() {
+        let c = Cluster::profile("reference").unwrap();
+        let order: Vec<&str> = c.boot_order().iter().map(|n| n.name.get_ref().as_str()).collect();
+        let pos = |n| order.iter().position(|o| *o == n).unwrap();
+        assert!(pos("node01") < pos("node04"));
+        assert!(pos("node04") < pos("node06"));
+        assert_eq!(order.len(), 6);
+    }
+}

@@ -1,0 +1,222 @@
+//! The runtime state directory: where images, keys, per-node files and the
+//! record of the running cluster live, and the lock that keeps two commands
+//! from changing it at once.
+//!
+//! Layout (see docs/architecture.md):
+//! ```text
+//! <state>/lock                 held by every command that changes the state
+//! <state>/cluster.json         the running cluster (pids, ports, accel, keys)
+//! <state>/accel-probe.json     cached KVM probe verdict for this host boot
+//! <state>/images/<hash>/       built images, keyed by recipe hash
+//! <state>/ssh/                 the per-cluster client key and known_hosts
+//! <state>/nodes/<node>/        overlay.qcow2, config.img, vm.log, qmp.sock
+//! ```
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+/// The state directory for a profile: `${PHOTON_VM_DIR:-$HOME/.photoncloud-test-cluster}`
+/// with `-<suffix>` appended for non-default profiles.
+pub fn state_dir(base_override: Option<&Path>, suffix: &str) -> Result<PathBuf> {
+    let base = match base_override {
+        Some(p) => p.to_path_buf(),
+        None => match std::env::var_os("PHOTON_VM_DIR") {
+            Some(p) if !p.is_empty() => PathBuf::from(p),
+            _ => {
+                let home = std::env::var_os("HOME")
+                    .filter(|h| !h.is_empty())
+                    .context("neither PHOTON_VM_DIR nor HOME is set; pass --state-dir")?;
+                PathBuf::from(home).join(".photoncloud-test-cluster")
+            }
+        },
+    };
+    Ok(if suffix.is_empty() {
+        base
+    } else {
+        let mut s = base.into_os_string();
+        s.push(format!("-{suffix}"));
+        PathBuf::from(s)
+    })
+}
+
+/// Paths inside one state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    pub root: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(root: PathBuf) -> Self {
+        StateDir { root }
+    }
+    pub fn cluster_file(&self) -> PathBuf {
+        self.root.join("cluster.json")
+    }
+    pub fn images(&self) -> PathBuf {
+        self.root.join("images")
+    }
+    pub fn ssh(&self) -> PathBuf {
+        self.root.join("ssh")
+    }
+    pub fn node(&self, name: &str) -> PathBuf {
+        self.root.join("nodes").join(name)
+    }
+    pub fn accel_probe(&self) -> PathBuf {
+        self.root.join("accel-probe.json")
+    }
+
+    /// Takes the exclusive lock, refusing at once if another command holds it.
+    pub fn lock(&self, command: &str) -> Result<StateLock> {
+        fs::create_dir_all(&self.root)
+            .with_context(|| format!("creating state directory {}", self.root.display()))?;
+        let path = self.root.join("lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {
+                let _ = fs::write(
+                    self.root.join("lock.owner"),
+                    format!("{command} (pid {})\n", std::process::id()),
+                );
+                Ok(StateLock { _file: file })
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                let owner = fs::read_to_string(self.root.join("lock.owner")).unwrap_or_default();
+                bail!(
+                    "state directory {} is in use by another photon-cluster command{}; \
+                     wait for it to finish or use another --state-dir",
+                    self.root.display(),
+                    if owner.trim().is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", owner.trim())
+                    }
+                )
+            }
+            Err(fs::TryLockError::Error(e)) => Err(e).context("locking the state directory"),
+        }
+    }
+
+    pub fn load_running(&self) -> Result<Option<RunningCluster>> {
+        let path = self.cluster_file();
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(
+                serde_json::from_slice(&bytes)
+                    .with_context(|| format!("parsing {}", path.display()))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    pub fn save_running(&self, c: &RunningCluster) -> Result<()> {
+        write_atomic(&self.cluster_file(), &serde_json::to_vec_pretty(c)?)
+    }
+}
+
+/// Held for the life of a command; the OS drops the lock when the process exits.
+pub struct StateLock {
+    _file: File,
+}
+
+/// Writes through a temporary file and a rename, so readers never see half a file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// What `start` persists so `status`, `ssh`, `stop` and the lanes can attach.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunningCluster {
+    pub name: String,
+    /// The cluster file (or embedded profile) the cluster was started from.
+    pub source: String,
+    pub accel: AccelChoice,
+    pub started_unix: i64,
+    pub ssh_key: PathBuf,
+    pub known_hosts: PathBuf,
+    pub image: ImageRecord,
+    pub nodes: BTreeMap<String, RunningNode>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AccelChoice {
+    /// `kvm` or `tcg`: what the guests really run under.
+    pub used: String,
+    /// What was asked for: `auto`, `kvm` or `tcg`.
+    pub requested: String,
+    /// Why `auto` did not use KVM, when it did not.
+    pub fallback_reason: Option<String>,
+}
+
+impl AccelChoice {
+    pub fn summary(&self) -> String {
+        match &self.fallback_reason {
+            Some(r) => format!("{} (fallback from KVM: {r})", self.used),
+            None => self.used.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub provider: String,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub rootfs: PathBuf,
+    /// Recipe hash (debian) or other provenance.
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunningNode {
+    pub role: String,
+    pub address: String,
+    pub pid: i32,
+    pub ssh_port: u16,
+    /// Forward name -> (guest port, host port).
+    pub forwards: BTreeMap<String, (u16, u16)>,
+    pub units: Vec<String>,
+    pub dir: PathBuf,
+    pub booted_unix: i64,
+    /// Seconds from launch to ready, once the node was ready.
+    pub ready_after_s: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suffix_makes_a_sibling_directory() {
+        let base = Path::new("/tmp/pc");
+        assert_eq!(state_dir(Some(base), "").unwrap(), PathBuf::from("/tmp/pc"));
+        assert_eq!(
+            state_dir(Some(base), "storage").unwrap(),
+            PathBuf::from("/tmp/pc-storage")
+        );
+    }
+
+    #[test]
+    fn second_lock_is_refused_while_first_is_held() {
+        let dir = std::env::temp_dir().join(format!("pc-lock-{}", std::process::id()));
+        let s = StateDir::new(dir.clone());
+        let held = s.lock("start").unwrap();
+        let err = s.lock("stop").err().expect("second lock must fail");
+        assert!(err.to_string().contains("in use by another"), "{err}");
+        assert!(err.to_string().contains("start"), "{err}");
+        drop(held);
+        s.lock("stop").expect("lock is free again");
+        fs::remove_dir_all(dir).unwrap();
+    }
+}

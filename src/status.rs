@@ -1,0 +1,148 @@
+//! `status`: what each node of the running cluster is doing right now.
+
+use crate::cluster;
+use crate::guest;
+use crate::machine::{self, qmp::Qmp};
+use crate::state::RunningCluster;
+use anyhow::Result;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+#[derive(Debug, Serialize)]
+pub struct ClusterStatus {
+    pub name: String,
+    pub accel: crate::state::AccelChoice,
+    pub image: crate::state::ImageRecord,
+    pub nodes: Vec<NodeStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NodeStatus {
+    pub name: String,
+    pub role: String,
+    /// `ready`, `degraded` (units not all active), `unreachable`, `stopped`,
+    /// or the QMP run state when not running (e.g. `paused`).
+    pub state: String,
+    pub pid: i32,
+    pub ssh_port: u16,
+    pub forwards: BTreeMap<String, (u16, u16)>,
+    pub uptime_s: i64,
+    pub ready_after_s: Option<f64>,
+    /// unit -> `systemctl is-active` answer
+    pub units: BTreeMap<String, String>,
+}
+
+impl NodeStatus {
+    pub fn ready(&self) -> bool {
+        self.state == "ready"
+    }
+}
+
+/// Queries every node in parallel: process, QMP run state, and unit states.
+pub fn collect(record: &RunningCluster) -> ClusterStatus {
+    let now = chrono::Utc::now().timestamp();
+    let nodes = std::thread::scope(|s| {
+        let handles: Vec<_> = record
+            .nodes
+            .iter()
+            .map(|(name, n)| {
+                s.spawn(move || {
+                    let mut st = NodeStatus {
+                        name: name.clone(),
+                        role: n.role.clone(),
+                        state: "stopped".into(),
+                        pid: n.pid,
+                        ssh_port: n.ssh_port,
+                        forwards: n.forwards.clone(),
+                        uptime_s: now - n.booted_unix,
+                        ready_after_s: n.ready_after_s,
+                        units: BTreeMap::new(),
+                    };
+                    if !machine::is_running(n.pid) {
+                        st.uptime_s = 0;
+                        return st;
+                    }
+                    let run_state = Qmp::connect(&n.dir.join("qmp.sock"), Duration::from_secs(5))
+                        .and_then(|mut q| q.status())
+                        .unwrap_or_else(|e| format!("qmp error: {e}"));
+                    if run_state != "running" {
+                        st.state = run_state;
+                        return st;
+                    }
+                    match cluster::connect(record, name)
+                        .and_then(|g| guest::unit_states(&g, &n.units))
+                    {
+                        Ok(units) => {
+                            let all_active = units.iter().all(|(_, s)| s == "active");
+                            st.units = units.into_iter().collect();
+                            st.state = if all_active { "ready" } else { "degraded" }.into();
+                        }
+                        Err(_) => st.state = "unreachable".into(),
+                    }
+                    st
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("status thread"))
+            .collect()
+    });
+    ClusterStatus {
+        name: record.name.clone(),
+        accel: record.accel.clone(),
+        image: record.image.clone(),
+        nodes,
+    }
+}
+
+pub fn print(status: &ClusterStatus, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(status)?);
+        return Ok(());
+    }
+    println!(
+        "cluster {}  accel {}  image {} {}",
+        status.name,
+        status.accel.summary(),
+        status.image.provider,
+        status.image.id
+    );
+    println!(
+        "{:<16} {:<8} {:<11} {:>8} {:>7} {:>8}  {:<28} units",
+        "node", "role", "state", "pid", "uptime", "ready-in", "ports (host->guest)"
+    );
+    for n in &status.nodes {
+        let ports = std::iter::once(format!("ssh {}", n.ssh_port))
+            .chain(n.forwards.iter().map(|(k, (g, h))| format!("{k} {h}->{g}")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let active = n.units.values().filter(|s| *s == "active").count();
+        let units = if n.units.is_empty() {
+            "-".to_string()
+        } else {
+            let bad: Vec<String> = n
+                .units
+                .iter()
+                .filter(|(_, s)| *s != "active")
+                .map(|(u, s)| format!("{u}={s}"))
+                .collect();
+            format!("{active}/{} active {}", n.units.len(), bad.join(" "))
+        };
+        println!(
+            "{:<16} {:<8} {:<11} {:>8} {:>6}s {:>8}  {:<28} {}",
+            n.name,
+            n.role,
+            n.state,
+            n.pid,
+            n.uptime_s,
+            n.ready_after_s
+                .map(|s| format!("{s:.1}s"))
+                .unwrap_or_else(|| "-".into()),
+            ports,
+            units.trim_end()
+        );
+    }
+    Ok(())
+}
