@@ -39,7 +39,12 @@ pub struct Cli {
 #[derive(Args, Debug, Clone)]
 pub struct Target {
     /// An embedded profile: `reference` (six nodes) or `reference-storage` (five).
-    #[arg(long, global = true, default_value = "reference", conflicts_with = "cluster")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "reference",
+        conflicts_with = "cluster"
+    )]
     pub profile: String,
     /// A cluster definition file (TOML) instead of an embedded profile.
     #[arg(long, global = true, value_name = "FILE")]
@@ -205,8 +210,16 @@ fn interactive_ssh(record: &RunningCluster, node: &str) -> Result<i32> {
         .arg(&record.ssh_key)
         .args(["-p", &n.ssh_port.to_string()])
         .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", record.known_hosts.display()))
-        .args(["-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes"])
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            record.known_hosts.display()
+        ))
+        .args([
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+        ])
         .arg("root@127.0.0.1")
         .exec();
     Err(err).context("running ssh (install openssh-client)")

@@ -38,7 +38,11 @@ fn refuse_if_running(state: &StateDir) -> Result<()> {
             return Err(bad_input(format!(
                 "a cluster is already running in {} (nodes {}); run `photon-cluster stop` first",
                 state.root.display(),
-                alive.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                alive
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
         fs::remove_file(state.cluster_file())?;
@@ -60,7 +64,11 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
         &state.accel_probe(),
         &state.root.join("probe"),
     )?;
-    let accel_used = if accel.used == "kvm" { Accel::Kvm } else { Accel::Tcg };
+    let accel_used = if accel.used == "kvm" {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    };
     match &accel.fallback_reason {
         Some(r) => eprintln!("accel: using TCG (software emulation): {r}"),
         None => eprintln!("accel: using {}", accel.used.to_uppercase()),
@@ -136,8 +144,12 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
         .map(|n| n.name.get_ref().clone())
         .collect();
     let t0 = Instant::now();
-    let mut launch_times = BTreeMap::new();
     for name in &order {
+        if crate::interrupted() {
+            teardown(&record);
+            let _ = fs::remove_file(state.cluster_file());
+            return Err(Interrupted.into());
+        }
         let (node, config, node_ports, _) = prepared
             .iter()
             .find(|p| p.1.name == *name)
@@ -150,7 +162,7 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
                 return Err(e);
             }
         };
-        launch_times.insert(name.clone(), Instant::now());
+        crate::own_pid(child.id() as i32);
         record.nodes.insert(
             name.clone(),
             RunningNode {
@@ -171,7 +183,13 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
     }
 
     let progress = Progress::new(&order);
-    let result = wait_ready(cluster, &record, &prepared_endpoints(&record, &prepared), opts, &progress);
+    let result = wait_ready(
+        cluster,
+        &record,
+        &prepared_endpoints(&record, &prepared),
+        opts,
+        &progress,
+    );
     progress.finish();
     match result {
         Ok(ready) => {
@@ -181,6 +199,7 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
                 }
             }
             state.save_running(&record)?;
+            crate::release_owned();
             eprintln!(
                 "cluster {}: {} nodes ready in {:.1} s (accel {})",
                 record.name,
@@ -201,7 +220,12 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
 
 fn prepared_endpoints(
     record: &RunningCluster,
-    prepared: &[(&crate::spec::NodeSpec, MachineConfig, fabric::NodePorts, String)],
+    prepared: &[(
+        &crate::spec::NodeSpec,
+        MachineConfig,
+        fabric::NodePorts,
+        String,
+    )],
 ) -> BTreeMap<String, Endpoint> {
     prepared
         .iter()
@@ -297,7 +321,10 @@ fn wait_ready(
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("node thread")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("node thread"))
+            .collect()
     });
     let mut ready = Vec::new();
     let mut errors = Vec::new();
@@ -370,7 +397,10 @@ pub fn stop(state: &StateDir, grace: Duration) -> Result<Vec<(String, String)>> 
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("stop thread")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("stop thread"))
+            .collect()
     });
     let left: Vec<&String> = record
         .nodes
@@ -390,7 +420,11 @@ pub fn clean(state: &StateDir, all: bool) -> Result<()> {
     if state.load_running()?.is_some() {
         stop(state, Duration::from_secs(30))?;
     }
-    for dir in [state.root.join("nodes"), state.ssh(), state.root.join("probe")] {
+    for dir in [
+        state.root.join("nodes"),
+        state.ssh(),
+        state.root.join("probe"),
+    ] {
         let _ = fs::remove_dir_all(dir);
     }
     if all {
@@ -409,7 +443,11 @@ pub fn connect(record: &RunningCluster, node: &str) -> Result<Guest> {
         ))
     })?;
     if !machine::is_running(n.pid) {
-        bail!("{node}: QEMU (pid {}) is not running; see {}", n.pid, n.dir.join("vm.log").display());
+        bail!(
+            "{node}: QEMU (pid {}) is not running; see {}",
+            n.pid,
+            n.dir.join("vm.log").display()
+        );
     }
     Guest::connect(&endpoint(record, node)?, Duration::from_secs(20))
 }
@@ -448,7 +486,10 @@ fn require_program(program: &str, package: &str) -> Result<()> {
 fn run(cmd: &mut Command) -> Result<()> {
     let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }

@@ -64,6 +64,9 @@ mod tests {
         assert_eq!(exit_code(&e), EXIT_BAD_INPUT);
         assert_eq!(exit_code(&anyhow::anyhow!("qemu died")), EXIT_INFRA);
         assert_eq!(exit_code(&Interrupted.into()), EXIT_INTERRUPTED);
-        assert_eq!(exit_code(&CheckFailed("x".into()).into()), EXIT_CHECK_FAILED);
+        assert_eq!(
+            exit_code(&CheckFailed("x".into()).into()),
+            EXIT_CHECK_FAILED
+        );
     }
 }

@@ -135,7 +135,11 @@ mod tests {
     fn ports_are_unique_across_the_cluster() {
         let c = Cluster::profile("reference").unwrap();
         let ports = allocate_ports(&c).unwrap();
-        let mut all: Vec<u16> = ports.values().flat_map(|p| p.pairs()).map(|(h, _)| h).collect();
+        let mut all: Vec<u16> = ports
+            .values()
+            .flat_map(|p| p.pairs())
+            .map(|(h, _)| h)
+            .collect();
         let n = all.len();
         all.sort();
         all.dedup();
@@ -154,7 +158,10 @@ mod tests {
         let c = crate::spec::parse(Path::new("r.toml"), &text).unwrap();
         let err = allocate_ports(&c).unwrap_err();
         assert_eq!(crate::error::exit_code(&err), crate::error::EXIT_BAD_INPUT);
-        assert!(err.to_string().contains(&format!("127.0.0.1:{port}")), "{err}");
+        assert!(
+            err.to_string().contains(&format!("127.0.0.1:{port}")),
+            "{err}"
+        );
     }
 
     #[test]

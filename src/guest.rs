@@ -75,7 +75,10 @@ impl Guest {
     /// Runs `command` through the guest's shell; fails if it does not
     /// finish within `deadline`.
     pub fn exec(&self, command: &str, deadline: Duration) -> Result<ExecOutput> {
-        let session = self.session.lock().map_err(|_| anyhow!("session poisoned"))?;
+        let session = self
+            .session
+            .lock()
+            .map_err(|_| anyhow!("session poisoned"))?;
         session.set_timeout(deadline.as_millis().max(1) as u32);
         let run = || -> Result<ExecOutput> {
             let mut ch = session.channel_session()?;

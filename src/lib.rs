@@ -18,9 +18,24 @@ pub mod spec;
 pub mod state;
 pub mod status;
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// QEMU processes this command launched and still owns: a second Ctrl-C,
+/// which exits at once, kills them first so none is orphaned.
+static OWNED_PIDS: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+
+/// Records a QEMU launched by this command (until [`release_owned`]).
+pub fn own_pid(pid: i32) {
+    OWNED_PIDS.lock().expect("owned pids").push(pid);
+}
+
+/// Hands the launched QEMUs over to the running cluster: they outlive us.
+pub fn release_owned() {
+    OWNED_PIDS.lock().expect("owned pids").clear();
+}
 
 /// Whether the user pressed Ctrl-C (or the process got SIGTERM). Every long
 /// wait polls this and unwinds, so the caller can tear down what it started.
@@ -32,7 +47,10 @@ pub fn interrupted() -> bool {
 pub fn install_interrupt_handler() {
     let _ = ctrlc::set_handler(|| {
         if INTERRUPTED.swap(true, Ordering::SeqCst) {
-            eprintln!("interrupted again; exiting now");
+            eprintln!("interrupted again; killing owned QEMU processes and exiting now");
+            for pid in OWNED_PIDS.lock().map(|p| p.clone()).unwrap_or_default() {
+                machine::kill_now(pid);
+            }
             std::process::exit(130);
         }
         eprintln!("interrupted; tearing down what was started (Ctrl-C again to exit at once)");

@@ -48,7 +48,10 @@ impl Progress {
             b.set_message(msg.to_string());
         }
         if self.plain {
-            eprintln!("[{:>6.1}s] {name}: {msg}", self.started.elapsed().as_secs_f64());
+            eprintln!(
+                "[{:>6.1}s] {name}: {msg}",
+                self.started.elapsed().as_secs_f64()
+            );
         }
     }
 
@@ -57,7 +60,10 @@ impl Progress {
             b.finish_with_message(msg.to_string());
         }
         if self.plain {
-            eprintln!("[{:>6.1}s] {name}: {msg}", self.started.elapsed().as_secs_f64());
+            eprintln!(
+                "[{:>6.1}s] {name}: {msg}",
+                self.started.elapsed().as_secs_f64()
+            );
         }
     }
 

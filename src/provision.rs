@@ -74,7 +74,10 @@ pub fn keygen(path: &Path, comment: &str) -> Result<()> {
         .output()
         .context("running ssh-keygen (install openssh-client)")?;
     if !out.status.success() {
-        bail!("ssh-keygen failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "ssh-keygen failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }
@@ -130,7 +133,10 @@ pub fn config_disk(
     fs::create_dir_all(tree.join("network"))?;
     fs::write(tree.join("node.env"), node_env(cluster, node, keys))?;
     fs::write(tree.join("hosts"), fabric::hosts_file(cluster))?;
-    fs::write(tree.join("authorized_keys"), format!("{}\n", keys.public_key))?;
+    fs::write(
+        tree.join("authorized_keys"),
+        format!("{}\n", keys.public_key),
+    )?;
     for (name, text) in fabric::network_files(cluster, index, node) {
         fs::write(tree.join("network").join(name), text)?;
     }
@@ -159,7 +165,9 @@ pub fn config_disk(
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    Ok(fs::read_to_string(host_key.with_extension("pub"))?.trim().to_string())
+    Ok(fs::read_to_string(host_key.with_extension("pub"))?
+        .trim()
+        .to_string())
 }
 
 #[cfg(test)]

@@ -43,17 +43,48 @@ pub struct ClusterMeta {
     pub state_suffix: String,
 }
 
+/// Where the images come from. `provider = "debian"` builds them here
+/// (`suite`, default bookworm); `provider = "prebuilt"` names the files.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "provider", rename_all = "lowercase", deny_unknown_fields)]
-pub enum ImageSpec {
-    /// Built from Debian packages by `photon-cluster build`, cached by recipe hash.
-    Debian { suite: String },
-    /// Paths given: a kernel, an initrd and an ext4 root image.
-    Prebuilt {
-        kernel: Spanned<PathBuf>,
-        initrd: Spanned<PathBuf>,
-        rootfs: Spanned<PathBuf>,
+#[serde(deny_unknown_fields)]
+pub struct ImageSpec {
+    pub provider: Spanned<String>,
+    pub suite: Option<String>,
+    pub kernel: Option<Spanned<PathBuf>>,
+    pub initrd: Option<Spanned<PathBuf>>,
+    pub rootfs: Option<Spanned<PathBuf>>,
+}
+
+/// The validated form of [`ImageSpec`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImageSource {
+    Debian {
+        suite: String,
     },
+    Prebuilt {
+        kernel: PathBuf,
+        initrd: PathBuf,
+        rootfs: PathBuf,
+    },
+}
+
+impl ImageSpec {
+    /// Call only on a validated spec.
+    pub fn source(&self) -> ImageSource {
+        let path = |p: &Option<Spanned<PathBuf>>| {
+            p.as_ref().map(|p| p.get_ref().clone()).unwrap_or_default()
+        };
+        match self.provider.get_ref().as_str() {
+            "prebuilt" => ImageSource::Prebuilt {
+                kernel: path(&self.kernel),
+                initrd: path(&self.initrd),
+                rootfs: path(&self.rootfs),
+            },
+            _ => ImageSource::Debian {
+                suite: self.suite.clone().unwrap_or_else(|| "bookworm".into()),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -252,26 +283,7 @@ fn validate(spec: &ClusterSpec, at: &At) -> Result<(), SpecError> {
             ),
         )
     })?;
-    if let ImageSpec::Prebuilt {
-        kernel,
-        initrd,
-        rootfs,
-    } = &spec.image
-    {
-        for (field, p) in [
-            ("image.kernel", kernel),
-            ("image.initrd", initrd),
-            ("image.rootfs", rootfs),
-        ] {
-            if !p.get_ref().is_file() {
-                return Err(at(
-                    Some(p.span()),
-                    field,
-                    format!("missing image: {} does not exist", p.get_ref().display()),
-                ));
-            }
-        }
-    }
+    validate_image(&spec.image, at)?;
 
     let mut names: HashMap<&str, usize> = HashMap::new();
     let mut addresses: HashMap<Ipv4Addr, &str> = HashMap::new();
@@ -323,11 +335,18 @@ fn validate(spec: &ClusterSpec, at: &At) -> Result<(), SpecError> {
             return Err(at(
                 Some(node.name.span()),
                 &field("memory_mib"),
-                format!("{} MiB is too little for systemd; use 256 or more", node.memory_mib),
+                format!(
+                    "{} MiB is too little for systemd; use 256 or more",
+                    node.memory_mib
+                ),
             ));
         }
         if node.vcpus == 0 {
-            return Err(at(Some(node.name.span()), &field("vcpus"), "must be at least 1".into()));
+            return Err(at(
+                Some(node.name.span()),
+                &field("vcpus"),
+                "must be at least 1".into(),
+            ));
         }
         let mut guest_ports: HashMap<u16, &str> = HashMap::new();
         for (j, fwd) in node.forward.iter().enumerate() {
@@ -343,7 +362,10 @@ fn validate(spec: &ClusterSpec, at: &At) -> Result<(), SpecError> {
                 return Err(at(
                     Some(fwd.span()),
                     &field(&format!("forward[{j}].guest")),
-                    format!("port clash: guest port {} is already forwarded as {other:?}", f.guest),
+                    format!(
+                        "port clash: guest port {} is already forwarded as {other:?}",
+                        f.guest
+                    ),
                 ));
             }
             if let Some(h) = f.host {
@@ -378,6 +400,40 @@ fn validate(spec: &ClusterSpec, at: &At) -> Result<(), SpecError> {
         ));
     }
     Ok(())
+}
+
+fn validate_image(image: &ImageSpec, at: &At) -> Result<(), SpecError> {
+    match image.provider.get_ref().as_str() {
+        "debian" => Ok(()),
+        "prebuilt" => {
+            for (field, p) in [
+                ("image.kernel", &image.kernel),
+                ("image.initrd", &image.initrd),
+                ("image.rootfs", &image.rootfs),
+            ] {
+                let Some(p) = p else {
+                    return Err(at(
+                        Some(image.provider.span()),
+                        field,
+                        "the prebuilt provider needs kernel, initrd and rootfs paths".into(),
+                    ));
+                };
+                if !p.get_ref().is_file() {
+                    return Err(at(
+                        Some(p.span()),
+                        field,
+                        format!("missing image: {} does not exist", p.get_ref().display()),
+                    ));
+                }
+            }
+            Ok(())
+        }
+        other => Err(at(
+            Some(image.provider.span()),
+            "image.provider",
+            format!("unknown image provider {other:?} (expected debian or prebuilt)"),
+        )),
+    }
 }
 
 /// Finds a dependency cycle, returning its path and the edge that closes it.
@@ -483,9 +539,7 @@ domain = "t.test"
 "#;
 
     fn node(name: &str, role: &str, addr: &str, extra: &str) -> String {
-        format!(
-            "[[node]]\nname = \"{name}\"\nrole = \"{role}\"\naddress = \"{addr}\"\n{extra}\n"
-        )
+        format!("[[node]]\nname = \"{name}\"\nrole = \"{role}\"\naddress = \"{addr}\"\n{extra}\n")
     }
 
     #[test]
@@ -509,9 +563,9 @@ domain = "t.test"
         );
         let e = refuse(&text);
         assert_eq!(e.field, "node[1].role");
-        assert_eq!(e.line, 15);
+        assert_eq!(e.line, 16);
         assert!(e.message.contains("unknown role \"gatewy\""), "{e}");
-        assert!(e.to_string().starts_with("c.toml:15:"), "{e}");
+        assert!(e.to_string().starts_with("c.toml:16:"), "{e}");
     }
 
     #[test]
@@ -530,13 +584,23 @@ domain = "t.test"
     fn host_port_clash_is_refused() {
         let text = format!(
             "{HEAD}{}{}",
-            node("a", "control", "10.9.0.1", "forward = [{ name = \"x\", guest = 80, host = 18080 }]"),
-            node("b", "worker", "10.9.0.2", "forward = [{ name = \"y\", guest = 81, host = 18080 }]")
+            node(
+                "a",
+                "control",
+                "10.9.0.1",
+                "forward = [{ name = \"x\", guest = 80, host = 18080 }]"
+            ),
+            node(
+                "b",
+                "worker",
+                "10.9.0.2",
+                "forward = [{ name = \"y\", guest = 81, host = 18080 }]"
+            )
         );
         let e = refuse(&text);
         assert_eq!(e.field, "node[1].forward[0].host");
         assert!(e.message.contains("port clash"), "{e}");
-        assert_eq!(e.line, 17);
+        assert_eq!(e.line, 18);
     }
 
     #[test]
@@ -548,12 +612,18 @@ domain = "t.test"
             node("c", "worker", "10.9.0.3", "depends_on = [\"b\"]")
         );
         let e = refuse(&text);
-        assert!(e.message.contains("dependency cycle: a -> c -> b -> a"), "{e}");
+        assert!(
+            e.message.contains("dependency cycle: a -> c -> b -> a"),
+            "{e}"
+        );
     }
 
     #[test]
     fn unknown_dependency_is_refused() {
-        let text = format!("{HEAD}{}", node("a", "control", "10.9.0.1", "depends_on = [\"zz\"]"));
+        let text = format!(
+            "{HEAD}{}",
+            node("a", "control", "10.9.0.1", "depends_on = [\"zz\"]")
+        );
         assert!(refuse(&text).message.contains("unknown node \"zz\""));
     }
 
@@ -571,7 +641,10 @@ domain = "t.test"
 
     #[test]
     fn syntax_and_unknown_fields_point_at_the_line() {
-        let text = format!("{HEAD}{}", node("a", "control", "10.9.0.1", "memroy_mib = 4"));
+        let text = format!(
+            "{HEAD}{}",
+            node("a", "control", "10.9.0.1", "memroy_mib = 4")
+        );
         let e = refuse(&text);
         assert_eq!(e.line, 13, "{e}");
         assert!(e.message.contains("memroy_mib"), "{e}");
@@ -586,7 +659,11 @@ domain = "t.test"
     #[test]
     fn boot_order_puts_dependencies_first() {
         let c = Cluster::profile("reference").unwrap();
-        let order: Vec<&str> = c.boot_order().iter().map(|n| n.name.get_ref().as_str()).collect();
+        let order: Vec<&str> = c
+            .boot_order()
+            .iter()
+            .map(|n| n.name.get_ref().as_str())
+            .collect();
         let pos = |n| order.iter().position(|o| *o == n).unwrap();
         assert!(pos("node01") < pos("node04"));
         assert!(pos("node04") < pos("node06"));

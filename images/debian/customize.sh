@@ -43,7 +43,7 @@ EOF
 mkdir -p "$root/photon"
 cat > "$root/etc/fstab" <<'EOF'
 /dev/vda  /        ext4  rw,noatime  0 1
-/dev/vdb  /photon  ext4  ro,nofail,x-systemd.device-timeout=30s  0 0
+/dev/vdb  /photon  ext4  ro,x-systemd.device-timeout=0  0 0
 EOF
 
 cat > "$root/usr/local/sbin/photon-firstboot" <<'EOF'

@@ -98,7 +98,10 @@ impl Recipe {
         if let Err(e) = result {
             let _ = fs::remove_dir_all(work.join("root"));
             return Err(e).with_context(|| {
-                format!("building the debian image (log: {})", work.join("build.log").display())
+                format!(
+                    "building the debian image (log: {})",
+                    work.join("build.log").display()
+                )
             });
         }
         let _ = fs::remove_dir_all(&final_dir);
@@ -229,7 +232,10 @@ fn run_logged(mut cmd: Command, log: &Path, bar: &ProgressBar) -> Result<()> {
     let status = child.wait()?;
     bar.set_message(prefix);
     if !status.success() {
-        bail!("{cmd:?} failed ({status}); last output:\n{}", tail.join("\n"));
+        bail!(
+            "{cmd:?} failed ({status}); last output:\n{}",
+            tail.join("\n")
+        );
     }
     Ok(())
 }
@@ -280,9 +286,15 @@ mod tests {
         let r = Recipe::new("bookworm");
         assert!(r.find(&dir).is_none());
         fs::create_dir_all(dir.join(r.hash())).unwrap();
-        assert!(r.find(&dir).is_none(), "a directory without recipe.json is unfinished");
+        assert!(
+            r.find(&dir).is_none(),
+            "a directory without recipe.json is unfinished"
+        );
         fs::write(dir.join(r.hash()).join("recipe.json"), "{}").unwrap();
-        assert_eq!(r.find(&dir).unwrap().rootfs, dir.join(r.hash()).join("rootfs.img"));
+        assert_eq!(
+            r.find(&dir).unwrap().rootfs,
+            dir.join(r.hash()).join("rootfs.img")
+        );
         fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -7,16 +7,16 @@
 pub mod debian;
 
 use crate::error::bad_input;
-use crate::spec::{Cluster, ImageSpec};
+use crate::spec::{Cluster, ImageSource};
 use crate::state::{ImageRecord, StateDir};
 use anyhow::Result;
 
 /// Finds the cluster's images without building anything; a missing image is
 /// bad input (exit 2) with a hint on how to build it.
 pub fn resolve(cluster: &Cluster, state: &StateDir) -> Result<ImageRecord> {
-    match &cluster.spec.image {
-        ImageSpec::Debian { suite } => {
-            let recipe = debian::Recipe::new(suite);
+    match cluster.spec.image.source() {
+        ImageSource::Debian { suite } => {
+            let recipe = debian::Recipe::new(&suite);
             recipe.find(&state.images()).ok_or_else(|| {
                 bad_input(format!(
                     "missing image: the {suite} image for recipe {} is not built in {}; \
@@ -26,24 +26,24 @@ pub fn resolve(cluster: &Cluster, state: &StateDir) -> Result<ImageRecord> {
                 ))
             })
         }
-        ImageSpec::Prebuilt {
+        ImageSource::Prebuilt {
             kernel,
             initrd,
             rootfs,
         } => Ok(ImageRecord {
             provider: "prebuilt".into(),
-            kernel: kernel.get_ref().clone(),
-            initrd: initrd.get_ref().clone(),
-            rootfs: rootfs.get_ref().clone(),
-            id: rootfs.get_ref().display().to_string(),
+            id: rootfs.display().to_string(),
+            kernel,
+            initrd,
+            rootfs,
         }),
     }
 }
 
 /// Builds the cluster's images if its provider builds any; returns them.
 pub fn build(cluster: &Cluster, state: &StateDir) -> Result<ImageRecord> {
-    match &cluster.spec.image {
-        ImageSpec::Debian { suite } => debian::Recipe::new(suite).build(&state.images()),
-        ImageSpec::Prebuilt { .. } => resolve(cluster, state),
+    match cluster.spec.image.source() {
+        ImageSource::Debian { suite } => debian::Recipe::new(&suite).build(&state.images()),
+        ImageSource::Prebuilt { .. } => resolve(cluster, state),
     }
 }

@@ -133,7 +133,10 @@ fn probe(kernel: &Path, work: &Path) -> Result<(bool, Option<String>)> {
             }
             break (
                 false,
-                Some(format!("KVM guest exited ({status}) before any console output: {}", err.trim())),
+                Some(format!(
+                    "KVM guest exited ({status}) before any console output: {}",
+                    err.trim()
+                )),
             );
         }
         if started.elapsed() > WATCHDOG {

@@ -22,8 +22,7 @@ pub const QEMU: &str = "qemu-system-x86_64";
 /// in the terminal reaches the driver (which tears down in order) and not
 /// the guests directly; it outlives `start` on purpose.
 pub fn launch(config: &MachineConfig, qemu_log: &Path) -> Result<Child> {
-    let log = File::create(qemu_log)
-        .with_context(|| format!("creating {}", qemu_log.display()))?;
+    let log = File::create(qemu_log).with_context(|| format!("creating {}", qemu_log.display()))?;
     let args = qemu_args(config);
     let child = Command::new(QEMU)
         .args(&args)
@@ -45,7 +44,9 @@ pub fn is_running(pid: i32) -> bool {
         return false;
     };
     // Field 3, after the parenthesised command name, is the state.
-    let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next());
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, r)| r.split_whitespace().next());
     let cmd = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     state != Some("Z") && String::from_utf8_lossy(&cmd).contains("qemu-system")
 }

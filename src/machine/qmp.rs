@@ -36,7 +36,10 @@ impl Qmp {
 
     fn read_message(&mut self) -> Result<Value> {
         let mut line = String::new();
-        let n = self.reader.read_line(&mut line).context("reading from QMP")?;
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .context("reading from QMP")?;
         if n == 0 {
             bail!("QMP connection closed");
         }

@@ -1,0 +1,103 @@
+//! Bad input is refused with exit code 2 before anything starts, and the
+//! error points at the file, line and field. No VMs are needed.
+
+mod common;
+
+use std::fs;
+
+fn temp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("pc-refuse-{}-{name}", std::process::id()));
+    let _ = fs::remove_dir_all(&d);
+    fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn malformed_cluster_file_exits_2_with_file_line_and_field() {
+    let dir = temp("malformed");
+    let file = dir.join("cluster.toml");
+    let text = include_str!("../profiles/reference.toml").replace(
+        "name = \"node05\"\nrole = \"worker\"",
+        "name = \"node05\"\nrole = \"wrker\"",
+    );
+    fs::write(&file, &text).unwrap();
+    let line = text.lines().position(|l| l.contains("wrker")).unwrap() + 1;
+    let out = common::run(&dir, &["--cluster", file.to_str().unwrap(), "start"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cluster.toml:{line}:")),
+        "error names file and line: {err}"
+    );
+    assert!(err.contains("node[4].role"), "error names the field: {err}");
+    assert!(err.contains("unknown role \"wrker\""), "{err}");
+    assert!(
+        !dir.join("nodes").exists(),
+        "nothing may start on refused input"
+    );
+}
+
+#[test]
+fn dependency_cycle_exits_2_on_check() {
+    let dir = temp("cycle");
+    let file = dir.join("cluster.toml");
+    let text = include_str!("../profiles/reference.toml").replace(
+        "name = \"node01\"\nrole = \"control\"",
+        "name = \"node01\"\nrole = \"control\"\ndepends_on = [\"node06\"]",
+    );
+    fs::write(&file, text).unwrap();
+    let out = common::run(&dir, &["--cluster", file.to_str().unwrap(), "check"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("dependency cycle: node01 -> node06 -> node01"),
+        "{err}"
+    );
+}
+
+#[test]
+fn start_without_a_built_image_exits_2_with_a_hint() {
+    let dir = temp("noimage");
+    let out = common::run(&dir, &["start"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing image"), "{err}");
+    assert!(err.contains("photon-cluster build"), "{err}");
+    assert!(!dir.join("cluster.json").exists());
+}
+
+#[test]
+fn status_without_a_cluster_exits_2() {
+    let dir = temp("nocluster");
+    let out = common::run(&dir, &["status"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no cluster is running"));
+}
+
+#[test]
+fn embedded_profiles_check_and_storage_gets_a_sibling_state_dir() {
+    let dir = temp("profiles");
+    for p in ["reference", "reference-storage"] {
+        let out = common::run(&dir, &["--profile", p, "check"]);
+        assert_eq!(out.status.code(), Some(0));
+    }
+    let out = common::run(&dir, &["--profile", "nope", "check"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn help_teaches_the_commands_and_exit_codes() {
+    let out = common::bin().arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for word in [
+        "build",
+        "start",
+        "status",
+        "ssh",
+        "stop",
+        "clean",
+        "Exit codes",
+    ] {
+        assert!(help.contains(word), "--help mentions {word}: {help}");
+    }
+}
