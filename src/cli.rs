@@ -90,6 +90,10 @@ pub enum Cmd {
     },
     /// Check a cluster definition and exit: 0 if valid, 2 with file:line:field if not.
     Check,
+    /// Measure boot: the raw parallel boot of every guest to its console login
+    /// prompt (no driver checks), then the driver's boot-to-ready of the same
+    /// guests, in one run; prints both and their ratio.
+    BenchBoot(StartArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -108,6 +112,7 @@ impl StartArgs {
         StartOptions {
             accel: self.accel,
             ready_timeout: Duration::from_secs(self.ready_timeout),
+            readiness: cluster::Readiness::Full,
         }
     }
 }
@@ -165,6 +170,10 @@ pub fn run(cli: Cli) -> Result<i32> {
             print!("{}", out.stdout);
             eprint!("{}", out.stderr);
             return Ok(out.code);
+        }
+        Cmd::BenchBoot(args) => {
+            let _lock = state.lock("bench-boot")?;
+            crate::bench::boot(&cluster, &state, &args.options())?;
         }
         Cmd::Stop { grace } => {
             let _lock = state.lock("stop")?;

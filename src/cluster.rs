@@ -22,6 +22,17 @@ pub struct StartOptions {
     pub accel: AccelRequest,
     /// Deadline for each node to become ready, from its launch.
     pub ready_timeout: Duration,
+    pub readiness: Readiness,
+}
+
+/// When a node counts as up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// SSH answers with the cluster key and every expected unit is active.
+    Full,
+    /// The login prompt appeared on the serial console; no driver checks at
+    /// all. The baseline `bench boot` compares the driver against.
+    ConsoleLogin,
 }
 
 /// Refuses to start over a cluster that is still running in this state dir;
@@ -183,13 +194,16 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
     }
 
     let progress = Progress::new(&order);
-    let result = wait_ready(
-        cluster,
-        &record,
-        &prepared_endpoints(&record, &prepared),
-        opts,
-        &progress,
-    );
+    let result = match opts.readiness {
+        Readiness::Full => wait_ready(
+            cluster,
+            &record,
+            &prepared_endpoints(&record, &prepared),
+            opts,
+            &progress,
+        ),
+        Readiness::ConsoleLogin => wait_console_login(&record, opts.ready_timeout, &progress),
+    };
     progress.finish();
     match result {
         Ok(ready) => {
@@ -341,6 +355,51 @@ fn wait_ready(
         None => Ok(ready),
         Some(e) => Err(e),
     }
+}
+
+/// Waits for the login prompt on every node's console, and nothing else.
+fn wait_console_login(
+    record: &RunningCluster,
+    deadline: Duration,
+    progress: &Progress,
+) -> Result<Vec<(String, f64)>> {
+    let started = Instant::now();
+    let mut pending: BTreeMap<&String, &RunningNode> = record.nodes.iter().collect();
+    let mut ready = Vec::new();
+    while !pending.is_empty() {
+        if crate::interrupted() {
+            return Err(Interrupted.into());
+        }
+        pending.retain(|name, node| {
+            let text = fs::read(node.dir.join("vm.log")).unwrap_or_default();
+            if shows_login_prompt(&text) {
+                let secs = started.elapsed().as_secs_f64();
+                progress.done(name, &format!("login prompt after {secs:.1} s"));
+                ready.push(((*name).clone(), secs));
+                return false;
+            }
+            true
+        });
+        if let Some((name, node)) = pending.iter().find(|(_, n)| !machine::is_running(n.pid)) {
+            bail!(
+                "{name}: QEMU exited before the login prompt; see {}",
+                node.dir.join("vm.log").display()
+            );
+        }
+        if started.elapsed() > deadline {
+            bail!(
+                "no login prompt after {} s on {:?}",
+                deadline.as_secs(),
+                pending.keys()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    Ok(ready)
+}
+
+fn shows_login_prompt(console: &[u8]) -> bool {
+    console.windows(7).any(|w| w == b" login:")
 }
 
 fn first_line(e: &anyhow::Error) -> String {

@@ -5,6 +5,7 @@
 //! `spec` (cluster definition) -> `image` -> `fabric` + `machine` + `provision`
 //! -> `guest` -> `cluster` (start/stop) -> `status`.
 
+pub mod bench;
 pub mod cli;
 pub mod cluster;
 pub mod error;

@@ -29,6 +29,20 @@ for unit in apt-daily.timer apt-daily-upgrade.timer man-db.timer e2scrub_all.tim
     in_root systemctl mask "$unit" >/dev/null 2>&1 || true
 done
 
+# Boot-time units a test guest does not need; each costs seconds under TCG.
+for unit in systemd-binfmt.service dev-hugepages.mount dev-mqueue.mount \
+    sys-kernel-debug.mount sys-kernel-tracing.mount systemd-pstore.service \
+    modprobe@dm_mod.service modprobe@efi_pstore.service modprobe@fuse.service \
+    modprobe@loop.service systemd-network-generator.service; do
+    in_root systemctl mask "$unit" >/dev/null 2>&1 || true
+done
+
+# QMP system_powerdown presses the ACPI power button; without logind (no
+# dbus in a minimal image) acpid turns it into a clean poweroff.
+mkdir -p "$root/etc/acpi/events"
+printf 'event=button/power.*\naction=/sbin/poweroff\n' > "$root/etc/acpi/events/photon-powerbtn"
+in_root systemctl enable acpid.service >/dev/null 2>&1 || true
+
 # Host keys come from the config disk, one per node and cluster, so the
 # driver knows them in advance and can verify every connection.
 rm -f "$root"/etc/ssh/ssh_host_*
