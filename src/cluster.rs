@@ -67,7 +67,10 @@ fn refuse_if_running(state: &StateDir) -> Result<()> {
 pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result<RunningCluster> {
     refuse_if_running(state)?;
     let image = image::resolve(cluster, state)?;
-    require_program(machine::QEMU, "qemu-system-x86")?;
+    crate::host::require_program(machine::QEMU, "qemu-system-x86")?;
+    crate::host::require_program("qemu-img", "qemu-utils")?;
+    crate::host::require_program("mkfs.ext4", "e2fsprogs")?;
+    crate::host::require_program("ssh-keygen", "openssh-client")?;
     let ports = fabric::allocate_ports(cluster)?;
     let accel = machine::accel::choose(
         opts.accel,
@@ -528,18 +531,6 @@ pub fn endpoint(record: &RunningCluster, node: &str) -> Result<Endpoint> {
         key: record.ssh_key.clone(),
         host_key,
     })
-}
-
-fn require_program(program: &str, package: &str) -> Result<()> {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
-        .unwrap_or(false);
-    if !found {
-        return Err(bad_input(format!(
-            "`{program}` is not on PATH; install it with `apt-get install {package}`"
-        )));
-    }
-    Ok(())
 }
 
 fn run(cmd: &mut Command) -> Result<()> {

@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod error;
 pub mod fabric;
 pub mod guest;
+pub mod host;
 pub mod image;
 pub mod machine;
 pub mod progress;

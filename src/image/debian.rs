@@ -175,19 +175,8 @@ impl Recipe {
 }
 
 fn require_tools() -> Result<()> {
-    for (tool, package) in [("mmdebstrap", "mmdebstrap"), ("mkfs.ext4", "e2fsprogs")] {
-        let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-            .unwrap_or(false)
-            || Path::new("/usr/sbin").join(tool).is_file()
-            || Path::new("/sbin").join(tool).is_file();
-        if !found {
-            return Err(crate::error::bad_input(format!(
-                "`{tool}` is needed to build the debian image; install it with \
-                 `apt-get install {package}`"
-            )));
-        }
-    }
+    crate::host::require_program("mmdebstrap", "mmdebstrap")?;
+    crate::host::require_program("mkfs.ext4", "e2fsprogs")?;
     if !nix::unistd::geteuid().is_root() {
         return Err(crate::error::bad_input(
             "building the debian image needs root (mmdebstrap --mode=root)",
