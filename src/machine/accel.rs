@@ -135,7 +135,7 @@ fn probe(kernel: &Path, work: &Path) -> Result<(bool, Option<String>)> {
                 false,
                 Some(format!(
                     "KVM guest exited ({status}) before any console output: {}",
-                    err.trim()
+                    err.lines().next().unwrap_or("").trim()
                 )),
             );
         }
