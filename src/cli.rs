@@ -3,7 +3,9 @@
 
 use crate::cluster::{self, StartOptions};
 use crate::error::bad_input;
+use crate::lane::Lane;
 use crate::machine::{self, accel::AccelRequest};
+use crate::smoke::{self, LaneOptions};
 use crate::spec::Cluster;
 use crate::state::{self, RunningCluster, StateDir};
 use crate::{image, status};
@@ -18,15 +20,24 @@ use std::time::Duration;
 /// The default cluster is the embedded `reference` profile: six Debian guests
 /// (node01-03 control plane, node04-05 workers, node06 gateway).
 ///
+/// One command for a verdict with evidence:
+///   photon-cluster fresh-smoke      # clean, build, start, every layer, stop
+///
 /// Typical session:
+///   photon-cluster validate         # preflight: host, definitions, images
 ///   photon-cluster build            # build the images (cached by recipe)
 ///   photon-cluster start            # boot every node, wait until ready
+///   photon-cluster smoke            # run the smoke lane against it
 ///   photon-cluster status           # state, accel, ports, units per node
 ///   photon-cluster ssh node04       # a shell on node04
 ///   photon-cluster stop             # power down, kill after a deadline
 ///
-/// Exit codes: 0 ok; 1 a check failed; 2 bad input (refused before anything
-/// started); 3 infrastructure failure (build, QEMU, boot); 130 interrupted.
+/// Lane runs leave ./work/<lane>/<timestamp>/ (and ./work/<lane>/latest):
+/// result.json, junit.xml, report.md, nodes/<node>/vm.log and journals.
+///
+/// Exit codes: 0 passed (degraded checks included); 1 a check failed; 2 bad
+/// input (refused before anything started); 3 infrastructure failure
+/// (build, QEMU, boot); 130 interrupted.
 #[derive(Parser, Debug)]
 #[command(name = "photon-cluster", version, verbatim_doc_comment)]
 pub struct Cli {
@@ -90,6 +101,27 @@ pub enum Cmd {
     },
     /// Check a cluster definition and exit: 0 if valid, 2 with file:line:field if not.
     Check,
+    /// Preflight that boots nothing: host programs, KVM, nested virtualization,
+    /// memory, disk, free ports, the cluster and lane definitions, the images.
+    /// Exit 1 if an item fails; each item that is not a pass has a hint.
+    Validate {
+        #[command(flatten)]
+        lane: LaneArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a lane (default: smoke, every validation layer) against the running
+    /// cluster and write its artifacts.
+    Smoke(LaneArgs),
+    /// clean, build (if needed), start, smoke, stop: the whole verdict from
+    /// nothing. The cluster is stopped even when a check fails.
+    FreshSmoke {
+        #[command(flatten)]
+        lane: LaneArgs,
+        #[command(flatten)]
+        start: StartArgs,
+    },
     /// Measure boot: the raw parallel boot of every guest to its console login
     /// prompt (no driver checks), then the driver's boot-to-ready of the same
     /// guests, in one run; prints both and their ratio.
@@ -105,6 +137,45 @@ pub struct StartArgs {
     /// Seconds each node may take to become ready.
     #[arg(long, default_value_t = 600)]
     pub ready_timeout: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LaneArgs {
+    /// An embedded lane (`checks/<name>.toml`).
+    #[arg(long, default_value = "smoke", conflicts_with = "lane_file")]
+    pub lane: String,
+    /// A lane file (TOML) instead of an embedded lane; see docs/adding-a-check.md.
+    #[arg(long, value_name = "FILE")]
+    pub lane_file: Option<PathBuf>,
+    /// Root of the artifact tree: <DIR>/<lane>/<timestamp>, plus <DIR>/<lane>/latest.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "PHOTON_ARTIFACTS",
+        default_value = "work"
+    )]
+    pub artifacts: PathBuf,
+    /// Run every layer even after one failed (later layers are skipped otherwise).
+    #[arg(long)]
+    pub keep_going: bool,
+    /// Seconds `stop` waits for a clean powerdown before killing (fresh-smoke).
+    #[arg(long, default_value_t = 30)]
+    pub grace: u64,
+}
+
+impl LaneArgs {
+    pub fn options(&self, cluster: &Cluster) -> Result<LaneOptions> {
+        let lane = match &self.lane_file {
+            Some(f) => Lane::load(f, cluster)?,
+            None => Lane::embedded(&self.lane, cluster)?,
+        };
+        Ok(LaneOptions {
+            lane,
+            artifacts: self.artifacts.clone(),
+            keep_going: self.keep_going,
+            grace: Duration::from_secs(self.grace),
+        })
+    }
 }
 
 impl StartArgs {
@@ -143,6 +214,29 @@ pub fn run(cli: Cli) -> Result<i32> {
                 cluster.source.display(),
                 cluster.spec.nodes.len()
             );
+        }
+        Cmd::Validate { lane, json } => {
+            let lane = lane.options(&cluster)?.lane;
+            let items = crate::validate::run(&cluster, &state, &lane);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&items)?);
+            } else {
+                crate::validate::print(&items);
+            }
+            let failed = items
+                .iter()
+                .any(|i| i.outcome == crate::check::Outcome::Fail);
+            return Ok(if failed { 1 } else { 0 });
+        }
+        Cmd::Smoke(lane) => {
+            let opts = lane.options(&cluster)?;
+            let _lock = state.lock("smoke")?;
+            return Ok(smoke::smoke(&cluster, &state, &opts)? as i32);
+        }
+        Cmd::FreshSmoke { lane, start } => {
+            let opts = lane.options(&cluster)?;
+            let _lock = state.lock("fresh-smoke")?;
+            return Ok(smoke::fresh_smoke(&cluster, &state, &opts, &start.options())? as i32);
         }
         Cmd::Build => {
             let _lock = state.lock("build")?;

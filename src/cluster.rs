@@ -119,7 +119,7 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
             serial_log: dir.join("vm.log"),
             qmp_socket: dir.join("qmp.sock"),
             pidfile: dir.join("qemu.pid"),
-            forwards: node_ports.pairs(),
+            forwards: node_ports.all(),
             host_mac,
             fabric_mac,
             fabric_mcast: mcast.clone(),

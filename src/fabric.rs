@@ -6,11 +6,12 @@
 //! directory, so two clusters on one host never see each other's frames.
 
 use crate::error::bad_input;
-use crate::spec::{Cluster, NodeSpec};
+use crate::spec::{Cluster, NodeSpec, Proto};
 use anyhow::Result;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::{Ipv4Addr, TcpListener, UdpSocket};
 use std::path::Path;
 
 /// The multicast group and UDP port of a cluster's L2 segment.
@@ -31,50 +32,91 @@ pub fn macs(index: usize) -> (String, String) {
     )
 }
 
+/// One host port on 127.0.0.1 forwarded into a guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortForward {
+    pub proto: Proto,
+    pub guest: u16,
+    pub host: u16,
+}
+
+impl std::fmt::Display for PortForward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.proto {
+            Proto::Tcp => write!(f, "{}->{}", self.host, self.guest),
+            Proto::Udp => write!(f, "udp {}->{}", self.host, self.guest),
+        }
+    }
+}
+
 /// Host ports for one node: SSH first, then the declared forwards.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodePorts {
     pub ssh: u16,
-    /// name -> (guest, host)
-    pub forwards: BTreeMap<String, (u16, u16)>,
+    pub forwards: BTreeMap<String, PortForward>,
 }
 
 impl NodePorts {
-    /// (host, guest) pairs for the QEMU command line, SSH first.
-    pub fn pairs(&self) -> Vec<(u16, u16)> {
-        std::iter::once((self.ssh, 22))
-            .chain(self.forwards.values().map(|(g, h)| (*h, *g)))
+    /// Every forward for the QEMU command line, SSH first.
+    pub fn all(&self) -> Vec<PortForward> {
+        let ssh = PortForward {
+            proto: Proto::Tcp,
+            guest: 22,
+            host: self.ssh,
+        };
+        std::iter::once(ssh)
+            .chain(self.forwards.values().copied())
             .collect()
     }
+}
+
+/// A bound host port, kept open until allocation is over.
+enum Held {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
 }
 
 /// Allocates every host port of the cluster at once. Pinned ports must be
 /// free now; the others are picked by the kernel. All listeners stay open
 /// until every port is chosen, so no two forwards get the same port.
 pub fn allocate_ports(cluster: &Cluster) -> Result<BTreeMap<String, NodePorts>> {
-    let mut held: Vec<TcpListener> = Vec::new();
-    let mut take = |pinned: Option<u16>, what: &str| -> Result<u16> {
-        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, pinned.unwrap_or(0))).map_err(|e| {
+    let mut held: Vec<Held> = Vec::new();
+    let mut take = |proto: Proto, pinned: Option<u16>, what: &str| -> Result<u16> {
+        let addr = (Ipv4Addr::LOCALHOST, pinned.unwrap_or(0));
+        let bound = match proto {
+            Proto::Tcp => TcpListener::bind(addr).map(Held::Tcp),
+            Proto::Udp => UdpSocket::bind(addr).map(Held::Udp),
+        };
+        let h = bound.map_err(|e| {
             bad_input(format!(
-                "port clash: host port 127.0.0.1:{} for {what} is not free ({e}); \
+                "port clash: host port 127.0.0.1:{}/{} for {what} is not free ({e}); \
                  change or drop `host` in {}",
                 pinned.unwrap_or(0),
+                proto.name(),
                 cluster.source.display()
             ))
         })?;
-        let port = l.local_addr()?.port();
-        held.push(l);
+        let port = match &h {
+            Held::Tcp(l) => l.local_addr()?.port(),
+            Held::Udp(s) => s.local_addr()?.port(),
+        };
+        held.push(h);
         Ok(port)
     };
     let mut out = BTreeMap::new();
     for node in &cluster.spec.nodes {
         let name = node.name.get_ref();
-        let ssh = take(None, &format!("{name}/ssh"))?;
+        let ssh = take(Proto::Tcp, None, &format!("{name}/ssh"))?;
         let mut forwards = BTreeMap::new();
         for f in &node.forward {
             let f = f.get_ref();
-            let host = take(f.host, &format!("{name}/{}", f.name))?;
-            forwards.insert(f.name.clone(), (f.guest, host));
+            let host = take(f.proto, f.host, &format!("{name}/{}", f.name))?;
+            let fwd = PortForward {
+                proto: f.proto,
+                guest: f.guest,
+                host,
+            };
+            forwards.insert(f.name.clone(), fwd);
         }
         out.insert(name.clone(), NodePorts { ssh, forwards });
     }
@@ -135,16 +177,16 @@ mod tests {
     fn ports_are_unique_across_the_cluster() {
         let c = Cluster::profile("reference").unwrap();
         let ports = allocate_ports(&c).unwrap();
-        let mut all: Vec<u16> = ports
+        let mut all: Vec<(Proto, u16)> = ports
             .values()
-            .flat_map(|p| p.pairs())
-            .map(|(h, _)| h)
+            .flat_map(|p| p.all())
+            .map(|f| (f.proto, f.host))
             .collect();
         let n = all.len();
-        all.sort();
+        all.sort_by_key(|(p, h)| (p.name(), *h));
         all.dedup();
         assert_eq!(all.len(), n);
-        assert_eq!(ports["node01"].pairs()[0].1, 22);
+        assert_eq!(ports["node01"].all()[0].guest, 22);
     }
 
     #[test]

@@ -103,6 +103,21 @@ impl Guest {
         })
     }
 
+    /// Asks the node's sshd to open a TCP connection to `host:port`: a
+    /// connect made from inside the guest, without a client program there.
+    pub fn tcp_connect(&self, host: &str, port: u16, deadline: Duration) -> Result<()> {
+        let session = self
+            .session
+            .lock()
+            .map_err(|_| anyhow!("session poisoned"))?;
+        session.set_timeout(deadline.as_millis().max(1) as u32);
+        let mut ch = session
+            .channel_direct_tcpip(host, port, None)
+            .with_context(|| format!("{}: connect to {host}:{port}", self.endpoint.node))?;
+        let _ = ch.close();
+        Ok(())
+    }
+
     /// Runs `command` and fails unless it exits 0.
     pub fn succeed(&self, command: &str, deadline: Duration) -> Result<String> {
         let out = self.exec(command, deadline)?;

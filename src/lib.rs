@@ -6,19 +6,26 @@
 //! -> `guest` -> `cluster` (start/stop) -> `status`.
 
 pub mod bench;
+pub mod check;
 pub mod cli;
 pub mod cluster;
+pub mod engine;
 pub mod error;
+pub mod evidence;
 pub mod fabric;
 pub mod guest;
 pub mod host;
 pub mod image;
+pub mod lane;
 pub mod machine;
 pub mod progress;
 pub mod provision;
+pub mod report;
+pub mod smoke;
 pub mod spec;
 pub mod state;
 pub mod status;
+pub mod validate;
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -4,7 +4,7 @@
 //! Every refusal names the file, the line and the field, so a user can jump
 //! straight to the mistake: `cluster.toml:42:8: node[3].role: unknown role ...`.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -113,7 +113,7 @@ pub struct NodeSpec {
     pub forward: Vec<Spanned<Forward>>,
 }
 
-/// A guest TCP port reachable from the host on 127.0.0.1. `host` pins the
+/// A guest port reachable from the host on 127.0.0.1. `host` pins the
 /// host port; without it the driver allocates a free one at start.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -121,6 +121,26 @@ pub struct Forward {
     pub name: String,
     pub guest: u16,
     pub host: Option<u16>,
+    #[serde(default)]
+    pub proto: Proto,
+}
+
+/// The transport of a forward: TCP (the default) or UDP (DNS, for example).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
 }
 
 fn default_memory() -> u32 {
@@ -155,6 +175,32 @@ impl fmt::Display for SpecError {
 }
 
 impl std::error::Error for SpecError {}
+
+impl SpecError {
+    /// An error at byte range `span` of `text`, which was read from `file`.
+    pub fn at(
+        file: &Path,
+        text: &str,
+        span: Option<Range<usize>>,
+        field: &str,
+        message: String,
+    ) -> SpecError {
+        let (line, column) = span.map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+        SpecError {
+            file: file.to_path_buf(),
+            line,
+            column,
+            field: field.to_string(),
+            message,
+        }
+    }
+
+    /// A toml parse error, with the offending key as the field.
+    pub fn from_toml(file: &Path, text: &str, e: &toml::de::Error) -> SpecError {
+        let msg = e.message().to_string();
+        SpecError::at(file, text, e.span(), &field_of_message(&msg), msg)
+    }
+}
 
 /// A definition that passed validation, with the text it came from.
 #[derive(Debug, Clone)]
@@ -231,19 +277,10 @@ impl Cluster {
 /// Parses and validates `text`, which was read from `file`.
 pub fn parse(file: &Path, text: &str) -> Result<Cluster, SpecError> {
     let at = |span: Option<Range<usize>>, field: &str, message: String| {
-        let (line, column) = span.map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-        SpecError {
-            file: file.to_path_buf(),
-            line,
-            column,
-            field: field.to_string(),
-            message,
-        }
+        SpecError::at(file, text, span, field, message)
     };
-    let spec: ClusterSpec = toml::from_str(text).map_err(|e| {
-        let msg = e.message().to_string();
-        at(e.span(), &field_of_message(&msg), msg)
-    })?;
+    let spec: ClusterSpec =
+        toml::from_str(text).map_err(|e| SpecError::from_toml(file, text, &e))?;
     validate(&spec, &at)?;
     Ok(Cluster {
         source: file.to_path_buf(),
@@ -287,7 +324,7 @@ fn validate(spec: &ClusterSpec, at: &At) -> Result<(), SpecError> {
 
     let mut names: HashMap<&str, usize> = HashMap::new();
     let mut addresses: HashMap<Ipv4Addr, &str> = HashMap::new();
-    let mut host_ports: HashMap<u16, String> = HashMap::new();
+    let mut host_ports: HashMap<(Proto, u16), String> = HashMap::new();
     for (i, node) in spec.nodes.iter().enumerate() {
         let name = node.name.get_ref().as_str();
         let field = |f: &str| format!("node[{i}].{f}");
@@ -348,33 +385,37 @@ fn validate(spec: &ClusterSpec, at: &At) -> Result<(), SpecError> {
                 "must be at least 1".into(),
             ));
         }
-        let mut guest_ports: HashMap<u16, &str> = HashMap::new();
+        let mut guest_ports: HashMap<(Proto, u16), &str> = HashMap::new();
         for (j, fwd) in node.forward.iter().enumerate() {
             let f = fwd.get_ref();
-            if f.guest == 22 {
+            if f.guest == 22 && f.proto == Proto::Tcp {
                 return Err(at(
                     Some(fwd.span()),
                     &field(&format!("forward[{j}].guest")),
                     "port 22 is always forwarded for SSH; remove this entry".into(),
                 ));
             }
-            if let Some(other) = guest_ports.insert(f.guest, &f.name) {
+            if let Some(other) = guest_ports.insert((f.proto, f.guest), &f.name) {
                 return Err(at(
                     Some(fwd.span()),
                     &field(&format!("forward[{j}].guest")),
                     format!(
-                        "port clash: guest port {} is already forwarded as {other:?}",
-                        f.guest
+                        "port clash: guest port {}/{} is already forwarded as {other:?}",
+                        f.guest,
+                        f.proto.name()
                     ),
                 ));
             }
             if let Some(h) = f.host {
                 let owner = format!("{name}/{}", f.name);
-                if let Some(other) = host_ports.insert(h, owner) {
+                if let Some(other) = host_ports.insert((f.proto, h), owner) {
                     return Err(at(
                         Some(fwd.span()),
                         &field(&format!("forward[{j}].host")),
-                        format!("port clash: host port {h} is already taken by {other}"),
+                        format!(
+                            "port clash: host port {h}/{} is already taken by {other}",
+                            f.proto.name()
+                        ),
                     ));
                 }
             }

@@ -12,6 +12,7 @@
 //! <state>/nodes/<node>/        overlay.qcow2, config.img, vm.log, qmp.sock
 //! ```
 
+use crate::fabric::PortForward;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -184,8 +185,8 @@ pub struct RunningNode {
     pub address: String,
     pub pid: i32,
     pub ssh_port: u16,
-    /// Forward name -> (guest port, host port).
-    pub forwards: BTreeMap<String, (u16, u16)>,
+    /// Forward name -> ports.
+    pub forwards: BTreeMap<String, PortForward>,
     pub units: Vec<String>,
     pub dir: PathBuf,
     pub booted_unix: i64,

@@ -1,6 +1,7 @@
 //! `status`: what each node of the running cluster is doing right now.
 
 use crate::cluster;
+use crate::fabric::PortForward;
 use crate::guest;
 use crate::machine::{self, qmp::Qmp};
 use crate::state::RunningCluster;
@@ -26,7 +27,7 @@ pub struct NodeStatus {
     pub state: String,
     pub pid: i32,
     pub ssh_port: u16,
-    pub forwards: BTreeMap<String, (u16, u16)>,
+    pub forwards: BTreeMap<String, PortForward>,
     pub uptime_s: i64,
     pub ready_after_s: Option<f64>,
     /// unit -> `systemctl is-active` answer
@@ -115,7 +116,7 @@ pub fn print(status: &ClusterStatus, json: bool) -> Result<()> {
     );
     for n in &status.nodes {
         let ports = std::iter::once(format!("ssh {}", n.ssh_port))
-            .chain(n.forwards.iter().map(|(k, (g, h))| format!("{k} {h}->{g}")))
+            .chain(n.forwards.iter().map(|(k, f)| format!("{k} {f}")))
             .collect::<Vec<_>>()
             .join(", ");
         let active = n.units.values().filter(|s| *s == "active").count();

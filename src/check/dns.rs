@@ -1,0 +1,96 @@
+//! DNS: one query over UDP from the host, through the node's UDP forward,
+//! encoded and decoded with hickory-proto.
+
+use super::{Ctx, Verdict};
+use anyhow::{Context, Result, anyhow};
+use hickory_proto::op::{Message, MessageType, OpCode, Query};
+use hickory_proto::rr::{Name, RecordType};
+use serde_json::json;
+use std::net::{Ipv4Addr, UdpSocket};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+#[allow(clippy::too_many_arguments)]
+pub fn query(
+    ctx: &Ctx,
+    node: &str,
+    forward: &str,
+    name: &str,
+    record: &str,
+    expect: &[String],
+    authoritative: bool,
+    budget: Duration,
+) -> Result<Verdict> {
+    let fwd = ctx
+        .record
+        .nodes
+        .get(node)
+        .and_then(|n| n.forwards.get(forward))
+        .ok_or_else(|| anyhow!("{node} has no forward {forward:?}"))?;
+    let rtype = RecordType::from_str(record).with_context(|| format!("record type {record:?}"))?;
+    let qname = Name::from_ascii(name).with_context(|| format!("DNS name {name:?}"))?;
+
+    let id = (std::process::id() as u16) ^ (Instant::now().elapsed().subsec_nanos() as u16);
+    let mut msg = Message::new();
+    msg.set_id(id)
+        .set_message_type(MessageType::Query)
+        .set_op_code(OpCode::Query)
+        .set_recursion_desired(false)
+        .add_query(Query::query(qname, rtype));
+    let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    sock.set_read_timeout(Some(
+        budget.clamp(Duration::from_millis(200), Duration::from_secs(5)),
+    ))?;
+    let server = (Ipv4Addr::LOCALHOST, fwd.host);
+    let started = Instant::now();
+    sock.send_to(&msg.to_vec()?, server)?;
+    let mut buf = [0u8; 4096];
+    let mut evidence = json!({
+        "server": format!("{node}/{forward} 127.0.0.1:{} (udp)", fwd.host),
+        "question": format!("{name} {record}"),
+    });
+    let n = match sock.recv(&mut buf) {
+        Ok(n) => n,
+        Err(e) => return Ok(Verdict::fail(format!("no answer over UDP: {e}"), evidence)),
+    };
+    let resp = Message::from_vec(&buf[..n]).context("decoding the DNS response")?;
+    let answers: Vec<String> = resp
+        .answers()
+        .iter()
+        .filter(|r| r.record_type() == rtype)
+        .map(|r| r.data().to_string())
+        .collect();
+    evidence["rcode"] = json!(resp.response_code().to_string());
+    evidence["authoritative"] = json!(resp.authoritative());
+    evidence["answers"] = json!(answers);
+    evidence["rtt_ms"] = json!(started.elapsed().as_millis() as u64);
+    if resp.id() != id {
+        return Ok(Verdict::fail(
+            "response id does not match the query",
+            evidence,
+        ));
+    }
+    if authoritative && !resp.authoritative() {
+        return Ok(Verdict::fail(
+            "answer is not authoritative (AA unset)",
+            evidence,
+        ));
+    }
+    let missing: Vec<&String> = expect.iter().filter(|e| !answers.contains(e)).collect();
+    if !missing.is_empty() {
+        return Ok(Verdict::fail(
+            format!(
+                "{} -> {:?} ({}), expected {:?}",
+                name,
+                answers,
+                resp.response_code(),
+                missing
+            ),
+            evidence,
+        ));
+    }
+    Ok(Verdict::pass(
+        format!("{name} {record} -> {}", answers.join(", ")),
+        evidence,
+    ))
+}

@@ -1,0 +1,324 @@
+//! Lanes: ordered layers of checks, written as TOML under `checks/`.
+//!
+//! A lane file is data only. Loading it validates every check against the
+//! cluster (targets, forwards, kinds), and expands it into a plan: one
+//! `PlannedCheck` per (check, target node), with `{node}`-style
+//! placeholders filled in. The engine (`run`) never sees TOML.
+
+use crate::check::CheckKind;
+use crate::spec::{Cluster, SpecError};
+use serde::Deserialize;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use toml::Spanned;
+
+/// The lanes shipped with the binary, from `checks/`.
+pub const LANES: &[(&str, &str)] = &[("smoke", include_str!("../checks/smoke.toml"))];
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LaneFile {
+    lane: LaneHeader,
+    #[serde(default)]
+    layer: Vec<LayerDef>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LaneHeader {
+    name: String,
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LayerDef {
+    name: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    check: Vec<Spanned<toml::Table>>,
+}
+
+/// Where a check runs: `all`, `role:<role>`, or node names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum Targets {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// A lane, expanded against one cluster.
+#[derive(Debug, Clone)]
+pub struct Lane {
+    pub name: String,
+    pub description: String,
+    pub source: PathBuf,
+    pub layers: Vec<Layer>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub name: String,
+    pub description: String,
+    pub checks: Vec<PlannedCheck>,
+}
+
+/// One check on one target, ready to run.
+#[derive(Debug, Clone)]
+pub struct PlannedCheck {
+    /// `<check name>@<node>`, or the bare name for checks without a target.
+    pub id: String,
+    pub layer: String,
+    pub target: Option<String>,
+    pub deadline: Duration,
+    pub kind: CheckKind,
+    /// Where it was defined, for messages: `checks/smoke.toml:42`.
+    pub origin: String,
+}
+
+impl Lane {
+    /// Loads an embedded lane by name.
+    pub fn embedded(name: &str, cluster: &Cluster) -> Result<Lane, SpecError> {
+        let text = LANES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| *t)
+            .ok_or_else(|| {
+                SpecError::at(
+                    Path::new("--lane"),
+                    "",
+                    None,
+                    "lane",
+                    format!(
+                        "unknown lane {name:?} (embedded lanes: {})",
+                        LANES.iter().map(|l| l.0).collect::<Vec<_>>().join(", ")
+                    ),
+                )
+            })?;
+        parse(
+            Path::new(&format!("<embedded>/checks/{name}.toml")),
+            text,
+            cluster,
+        )
+    }
+
+    /// Loads a lane file from disk.
+    pub fn load(path: &Path, cluster: &Cluster) -> Result<Lane, SpecError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| SpecError::at(path, "", None, "file", format!("cannot read: {e}")))?;
+        parse(path, &text, cluster)
+    }
+
+    pub fn check_count(&self) -> usize {
+        self.layers.iter().map(|l| l.checks.len()).sum()
+    }
+}
+
+/// Parses `text` (read from `file`) and expands it against `cluster`.
+pub fn parse(file: &Path, text: &str, cluster: &Cluster) -> Result<Lane, SpecError> {
+    let at = |span: Option<Range<usize>>, field: &str, msg: String| {
+        SpecError::at(file, text, span, field, msg)
+    };
+    let def: LaneFile = toml::from_str(text).map_err(|e| SpecError::from_toml(file, text, &e))?;
+    if def.layer.is_empty() {
+        return Err(at(None, "layer", "the lane defines no [[layer]]".into()));
+    }
+    let mut layers = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (li, layer) in def.layer.iter().enumerate() {
+        let mut checks = Vec::new();
+        for (ci, spanned) in layer.check.iter().enumerate() {
+            let field = |f: &str| format!("layer[{li}].check[{ci}].{f}");
+            let span = || Some(spanned.span());
+            let origin = format!("{}:{}", file.display(), line_of(text, spanned.span().start));
+            let mut table = spanned.get_ref().clone();
+            let name = match table.remove("name") {
+                Some(toml::Value::String(s)) => s,
+                _ => {
+                    return Err(at(
+                        span(),
+                        &field("name"),
+                        "every check needs a name".into(),
+                    ));
+                }
+            };
+            let deadline = match table.remove("deadline") {
+                None => 30,
+                Some(toml::Value::Integer(s)) if s > 0 => s as u64,
+                Some(_) => {
+                    return Err(at(
+                        span(),
+                        &field("deadline"),
+                        "seconds, a positive integer".into(),
+                    ));
+                }
+            };
+            let targets = match table.remove("targets") {
+                None => None,
+                Some(v) => Some(Targets::deserialize(v).map_err(|_| {
+                    at(
+                        span(),
+                        &field("targets"),
+                        "a node name, \"all\", \"role:<role>\" or a list of them".into(),
+                    )
+                })?),
+            };
+            let kind: CheckKind =
+                toml::Value::Table(table)
+                    .try_into()
+                    .map_err(|e: toml::de::Error| {
+                        at(span(), &field("kind"), e.message().to_string())
+                    })?;
+            let nodes = match targets {
+                None if kind.needs_target() => {
+                    return Err(at(
+                        span(),
+                        &field("targets"),
+                        format!("a {} check needs `targets`", kind.name()),
+                    ));
+                }
+                None => Ok(vec![]),
+                Some(Targets::One(t)) => expand_targets(&[t], cluster),
+                Some(Targets::Many(t)) => expand_targets(&t, cluster),
+            };
+            let nodes = match nodes {
+                Ok(n) => n,
+                Err(m) => return Err(at(span(), &field("targets"), m)),
+            };
+            let instances: Vec<Option<String>> = if nodes.is_empty() {
+                vec![None]
+            } else {
+                nodes.into_iter().map(Some).collect()
+            };
+            for target in instances {
+                let kind = kind
+                    .for_target(target.as_deref(), cluster)
+                    .map_err(|m| at(span(), &field("kind"), m))?;
+                let id = match &target {
+                    Some(t) => format!("{name}@{t}"),
+                    None => name.clone(),
+                };
+                if !seen.insert(id.clone()) {
+                    return Err(at(
+                        span(),
+                        &field("name"),
+                        format!("duplicate check {id:?}"),
+                    ));
+                }
+                checks.push(PlannedCheck {
+                    id,
+                    layer: layer.name.clone(),
+                    target,
+                    deadline: Duration::from_secs(deadline),
+                    kind,
+                    origin: origin.clone(),
+                });
+            }
+        }
+        layers.push(Layer {
+            name: layer.name.clone(),
+            description: layer.description.clone(),
+            checks,
+        });
+    }
+    Ok(Lane {
+        name: def.lane.name,
+        description: def.lane.description,
+        source: file.to_path_buf(),
+        layers,
+    })
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Node names for `all`, `role:<role>` and plain names, in cluster order.
+pub fn expand_targets(items: &[String], cluster: &Cluster) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for item in items {
+        let matched: Vec<String> = cluster
+            .spec
+            .nodes
+            .iter()
+            .filter(|n| match item.strip_prefix("role:") {
+                Some(role) => n.role.get_ref() == role,
+                None => item == "all" || n.name.get_ref() == item,
+            })
+            .map(|n| n.name.get_ref().clone())
+            .collect();
+        if matched.is_empty() {
+            return Err(format!("{item:?} matches no node of the cluster"));
+        }
+        out.extend(
+            matched
+                .into_iter()
+                .filter(|n| !out.contains(n))
+                .collect::<Vec<_>>(),
+        );
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference() -> Cluster {
+        Cluster::profile("reference").unwrap()
+    }
+
+    #[test]
+    fn embedded_lanes_expand_against_the_reference_cluster() {
+        for (name, _) in LANES {
+            let lane = Lane::embedded(name, &reference()).unwrap();
+            assert!(lane.check_count() > 0, "{name}");
+        }
+    }
+
+    #[test]
+    fn targets_expand_roles_and_fill_placeholders() {
+        let text = r#"
+[lane]
+name = "t"
+[[layer]]
+name = "surfaces"
+[[layer.check]]
+name = "web"
+kind = "http"
+targets = "role:worker"
+url = "http://{node}:8080/healthz"
+"#;
+        let lane = parse(Path::new("t.toml"), text, &reference()).unwrap();
+        let ids: Vec<&str> = lane.layers[0]
+            .checks
+            .iter()
+            .map(|c| c.id.as_str())
+            .collect();
+        assert_eq!(ids, ["web@node04", "web@node05"]);
+        match &lane.layers[0].checks[1].kind {
+            CheckKind::Http { url, .. } => assert_eq!(url, "http://node05:8080/healthz"),
+            k => panic!("{k:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_point_at_the_check() {
+        let text = "[lane]\nname = \"t\"\n[[layer]]\nname = \"x\"\n[[layer.check]]\nname = \"a\"\nkind = \"tcp_open\"\ntargets = \"node99\"\nport = 1\n";
+        let e = parse(Path::new("t.toml"), text, &reference()).unwrap_err();
+        assert_eq!(e.line, 5, "{e}");
+        assert_eq!(e.field, "layer[0].check[0].targets");
+        assert!(e.message.contains("node99"), "{e}");
+
+        let text = "[lane]\nname = \"t\"\n[[layer]]\nname = \"x\"\n[[layer.check]]\nname = \"a\"\nkind = \"warp\"\ntargets = \"all\"\n";
+        let e = parse(Path::new("t.toml"), text, &reference()).unwrap_err();
+        assert!(e.message.contains("warp"), "{e}");
+
+        let text = "[lane]\nname = \"t\"\n[[layer]]\nname = \"x\"\n[[layer.check]]\nname = \"a\"\nkind = \"tcp_open\"\ntargets = \"all\"\nport = 1\nprot = 2\n";
+        let e = parse(Path::new("t.toml"), text, &reference()).unwrap_err();
+        assert!(e.message.contains("prot"), "{e}");
+    }
+}

@@ -1,0 +1,63 @@
+//! `junit.xml`: one test suite per layer, one test case per check, written
+//! with quick-junit. Degraded checks pass in JUnit terms (the lane exits 0)
+//! but carry `outcome=degraded` as a property and the reason in system-out,
+//! so CI dashboards can still show them.
+
+use super::RunReport;
+use crate::check::Outcome;
+use anyhow::Result;
+use quick_junit::{NonSuccessKind, Property, Report, TestCase, TestCaseStatus, TestSuite};
+use std::time::Duration;
+
+pub fn render(report: &RunReport) -> Result<String> {
+    let mut junit = Report::new(format!(
+        "photon-cluster {} ({})",
+        report.lane, report.cluster
+    ));
+    junit.set_time(Duration::from_secs_f64(report.duration_s));
+    for layer in &report.layers {
+        let mut suite = TestSuite::new(layer.name.clone());
+        suite.set_time(Duration::from_secs_f64(layer.duration_s));
+        for c in &layer.checks {
+            let status = match c.outcome {
+                Outcome::Pass | Outcome::Degraded => TestCaseStatus::success(),
+                Outcome::Skipped => {
+                    let mut s = TestCaseStatus::skipped();
+                    s.set_message(c.message.clone());
+                    s
+                }
+                Outcome::Fail => {
+                    let mut s = TestCaseStatus::non_success(NonSuccessKind::Failure);
+                    s.set_message(c.message.clone());
+                    s.set_type(c.kind.clone());
+                    s.set_description(serde_json::to_string_pretty(&c.evidence)?);
+                    s
+                }
+            };
+            let mut case = TestCase::new(c.id.clone(), status);
+            case.set_classname(format!("{}.{}", report.lane, layer.name));
+            case.set_time(Duration::from_secs_f64(c.duration_s));
+            case.add_property(Property::new("outcome", c.outcome.name()));
+            case.add_property(Property::new("kind", c.kind.clone()));
+            case.add_property(Property::new("origin", c.origin.clone()));
+            if c.outcome != Outcome::Fail {
+                case.set_system_out(format!(
+                    "{}: {}\n{}",
+                    c.outcome.name(),
+                    c.message,
+                    serde_json::to_string_pretty(&c.evidence)?
+                ));
+            }
+            suite.add_test_case(case);
+        }
+        junit.add_test_suite(suite);
+    }
+    if let Some(err) = &report.error {
+        let mut suite = TestSuite::new("infrastructure");
+        let mut s = TestCaseStatus::non_success(NonSuccessKind::Error);
+        s.set_message(err.clone());
+        suite.add_test_case(TestCase::new("infrastructure", s));
+        junit.add_test_suite(suite);
+    }
+    Ok(junit.to_string()?)
+}

@@ -1,0 +1,223 @@
+//! The artifacts of a lane run: the directory, `result.json` (the schema is
+//! docs/result-schema.md), `junit.xml` and `report.md`, plus the per-layer
+//! table printed at the end.
+
+mod junit;
+mod markdown;
+
+use crate::check::Outcome;
+use crate::engine::LayerResult;
+use crate::error::{EXIT_CHECK_FAILED, EXIT_INFRA, EXIT_INTERRUPTED};
+use crate::evidence::Finding;
+use crate::state::{AccelChoice, ImageRecord, RunningCluster, write_atomic};
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const SCHEMA: &str = "photon-cluster/result/v1";
+
+/// `result.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunReport {
+    pub schema: String,
+    /// The command that ran the lane: `smoke`, `fresh-smoke`, `run`.
+    pub command: String,
+    pub lane: String,
+    pub lane_source: String,
+    pub cluster: String,
+    pub cluster_source: String,
+    /// pass | degraded | fail | error | interrupted
+    pub status: String,
+    pub exit_code: u8,
+    pub started: String,
+    pub finished: String,
+    pub duration_s: f64,
+    pub accel: Option<AccelChoice>,
+    pub image: Option<ImageRecord>,
+    pub nodes: BTreeMap<String, NodeSummary>,
+    /// fresh-smoke's clean, build, start, smoke and stop, in order.
+    pub steps: Vec<Step>,
+    pub layers: Vec<LayerResult>,
+    pub findings: Vec<Finding>,
+    /// The infrastructure error that ended the run early, if any.
+    pub error: Option<String>,
+    /// Artifact name -> path relative to the artifact root.
+    pub artifacts: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeSummary {
+    pub role: String,
+    pub address: String,
+    pub ready_after_s: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Step {
+    pub name: String,
+    pub outcome: Outcome,
+    pub duration_s: f64,
+    pub message: String,
+}
+
+impl RunReport {
+    pub fn new(
+        command: &str,
+        lane: &str,
+        lane_source: &Path,
+        cluster: &crate::spec::Cluster,
+    ) -> Self {
+        RunReport {
+            schema: SCHEMA.into(),
+            command: command.into(),
+            lane: lane.into(),
+            lane_source: lane_source.display().to_string(),
+            cluster: cluster.spec.cluster.name.clone(),
+            cluster_source: cluster.source.display().to_string(),
+            status: "error".into(),
+            exit_code: EXIT_INFRA,
+            started: chrono::Utc::now().to_rfc3339(),
+            finished: String::new(),
+            duration_s: 0.0,
+            accel: None,
+            image: None,
+            nodes: BTreeMap::new(),
+            steps: Vec::new(),
+            layers: Vec::new(),
+            findings: Vec::new(),
+            error: None,
+            artifacts: BTreeMap::new(),
+        }
+    }
+
+    /// Records what the running cluster is (accel, image, boot times).
+    pub fn describe(&mut self, record: &RunningCluster) {
+        self.accel = Some(record.accel.clone());
+        self.image = Some(record.image.clone());
+        self.nodes = record
+            .nodes
+            .iter()
+            .map(|(name, n)| {
+                let summary = NodeSummary {
+                    role: n.role.clone(),
+                    address: n.address.clone(),
+                    ready_after_s: n.ready_after_s,
+                };
+                (name.clone(), summary)
+            })
+            .collect();
+    }
+
+    /// Decides status and exit code from what was recorded.
+    pub fn finish(&mut self, started: std::time::Instant) {
+        self.finished = chrono::Utc::now().to_rfc3339();
+        self.duration_s = started.elapsed().as_secs_f64();
+        let outcomes = self
+            .layers
+            .iter()
+            .map(|l| l.outcome)
+            .chain(self.steps.iter().map(|s| s.outcome));
+        let (status, code) = if crate::interrupted() {
+            ("interrupted", EXIT_INTERRUPTED)
+        } else if self.error.is_some() {
+            ("error", EXIT_INFRA)
+        } else {
+            match crate::engine::overall(outcomes) {
+                Outcome::Fail => ("fail", EXIT_CHECK_FAILED),
+                Outcome::Degraded => ("degraded", 0),
+                _ => ("pass", 0),
+            }
+        };
+        self.status = status.into();
+        self.exit_code = code;
+    }
+
+    pub fn failed_checks(&self) -> Vec<&crate::engine::CheckResult> {
+        self.layers
+            .iter()
+            .flat_map(|l| &l.checks)
+            .filter(|c| c.outcome == Outcome::Fail)
+            .collect()
+    }
+}
+
+/// Creates `<root>/<lane>/<timestamp>` and points `<root>/<lane>/latest` at it.
+pub fn create_dir(root: &Path, lane: &str) -> Result<PathBuf> {
+    let base = root.join(lane);
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+    let mut dir = base.join(&stamp);
+    let mut n = 1;
+    while dir.exists() {
+        n += 1;
+        dir = base.join(format!("{stamp}-{n}"));
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let link = base.join("latest");
+    let tmp = base.join(".latest.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(dir.file_name().expect("named"), &tmp)?;
+    std::fs::rename(&tmp, &link).with_context(|| format!("updating {}", link.display()))?;
+    Ok(dir)
+}
+
+/// Writes result.json (atomically), junit.xml and report.md into `dir`.
+pub fn write(dir: &Path, report: &mut RunReport) -> Result<()> {
+    for (name, file) in [
+        ("result", "result.json"),
+        ("junit", "junit.xml"),
+        ("report", "report.md"),
+        ("nodes", "nodes/"),
+    ] {
+        report.artifacts.insert(name.into(), file.into());
+    }
+    write_atomic(&dir.join("junit.xml"), junit::render(report)?.as_bytes())?;
+    write_atomic(&dir.join("report.md"), markdown::render(report).as_bytes())?;
+    write_atomic(
+        &dir.join("result.json"),
+        serde_json::to_string_pretty(report)?.as_bytes(),
+    )?;
+    Ok(())
+}
+
+/// The per-layer table and the checks that did not pass, for the terminal.
+pub fn print_summary(report: &RunReport, dir: &Path) {
+    println!();
+    println!(
+        "{:<14} {:<9} {:>6} {:>5} {:>5} {:>8} {:>7} {:>8}",
+        "layer", "outcome", "checks", "pass", "fail", "degraded", "skipped", "time"
+    );
+    for l in &report.layers {
+        let count = |o: Outcome| l.checks.iter().filter(|c| c.outcome == o).count();
+        println!(
+            "{:<14} {:<9} {:>6} {:>5} {:>5} {:>8} {:>7} {:>7.1}s",
+            l.name,
+            l.outcome.name(),
+            l.checks.len(),
+            count(Outcome::Pass),
+            count(Outcome::Fail),
+            count(Outcome::Degraded),
+            count(Outcome::Skipped),
+            l.duration_s
+        );
+    }
+    for s in report.steps.iter().filter(|s| s.outcome == Outcome::Fail) {
+        println!("step {} failed: {}", s.name, s.message);
+    }
+    for c in report.layers.iter().flat_map(|l| &l.checks) {
+        if matches!(c.outcome, Outcome::Fail | Outcome::Degraded) {
+            println!("{:<8} {}: {}", c.outcome.name(), c.id, c.message);
+        }
+    }
+    if let Some(e) = &report.error {
+        println!("error: {e}");
+    }
+    println!(
+        "{}: {} in {:.0} s (exit {}); artifacts in {}",
+        report.lane,
+        report.status.to_uppercase(),
+        report.duration_s,
+        report.exit_code,
+        dir.display()
+    );
+}

@@ -1,0 +1,177 @@
+//! `smoke` (a lane against the running cluster) and `fresh-smoke` (clean,
+//! build, start, smoke, stop). Both always leave the artifact tree, also
+//! when a step or a check fails, and return the exit code to use.
+
+use crate::check::{Ctx, GuestPool, Outcome};
+use crate::cluster::{self, StartOptions};
+use crate::error::bad_input;
+use crate::lane::Lane;
+use crate::report::{self, RunReport, Step};
+use crate::spec::Cluster;
+use crate::state::{RunningCluster, StateDir};
+use crate::{engine, evidence, image};
+use anyhow::Result;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub struct LaneOptions {
+    pub lane: Lane,
+    /// Artifacts go to `<root>/<lane>/<timestamp>` (`latest` points there).
+    pub artifacts: PathBuf,
+    /// Run every layer even after one failed.
+    pub keep_going: bool,
+    /// Seconds `stop` waits for a clean powerdown (fresh-smoke).
+    pub grace: Duration,
+}
+
+/// Runs the lane against the cluster that is running in `state`.
+pub fn smoke(cluster: &Cluster, state: &StateDir, opts: &LaneOptions) -> Result<u8> {
+    let record = state.load_running()?.ok_or_else(|| {
+        bad_input(format!(
+            "no cluster is running in {}; run `photon-cluster start`, or `fresh-smoke` \
+             to boot one just for this run",
+            state.root.display()
+        ))
+    })?;
+    let dir = report::create_dir(&opts.artifacts, &opts.lane.name)?;
+    let started = Instant::now();
+    let mut rep = RunReport::new("smoke", &opts.lane.name, &opts.lane.source, cluster);
+    check_cluster(&mut rep, cluster, state, &record, opts, &dir, started);
+    conclude(rep, &dir, started)
+}
+
+/// clean, build, start, smoke, stop; the cluster is stopped even when
+/// the smoke fails or is interrupted.
+pub fn fresh_smoke(
+    cluster: &Cluster,
+    state: &StateDir,
+    opts: &LaneOptions,
+    start: &StartOptions,
+) -> Result<u8> {
+    let dir = report::create_dir(&opts.artifacts, &opts.lane.name)?;
+    let started = Instant::now();
+    let mut rep = RunReport::new("fresh-smoke", &opts.lane.name, &opts.lane.source, cluster);
+    let ok = step(&mut rep, "clean", || {
+        cluster::clean(state, false).map(|_| "runtime state removed".into())
+    }) && step(&mut rep, "build", || {
+        image::build(cluster, state).map(|i| format!("{} image {}", i.provider, i.id))
+    });
+    let mut record: Option<RunningCluster> = None;
+    if ok {
+        step(&mut rep, "start", || {
+            let r = cluster::start(cluster, state, start)?;
+            let msg = format!("{} nodes ready; accel {}", r.nodes.len(), r.accel.summary());
+            record = Some(r);
+            Ok(msg)
+        });
+    }
+    match &record {
+        Some(r) => {
+            let t = Instant::now();
+            check_cluster(&mut rep, cluster, state, r, opts, &dir, started);
+            let outcome = engine::overall(rep.layers.iter().map(|l| l.outcome));
+            rep.steps.push(Step {
+                name: "smoke".into(),
+                outcome,
+                duration_s: t.elapsed().as_secs_f64(),
+                message: format!(
+                    "{} checks",
+                    rep.layers.iter().map(|l| l.checks.len()).sum::<usize>()
+                ),
+            });
+            step(&mut rep, "stop", || {
+                let notes = cluster::stop(state, opts.grace)?;
+                Ok(notes
+                    .iter()
+                    .map(|(n, s)| format!("{n}: {s}"))
+                    .collect::<Vec<_>>()
+                    .join("; "))
+            });
+        }
+        None => {
+            // Whatever booted left its console in the state directory.
+            let nodes: Vec<String> = cluster
+                .spec
+                .nodes
+                .iter()
+                .map(|n| n.name.get_ref().clone())
+                .collect();
+            let t = Instant::now();
+            rep.findings = evidence::collect(&dir, state, None, None, &nodes);
+            rep.layers
+                .push(evidence::health_layer(&nodes, &rep.findings, t, started));
+        }
+    }
+    conclude(rep, &dir, started)
+}
+
+/// Runs one step, records it, and turns an error into the run's error.
+fn step(rep: &mut RunReport, name: &str, f: impl FnOnce() -> Result<String>) -> bool {
+    eprintln!("== {name}");
+    let t = Instant::now();
+    let result = f();
+    let (outcome, message) = match &result {
+        Ok(m) => (Outcome::Pass, m.clone()),
+        Err(e) => (Outcome::Fail, format!("{e:#}")),
+    };
+    if result.is_err() && rep.error.is_none() {
+        rep.error = Some(format!("{name}: {message}"));
+    }
+    rep.steps.push(Step {
+        name: name.into(),
+        outcome,
+        duration_s: t.elapsed().as_secs_f64(),
+        message,
+    });
+    result.is_ok()
+}
+
+/// The lane's layers, then evidence collection and the health layer.
+fn check_cluster(
+    rep: &mut RunReport,
+    cluster: &Cluster,
+    state: &StateDir,
+    record: &RunningCluster,
+    opts: &LaneOptions,
+    dir: &Path,
+    started: Instant,
+) {
+    rep.describe(record);
+    let nodes: Vec<String> = record.nodes.keys().cloned().collect();
+    let dead = |r: &RunningCluster| -> Vec<String> {
+        r.nodes
+            .iter()
+            .filter(|(_, n)| !crate::machine::is_running(n.pid))
+            .map(|(name, n)| format!("{name} (pid {})", n.pid))
+            .collect()
+    };
+    let pool = GuestPool::new(record);
+    let gone = dead(record);
+    if gone.is_empty() {
+        let ctx = Ctx {
+            cluster,
+            record,
+            state,
+            guests: &pool,
+        };
+        rep.layers = engine::run(&opts.lane, &ctx, opts.keep_going, started);
+    }
+    let t = Instant::now();
+    rep.findings = evidence::collect(dir, state, Some(record), Some(&pool), &nodes);
+    rep.layers
+        .push(evidence::health_layer(&nodes, &rep.findings, t, started));
+    let gone = dead(record);
+    if !gone.is_empty() && rep.error.is_none() {
+        rep.error = Some(format!("QEMU is not running for {}", gone.join(", ")));
+    }
+}
+
+fn conclude(mut rep: RunReport, dir: &Path, started: Instant) -> Result<u8> {
+    rep.finish(started);
+    report::write(dir, &mut rep)?;
+    report::print_summary(&rep, dir);
+    if rep.status == "interrupted" {
+        return Err(crate::error::Interrupted.into());
+    }
+    Ok(rep.exit_code)
+}
