@@ -86,6 +86,9 @@ pub enum CheckKind {
     },
     /// Boot an inner guest with qemu inside the target; KVM first, else TCG (degraded).
     NestedGuest {
+        /// `auto` (linux on a KVM cluster, multiboot otherwise), `linux`, `multiboot`.
+        #[serde(default)]
+        payload: nested::Payload,
         #[serde(default = "nested_memory")]
         memory_mib: u32,
     },
@@ -416,7 +419,10 @@ pub fn attempt(
         CheckKind::ReplicatedKv { store, members } => {
             kv::converge(ctx, *store, node()?, members, budget)
         }
-        CheckKind::NestedGuest { memory_mib } => nested::boot(ctx, &*guest()?, *memory_mib, budget),
+        CheckKind::NestedGuest {
+            payload,
+            memory_mib,
+        } => nested::boot(ctx, &*guest()?, *payload, *memory_mib, budget),
         CheckKind::ServiceAuth {
             job,
             prometheus,
