@@ -1,5 +1,6 @@
-//! End to end: real QEMU guests of the reference cluster, booted once and
-//! shared by every assertion here (boot is the expensive part).
+//! End to end: real QEMU guests of the reference cluster. Boot is the
+//! expensive part, so there are two boots in all: one `start` shared by the
+//! CLI assertions and the broken-on-purpose smoke, and one `fresh-smoke`.
 //!
 //! Images are built (or found cached) in the shared test state directory.
 
@@ -57,8 +58,199 @@ fn interrupt_during_start_leaves_nothing(state: &Path) {
     assert!(!state.join("cluster.json").exists());
 }
 
+fn artifacts_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/e2e-work")
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_slice(
+        &std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
+}
+
+/// Stops redis on node03 and runs smoke: it must fail at exactly the boot
+/// check of node03, with the evidence in result.json, junit.xml and the report.
+fn smoke_fails_at_the_broken_unit(state: &Path) {
+    let out = common::run(state, &["ssh", "node03", "systemctl stop redis-server"]);
+    assert_eq!(out.status.code(), Some(0));
+    let root = artifacts_dir().join("broken");
+    let out = common::run(state, &["smoke", "--artifacts", root.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "a failed check exits 1");
+    let dir = root.join("smoke/latest");
+    let result = read_json(&dir.join("result.json"));
+    assert_eq!(result["status"], "fail");
+    assert_eq!(result["exit_code"], 1);
+    let failed: Vec<&Value> = result["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|l| l["checks"].as_array().unwrap())
+        .filter(|c| c["outcome"] == "fail")
+        .collect();
+    assert_eq!(failed.len(), 1, "exactly one failed check: {failed:?}");
+    assert_eq!(failed[0]["id"], "units@node03");
+    assert_eq!(
+        failed[0]["evidence"]["units"]["redis-server.service"], "inactive",
+        "{}",
+        failed[0]
+    );
+    assert!(
+        failed[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("redis-server.service")
+    );
+    let layers = result["layers"].as_array().unwrap();
+    assert_eq!(layers[1]["name"], "boot");
+    assert_eq!(layers[1]["outcome"], "fail");
+    assert_eq!(
+        layers[2]["outcome"], "skipped",
+        "layers after a failed one are skipped"
+    );
+
+    let junit = std::fs::read_to_string(dir.join("junit.xml")).unwrap();
+    assert!(junit.contains(r#"failures="1""#), "{junit}");
+    let case = junit
+        .find(r#"<testcase name="units@node03""#)
+        .expect("test case");
+    let failure = junit[case..].find("<failure").expect("failure element");
+    let next_case = junit[case + 1..]
+        .find("<testcase")
+        .map(|i| i + case + 1)
+        .unwrap_or(junit.len());
+    assert!(
+        case + failure < next_case,
+        "the failure belongs to units@node03"
+    );
+    assert!(junit[case..next_case].contains("redis-server.service is inactive"));
+
+    let report = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    assert!(report.contains("units@node03"));
+    assert!(
+        dir.join("nodes/node03/journal/redis-server.service.log")
+            .is_file()
+    );
+    common::run(state, &["ssh", "node03", "systemctl start redis-server"]);
+}
+
+/// fresh-smoke from nothing: clean, build, start, every layer, stop. Exit 0
+/// with the nested layer honestly degraded under TCG, and the artifact tree.
+fn fresh_smoke_passes_with_evidence(state: &Path) {
+    let needle = state.to_str().unwrap();
+    let root = artifacts_dir().join("fresh");
+    let out = common::run(
+        state,
+        &["fresh-smoke", "--artifacts", root.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(0), "fresh-smoke");
+    let table = stdout(&out);
+    for layer in [
+        "image",
+        "boot",
+        "protocols",
+        "replicated",
+        "nested",
+        "entrypoints",
+        "auth",
+        "health",
+    ] {
+        assert!(
+            table.lines().any(|l| l.starts_with(layer)),
+            "table row {layer}: {table}"
+        );
+    }
+    assert_eq!(
+        common::qemu_pids_mentioning(needle),
+        Vec::<i32>::new(),
+        "stopped after the smoke"
+    );
+
+    let dir = root.join("smoke/latest");
+    let result = read_json(&dir.join("result.json"));
+    let steps: Vec<(&str, &str)> = result["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap(), s["outcome"].as_str().unwrap()))
+        .collect();
+    let names: Vec<&str> = steps.iter().map(|s| s.0).collect();
+    assert_eq!(names, ["clean", "build", "start", "smoke", "stop"]);
+    assert!(steps.iter().all(|s| s.1 != "fail"), "{steps:?}");
+    assert_eq!(
+        steps[3].1,
+        result["status"].as_str().unwrap(),
+        "the smoke step sums up the layers"
+    );
+    for layer in result["layers"].as_array().unwrap() {
+        let want = if layer["name"] == "nested" && result["accel"]["used"] == "tcg" {
+            "degraded"
+        } else if layer["name"] == "nested" {
+            layer["outcome"].as_str().unwrap()
+        } else {
+            "pass"
+        };
+        assert_eq!(layer["outcome"], want, "{}", layer["name"]);
+    }
+    let nested = result["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "nested")
+        .unwrap();
+    for c in nested["checks"].as_array().unwrap() {
+        if c["outcome"] == "degraded" {
+            assert!(
+                c["message"].as_str().unwrap().starts_with("no nested KVM"),
+                "{c}"
+            );
+            assert_eq!(c["evidence"]["tcg_attempt"]["booted"], true, "{c}");
+        }
+    }
+    let kv = result["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|l| l["checks"].as_array().unwrap())
+        .find(|c| c["id"] == "etcd-converge@node01")
+        .unwrap();
+    assert!(kv["evidence"]["converged_after_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(kv["evidence"]["members"].as_object().unwrap().len(), 3);
+
+    let junit = std::fs::read_to_string(dir.join("junit.xml")).unwrap();
+    let checks: usize = result["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["checks"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(
+        junit.matches("<testcase ").count(),
+        checks,
+        "one test case per check"
+    );
+    assert!(junit.contains(r#"failures="0""#));
+    assert!(dir.join("report.md").is_file());
+    for node in ["node01", "node02", "node03", "node04", "node05", "node06"] {
+        let log = dir.join("nodes").join(node).join("vm.log");
+        assert!(
+            std::fs::metadata(&log)
+                .map(|m| m.len() > 0)
+                .unwrap_or(false),
+            "{}",
+            log.display()
+        );
+    }
+    assert!(
+        std::fs::metadata(dir.join("nodes/node01/journal/etcd.service.log"))
+            .unwrap()
+            .len()
+            > 0
+    );
+}
+
 #[test]
-fn reference_cluster_boots_answers_and_stops_clean() {
+fn reference_cluster_end_to_end() {
     let state = common::state_dir();
     let needle = state.to_str().unwrap().to_string();
     assert_eq!(
@@ -139,6 +331,8 @@ fn reference_cluster_boots_answers_and_stops_clean() {
         "ssh passes on the remote exit code"
     );
 
+    smoke_fails_at_the_broken_unit(&state);
+
     let out = common::run(&state, &["stop"]);
     assert_eq!(out.status.code(), Some(0), "stop");
     assert_eq!(
@@ -158,4 +352,6 @@ fn reference_cluster_boots_answers_and_stops_clean() {
             log.display()
         );
     }
+
+    fresh_smoke_passes_with_evidence(&state);
 }

@@ -101,3 +101,70 @@ fn help_teaches_the_commands_and_exit_codes() {
         assert!(help.contains(word), "--help mentions {word}: {help}");
     }
 }
+
+#[test]
+fn malformed_lane_file_exits_2_with_file_line_and_field() {
+    let dir = temp("lane");
+    let file = dir.join("lane.toml");
+    let text = include_str!("../checks/smoke.toml").replace(
+        "name = \"web\"\nkind = \"http\"\ntargets = \"role:worker\"",
+        "name = \"web\"\nkind = \"http\"\ntargets = \"role:wrker\"",
+    );
+    fs::write(&file, &text).unwrap();
+    let out = common::run(&dir, &["smoke", "--lane-file", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = text.lines().position(|l| l == "name = \"web\"").unwrap();
+    assert!(err.contains(&format!("lane.toml:{line}:")), "{err}");
+    assert!(err.contains(".targets"), "{err}");
+    assert!(err.contains("role:wrker"), "{err}");
+}
+
+#[test]
+fn smoke_without_a_running_cluster_exits_2() {
+    let dir = temp("smoke-idle");
+    let out = common::run(
+        &dir,
+        &["smoke", "--artifacts", dir.join("work").to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no cluster is running"));
+    assert!(
+        !dir.join("work").exists(),
+        "nothing written for refused input"
+    );
+}
+
+#[test]
+fn validate_reports_every_item_with_hints_and_boots_nothing() {
+    let dir = temp("validate");
+    let out = common::run(&dir, &["validate", "--json"]);
+    let items: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let items = items.as_array().unwrap();
+    let names: Vec<&str> = items.iter().map(|i| i["item"].as_str().unwrap()).collect();
+    for want in [
+        "qemu-system-x86_64",
+        "kvm",
+        "nested-virt",
+        "memory",
+        "disk",
+        "ports",
+        "cluster",
+        "lane",
+        "image",
+        "state",
+    ] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    for i in items {
+        if i["outcome"] != "pass" {
+            assert!(i["hint"].is_string(), "a non-pass item needs a hint: {i}");
+        }
+    }
+    let failed = items.iter().any(|i| i["outcome"] == "fail");
+    assert_eq!(out.status.code(), Some(if failed { 1 } else { 0 }));
+    // An empty state directory has no image yet: reported, not fatal.
+    let image = items.iter().find(|i| i["item"] == "image").unwrap();
+    assert_ne!(image["outcome"], "pass", "{image}");
+    assert!(!dir.join("nodes").exists(), "validate boots nothing");
+}

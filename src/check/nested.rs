@@ -210,11 +210,11 @@ pub fn multiboot_probe() -> Vec<u8> {
         MAGIC,
         FLAGS,
         0u32.wrapping_sub(MAGIC.wrapping_add(FLAGS)), // checksum
-        BASE,        // header_addr
-        BASE,        // load_addr: the file starts at BASE
-        0,           // load_end_addr: load the whole file
-        0,           // bss_end_addr: none
-        BASE + CODE, // entry_addr
+        BASE,                                         // header_addr
+        BASE,                                         // load_addr: the file starts at BASE
+        0,                                            // load_end_addr: load the whole file
+        0,                                            // bss_end_addr: none
+        BASE + CODE,                                  // entry_addr
     ] {
         img.extend_from_slice(&word.to_le_bytes());
     }
