@@ -101,6 +101,12 @@ pub enum Cmd {
     },
     /// Check a cluster definition and exit: 0 if valid, 2 with file:line:field if not.
     Check,
+    /// Hermetic lane run for Nix builders: boot from --image-dir, run the lane,
+    /// stop, and write the artifacts straight into --out (plus
+    /// nix-support/hydra-build-products). No HOME needed: state goes under
+    /// $TMPDIR unless --state-dir is given. Images and tools must be in the
+    /// Nix store unless allowed with --allow-impure.
+    Run(RunArgs),
     /// Preflight that boots nothing: host programs, KVM, nested virtualization,
     /// memory, disk, free ports, the cluster and lane definitions, the images.
     /// Exit 1 if an item fails; each item that is not a pass has a hint.
@@ -163,6 +169,35 @@ pub struct LaneArgs {
     pub grace: u64,
 }
 
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// An embedded lane (`checks/<name>.toml`).
+    #[arg(long, default_value = "smoke", conflicts_with = "lane_file")]
+    pub lane: String,
+    /// A lane file (TOML) instead of an embedded lane.
+    #[arg(long, value_name = "FILE")]
+    pub lane_file: Option<PathBuf>,
+    /// Where the artifact tree goes (in a derivation: $out).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Prebuilt images: a directory with vmlinuz, initrd.img and rootfs.img.
+    #[arg(long, value_name = "DIR")]
+    pub image_dir: PathBuf,
+    /// Exit 0 even when the lane fails, and write nix-support/failed, so the
+    /// evidence is kept as the build output (Hydra shows it as failed).
+    #[arg(long)]
+    pub keep_failed: bool,
+    /// A path (or prefix) outside the Nix store that may be used anyway;
+    /// repeatable. Each use is recorded in result.json.
+    #[arg(long, value_name = "PATH")]
+    pub allow_impure: Vec<PathBuf>,
+    /// Run every layer even after one failed.
+    #[arg(long)]
+    pub keep_going: bool,
+    #[command(flatten)]
+    pub start: StartArgs,
+}
+
 impl LaneArgs {
     pub fn options(&self, cluster: &Cluster) -> Result<LaneOptions> {
         let lane = match &self.lane_file {
@@ -206,8 +241,12 @@ impl Target {
 
 pub fn run(cli: Cli) -> Result<i32> {
     let cluster = cli.target.load()?;
+    if let Cmd::Run(args) = &cli.command {
+        return hermetic_run(cluster, &cli.target, args);
+    }
     let state = cli.target.state(&cluster)?;
     match cli.command {
+        Cmd::Run(_) => unreachable!("handled above"),
         Cmd::Check => {
             println!(
                 "{}: valid ({} nodes)",
@@ -286,6 +325,42 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// `run`: checks the store paths before anything starts, then runs the lane.
+fn hermetic_run(mut cluster: Cluster, target: &Target, args: &RunArgs) -> Result<i32> {
+    let mut paths = crate::hermetic::use_image_dir(&mut cluster, &args.image_dir)?;
+    paths.extend(crate::hermetic::tool_paths()?);
+    paths.push(("driver".into(), std::env::current_exe()?));
+    let checked =
+        crate::hermetic::check_paths(&paths, &crate::hermetic::store_dir(), &args.allow_impure)?;
+    let base = match &target.state_dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join("photon-state"),
+    };
+    let state = StateDir::new(state::state_dir(
+        Some(&base),
+        &cluster.spec.cluster.state_suffix,
+    )?);
+    let lane = LaneArgs {
+        lane: args.lane.clone(),
+        lane_file: args.lane_file.clone(),
+        artifacts: args.out.clone(),
+        keep_going: args.keep_going,
+        grace: 30,
+    };
+    let opts = lane.options(&cluster)?;
+    let _lock = state.lock("run")?;
+    let code = smoke::hermetic(
+        &cluster,
+        &state,
+        &opts,
+        &args.start.options(),
+        &args.out,
+        checked,
+        args.keep_failed,
+    )?;
+    Ok(code as i32)
 }
 
 fn require_running(state: &StateDir) -> Result<RunningCluster> {

@@ -14,6 +14,7 @@ pub mod error;
 pub mod evidence;
 pub mod fabric;
 pub mod guest;
+pub mod hermetic;
 pub mod host;
 pub mod image;
 pub mod lane;

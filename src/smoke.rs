@@ -5,6 +5,7 @@
 use crate::check::{Ctx, GuestPool, Outcome};
 use crate::cluster::{self, StartOptions};
 use crate::error::bad_input;
+use crate::hermetic::{Hermetic, write_nix_support};
 use crate::lane::Lane;
 use crate::report::{self, RunReport, Step};
 use crate::spec::Cluster;
@@ -56,53 +57,90 @@ pub fn fresh_smoke(
     }) && step(&mut rep, "build", || {
         image::build(cluster, state).map(|i| format!("{} image {}", i.provider, i.id))
     });
-    let mut record: Option<RunningCluster> = None;
     if ok {
-        step(&mut rep, "start", || {
-            let r = cluster::start(cluster, state, start)?;
-            let msg = format!("{} nodes ready; accel {}", r.nodes.len(), r.accel.summary());
-            record = Some(r);
-            Ok(msg)
-        });
-    }
-    match &record {
-        Some(r) => {
-            let t = Instant::now();
-            check_cluster(&mut rep, cluster, state, r, opts, &dir, started);
-            let outcome = engine::overall(rep.layers.iter().map(|l| l.outcome));
-            rep.steps.push(Step {
-                name: "smoke".into(),
-                outcome,
-                duration_s: t.elapsed().as_secs_f64(),
-                message: format!(
-                    "{} checks",
-                    rep.layers.iter().map(|l| l.checks.len()).sum::<usize>()
-                ),
-            });
-            step(&mut rep, "stop", || {
-                let notes = cluster::stop(state, opts.grace)?;
-                Ok(notes
-                    .iter()
-                    .map(|(n, s)| format!("{n}: {s}"))
-                    .collect::<Vec<_>>()
-                    .join("; "))
-            });
-        }
-        None => {
-            // Whatever booted left its console in the state directory.
-            let nodes: Vec<String> = cluster
-                .spec
-                .nodes
-                .iter()
-                .map(|n| n.name.get_ref().clone())
-                .collect();
-            let t = Instant::now();
-            rep.findings = evidence::collect(&dir, state, None, None, &nodes);
-            rep.layers
-                .push(evidence::health_layer(&nodes, &rep.findings, t, started));
-        }
+        boot_check_stop(&mut rep, cluster, state, opts, start, &dir, started);
     }
     conclude(rep, &dir, started)
+}
+
+/// `run`: the hermetic form for Nix builders. The images are given, so
+/// there is no clean or build; artifacts go straight into `out`, with
+/// Hydra's nix-support files. With `keep_failed`, a failed lane exits 0
+/// and marks `nix-support/failed`, so its evidence is kept as the output.
+pub fn hermetic(
+    cluster: &Cluster,
+    state: &StateDir,
+    opts: &LaneOptions,
+    start: &StartOptions,
+    out: &Path,
+    paths: Hermetic,
+    keep_failed: bool,
+) -> Result<u8> {
+    std::fs::create_dir_all(out)?;
+    let started = Instant::now();
+    let mut rep = RunReport::new("run", &opts.lane.name, &opts.lane.source, cluster);
+    rep.hermetic = Some(paths);
+    boot_check_stop(&mut rep, cluster, state, opts, start, out, started);
+    rep.finish(started);
+    let failed = rep.exit_code != 0;
+    report::write(out, &mut rep)?;
+    write_nix_support(out, failed && keep_failed)?;
+    report::print_summary(&rep, out);
+    if rep.status == "interrupted" {
+        return Err(crate::error::Interrupted.into());
+    }
+    Ok(if keep_failed { 0 } else { rep.exit_code })
+}
+
+/// start, the lane, stop (always, once start succeeded). A failed start
+/// leaves the consoles of whatever booted as evidence.
+fn boot_check_stop(
+    rep: &mut RunReport,
+    cluster: &Cluster,
+    state: &StateDir,
+    opts: &LaneOptions,
+    start: &StartOptions,
+    dir: &Path,
+    started: Instant,
+) {
+    let mut record: Option<RunningCluster> = None;
+    step(rep, "start", || {
+        let r = cluster::start(cluster, state, start)?;
+        let msg = format!("{} nodes ready; accel {}", r.nodes.len(), r.accel.summary());
+        record = Some(r);
+        Ok(msg)
+    });
+    let Some(r) = &record else {
+        let nodes: Vec<String> = cluster
+            .spec
+            .nodes
+            .iter()
+            .map(|n| n.name.get_ref().clone())
+            .collect();
+        let t = Instant::now();
+        rep.findings = evidence::collect(dir, state, None, None, &nodes);
+        rep.layers
+            .push(evidence::health_layer(&nodes, &rep.findings, t, started));
+        return;
+    };
+    let t = Instant::now();
+    check_cluster(rep, cluster, state, r, opts, dir, started);
+    let outcome = engine::overall(rep.layers.iter().map(|l| l.outcome));
+    let checks: usize = rep.layers.iter().map(|l| l.checks.len()).sum();
+    rep.steps.push(Step {
+        name: "smoke".into(),
+        outcome,
+        duration_s: t.elapsed().as_secs_f64(),
+        message: format!("{checks} checks"),
+    });
+    step(rep, "stop", || {
+        let notes = cluster::stop(state, opts.grace)?;
+        Ok(notes
+            .iter()
+            .map(|(n, s)| format!("{n}: {s}"))
+            .collect::<Vec<_>>()
+            .join("; "))
+    });
 }
 
 /// Runs one step, records it, and turns an error into the run's error.

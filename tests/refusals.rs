@@ -168,3 +168,45 @@ fn validate_reports_every_item_with_hints_and_boots_nothing() {
     assert_ne!(image["outcome"], "pass", "{image}");
     assert!(!dir.join("nodes").exists(), "validate boots nothing");
 }
+
+#[test]
+fn hermetic_run_refuses_paths_outside_the_store() {
+    let dir = temp("hermetic");
+    let images = dir.join("images");
+    fs::create_dir_all(&images).unwrap();
+    for f in ["vmlinuz", "initrd.img", "rootfs.img"] {
+        fs::write(images.join(f), "x").unwrap();
+    }
+    let out_dir = dir.join("out");
+    let out = common::run(
+        &dir,
+        &[
+            "run",
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--image-dir",
+            images.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not in /nix/store"), "{err}");
+    assert!(err.contains("rootfs.img"), "{err}");
+    assert!(err.contains("qemu-system-x86_64"), "{err}");
+    assert!(!out_dir.exists(), "nothing written before the refusal");
+
+    // A missing image file is named.
+    fs::remove_file(images.join("initrd.img")).unwrap();
+    let out = common::run(
+        &dir,
+        &[
+            "run",
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--image-dir",
+            images.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no initrd.img"));
+}

@@ -44,6 +44,9 @@ pub struct RunReport {
     pub error: Option<String>,
     /// Artifact name -> path relative to the artifact root.
     pub artifacts: BTreeMap<String, String>,
+    /// `run` only: the store paths checked, and the impure ones allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hermetic: Option<crate::hermetic::Hermetic>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -88,6 +91,7 @@ impl RunReport {
             findings: Vec::new(),
             error: None,
             artifacts: BTreeMap::new(),
+            hermetic: None,
         }
     }
 

@@ -1,0 +1,161 @@
+//! `photon-cluster run`: one lane inside a Nix builder (or anywhere that
+//! wants the same contract). No HOME: state goes under $TMPDIR. Every image
+//! and tool the run uses must be a Nix store path, unless the caller lists
+//! it (or a prefix of it) with `--allow-impure`; exemptions are recorded in
+//! result.json. Artifacts go straight into `--out`, with
+//! `nix-support/hydra-build-products` and, for a failed lane kept on
+//! purpose, `nix-support/failed`.
+
+use crate::error::bad_input;
+use crate::spec::{Cluster, ImageSpec};
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// The tools a run executes, resolved on PATH.
+pub const TOOLS: &[&str] = &["qemu-system-x86_64", "qemu-img", "ssh-keygen"];
+
+/// What result.json records about a hermetic run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Hermetic {
+    pub store_dir: String,
+    /// Paths checked and found in the store.
+    pub store_paths: Vec<String>,
+    /// Paths outside the store that the caller allowed with --allow-impure.
+    pub impure: Vec<String>,
+}
+
+pub fn store_dir() -> PathBuf {
+    std::env::var_os("NIX_STORE_DIR")
+        .or_else(|| std::env::var_os("NIX_STORE"))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/nix/store"))
+}
+
+/// Checks every path: in the store, or allowed. Refuses (exit 2) otherwise.
+pub fn check_paths(
+    paths: &[(String, PathBuf)],
+    store: &Path,
+    allowed: &[PathBuf],
+) -> Result<Hermetic> {
+    let mut h = Hermetic {
+        store_dir: store.display().to_string(),
+        store_paths: Vec::new(),
+        impure: Vec::new(),
+    };
+    let mut refused = Vec::new();
+    for (what, p) in paths {
+        // Resolve symlinks: /run/current-system/sw/bin/x is a store path in disguise.
+        let real = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+        let shown = format!("{what}: {}", real.display());
+        if real.starts_with(store) {
+            h.store_paths.push(shown);
+        } else if allowed
+            .iter()
+            .any(|a| real.starts_with(a) || p.starts_with(a))
+        {
+            h.impure.push(shown);
+        } else {
+            refused.push(shown);
+        }
+    }
+    if !refused.is_empty() {
+        return Err(bad_input(format!(
+            "hermetic run: not in {}: {}; build them with Nix, or pass --allow-impure PATH \
+             for each (recorded in result.json)",
+            store.display(),
+            refused.join(", ")
+        )));
+    }
+    Ok(h)
+}
+
+/// The tools' paths as found on PATH; a missing tool is bad input.
+pub fn tool_paths() -> Result<Vec<(String, PathBuf)>> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    TOOLS
+        .iter()
+        .map(|t| {
+            std::env::split_paths(&path)
+                .map(|d| d.join(t))
+                .find(|p| p.is_file())
+                .map(|p| (t.to_string(), p))
+                .ok_or_else(|| bad_input(format!("hermetic run: `{t}` is not on PATH")))
+        })
+        .collect()
+}
+
+/// Points the cluster at prebuilt images in `dir` (vmlinuz, initrd.img, rootfs.img).
+pub fn use_image_dir(cluster: &mut Cluster, dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let files = [
+        ("kernel", "vmlinuz"),
+        ("initrd", "initrd.img"),
+        ("rootfs", "rootfs.img"),
+    ];
+    let mut out = Vec::new();
+    for (what, name) in files {
+        let p = dir.join(name);
+        if !p.is_file() {
+            return Err(bad_input(format!(
+                "--image-dir {}: no {name} (expected vmlinuz, initrd.img, rootfs.img)",
+                dir.display()
+            )));
+        }
+        out.push((what.to_string(), p));
+    }
+    let span = cluster.spec.image.provider.span();
+    let spanned = |p: &PathBuf| Some(Spanned::new(span.clone(), p.clone()));
+    cluster.spec.image = ImageSpec {
+        provider: Spanned::new(span.clone(), "prebuilt".into()),
+        suite: None,
+        kernel: spanned(&out[0].1),
+        initrd: spanned(&out[1].1),
+        rootfs: spanned(&out[2].1),
+    };
+    Ok(out)
+}
+
+/// Hydra's build products, and the marker of a failed build kept on purpose.
+pub fn write_nix_support(out: &Path, failed: bool) -> Result<()> {
+    let dir = out.join("nix-support");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let products = format!(
+        "report markdown {o}/report.md\nfile result-json {o}/result.json\nfile junit {o}/junit.xml\n",
+        o = out.display()
+    );
+    std::fs::write(dir.join("hydra-build-products"), products)?;
+    if failed {
+        std::fs::write(dir.join("failed"), "")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_outside_the_store_are_refused_unless_allowed() {
+        let store = Path::new("/nix/store");
+        let paths = vec![
+            (
+                "kernel".to_string(),
+                PathBuf::from("/nix/store/abc-img/vmlinuz"),
+            ),
+            (
+                "qemu".to_string(),
+                PathBuf::from("/usr/bin/qemu-nonexistent"),
+            ),
+        ];
+        let e = check_paths(&paths, store, &[]).unwrap_err();
+        assert_eq!(crate::error::exit_code(&e), crate::error::EXIT_BAD_INPUT);
+        assert!(
+            e.to_string().contains("qemu: /usr/bin/qemu-nonexistent"),
+            "{e}"
+        );
+        let h = check_paths(&paths, store, &[PathBuf::from("/usr/bin")]).unwrap();
+        assert_eq!(h.store_paths, ["kernel: /nix/store/abc-img/vmlinuz"]);
+        assert_eq!(h.impure, ["qemu: /usr/bin/qemu-nonexistent"]);
+    }
+}
