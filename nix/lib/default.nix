@@ -1,0 +1,24 @@
+# photon-cluster's Nix library. Builtins only: no nixpkgs, so CI evaluates
+# and builds with Debian's nix-bin (docs/nix.md).
+#
+#   lib = import ./nix/lib { };          # or { system = "aarch64-linux"; }
+#   lib.mkClusterCheck { name = "fresh-smoke"; driver = ...; images = ...; }
+#   lib.clusterFromToml ./profiles/reference.toml
+#   lib.laneFromToml ./checks/smoke.toml
+{ system ? "x86_64-linux" }:
+let
+  util = import ./util.nix;
+  cluster = import ./cluster.nix { inherit util; };
+  check = import ./check.nix { inherit util; defs = cluster; defaultSystem = system; };
+in
+cluster // check // {
+  inherit util;
+  # The repository's own definitions, parsed.
+  profiles = {
+    reference = cluster.clusterFromToml ../../profiles/reference.toml;
+    reference-storage = cluster.clusterFromToml ../../profiles/reference-storage.toml;
+  };
+  lanes = {
+    smoke = cluster.laneFromToml ../../checks/smoke.toml;
+  };
+}
