@@ -84,6 +84,9 @@ rec {
     , system ? defaultSystem
       # Extra arguments for `photon-cluster run` (e.g. [ "--keep-going" ]).
     , extraArgs ? [ ]
+      # Extra environment for the builder (strings), e.g. { nonce = "..."; }
+      # to force a rebuild of an otherwise identical derivation in CI.
+    , env ? { }
       # Check at eval time that the lane's targets exist in the cluster, when
       # both definitions are readable here (a path cluster or an embedded
       # profile, and a lane file or an embedded lane that nix/lib can see).
@@ -167,7 +170,7 @@ rec {
         allowSubstitutes = false;
       } // { meta.mainProgram = interactiveName; };
 
-      drv = derivation {
+      drv = derivation (env // {
         inherit name system;
         builder = "/bin/sh";
         # sh -c SCRIPT NAME ARGS...: the run arguments are visible in the .drv.
@@ -182,7 +185,7 @@ rec {
         requiredSystemFeatures = [ "kvm" "nixos-test" ];
         preferLocalBuild = false;
         allowSubstitutes = false;
-      };
+      });
     in
     if errors != [ ] then throw "mkClusterCheck ${name}: ${builtins.concatStringsSep "; " errors}"
     else drv // {

@@ -1,0 +1,54 @@
+# The check derivation CI builds with Debian's nix-bin and nothing else
+# (builtins only, no nixpkgs): the driver from `cargo build`, the images from
+# the driver's Debian image build, QEMU and ssh-keygen from the host's
+# /usr/bin (recorded as impure in result.json).
+#
+#   nix-build nix/ci/check.nix \
+#     --arg driver "$PWD/target/debug/photon-cluster" \
+#     --argstr images "$HOME/.photoncloud-test-cluster/images/<hash>" \
+#     --option sandbox false \
+#     --option system-features "kvm nixos-test benchmark big-parallel" \
+#     --option build-users-group "" \
+#     --out-link work/nix-fresh-smoke
+#
+# Add --arg keepFailed true to keep a failed lane's evidence (nix-support/failed),
+# --arg laneFile ./some-lane.toml for a lane file, --argstr nonce "$(date +%s)"
+# to rerun an identical derivation. See docs/nix.md.
+{ driver
+, images
+, lane ? "smoke"
+, laneFile ? null
+, cluster ? null
+, profile ? "reference"
+, keepFailed ? false
+, name ? "fresh-${lane}"
+  # Host directories holding qemu-system-x86_64, qemu-img, ssh-keygen.
+, hostBin ? [ "/usr/bin" "/bin" ]
+  # true: copy the images into the store (a raw rootfs.img is ~3 GB there,
+  # not sparse); false: use them in place, listed with --allow-impure.
+, copyImages ? false
+, timeout ? 3600
+, nonce ? ""
+, extraArgs ? [ ]
+  # false: skip the eval-time check that the lane's targets exist in the cluster.
+, validate ? true
+}:
+let
+  lib = import ../lib { };
+  inherit (lib.util) inStore;
+  # A string outside the store becomes a path (copied into the store, so the
+  # derivation changes when the file does); store paths and paths stay.
+  tracked = p: if p == null || builtins.isPath p || inStore (toString p) then p else /. + p;
+  imagesArg = if copyImages then tracked images else toString images;
+  imagesImpure = if builtins.isPath imagesArg || inStore imagesArg then [ ] else [ imagesArg ];
+in
+lib.mkClusterCheck {
+  inherit name lane keepFailed profile timeout extraArgs validate;
+  driver = tracked driver;
+  laneFile = tracked laneFile;
+  cluster = tracked cluster;
+  images = imagesArg;
+  path = hostBin;
+  impurePaths = hostBin ++ imagesImpure;
+  env = if nonce == "" then { } else { inherit nonce; };
+}
