@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use toml::Spanned;
 
 /// The tools a run executes, resolved on PATH.
-pub const TOOLS: &[&str] = &["qemu-system-x86_64", "qemu-img", "ssh-keygen"];
+pub const TOOLS: &[&str] = &["qemu-system-x86_64", "qemu-img", "ssh-keygen", "mkfs.ext4"];
 
 /// What result.json records about a hermetic run.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
