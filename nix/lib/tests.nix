@@ -42,6 +42,10 @@ let
     ];
   };
 
+  # The top-level flake's outputs function with nixpkgs that throws when
+  # touched: the library and the output names must not need it.
+  flake = (import ../../flake.nix).outputs { self = flake; nixpkgs = throw "nixpkgs is not available to CI"; };
+
   tests = {
     # --- clusterFromToml on profiles/reference.toml
     reference-name = { expr = reference.name; expected = "reference"; };
@@ -193,6 +197,20 @@ let
     refuse-lane-on-wrong-profile = { expr = throws (mk { profile = "reference-storage"; }).drvPath; expected = true; };
     validate-off = { expr = evaluates (mk { profile = "reference-storage"; validate = false; }).drvPath; expected = true; };
     unknown-lane-not-validated = { expr = hasPair "--lane" "matrix" (mk { lane = "matrix"; }).args; expected = true; };
+
+    # --- flake.nix wiring, evaluated lazily without nixpkgs
+    flake-lib = { expr = flake.lib.profiles.reference.nodeNames; expected = reference.nodeNames; };
+    flake-lib-mk = { expr = builtins.isFunction flake.lib.mkClusterCheck && builtins.isFunction flake.lib.mkNodeImages; expected = true; };
+    flake-checks = {
+      expr = builtins.attrNames flake.checks.x86_64-linux;
+      expected = [ "bench-storage" "clippy" "fresh-matrix" "fresh-smoke" "provider-vm-reality-proof" "unit-tests" ];
+    };
+    flake-apps = { expr = builtins.elem "cluster" (builtins.attrNames flake.apps.x86_64-linux); expected = true; };
+    flake-packages = { expr = builtins.elem "default" (builtins.attrNames flake.packages.x86_64-linux); expected = true; };
+    flake-modules = {
+      expr = builtins.attrNames flake.nixosModules;
+      expected = [ "photon-common" "photon-control" "photon-gateway" "photon-storage" "photon-worker" ];
+    };
 
     # --- mkClusterChecks
     many = {

@@ -1,0 +1,57 @@
+# The driver, built from Cargo.lock with nixpkgs' rustPlatform. The wrapper
+# puts the host programs it runs on PATH (QEMU, qemu-img, ssh-keygen; mmdebstrap
+# and mkfs.ext4 for the Debian image provider).
+# UNVERIFIED here: needs nixpkgs, which CI cannot fetch (docs/nix.md).
+{ lib
+, rustPlatform
+, pkg-config
+, openssl
+, zlib
+, makeWrapper
+, qemu_kvm
+, openssh
+, e2fsprogs
+, mmdebstrap
+}:
+let
+  cargo = builtins.fromTOML (builtins.readFile ../Cargo.toml);
+in
+rustPlatform.buildRustPackage {
+  pname = cargo.package.name;
+  version = cargo.package.version;
+
+  # Only what the build reads: the crate, and the profiles, lanes and role
+  # scripts it embeds with include_str!.
+  src = lib.fileset.toSource {
+    root = ../.;
+    fileset = lib.fileset.unions [
+      ../Cargo.toml
+      ../Cargo.lock
+      ../src
+      ../tests
+      ../profiles
+      ../checks
+      ../images
+    ];
+  };
+
+  cargoLock.lockFile = ../Cargo.lock;
+
+  nativeBuildInputs = [ pkg-config makeWrapper ];
+  buildInputs = [ openssl zlib ];
+
+  # The integration tests boot VMs or need Nix; the flake's unit-tests check
+  # runs --lib and --bins only.
+  doCheck = false;
+
+  postInstall = ''
+    wrapProgram $out/bin/photon-cluster \
+      --suffix PATH : ${lib.makeBinPath [ qemu_kvm openssh e2fsprogs mmdebstrap ]}
+  '';
+
+  meta = {
+    description = "Boot clusters of QEMU VMs from prebuilt images and validate them in lanes";
+    mainProgram = "photon-cluster";
+    platforms = [ "x86_64-linux" ];
+  };
+}

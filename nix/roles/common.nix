@@ -1,0 +1,96 @@
+# Every node: the NixOS counterpart of images/debian/customize.sh and
+# roles/common.sh. Per-node identity that the cluster definition fixes
+# (hostname, address, /etc/hosts, which servers run) is baked into the image;
+# what the driver makes per run (SSH keys, host key, the IAM secret) still
+# arrives on the config disk (/dev/vdb at /photon) and is applied by
+# photon-firstboot before sshd starts, as in the Debian image.
+#
+# UNVERIFIED: needs nixpkgs, which CI cannot fetch (docs/nix.md).
+{ config, lib, pkgs, modulesPath, ... }:
+let
+  inherit (config.photon) cluster nodeName;
+  node = cluster.byName.${nodeName};
+  prefixLength = lib.toInt (lib.last (lib.splitString "/" cluster.subnet));
+in
+{
+  imports = [
+    ./options.nix
+    (modulesPath + "/profiles/qemu-guest.nix")
+    (modulesPath + "/profiles/minimal.nix")
+  ];
+
+  system.stateVersion = "24.05";
+
+  # Booted by QEMU -kernel/-initrd with root=/dev/vda (src/machine/cmdline.rs):
+  # no bootloader; the images add init=<toplevel>/init (nix/images.nix).
+  boot.loader.grub.enable = false;
+  boot.initrd.availableKernelModules = [ "virtio_pci" "virtio_blk" "virtio_net" "ext4" ];
+  boot.kernelParams = [ "console=ttyS0,115200" "net.ifnames=0" "panic=-1" ];
+  fileSystems."/" = { device = "/dev/vda"; fsType = "ext4"; options = [ "noatime" ]; };
+  fileSystems."/photon" = { device = "/dev/vdb"; fsType = "ext4"; options = [ "ro" "nofail" "x-systemd.device-timeout=0" ]; };
+
+  networking.hostName = nodeName;
+  networking.domain = cluster.domain;
+  networking.usePredictableInterfaceNames = false;
+  networking.useDHCP = false;
+  # The driver's NICs (src/machine/cmdline.rs): first QEMU's user network
+  # (SSH and the forwards; DHCP), second the cluster's shared segment.
+  networking.interfaces.eth0.useDHCP = true;
+  networking.interfaces.eth1.ipv4.addresses = [{ address = node.address; inherit prefixLength; }];
+  networking.firewall.enable = false;
+  networking.hosts = lib.listToAttrs (map
+    (n: { name = n.address; value = [ "${n.name}.${cluster.domain}" n.name ]; })
+    cluster.nodes);
+
+  services.openssh = {
+    enable = true;
+    settings = {
+      PermitRootLogin = "prohibit-password";
+      PasswordAuthentication = false;
+      UseDns = false;
+    };
+    # The host key comes from the config disk, so the driver knows it in advance.
+    hostKeys = [{ path = "/etc/ssh/ssh_host_ed25519_key"; type = "ed25519"; }];
+  };
+  # The lanes ask for Debian's unit names (profiles/reference.toml).
+  systemd.services.sshd.aliases = [ "ssh.service" ];
+
+  systemd.services.photon-firstboot = {
+    description = "Apply this node's keys and secrets from the config disk";
+    wantedBy = [ "multi-user.target" ];
+    before = [ "sshd.service" "prometheus.service" "prometheus-node-exporter.service" ];
+    requiredBy = [ "sshd.service" ];
+    unitConfig.RequiresMountsFor = "/photon";
+    serviceConfig = { Type = "oneshot"; RemainAfterExit = true; };
+    path = [ pkgs.coreutils ];
+    script = ''
+      set -eu
+      C=/photon
+      install -d -m 700 /root/.ssh
+      install -m 600 "$C/authorized_keys" /root/.ssh/authorized_keys
+      install -m 600 "$C/ssh_host_ed25519_key" /etc/ssh/ssh_host_ed25519_key
+      install -m 644 "$C/ssh_host_ed25519_key.pub" /etc/ssh/ssh_host_ed25519_key.pub
+      install -d -m 755 /run/photon
+      if [ -f "$C/node.env" ]; then
+        . "$C/node.env"
+        umask 077
+        printf '%s' "''${IAM_SECRET:-}" > /run/photon/iam-secret
+      fi
+    '';
+  };
+
+  # Every role runs a node exporter (roles/common.sh).
+  services.prometheus.exporters.node = {
+    enable = true;
+    port = 9100;
+    listenAddress = "0.0.0.0";
+  };
+
+  # What the lanes run inside guests: etcdctl, redis-cli, socat, curl.
+  environment.systemPackages = with pkgs; [ curl socat jq ];
+
+  # A short-lived test guest: no docs, no timers that steal CPU under TCG.
+  documentation.enable = false;
+  services.logrotate.enable = false;
+  systemd.timers.fstrim.enable = false;
+}
