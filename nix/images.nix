@@ -17,6 +17,9 @@
 , photonLib ? import ./lib { inherit system; }
 , clusterFile ? ../profiles/reference.toml
 , extraModules ? [ ]
+  # A node's modules; the default is the reference roles (nix/roles). The
+  # PhotonCloud test cluster passes its own (nix/test-cluster/nodeXX.nix).
+, modulesFor ? null
 , diskSize ? "auto"
 }:
 let
@@ -27,11 +30,10 @@ let
 
   nixosFor = node: lib.nixosSystem {
     inherit system;
-    modules = [
-      roles.common
-      roles.roles.${node.role}
-      { photon = { inherit cluster; nodeName = node.name; }; }
-    ] ++ extraModules;
+    modules =
+      (if modulesFor == null then [ roles.common roles.roles.${node.role} ] else modulesFor node)
+      ++ [{ photon = { inherit cluster; nodeName = node.name; }; }]
+      ++ extraModules;
   };
 
   configurations = lib.listToAttrs (map (n: { name = n.name; value = nixosFor n; }) cluster.nodes);
