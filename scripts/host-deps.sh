@@ -12,6 +12,7 @@ have mmdebstrap || need+=(mmdebstrap)
 have mkfs.ext4 || [ -x /sbin/mkfs.ext4 ] || need+=(e2fsprogs)
 have ssh-keygen || need+=(openssh-client)
 have pkg-config || need+=(pkg-config)
+have nix-instantiate || need+=(nix-bin)
 [ -e /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
 if [ ${#need[@]} -eq 0 ]; then
     echo "host-deps: everything present"
