@@ -25,7 +25,9 @@
       check = args: photonLib.mkClusterCheck ({
         driver = photon-cluster;
         images = reference.all;
-        path = [ pkgs.qemu_kvm pkgs.openssh ];
+        # The tools `photon-cluster run` checks: qemu-system-x86_64, qemu-img,
+        # ssh-keygen, mkfs.ext4 (the per-node config disk).
+        path = [ pkgs.qemu_kvm pkgs.openssh pkgs.e2fsprogs ];
       } // args);
     in
     {

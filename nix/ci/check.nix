@@ -1,7 +1,7 @@
 # The check derivation CI builds with Debian's nix-bin and nothing else
 # (builtins only, no nixpkgs): the driver from `cargo build`, the images from
-# the driver's Debian image build, QEMU and ssh-keygen from the host's
-# /usr/bin (recorded as impure in result.json).
+# the driver's Debian image build, QEMU, ssh-keygen and mkfs.ext4 from the
+# host's /usr/bin and /usr/sbin (recorded as impure in result.json).
 #
 #   nix-build nix/ci/check.nix \
 #     --arg driver "$PWD/target/debug/photon-cluster" \
@@ -22,8 +22,9 @@
 , profile ? "reference"
 , keepFailed ? false
 , name ? "fresh-${lane}"
-  # Host directories holding qemu-system-x86_64, qemu-img, ssh-keygen.
-, hostBin ? [ "/usr/bin" "/bin" ]
+  # Host directories holding qemu-system-x86_64, qemu-img, ssh-keygen and
+  # mkfs.ext4 (in /usr/sbin on Debian).
+, hostBin ? [ "/usr/bin" "/bin" "/usr/sbin" "/sbin" ]
   # true: copy the images into the store (a raw rootfs.img is ~3 GB there,
   # not sparse); false: use them in place, listed with --allow-impure.
 , copyImages ? false

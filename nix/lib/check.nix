@@ -77,7 +77,7 @@ rec {
       # Paths outside the store the driver may use (each becomes --allow-impure).
     , impurePaths ? [ ]
       # PATH for the driver: directories (strings/paths) or packages (their bin/).
-      # The driver finds qemu-system-x86_64, qemu-img and ssh-keygen here.
+      # The driver finds qemu-system-x86_64, qemu-img, ssh-keygen and mkfs.ext4 here.
     , path ? [ ]
       # Seconds; meta.timeout for Hydra, and the `timeout` variable for the builder.
     , timeout ? 3600

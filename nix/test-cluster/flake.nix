@@ -53,7 +53,7 @@
       hasLanes = builtins.pathExists ../../checks/photoncloud;
       # The seed's entry point, with the driver and this cluster on hand.
       cluster = pkgs.writeShellScriptBin "photoncloud-cluster" ''
-        export PATH=${lib.makeBinPath [ driver pkgs.qemu_kvm pkgs.openssh ]}:$PATH
+        export PATH=${lib.makeBinPath [ driver pkgs.qemu_kvm pkgs.openssh pkgs.e2fsprogs ]}:$PATH
         export PHOTONCLOUD_CLUSTER=''${PHOTONCLOUD_CLUSTER:-${./cluster.toml}}
         export PHOTONCLOUD_STORAGE_CLUSTER=''${PHOTONCLOUD_STORAGE_CLUSTER:-${./storage-cluster.toml}}
         ${lib.optionalString hasLanes "export PHOTONCLOUD_LANES=\${PHOTONCLOUD_LANES:-${../../checks/photoncloud}}"}
@@ -92,7 +92,7 @@
             laneFile = ../../checks/photoncloud + "/${lane}.toml";
             cluster = ./cluster.toml;
             images = main.all;
-            path = [ pkgs.qemu_kvm pkgs.openssh ];
+            path = [ pkgs.qemu_kvm pkgs.openssh pkgs.e2fsprogs ];
           };
         })
         (builtins.filter (lane: builtins.pathExists (../../checks/photoncloud + "/${lane}.toml"))
