@@ -15,7 +15,7 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(names: &[String]) -> Progress {
-        let plain = !std::io::stderr().is_terminal();
+        let plain = plain_output();
         let multi = MultiProgress::with_draw_target(if plain {
             ProgressDrawTarget::hidden()
         } else {
@@ -74,4 +74,13 @@ impl Progress {
             }
         }
     }
+}
+
+/// Timestamped lines instead of live bars: when stderr is not a terminal,
+/// inside a Nix builder (Nix gives builders a pseudo-terminal, and redrawn
+/// bars garble its logs), or when PHOTON_PLAIN_PROGRESS is set.
+pub fn plain_output() -> bool {
+    !std::io::stderr().is_terminal()
+        || std::env::var_os("NIX_BUILD_TOP").is_some()
+        || std::env::var_os("PHOTON_PLAIN_PROGRESS").is_some()
 }

@@ -1,0 +1,175 @@
+//! The CI proof of the Nix integration: real check derivations built with
+//! Debian's nix-bin through the builtins-only library (nix/ci/check.nix).
+//! The driver is this cargo build, the images come from the driver's Debian
+//! build, QEMU and friends from the host (recorded as impure). One
+//! derivation boots the reference cluster and runs the smoke lane; the
+//! others boot a one-node cluster with a lane that fails on purpose, with
+//! and without the opt-in that keeps a failed lane's evidence.
+
+mod common;
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The image directory of the reference profile, built (or found cached)
+/// in the shared e2e state directory.
+fn images() -> PathBuf {
+    let out = common::run(&common::state_dir(), &["build"]);
+    assert_eq!(out.status.code(), Some(0), "build");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let rootfs = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("rootfs"))
+        .expect("build prints the rootfs path")
+        .trim();
+    Path::new(rootfs).parent().unwrap().to_path_buf()
+}
+
+/// nix-build of nix/ci/check.nix with `args`; the output path on success.
+fn nix_build(link: &str, args: &[&str]) -> (Output, Option<PathBuf>) {
+    let link = repo().join("target/nix-check").join(link);
+    let _ = std::fs::remove_file(&link);
+    std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+    let nonce = format!("{:?}", std::time::SystemTime::now());
+    let out = Command::new("nix-build")
+        .arg("nix/ci/check.nix")
+        .args(["--arg", "driver", env!("CARGO_BIN_EXE_photon-cluster")])
+        .args(["--argstr", "nonce", &nonce])
+        .args(args)
+        .args(["--option", "sandbox", "false"])
+        .args([
+            "--option",
+            "system-features",
+            "kvm nixos-test benchmark big-parallel",
+        ])
+        .args(["--option", "build-users-group", ""])
+        .arg("--out-link")
+        .arg(&link)
+        .current_dir(repo())
+        .output()
+        .unwrap_or_else(|e| panic!("nix-build: {e}; run scripts/host-deps.sh (installs nix-bin)"));
+    eprintln!(
+        "$ nix-build nix/ci/check.nix {} -> {:?}\n{}",
+        args.join(" "),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = std::fs::read_link(&link).ok();
+    (out, path)
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_slice(
+        &std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
+}
+
+#[test]
+fn check_derivations_build_with_real_nix() {
+    let images = images();
+    let images = images.to_str().unwrap();
+
+    // The reference cluster, smoke lane: the derivation's output is the artifact tree.
+    let (out, path) = nix_build("fresh-smoke", &["--argstr", "images", images]);
+    assert!(out.status.success(), "the smoke check derivation builds");
+    let out_dir = path.expect("out link");
+    assert!(out_dir.starts_with("/nix/store"), "{}", out_dir.display());
+    let result = json(&out_dir.join("result.json"));
+    assert_eq!(result["command"], "run");
+    assert!(
+        ["pass", "degraded"].contains(&result["status"].as_str().unwrap()),
+        "{}",
+        result["status"]
+    );
+    let impure: Vec<&str> = result["hermetic"]["impure"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        impure
+            .iter()
+            .any(|p| p.starts_with("qemu-system-x86_64: /usr/bin/")),
+        "{impure:?}"
+    );
+    let in_store: Vec<&str> = result["hermetic"]["store_paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        in_store
+            .iter()
+            .any(|p| p.starts_with("driver: /nix/store/")),
+        "{in_store:?}"
+    );
+    assert_eq!(result["nodes"].as_object().unwrap().len(), 6);
+    assert!(out_dir.join("junit.xml").is_file());
+    assert!(out_dir.join("report.md").is_file());
+    assert!(
+        std::fs::metadata(out_dir.join("nodes/node04/vm.log"))
+            .unwrap()
+            .len()
+            > 0
+    );
+    assert!(
+        out_dir
+            .join("nodes/node01/journal/etcd.service.log")
+            .is_file()
+    );
+    let products =
+        std::fs::read_to_string(out_dir.join("nix-support/hydra-build-products")).unwrap();
+    for file in ["report.md", "result.json", "junit.xml"] {
+        let line = format!("{}/{file}", out_dir.display());
+        assert!(products.contains(&line), "{line} in {products}");
+    }
+    assert!(!out_dir.join("nix-support/failed").exists());
+
+    // A failing lane fails the derivation.
+    let broken = [
+        "--argstr",
+        "images",
+        images,
+        "--arg",
+        "cluster",
+        "./tests/fixtures/one-node.toml",
+        "--arg",
+        "laneFile",
+        "./tests/fixtures/broken-lane.toml",
+    ];
+    let (out, path) = nix_build("broken", &broken);
+    assert!(!out.status.success(), "a failed lane fails the derivation");
+    assert!(path.is_none());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing-file@solo"));
+
+    // With the opt-in, the failed lane's evidence is the output, marked failed.
+    let mut kept = broken.to_vec();
+    kept.extend(["--arg", "keepFailed", "true"]);
+    let (out, path) = nix_build("broken-kept", &kept);
+    assert!(out.status.success(), "keepFailed keeps the output");
+    let out_dir = path.expect("out link");
+    assert!(out_dir.join("nix-support/failed").is_file());
+    let result = json(&out_dir.join("result.json"));
+    assert_eq!(result["status"], "fail");
+    assert_eq!(result["exit_code"], 1);
+    let junit = std::fs::read_to_string(out_dir.join("junit.xml")).unwrap();
+    assert!(
+        junit.contains(r#"<testcase name="missing-file@solo""#),
+        "{junit}"
+    );
+    assert!(junit.contains(r#"failures="1""#), "{junit}");
+    assert!(
+        std::fs::metadata(out_dir.join("nodes/solo/vm.log"))
+            .unwrap()
+            .len()
+            > 0
+    );
+}
