@@ -99,9 +99,10 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
         let overlay = dir.join("overlay.qcow2");
+        let (kernel, initrd, rootfs, extra_append) = image.for_node(&name);
         run(Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(&image.rootfs)
+            .arg(&rootfs)
             .arg(&overlay))
         .with_context(|| format!("{name}: creating the copy-on-write overlay"))?;
         let host_key = provision::config_disk(cluster, index, node, &keys, &dir)?;
@@ -112,8 +113,9 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
             accel: accel_used,
             memory_mib: node.memory_mib,
             vcpus: node.vcpus,
-            kernel: image.kernel.clone(),
-            initrd: image.initrd.clone(),
+            kernel,
+            initrd,
+            extra_append,
             overlay,
             config_disk: dir.join("config.img"),
             serial_log: dir.join("vm.log"),

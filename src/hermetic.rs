@@ -112,6 +112,8 @@ pub fn use_image_dir(cluster: &mut Cluster, dir: &Path) -> Result<Vec<(String, P
         kernel: spanned(&out[0].1),
         initrd: spanned(&out[1].1),
         rootfs: spanned(&out[2].1),
+        flake: None,
+        attribute: None,
     };
     Ok(out)
 }

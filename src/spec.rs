@@ -53,6 +53,10 @@ pub struct ImageSpec {
     pub kernel: Option<Spanned<PathBuf>>,
     pub initrd: Option<Spanned<PathBuf>>,
     pub rootfs: Option<Spanned<PathBuf>>,
+    /// `nix`: the flake (default ".") and the attribute set of per-node
+    /// images (default "nodeImages"): `<flake>#<attribute>.<node>`.
+    pub flake: Option<String>,
+    pub attribute: Option<String>,
 }
 
 /// The validated form of [`ImageSpec`].
@@ -65,6 +69,10 @@ pub enum ImageSource {
         kernel: PathBuf,
         initrd: PathBuf,
         rootfs: PathBuf,
+    },
+    Nix {
+        flake: String,
+        attribute: String,
     },
 }
 
@@ -79,6 +87,13 @@ impl ImageSpec {
                 kernel: path(&self.kernel),
                 initrd: path(&self.initrd),
                 rootfs: path(&self.rootfs),
+            },
+            "nix" => ImageSource::Nix {
+                flake: self.flake.clone().unwrap_or_else(|| ".".into()),
+                attribute: self
+                    .attribute
+                    .clone()
+                    .unwrap_or_else(|| "nodeImages".into()),
             },
             _ => ImageSource::Debian {
                 suite: self.suite.clone().unwrap_or_else(|| "bookworm".into()),
@@ -445,7 +460,7 @@ fn validate(spec: &ClusterSpec, at: &At) -> Result<(), SpecError> {
 
 fn validate_image(image: &ImageSpec, at: &At) -> Result<(), SpecError> {
     match image.provider.get_ref().as_str() {
-        "debian" => Ok(()),
+        "debian" | "nix" => Ok(()),
         "prebuilt" => {
             for (field, p) in [
                 ("image.kernel", &image.kernel),
@@ -472,7 +487,7 @@ fn validate_image(image: &ImageSpec, at: &At) -> Result<(), SpecError> {
         other => Err(at(
             Some(image.provider.span()),
             "image.provider",
-            format!("unknown image provider {other:?} (expected debian or prebuilt)"),
+            format!("unknown image provider {other:?} (expected debian, prebuilt or nix)"),
         )),
     }
 }

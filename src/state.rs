@@ -177,6 +177,42 @@ pub struct ImageRecord {
     pub rootfs: PathBuf,
     /// Recipe hash (debian) or other provenance.
     pub id: String,
+    /// Per-node images (the nix provider): they replace the paths above.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub nodes: BTreeMap<String, NodeImage>,
+}
+
+/// One node's image from a Nix build.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeImage {
+    pub store_path: String,
+    pub drv_path: String,
+    pub system: String,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub rootfs: PathBuf,
+    /// Extra kernel command line from the image (`cmdline`), e.g. NixOS' `init=`.
+    pub cmdline: Option<String>,
+}
+
+impl ImageRecord {
+    /// kernel, initrd, rootfs and extra kernel arguments for `node`.
+    pub fn for_node(&self, node: &str) -> (PathBuf, PathBuf, PathBuf, Option<String>) {
+        match self.nodes.get(node) {
+            Some(n) => (
+                n.kernel.clone(),
+                n.initrd.clone(),
+                n.rootfs.clone(),
+                n.cmdline.clone(),
+            ),
+            None => (
+                self.kernel.clone(),
+                self.initrd.clone(),
+                self.rootfs.clone(),
+                None,
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

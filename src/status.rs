@@ -145,5 +145,12 @@ pub fn print(status: &ClusterStatus, json: bool) -> Result<()> {
             units.trim_end()
         );
     }
+    // Nix-built images: which store path and derivation each node booted.
+    for (node, i) in &status.image.nodes {
+        println!(
+            "{node:<16} image {} (drv {}, {})",
+            i.store_path, i.drv_path, i.system
+        );
+    }
     Ok(())
 }

@@ -61,6 +61,7 @@ impl Recipe {
             initrd: dir.join("initrd.img"),
             rootfs: dir.join("rootfs.img"),
             id: self.hash(),
+            nodes: Default::default(),
         }
     }
 

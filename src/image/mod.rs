@@ -3,8 +3,10 @@
 //! - `debian`: built here from Debian packages by `photon-cluster build`,
 //!   cached under the state directory by a hash of the recipe.
 //! - `prebuilt`: paths given in the cluster file.
+//! - `nix`: one image per node, built by `nix build` from a flake attribute.
 
 pub mod debian;
+pub mod nix;
 
 use crate::error::bad_input;
 use crate::spec::{Cluster, ImageSource};
@@ -36,7 +38,9 @@ pub fn resolve(cluster: &Cluster, state: &StateDir) -> Result<ImageRecord> {
             kernel,
             initrd,
             rootfs,
+            nodes: Default::default(),
         }),
+        ImageSource::Nix { flake, attribute } => nix::find(cluster, state, &flake, &attribute),
     }
 }
 
@@ -45,5 +49,6 @@ pub fn build(cluster: &Cluster, state: &StateDir) -> Result<ImageRecord> {
     match cluster.spec.image.source() {
         ImageSource::Debian { suite } => debian::Recipe::new(&suite).build(&state.images()),
         ImageSource::Prebuilt { .. } => resolve(cluster, state),
+        ImageSource::Nix { flake, attribute } => nix::build(cluster, state, &flake, &attribute),
     }
 }

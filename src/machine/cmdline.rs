@@ -27,6 +27,8 @@ pub struct MachineConfig {
     pub vcpus: u32,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// Kernel arguments the image asks for (NixOS: `init=...`).
+    pub extra_append: Option<String>,
     pub overlay: PathBuf,
     pub config_disk: PathBuf,
     pub serial_log: PathBuf,
@@ -66,11 +68,15 @@ pub fn qemu_args(c: &MachineConfig) -> Vec<String> {
     // A kernel panic or reboot ends QEMU, so a dead guest never looks slow.
     arg(&["-no-reboot"]);
     arg(&["-kernel", &path(&c.kernel), "-initrd", &path(&c.initrd)]);
-    let append = format!(
+    let mut append = format!(
         "root=/dev/vda rw console=ttyS0,115200 net.ifnames=0 panic=-1 mitigations=off \
          systemd.machine_id={} systemd.show_status=true",
         c.machine_id
     );
+    if let Some(extra) = &c.extra_append {
+        append.push(' ');
+        append.push_str(extra.trim());
+    }
     arg(&["-append", &append]);
     // cache=unsafe: test guests are thrown away, and flushes cost real time under TCG.
     arg(&[
@@ -150,6 +156,7 @@ mod tests {
             vcpus: 1,
             kernel: "/img/vmlinuz".into(),
             initrd: "/img/initrd.img".into(),
+            extra_append: Some("init=/nix/store/x-system/init".into()),
             overlay: "/s/node04/overlay.qcow2".into(),
             config_disk: "/s/node04/config.img".into(),
             serial_log: "/s/node04/vm.log".into(),
@@ -228,6 +235,7 @@ mod tests {
             ["unix:/s/node04/qmp.sock,server=on,wait=off"]
         );
         assert!(after(&args, "-append")[0].contains("console=ttyS0"));
+        assert!(after(&args, "-append")[0].ends_with(" init=/nix/store/x-system/init"));
         assert!(args.contains(&"-no-reboot".to_string()));
     }
 }
