@@ -16,20 +16,6 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The image directory of the reference profile, built (or found cached)
-/// in the shared e2e state directory.
-fn images() -> PathBuf {
-    let out = common::run(&common::state_dir(), &["build"]);
-    assert_eq!(out.status.code(), Some(0), "build");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let rootfs = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("rootfs"))
-        .expect("build prints the rootfs path")
-        .trim();
-    Path::new(rootfs).parent().unwrap().to_path_buf()
-}
-
 /// nix-build of nix/ci/check.nix with `args`; the output path on success.
 fn nix_build(link: &str, args: &[&str]) -> (Output, Option<PathBuf>) {
     let link = repo().join("target/nix-check").join(link);
@@ -70,9 +56,17 @@ fn json(path: &Path) -> Value {
     .unwrap()
 }
 
+fn strings(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect()
+}
+
 #[test]
 fn check_derivations_build_with_real_nix() {
-    let images = images();
+    let images = common::reference_images();
     let images = images.to_str().unwrap();
 
     // The reference cluster, smoke lane: the derivation's output is the artifact tree.
@@ -87,24 +81,14 @@ fn check_derivations_build_with_real_nix() {
         "{}",
         result["status"]
     );
-    let impure: Vec<&str> = result["hermetic"]["impure"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
+    let impure = strings(&result["hermetic"]["impure"]);
     assert!(
         impure
             .iter()
             .any(|p| p.starts_with("qemu-system-x86_64: /usr/bin/")),
         "{impure:?}"
     );
-    let in_store: Vec<&str> = result["hermetic"]["store_paths"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
+    let in_store = strings(&result["hermetic"]["store_paths"]);
     assert!(
         in_store
             .iter()

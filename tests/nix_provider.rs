@@ -8,20 +8,8 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
-
-fn debian_images() -> PathBuf {
-    let out = common::run(&common::state_dir(), &["build"]);
-    assert_eq!(out.status.code(), Some(0), "build");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let rootfs = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("rootfs"))
-        .expect("build prints the rootfs path")
-        .trim();
-    Path::new(rootfs).parent().unwrap().to_path_buf()
-}
 
 /// The driver with the cluster file and state dir, and a Nix config that
 /// lets builders run the host's /bin/sh as root (as CI's nix-bin does).
@@ -38,19 +26,12 @@ fn run(cluster: &Path, state: &Path, args: &[&str]) -> Output {
         )
         .output()
         .unwrap();
-    eprintln!(
-        "$ photon-cluster {} -> {:?}\n{}{}",
-        args.join(" "),
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    common::echo(args, out)
 }
 
 #[test]
 fn nix_provider_builds_records_and_boots_a_node() {
-    let images = debian_images();
+    let images = common::reference_images();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/nix-provider");
     let _ = fs::remove_dir_all(&dir);
     let flake = dir.join("flake");

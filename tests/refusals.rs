@@ -178,16 +178,17 @@ fn hermetic_run_refuses_paths_outside_the_store() {
         fs::write(images.join(f), "x").unwrap();
     }
     let out_dir = dir.join("out");
-    let out = common::run(
-        &dir,
-        &[
+    let run = || {
+        let args = [
             "run",
             "--out",
             out_dir.to_str().unwrap(),
             "--image-dir",
             images.to_str().unwrap(),
-        ],
-    );
+        ];
+        common::run(&dir, &args)
+    };
+    let out = run();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not in /nix/store"), "{err}");
@@ -197,16 +198,7 @@ fn hermetic_run_refuses_paths_outside_the_store() {
 
     // A missing image file is named.
     fs::remove_file(images.join("initrd.img")).unwrap();
-    let out = common::run(
-        &dir,
-        &[
-            "run",
-            "--out",
-            out_dir.to_str().unwrap(),
-            "--image-dir",
-            images.to_str().unwrap(),
-        ],
-    );
+    let out = run();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no initrd.img"));
 }

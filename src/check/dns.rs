@@ -2,7 +2,7 @@
 //! encoded and decoded with hickory-proto.
 
 use super::{Ctx, Verdict};
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result};
 use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};
 use serde_json::json;
@@ -21,16 +21,15 @@ pub fn query(
     authoritative: bool,
     budget: Duration,
 ) -> Result<Verdict> {
-    let fwd = ctx
-        .record
-        .nodes
-        .get(node)
-        .and_then(|n| n.forwards.get(forward))
-        .ok_or_else(|| anyhow!("{node} has no forward {forward:?}"))?;
+    let fwd = ctx.forward(node, forward)?;
     let rtype = RecordType::from_str(record).with_context(|| format!("record type {record:?}"))?;
     let qname = Name::from_ascii(name).with_context(|| format!("DNS name {name:?}"))?;
 
-    let id = (std::process::id() as u16) ^ (Instant::now().elapsed().subsec_nanos() as u16);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let id = (std::process::id() as u16) ^ (nanos as u16);
     let mut msg = Message::new();
     msg.set_id(id)
         .set_message_type(MessageType::Query)

@@ -114,12 +114,7 @@ pub fn from_host(
     expect: &HttpExpect,
     budget: Duration,
 ) -> Result<Verdict> {
-    let fwd = ctx
-        .record
-        .nodes
-        .get(node)
-        .and_then(|n| n.forwards.get(forward))
-        .ok_or_else(|| anyhow!("{node} has no forward {forward:?}"))?;
+    let fwd = ctx.forward(node, forward)?;
     let url = format!("http://127.0.0.1:{}{path}", fwd.host);
     let evidence = json!({ "url": url, "forward": format!("{node}/{forward} {fwd}") });
     let agent: ureq::Agent = ureq::Agent::config_builder()

@@ -315,6 +315,18 @@ pub struct Ctx<'a> {
     pub guests: &'a GuestPool,
 }
 
+impl Ctx<'_> {
+    /// The host side of `node`'s forward called `name`.
+    pub fn forward(&self, node: &str, name: &str) -> Result<crate::fabric::PortForward> {
+        self.record
+            .nodes
+            .get(node)
+            .and_then(|n| n.forwards.get(name))
+            .copied()
+            .ok_or_else(|| anyhow!("{node} has no forward {name:?}"))
+    }
+}
+
 /// SSH sessions to the nodes, opened on first use and shared by the
 /// engine's threads. A session that failed is dropped, so the next attempt
 /// reconnects.

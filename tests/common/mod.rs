@@ -26,6 +26,11 @@ pub fn run(state: &Path, args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("spawning photon-cluster");
+    echo(args, out)
+}
+
+/// Prints a finished command and its output to the test log; passes it on.
+pub fn echo(args: &[&str], out: Output) -> Output {
     eprintln!(
         "$ photon-cluster {} -> {:?}\n{}{}",
         args.join(" "),
@@ -54,4 +59,18 @@ pub fn qemu_pids_mentioning(needle: &str) -> Vec<i32> {
         }
     }
     pids
+}
+
+/// The reference profile's Debian image directory, built (or found cached)
+/// in the shared e2e state directory.
+pub fn reference_images() -> PathBuf {
+    let out = run(&state_dir(), &["build"]);
+    assert_eq!(out.status.code(), Some(0), "build");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let rootfs = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("rootfs"))
+        .expect("build prints the rootfs path")
+        .trim();
+    Path::new(rootfs).parent().unwrap().to_path_buf()
 }
