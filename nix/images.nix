@@ -6,12 +6,11 @@
 # Output layout (`all`):
 #   <node>/vmlinuz, <node>/initrd.img, <node>/rootfs.img (raw ext4, root=/dev/vda),
 #   <node>/cmdline (init=<toplevel>/init ...), <node>/toplevel
-#   vmlinuz, initrd.img, rootfs.img: the first node's, so the directory also
-#   satisfies today's --image-dir contract (one image for every node).
+#   vmlinuz, initrd.img, rootfs.img: the first node's (the driver's KVM probe
+#   boots them). `run --image-dir` boots each node from <node>/ and appends
+#   <node>/cmdline (src/image/dir.rs).
 #
-# UNVERIFIED: needs nixpkgs, which CI cannot fetch. Per-node images also need
-# the driver to prefer <image-dir>/<node>/ and to append <node>/cmdline
-# (docs/nix.md, "Open items").
+# UNVERIFIED: needs nixpkgs, which CI cannot fetch (docs/nix.md, "Open items").
 { nixpkgs
 , system ? "x86_64-linux"
 , photonLib ? import ./lib { inherit system; }

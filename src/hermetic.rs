@@ -86,36 +86,24 @@ pub fn tool_paths() -> Result<Vec<(String, PathBuf)>> {
         .collect()
 }
 
-/// Points the cluster at prebuilt images in `dir` (vmlinuz, initrd.img, rootfs.img).
+/// Points the cluster at the image directory `dir` (see image::dir: per-node
+/// `<node>/` subdirectories, or one shared image) and returns every file it
+/// will boot, for the store check.
 pub fn use_image_dir(cluster: &mut Cluster, dir: &Path) -> Result<Vec<(String, PathBuf)>> {
-    let files = [
-        ("kernel", "vmlinuz"),
-        ("initrd", "initrd.img"),
-        ("rootfs", "rootfs.img"),
-    ];
-    let mut out = Vec::new();
-    for (what, name) in files {
-        let p = dir.join(name);
-        if !p.is_file() {
-            return Err(bad_input(format!(
-                "--image-dir {}: no {name} (expected vmlinuz, initrd.img, rootfs.img)",
-                dir.display()
-            )));
-        }
-        out.push((what.to_string(), p));
-    }
+    let record = crate::image::dir::scan(dir, cluster.node_names())
+        .with_context(|| format!("--image-dir {}", dir.display()))?;
     let span = cluster.spec.image.provider.span();
-    let spanned = |p: &PathBuf| Some(Spanned::new(span.clone(), p.clone()));
     cluster.spec.image = ImageSpec {
         provider: Spanned::new(span.clone(), "prebuilt".into()),
         suite: None,
-        kernel: spanned(&out[0].1),
-        initrd: spanned(&out[1].1),
-        rootfs: spanned(&out[2].1),
+        kernel: None,
+        initrd: None,
+        rootfs: None,
+        dir: Some(Spanned::new(span, dir.to_path_buf())),
         flake: None,
         attribute: None,
     };
-    Ok(out)
+    Ok(record.files())
 }
 
 /// Hydra's build products, and the marker of a failed build kept on purpose.

@@ -44,7 +44,8 @@ pub struct ClusterMeta {
 }
 
 /// Where the images come from. `provider = "debian"` builds them here
-/// (`suite`, default bookworm); `provider = "prebuilt"` names the files.
+/// (`suite`, default bookworm); `provider = "prebuilt"` names the files, or
+/// an image directory (`dir`) with `<node>/` subdirectories (image::dir).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageSpec {
@@ -53,6 +54,8 @@ pub struct ImageSpec {
     pub kernel: Option<Spanned<PathBuf>>,
     pub initrd: Option<Spanned<PathBuf>>,
     pub rootfs: Option<Spanned<PathBuf>>,
+    /// `prebuilt`: a directory of images instead of kernel/initrd/rootfs.
+    pub dir: Option<Spanned<PathBuf>>,
     /// `nix`: the flake (default ".") and the attribute set of per-node
     /// images (default "nodeImages"): `<flake>#<attribute>.<node>`.
     pub flake: Option<String>,
@@ -70,6 +73,9 @@ pub enum ImageSource {
         initrd: PathBuf,
         rootfs: PathBuf,
     },
+    PrebuiltDir {
+        dir: PathBuf,
+    },
     Nix {
         flake: String,
         attribute: String,
@@ -83,6 +89,9 @@ impl ImageSpec {
             p.as_ref().map(|p| p.get_ref().clone()).unwrap_or_default()
         };
         match self.provider.get_ref().as_str() {
+            "prebuilt" if self.dir.is_some() => ImageSource::PrebuiltDir {
+                dir: path(&self.dir),
+            },
             "prebuilt" => ImageSource::Prebuilt {
                 kernel: path(&self.kernel),
                 initrd: path(&self.initrd),
@@ -254,6 +263,10 @@ impl Cluster {
             message: format!("cannot read: {e}"),
         })?;
         parse(path, &text)
+    }
+
+    pub fn node_names(&self) -> impl Iterator<Item = &str> {
+        self.spec.nodes.iter().map(|n| n.name.get_ref().as_str())
     }
 
     pub fn node(&self, name: &str) -> Option<&NodeSpec> {
@@ -461,6 +474,27 @@ fn validate(spec: &ClusterSpec, at: &At) -> Result<(), SpecError> {
 fn validate_image(image: &ImageSpec, at: &At) -> Result<(), SpecError> {
     match image.provider.get_ref().as_str() {
         "debian" | "nix" => Ok(()),
+        "prebuilt" if image.dir.is_some() => {
+            let dir = image.dir.as_ref().expect("checked");
+            if image.kernel.is_some() || image.initrd.is_some() || image.rootfs.is_some() {
+                return Err(at(
+                    Some(dir.span()),
+                    "image.dir",
+                    "give either dir or kernel/initrd/rootfs, not both".into(),
+                ));
+            }
+            if !dir.get_ref().is_dir() {
+                return Err(at(
+                    Some(dir.span()),
+                    "image.dir",
+                    format!(
+                        "missing image: {} is not a directory",
+                        dir.get_ref().display()
+                    ),
+                ));
+            }
+            Ok(())
+        }
         "prebuilt" => {
             for (field, p) in [
                 ("image.kernel", &image.kernel),
@@ -471,7 +505,8 @@ fn validate_image(image: &ImageSpec, at: &At) -> Result<(), SpecError> {
                     return Err(at(
                         Some(image.provider.span()),
                         field,
-                        "the prebuilt provider needs kernel, initrd and rootfs paths".into(),
+                        "the prebuilt provider needs kernel, initrd and rootfs paths, or dir"
+                            .into(),
                     ));
                 };
                 if !p.get_ref().is_file() {

@@ -145,12 +145,16 @@ pub fn print(status: &ClusterStatus, json: bool) -> Result<()> {
             units.trim_end()
         );
     }
-    // Nix-built images: which store path and derivation each node booted.
+    // Per-node images: which path (and, if Nix built it, derivation) each node booted.
     for (node, i) in &status.image.nodes {
-        println!(
-            "{node:<16} image {} (drv {}, {})",
-            i.store_path, i.drv_path, i.system
-        );
+        if i.drv_path.is_empty() {
+            println!("{node:<16} image {}", i.store_path);
+        } else {
+            println!(
+                "{node:<16} image {} (drv {}, {})",
+                i.store_path, i.drv_path, i.system
+            );
+        }
     }
     Ok(())
 }

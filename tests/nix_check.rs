@@ -64,6 +64,22 @@ fn strings(v: &Value) -> Vec<&str> {
         .collect()
 }
 
+/// `<dir>/<node>/` linking to the Debian image, plus `cmdline`.
+fn per_node_images(images: &Path, node: &str) -> PathBuf {
+    let dir = repo().join("target/nix-check/per-node-images");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join(node)).unwrap();
+    for f in ["vmlinuz", "initrd.img", "rootfs.img"] {
+        std::os::unix::fs::symlink(images.join(f), dir.join(node).join(f)).unwrap();
+    }
+    std::fs::write(
+        dir.join(node).join("cmdline"),
+        format!("photon.image={node}\n"),
+    )
+    .unwrap();
+    dir
+}
+
 #[test]
 fn check_derivations_build_with_real_nix() {
     let images = common::reference_images();
@@ -117,11 +133,14 @@ fn check_derivations_build_with_real_nix() {
     }
     assert!(!out_dir.join("nix-support/failed").exists());
 
-    // A failing lane fails the derivation.
+    // A failing lane fails the derivation. Its one node boots from its own
+    // subdirectory of a per-node image directory, with a cmdline (the layout
+    // of nix/images.nix); the lane checks that marker in /proc/cmdline.
+    let per_node = per_node_images(Path::new(images), "solo");
     let broken = [
         "--argstr",
         "images",
-        images,
+        per_node.to_str().unwrap(),
         "--arg",
         "cluster",
         "./tests/fixtures/one-node.toml",
@@ -150,6 +169,14 @@ fn check_derivations_build_with_real_nix() {
         "{junit}"
     );
     assert!(junit.contains(r#"failures="1""#), "{junit}");
+    let cmdline = result["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|l| l["checks"].as_array().unwrap())
+        .find(|c| c["id"] == "node-image-cmdline@solo")
+        .expect("the cmdline check ran");
+    assert_eq!(cmdline["outcome"], "pass", "{cmdline}");
     assert!(
         std::fs::metadata(out_dir.join("nodes/solo/vm.log"))
             .unwrap()

@@ -13,8 +13,8 @@ pub fn image(ctx: &Ctx) -> Result<Verdict> {
     let running = &ctx.record.image;
     let mut files = BTreeMap::new();
     let mut missing = Vec::new();
-    for p in [&running.kernel, &running.initrd, &running.rootfs] {
-        match std::fs::metadata(p) {
+    for (_, p) in running.files() {
+        match std::fs::metadata(&p) {
             Ok(m) => {
                 files.insert(p.display().to_string(), m.len());
             }

@@ -2,10 +2,12 @@
 //!
 //! - `debian`: built here from Debian packages by `photon-cluster build`,
 //!   cached under the state directory by a hash of the recipe.
-//! - `prebuilt`: paths given in the cluster file.
+//! - `prebuilt`: paths given in the cluster file, or an image directory
+//!   with per-node subdirectories (`dir`).
 //! - `nix`: one image per node, built by `nix build` from a flake attribute.
 
 pub mod debian;
+pub mod dir;
 pub mod nix;
 
 use crate::error::bad_input;
@@ -40,6 +42,7 @@ pub fn resolve(cluster: &Cluster, state: &StateDir) -> Result<ImageRecord> {
             rootfs,
             nodes: Default::default(),
         }),
+        ImageSource::PrebuiltDir { dir } => dir::scan(&dir, cluster.node_names()),
         ImageSource::Nix { flake, attribute } => nix::find(cluster, state, &flake, &attribute),
     }
 }
@@ -48,7 +51,7 @@ pub fn resolve(cluster: &Cluster, state: &StateDir) -> Result<ImageRecord> {
 pub fn build(cluster: &Cluster, state: &StateDir) -> Result<ImageRecord> {
     match cluster.spec.image.source() {
         ImageSource::Debian { suite } => debian::Recipe::new(&suite).build(&state.images()),
-        ImageSource::Prebuilt { .. } => resolve(cluster, state),
+        ImageSource::Prebuilt { .. } | ImageSource::PrebuiltDir { .. } => resolve(cluster, state),
         ImageSource::Nix { flake, attribute } => nix::build(cluster, state, &flake, &attribute),
     }
 }
