@@ -32,6 +32,9 @@ pub struct CheckResult {
     /// Where the check is defined, `file:line`.
     pub origin: String,
     pub evidence: Value,
+    /// The file (relative to the run directory) that holds this check's evidence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -185,6 +188,7 @@ fn run_check(c: &PlannedCheck, ctx: &Ctx, lane_start: Instant) -> CheckResult {
         attempts,
         origin: c.origin.clone(),
         evidence: verdict.evidence,
+        artifact: c.artifact.clone(),
     }
 }
 
@@ -200,6 +204,7 @@ fn skipped(c: &PlannedCheck, reason: &str, lane_start: Instant) -> CheckResult {
         attempts: 0,
         origin: c.origin.clone(),
         evidence: json!({}),
+        artifact: None,
     }
 }
 

@@ -181,6 +181,7 @@ pub fn health_layer(
                 attempts: 1,
                 origin: "built in".into(),
                 evidence: json!({ "findings": mine }),
+                artifact: None,
             }
         })
         .collect();

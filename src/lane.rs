@@ -14,7 +14,13 @@ use std::time::Duration;
 use toml::Spanned;
 
 /// The lanes shipped with the binary, from `checks/`.
-pub const LANES: &[(&str, &str)] = &[("smoke", include_str!("../checks/smoke.toml"))];
+pub const LANES: &[(&str, &str)] = &[
+    ("smoke", include_str!("../checks/smoke.toml")),
+    (
+        "provider-vm-reality-proof",
+        include_str!("../checks/provider-vm-reality-proof.toml"),
+    ),
+];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -77,6 +83,9 @@ pub struct PlannedCheck {
     pub kind: CheckKind,
     /// Where it was defined, for messages: `checks/smoke.toml:42`.
     pub origin: String,
+    /// A file under the run directory that receives the check's evidence
+    /// (`network-provider/dns-{node}.json`); see report::write_check_artifacts.
+    pub artifact: Option<String>,
 }
 
 impl Lane {
@@ -156,6 +165,18 @@ pub fn parse(file: &Path, text: &str, cluster: &Cluster) -> Result<Lane, SpecErr
                     ));
                 }
             };
+            let artifact = match table.remove("artifact") {
+                None => None,
+                Some(toml::Value::String(a)) if artifact_path_ok(&a) => Some(a),
+                Some(_) => {
+                    return Err(at(
+                        span(),
+                        &field("artifact"),
+                        "a relative path inside the run directory, e.g. \"vm-hosting/migration.json\""
+                            .into(),
+                    ));
+                }
+            };
             let targets = match table.remove("targets") {
                 None => None,
                 Some(v) => Some(Targets::deserialize(v).map_err(|_| {
@@ -208,6 +229,13 @@ pub fn parse(file: &Path, text: &str, cluster: &Cluster) -> Result<Lane, SpecErr
                         format!("duplicate check {id:?}"),
                     ));
                 }
+                let artifact = match &artifact {
+                    Some(a) => Some(
+                        crate::check::placeholders(a, target.as_deref(), cluster)
+                            .map_err(|m| at(span(), &field("artifact"), m))?,
+                    ),
+                    None => None,
+                };
                 checks.push(PlannedCheck {
                     id,
                     layer: layer.name.clone(),
@@ -215,6 +243,7 @@ pub fn parse(file: &Path, text: &str, cluster: &Cluster) -> Result<Lane, SpecErr
                     deadline: Duration::from_secs(deadline),
                     kind,
                     origin: origin.clone(),
+                    artifact,
                 });
             }
         }
@@ -230,6 +259,15 @@ pub fn parse(file: &Path, text: &str, cluster: &Cluster) -> Result<Lane, SpecErr
         source: file.to_path_buf(),
         layers,
     })
+}
+
+/// Relative, and never climbing out of the run directory.
+fn artifact_path_ok(p: &str) -> bool {
+    let path = Path::new(p);
+    !p.is_empty()
+        && path
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -320,5 +358,9 @@ url = "http://{node}:8080/healthz"
         let text = "[lane]\nname = \"t\"\n[[layer]]\nname = \"x\"\n[[layer.check]]\nname = \"a\"\nkind = \"tcp_open\"\ntargets = \"all\"\nport = 1\nprot = 2\n";
         let e = parse(Path::new("t.toml"), text, &reference()).unwrap_err();
         assert!(e.message.contains("prot"), "{e}");
+
+        let text = "[lane]\nname = \"t\"\n[[layer]]\nname = \"x\"\n[[layer.check]]\nname = \"a\"\nkind = \"tcp_open\"\ntargets = \"all\"\nport = 1\nartifact = \"../escape.json\"\n";
+        let e = parse(Path::new("t.toml"), text, &reference()).unwrap_err();
+        assert_eq!(e.field, "layer[0].check[0].artifact");
     }
 }

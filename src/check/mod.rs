@@ -11,9 +11,12 @@ mod auth;
 mod dns;
 mod http;
 mod kv;
+mod lb;
 mod metrics;
 mod nested;
 mod system;
+mod vm;
+mod volume;
 
 use crate::guest::Guest;
 use crate::spec::{Cluster, Proto};
@@ -108,6 +111,66 @@ pub enum CheckKind {
         prometheus: String,
         protected_url: String,
     },
+    /// Drain a load balancer backend server through HAProxy's runtime API,
+    /// then restore it; traffic through `frontend` must follow both times.
+    LbDrain {
+        #[serde(default = "lb_frontend")]
+        frontend: String,
+        #[serde(default = "lb_runtime")]
+        runtime: String,
+        backend: String,
+        server: String,
+        #[serde(default = "lb_requests")]
+        requests: u32,
+    },
+    /// Live-migrate a VM whose disk is the shared NBD `volume` from the
+    /// target node to `to`; it must continue there and restart there.
+    VmMigration {
+        to: String,
+        volume: String,
+        #[serde(default = "vm_memory")]
+        memory_mib: u32,
+        #[serde(default = "vm_port")]
+        port: u16,
+    },
+    /// `qemu-img bench` of a `subject` volume against a `baseline` one, side
+    /// by side from the target node; read and write MB/s and their ratio.
+    VolumeBench {
+        baseline: String,
+        subject: String,
+        #[serde(default = "bench_block_kib")]
+        block_kib: u32,
+        #[serde(default = "bench_count")]
+        count: u32,
+        #[serde(default = "bench_runs")]
+        runs: u32,
+        min_ratio: Option<f64>,
+    },
+}
+
+fn lb_frontend() -> String {
+    "http://127.0.0.1/".into()
+}
+fn lb_runtime() -> String {
+    "127.0.0.1:9999".into()
+}
+fn lb_requests() -> u32 {
+    8
+}
+fn vm_memory() -> u32 {
+    32
+}
+fn vm_port() -> u16 {
+    4444
+}
+fn bench_block_kib() -> u32 {
+    64
+}
+fn bench_count() -> u32 {
+    1000
+}
+fn bench_runs() -> u32 {
+    3
 }
 
 fn loopback() -> String {
@@ -146,6 +209,9 @@ impl CheckKind {
             CheckKind::NestedGuest { .. } => "nested_guest",
             CheckKind::HostForward { .. } => "host_forward",
             CheckKind::ServiceAuth { .. } => "service_auth",
+            CheckKind::LbDrain { .. } => "lb_drain",
+            CheckKind::VmMigration { .. } => "vm_migration",
+            CheckKind::VolumeBench { .. } => "volume_bench",
         }
     }
 
@@ -158,7 +224,11 @@ impl CheckKind {
     pub fn retried(&self) -> bool {
         !matches!(
             self,
-            CheckKind::NestedGuest { .. } | CheckKind::ReplicatedKv { .. }
+            CheckKind::NestedGuest { .. }
+                | CheckKind::ReplicatedKv { .. }
+                | CheckKind::LbDrain { .. }
+                | CheckKind::VmMigration { .. }
+                | CheckKind::VolumeBench { .. }
         )
     }
 
@@ -195,6 +265,13 @@ impl CheckKind {
             CheckKind::ReplicatedKv { members, .. } => {
                 *members = crate::lane::expand_targets(members, cluster)?;
             }
+            CheckKind::VmMigration { to, .. }
+                if cluster.node(to).is_none() || Some(to.as_str()) == target =>
+            {
+                return Err(format!(
+                    "`to` must name another node of the cluster, not {to:?}"
+                ));
+            }
             _ => {}
         }
         Ok(kind)
@@ -219,7 +296,7 @@ fn fill(v: &mut Value, target: Option<&str>, cluster: &Cluster) -> Result<(), St
     Ok(())
 }
 
-fn placeholders(s: &str, target: Option<&str>, cluster: &Cluster) -> Result<String, String> {
+pub fn placeholders(s: &str, target: Option<&str>, cluster: &Cluster) -> Result<String, String> {
     let address = |n: &str| {
         cluster
             .node(n)
@@ -440,6 +517,57 @@ pub fn attempt(
             prometheus,
             protected_url,
         } => auth::prometheus_job(&*guest()?, job, prometheus, protected_url, budget),
+        CheckKind::LbDrain {
+            frontend,
+            runtime,
+            backend,
+            server,
+            requests,
+        } => lb::drain(
+            &*guest()?,
+            &lb::Drain {
+                frontend,
+                runtime,
+                backend,
+                server,
+                requests: *requests,
+            },
+            budget,
+        ),
+        CheckKind::VmMigration {
+            to,
+            volume,
+            memory_mib,
+            port,
+        } => vm::migrate(
+            ctx,
+            node()?,
+            &vm::Request {
+                to,
+                volume,
+                memory_mib: *memory_mib,
+                port: *port,
+            },
+            budget,
+        ),
+        CheckKind::VolumeBench {
+            baseline,
+            subject,
+            block_kib,
+            count,
+            runs,
+            min_ratio,
+        } => volume::run(
+            &*guest()?,
+            &volume::Bench {
+                baseline,
+                subject,
+                block_kib: *block_kib,
+                count: *count,
+                runs: *runs,
+                min_ratio: *min_ratio,
+            },
+        ),
     };
     if result.is_err()
         && let Some(t) = target

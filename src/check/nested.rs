@@ -196,15 +196,14 @@ fn inner(
     })
 }
 
-/// A multiboot (v1) kernel, loaded flat through the header's address
-/// fields. In 32-bit protected mode it writes the marker to COM1 and exits
-/// QEMU through isa-debug-exit (exit status 33).
-pub fn multiboot_probe() -> Vec<u8> {
+/// A flat multiboot (v1) kernel: the header, then `code` at the entry
+/// point, then `msg`. `code` gets the address `msg` will be loaded at.
+pub fn multiboot(code: impl Fn(u32) -> Vec<u8>, msg: &[u8]) -> Vec<u8> {
     const BASE: u32 = 0x0010_0000;
     const MAGIC: u32 = 0x1BAD_B002;
     const FLAGS: u32 = 1 << 16; // the address fields below are valid
-    const CODE: u32 = 0x20; // right after the 8-word header
-    const MSG: u32 = 0x3C; // right after the code
+    const ENTRY: u32 = 0x20; // right after the 8-word header
+    let msg_addr = BASE + ENTRY + code(0).len() as u32;
     let mut img = Vec::new();
     for word in [
         MAGIC,
@@ -214,27 +213,45 @@ pub fn multiboot_probe() -> Vec<u8> {
         BASE,                                         // load_addr: the file starts at BASE
         0,                                            // load_end_addr: load the whole file
         0,                                            // bss_end_addr: none
-        BASE + CODE,                                  // entry_addr
+        BASE + ENTRY,                                 // entry_addr
     ] {
         img.extend_from_slice(&word.to_le_bytes());
     }
-    img.push(0xBE); // mov esi, BASE+MSG
-    img.extend_from_slice(&(BASE + MSG).to_le_bytes());
-    img.extend_from_slice(&[
+    img.extend_from_slice(&code(msg_addr));
+    img.extend_from_slice(msg);
+    img
+}
+
+/// `mov esi, msg; mov dx, 0x3f8; print the NUL-terminated string at esi`
+/// (14 bytes); falls through when done.
+pub fn print_to_com1(msg_addr: u32) -> Vec<u8> {
+    let mut code = vec![0xBE]; // mov esi, msg
+    code.extend_from_slice(&msg_addr.to_le_bytes());
+    code.extend_from_slice(&[
         0x66, 0xBA, 0xF8, 0x03, // mov dx, 0x3f8 (COM1)
         0xAC, //                   next: lodsb
         0x84, 0xC0, //             test al, al
         0x74, 0x03, //             jz done
         0xEE, //                   out dx, al
         0xEB, 0xF8, //             jmp next
-        0x66, 0xBA, 0xF4, 0x00, // done: mov dx, 0xf4 (isa-debug-exit)
-        0xB0, 0x10, //             mov al, 0x10
-        0xEE, //                   out dx, al
-        0xFA, 0xF4, 0xEB, 0xFC, // cli; hlt; jmp hlt
     ]);
-    assert_eq!(img.len(), MSG as usize);
-    img.extend_from_slice(format!("{MARKER} multiboot probe\n\0").as_bytes());
-    img
+    code
+}
+
+/// In 32-bit protected mode it writes the marker to COM1 and exits QEMU
+/// through isa-debug-exit (exit status 33).
+pub fn multiboot_probe() -> Vec<u8> {
+    let code = |msg| {
+        let mut c = print_to_com1(msg);
+        c.extend_from_slice(&[
+            0x66, 0xBA, 0xF4, 0x00, // done: mov dx, 0xf4 (isa-debug-exit)
+            0xB0, 0x10, //             mov al, 0x10
+            0xEE, //                   out dx, al
+            0xFA, 0xF4, 0xEB, 0xFC, // cli; hlt; jmp hlt
+        ]);
+        c
+    };
+    multiboot(code, format!("{MARKER} multiboot probe\n\0").as_bytes())
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use crate::evidence::Finding;
 use crate::state::{AccelChoice, ImageRecord, RunningCluster, write_atomic};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -175,6 +176,10 @@ pub fn write(dir: &Path, report: &mut RunReport) -> Result<()> {
     ] {
         report.artifacts.insert(name.into(), file.into());
     }
+    // Evidence files must not cost the report itself.
+    if let Err(e) = write_check_artifacts(dir, report) {
+        eprintln!("warning: check artifacts: {e:#}");
+    }
     write_atomic(&dir.join("junit.xml"), junit::render(report)?.as_bytes())?;
     write_atomic(&dir.join("report.md"), markdown::render(report).as_bytes())?;
     write_atomic(
@@ -184,17 +189,54 @@ pub fn write(dir: &Path, report: &mut RunReport) -> Result<()> {
     Ok(())
 }
 
+/// Writes each check's evidence to the file its lane names (`artifact =`),
+/// and lists the files in `report.artifacts` under `check:<id>`. JSON
+/// files get the whole evidence; other files get its `stdout` or `body`
+/// text when it has one (journals, captured answers).
+pub fn write_check_artifacts(dir: &Path, report: &mut RunReport) -> Result<()> {
+    for c in report.layers.iter().flat_map(|l| &l.checks) {
+        let Some(rel) = &c.artifact else { continue };
+        let path = dir.join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        let text = ["stdout", "body"]
+            .iter()
+            .find_map(|k| c.evidence.get(*k).and_then(|v| v.as_str()))
+            .filter(|_| !rel.ends_with(".json"));
+        let bytes = match text {
+            Some(t) => t.as_bytes().to_vec(),
+            None => serde_json::to_vec_pretty(&json!({
+                "check": c.id,
+                "outcome": c.outcome,
+                "message": c.message,
+                "evidence": c.evidence,
+            }))?,
+        };
+        write_atomic(&path, &bytes)?;
+    }
+    let listed: Vec<(String, String)> = report
+        .layers
+        .iter()
+        .flat_map(|l| &l.checks)
+        .filter_map(|c| Some((format!("check:{}", c.id), c.artifact.clone()?)))
+        .collect();
+    report.artifacts.extend(listed);
+    Ok(())
+}
+
 /// The per-layer table and the checks that did not pass, for the terminal.
 pub fn print_summary(report: &RunReport, dir: &Path) {
     println!();
     println!(
-        "{:<14} {:<9} {:>6} {:>5} {:>5} {:>8} {:>7} {:>8}",
+        "{:<18} {:<9} {:>6} {:>5} {:>5} {:>8} {:>7} {:>8}",
         "layer", "outcome", "checks", "pass", "fail", "degraded", "skipped", "time"
     );
     for l in &report.layers {
         let count = |o: Outcome| l.checks.iter().filter(|c| c.outcome == o).count();
         println!(
-            "{:<14} {:<9} {:>6} {:>5} {:>5} {:>8} {:>7} {:>7.1}s",
+            "{:<18} {:<9} {:>6} {:>5} {:>5} {:>8} {:>7} {:>7.1}s",
             l.name,
             l.outcome.name(),
             l.checks.len(),
