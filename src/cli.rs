@@ -128,6 +128,38 @@ pub enum Cmd {
         #[command(flatten)]
         start: StartArgs,
     },
+    /// The matrix lane against the running cluster: composed scenarios (DNS +
+    /// load balancer + backends, VM live migration on shared volumes,
+    /// replicated state, the gateway's metrics and auth flows).
+    Matrix(LaneRun),
+    /// clean, build, start, matrix, stop.
+    FreshMatrix {
+        #[command(flatten)]
+        lane: LaneRun,
+        #[command(flatten)]
+        start: StartArgs,
+    },
+    /// The bench-storage lane against the running cluster: NBD volume I/O of
+    /// a remote export against the node-local export, side by side, with ratios.
+    BenchStorage(LaneRun),
+    /// clean, build, start, bench-storage, stop.
+    #[command(alias = "fresh-storage-bench")]
+    FreshBenchStorage {
+        #[command(flatten)]
+        lane: LaneRun,
+        #[command(flatten)]
+        start: StartArgs,
+    },
+    /// Provider and VM-hosting evidence in one dated root
+    /// (work/provider-vm-reality-proof/<timestamp>/network-provider, vm-hosting):
+    /// against the running cluster, or a fresh one (clean, build, start,
+    /// lane, stop) when none runs.
+    ProviderVmRealityProof {
+        #[command(flatten)]
+        lane: LaneRun,
+        #[command(flatten)]
+        start: StartArgs,
+    },
     /// Measure boot: the raw parallel boot of every guest to its console login
     /// prompt (no driver checks), then the driver's boot-to-ready of the same
     /// guests, in one run; prints both and their ratio.
@@ -147,12 +179,27 @@ pub struct StartArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct LaneArgs {
-    /// An embedded lane (`checks/<name>.toml`).
+    #[command(flatten)]
+    pub select: LaneSelect,
+    #[command(flatten)]
+    pub run: LaneRun,
+}
+
+/// Which lane: an embedded one by name, or a file.
+#[derive(Args, Debug, Clone)]
+pub struct LaneSelect {
+    /// An embedded lane: smoke, matrix, bench-storage, provider-vm-reality-proof
+    /// (`checks/<name>.toml`).
     #[arg(long, default_value = "smoke", conflicts_with = "lane_file")]
     pub lane: String,
     /// A lane file (TOML) instead of an embedded lane; see docs/adding-a-check.md.
     #[arg(long, value_name = "FILE")]
     pub lane_file: Option<PathBuf>,
+}
+
+/// How a lane runs, for the commands that name their lane themselves.
+#[derive(Args, Debug, Clone)]
+pub struct LaneRun {
     /// Root of the artifact tree: <DIR>/<lane>/<timestamp>, plus <DIR>/<lane>/latest.
     #[arg(
         long,
@@ -164,19 +211,15 @@ pub struct LaneArgs {
     /// Run every layer even after one failed (later layers are skipped otherwise).
     #[arg(long)]
     pub keep_going: bool,
-    /// Seconds `stop` waits for a clean powerdown before killing (fresh-smoke).
+    /// Seconds `stop` waits for a clean powerdown before killing (fresh-* commands).
     #[arg(long, default_value_t = 30)]
     pub grace: u64,
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
-    /// An embedded lane (`checks/<name>.toml`).
-    #[arg(long, default_value = "smoke", conflicts_with = "lane_file")]
-    pub lane: String,
-    /// A lane file (TOML) instead of an embedded lane.
-    #[arg(long, value_name = "FILE")]
-    pub lane_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub select: LaneSelect,
     /// Where the artifact tree goes (in a derivation: $out).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
@@ -194,22 +237,36 @@ pub struct RunArgs {
     /// Run every layer even after one failed.
     #[arg(long)]
     pub keep_going: bool,
+    /// Seconds `stop` waits for a clean powerdown before killing.
+    #[arg(long, default_value_t = 30)]
+    pub grace: u64,
     #[command(flatten)]
     pub start: StartArgs,
 }
 
 impl LaneArgs {
     pub fn options(&self, cluster: &Cluster) -> Result<LaneOptions> {
-        let lane = match &self.lane_file {
+        Ok(self.run.options(self.select.load(cluster)?))
+    }
+}
+
+impl LaneSelect {
+    pub fn load(&self, cluster: &Cluster) -> Result<Lane> {
+        Ok(match &self.lane_file {
             Some(f) => Lane::load(f, cluster)?,
             None => Lane::embedded(&self.lane, cluster)?,
-        };
-        Ok(LaneOptions {
+        })
+    }
+}
+
+impl LaneRun {
+    pub fn options(&self, lane: Lane) -> LaneOptions {
+        LaneOptions {
             lane,
             artifacts: self.artifacts.clone(),
             keep_going: self.keep_going,
             grace: Duration::from_secs(self.grace),
-        })
+        }
     }
 }
 
@@ -277,6 +334,22 @@ pub fn run(cli: Cli) -> Result<i32> {
             let _lock = state.lock("fresh-smoke")?;
             return Ok(smoke::fresh_smoke(&cluster, &state, &opts, &start.options())? as i32);
         }
+        Cmd::Matrix(run) => return lane_on_running(&cluster, &state, "matrix", &run),
+        Cmd::BenchStorage(run) => return lane_on_running(&cluster, &state, "bench-storage", &run),
+        Cmd::FreshMatrix { lane, start } => {
+            return fresh_lane(&cluster, &state, "matrix", &lane, &start);
+        }
+        Cmd::FreshBenchStorage { lane, start } => {
+            return fresh_lane(&cluster, &state, "bench-storage", &lane, &start);
+        }
+        Cmd::ProviderVmRealityProof { lane, start } => {
+            let name = "provider-vm-reality-proof";
+            return if state.load_running()?.is_some() {
+                lane_on_running(&cluster, &state, name, &lane)
+            } else {
+                fresh_lane(&cluster, &state, name, &lane, &start)
+            };
+        }
         Cmd::Build => {
             let _lock = state.lock("build")?;
             let img = image::build(&cluster, &state)?;
@@ -342,14 +415,12 @@ fn hermetic_run(mut cluster: Cluster, target: &Target, args: &RunArgs) -> Result
         Some(&base),
         &cluster.spec.cluster.state_suffix,
     )?);
-    let lane = LaneArgs {
-        lane: args.lane.clone(),
-        lane_file: args.lane_file.clone(),
+    let opts = LaneOptions {
+        lane: args.select.load(&cluster)?,
         artifacts: args.out.clone(),
         keep_going: args.keep_going,
-        grace: 30,
+        grace: Duration::from_secs(args.grace),
     };
-    let opts = lane.options(&cluster)?;
     let _lock = state.lock("run")?;
     let code = smoke::hermetic(
         &cluster,
@@ -361,6 +432,26 @@ fn hermetic_run(mut cluster: Cluster, target: &Target, args: &RunArgs) -> Result
         args.keep_failed,
     )?;
     Ok(code as i32)
+}
+
+/// An embedded lane against the running cluster (`smoke --lane <name>`).
+fn lane_on_running(cluster: &Cluster, state: &StateDir, lane: &str, run: &LaneRun) -> Result<i32> {
+    let opts = run.options(Lane::embedded(lane, cluster)?);
+    let _lock = state.lock(lane)?;
+    Ok(smoke::smoke(cluster, state, &opts)? as i32)
+}
+
+/// An embedded lane on a fresh cluster (`fresh-smoke --lane <name>`).
+fn fresh_lane(
+    cluster: &Cluster,
+    state: &StateDir,
+    lane: &str,
+    run: &LaneRun,
+    start: &StartArgs,
+) -> Result<i32> {
+    let opts = run.options(Lane::embedded(lane, cluster)?);
+    let _lock = state.lock(&format!("fresh-{lane}"))?;
+    Ok(smoke::fresh_smoke(cluster, state, &opts, &start.options())? as i32)
 }
 
 fn require_running(state: &StateDir) -> Result<RunningCluster> {

@@ -16,6 +16,11 @@ use toml::Spanned;
 /// The lanes shipped with the binary, from `checks/`.
 pub const LANES: &[(&str, &str)] = &[
     ("smoke", include_str!("../checks/smoke.toml")),
+    ("matrix", include_str!("../checks/matrix.toml")),
+    (
+        "bench-storage",
+        include_str!("../checks/bench-storage.toml"),
+    ),
     (
         "provider-vm-reality-proof",
         include_str!("../checks/provider-vm-reality-proof.toml"),
