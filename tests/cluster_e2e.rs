@@ -134,6 +134,161 @@ fn smoke_fails_at_the_broken_unit(state: &Path) {
     common::run(state, &["ssh", "node03", "systemctl start redis-server"]);
 }
 
+/// Every check of a lane, flattened.
+fn checks(result: &Value) -> Vec<&Value> {
+    result["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|l| l["checks"].as_array().unwrap())
+        .collect()
+}
+
+fn check<'a>(result: &'a Value, id: &str) -> &'a Value {
+    checks(result)
+        .into_iter()
+        .find(|c| c["id"] == id)
+        .unwrap_or_else(|| panic!("no check {id}"))
+}
+
+/// Runs a lane command on the running cluster; its result.json and directory.
+fn lane(state: &Path, command: &str, lane: &str) -> (Value, std::path::PathBuf) {
+    let root = artifacts_dir().join("lanes");
+    let out = common::run(state, &[command, "--artifacts", root.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{command}");
+    let dir = root.join(lane).join("latest");
+    (read_json(&dir.join("result.json")), dir)
+}
+
+/// Under TCG a layer that needs nested KVM is degraded; on KVM it passes.
+fn pass_or_tcg_degraded(result: &Value, layer: &str) {
+    let l = result["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == layer)
+        .unwrap();
+    let want = if result["accel"]["used"] == "kvm" {
+        "pass"
+    } else {
+        "degraded"
+    };
+    assert_eq!(l["outcome"], want, "{layer}: {l}");
+}
+
+/// The other lanes on the same booted cluster: the provider and VM-hosting
+/// proof with its artifact subtrees, the matrix, the storage benchmark, and
+/// a migration whose volume is not shared, which must fail.
+fn lanes_on_the_running_cluster(state: &Path) {
+    let (result, dir) = lane(
+        state,
+        "provider-vm-reality-proof",
+        "provider-vm-reality-proof",
+    );
+    pass_or_tcg_degraded(&result, "vm-hosting");
+    assert_eq!(result["layers"][1]["name"], "network-provider");
+    assert_eq!(result["layers"][1]["outcome"], "pass");
+    let drain = read_json(&dir.join("network-provider/fiberlb-drain.json"));
+    assert_eq!(drain["outcome"], "pass", "{drain}");
+    let drained = drain["evidence"]["drained"]["rounds"].as_array().unwrap();
+    assert!(drained.last().unwrap().get("node04").is_none(), "{drain}");
+    assert!(
+        dir.join("network-provider/dns-workload-node01.json")
+            .is_file()
+    );
+    assert!(dir.join("network-provider/journal-node01.log").is_file());
+    let migration = read_json(&dir.join("vm-hosting/migration.json"));
+    let watch = &migration["evidence"]["watch"];
+    let (last, first) = (
+        watch["source_last_letter"].as_str().unwrap().as_bytes()[0],
+        watch["destination_first_letter"]
+            .as_str()
+            .unwrap()
+            .as_bytes()[0],
+    );
+    assert_eq!(first, if last == b'Z' { b'A' } else { last + 1 }, "{watch}");
+    assert_eq!(
+        migration["evidence"]["migration"]["stats"]["status"],
+        "completed"
+    );
+    assert!(
+        migration["evidence"]["volume_after"]["read"]
+            .as_str()
+            .unwrap()
+            .contains("read 65536/65536")
+    );
+    assert_eq!(
+        result["artifacts"]["check:vm-live-migration@node04"],
+        "vm-hosting/migration.json"
+    );
+
+    let (result, _) = lane(state, "matrix", "matrix");
+    for layer in ["boot", "network", "state", "gateway"] {
+        let l = result["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == layer);
+        assert_eq!(l.unwrap()["outcome"], "pass", "{layer}");
+    }
+    pass_or_tcg_degraded(&result, "hosting");
+
+    let (result, dir) = lane(state, "bench-storage", "bench-storage");
+    let bench = check(&result, "remote-vs-local-export@node04");
+    assert_eq!(bench["outcome"], "pass", "{bench}");
+    for mode in ["read", "write"] {
+        let ratio = bench["evidence"][mode]["ratio"].as_f64().unwrap();
+        assert!(ratio > 0.0, "{mode}: {bench}");
+        assert_eq!(
+            bench["evidence"][mode]["subject_mb_s"]
+                .as_array()
+                .unwrap()
+                .len(),
+            3
+        );
+    }
+    assert!(dir.join("bench/storage-node04.json").is_file());
+
+    // Zero the destination's own volume where the check writes its pattern,
+    // so that only a really shared volume could hold it.
+    let out = common::run(
+        state,
+        &[
+            "ssh",
+            "node05",
+            "qemu-io -f raw -c 'write -z 512k 64k' nbd://127.0.0.1:10809/vol0",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let root = artifacts_dir().join("lanes");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/unshared-volume.toml");
+    let out = common::run(
+        state,
+        &[
+            "smoke",
+            "--lane-file",
+            fixture.to_str().unwrap(),
+            "--artifacts",
+            root.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "an unshared volume fails the migration check"
+    );
+    let result = read_json(&root.join("unshared-volume/latest/result.json"));
+    let c = check(&result, "vm-migration@node04");
+    assert_eq!(c["outcome"], "fail");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not hold the source's write"),
+        "{c}"
+    );
+}
+
 /// fresh-smoke from nothing: clean, build, start, every layer, stop. Exit 0
 /// with the nested layer honestly degraded under TCG, and the artifact tree.
 fn fresh_smoke_passes_with_evidence(state: &Path) {
@@ -332,6 +487,7 @@ fn reference_cluster_end_to_end() {
     );
 
     smoke_fails_at_the_broken_unit(&state);
+    lanes_on_the_running_cluster(&state);
 
     let out = common::run(&state, &["stop"]);
     assert_eq!(out.status.code(), Some(0), "stop");

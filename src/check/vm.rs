@@ -304,7 +304,11 @@ fn run(
     });
 
     // Shared storage: a pattern written through the source VM's disk.
-    let pattern = format!("0x{:02x}", 0x20 + (std::process::id() as u8 % 0xd0));
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let pattern = format!("0x{:02x}", 0x20 + (nanos % 0xd0));
     let write = src.hmp(&format!("qemu-io vol0 \"write -P {pattern} 512k 64k\""))?;
     evidence["volume_before"] = json!({ "pattern": pattern, "write": write.trim() });
     if !write.contains("wrote 65536/65536") {
