@@ -65,17 +65,10 @@
       };
 
       checks.${system} = {
+        # The driver's embedded lanes (checks/<lane>.toml), one derivation each.
         fresh-smoke = check { name = "fresh-smoke"; lane = "smoke"; };
-        # Lanes the driver does not ship yet (checks/<lane>.toml): wired by
-        # name; they fail with exit 2 until the lane exists (docs/nix.md).
         fresh-matrix = check { name = "fresh-matrix"; lane = "matrix"; };
-        bench-storage = check {
-          name = "bench-storage";
-          lane = "bench-storage";
-          profile = "reference-storage";
-          images = referenceStorage.all;
-          timeout = 7200;
-        };
+        bench-storage = check { name = "bench-storage"; lane = "bench-storage"; timeout = 7200; };
         provider-vm-reality-proof = check { name = "provider-vm-reality-proof"; lane = "provider-vm-reality-proof"; };
 
         # Unit tests only: the integration tests boot VMs or need nix-bin.

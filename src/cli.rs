@@ -28,6 +28,8 @@ use std::time::Duration;
 ///   photon-cluster build            # build the images (cached by recipe)
 ///   photon-cluster start            # boot every node, wait until ready
 ///   photon-cluster smoke            # run the smoke lane against it
+///   photon-cluster matrix           # composed scenarios (also bench-storage,
+///                                   # provider-vm-reality-proof)
 ///   photon-cluster status           # state, accel, ports, units per node
 ///   photon-cluster ssh node04       # a shell on node04
 ///   photon-cluster stop             # power down, kill after a deadline

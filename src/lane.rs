@@ -322,6 +322,22 @@ mod tests {
         }
     }
 
+    /// The PhotonCloud lanes cannot run here (no PhotonCloud), but they must
+    /// stay valid against the PhotonCloud cluster files.
+    #[test]
+    fn photoncloud_lanes_expand_against_their_clusters() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let main = Cluster::load(&root.join("nix/test-cluster/cluster.toml")).unwrap();
+        let storage = Cluster::load(&root.join("nix/test-cluster/storage-cluster.toml")).unwrap();
+        for lane in ["smoke", "matrix", "provider-vm-reality-proof", "bench-storage"] {
+            let cluster = if lane == "bench-storage" { &storage } else { &main };
+            let file = root.join(format!("checks/photoncloud/{lane}.toml"));
+            let parsed = Lane::load(&file, cluster).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(parsed.name, lane);
+            assert!(parsed.check_count() > 1, "{lane}");
+        }
+    }
+
     #[test]
     fn targets_expand_roles_and_fill_placeholders() {
         let text = r#"
