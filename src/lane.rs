@@ -329,8 +329,17 @@ mod tests {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let main = Cluster::load(&root.join("nix/test-cluster/cluster.toml")).unwrap();
         let storage = Cluster::load(&root.join("nix/test-cluster/storage-cluster.toml")).unwrap();
-        for lane in ["smoke", "matrix", "provider-vm-reality-proof", "bench-storage"] {
-            let cluster = if lane == "bench-storage" { &storage } else { &main };
+        for lane in [
+            "smoke",
+            "matrix",
+            "provider-vm-reality-proof",
+            "bench-storage",
+        ] {
+            let cluster = if lane == "bench-storage" {
+                &storage
+            } else {
+                &main
+            };
             let file = root.join(format!("checks/photoncloud/{lane}.toml"));
             let parsed = Lane::load(&file, cluster).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(parsed.name, lane);

@@ -134,23 +134,6 @@ fn smoke_fails_at_the_broken_unit(state: &Path) {
     common::run(state, &["ssh", "node03", "systemctl start redis-server"]);
 }
 
-/// Every check of a lane, flattened.
-fn checks(result: &Value) -> Vec<&Value> {
-    result["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|l| l["checks"].as_array().unwrap())
-        .collect()
-}
-
-fn check<'a>(result: &'a Value, id: &str) -> &'a Value {
-    checks(result)
-        .into_iter()
-        .find(|c| c["id"] == id)
-        .unwrap_or_else(|| panic!("no check {id}"))
-}
-
 /// Runs a lane command on the running cluster; its result.json and directory.
 fn lane(state: &Path, command: &str, lane: &str) -> (Value, std::path::PathBuf) {
     let root = artifacts_dir().join("lanes");
@@ -234,7 +217,7 @@ fn lanes_on_the_running_cluster(state: &Path) {
     pass_or_tcg_degraded(&result, "hosting");
 
     let (result, dir) = lane(state, "bench-storage", "bench-storage");
-    let bench = check(&result, "remote-vs-local-export@node04");
+    let bench = common::check(&result, "remote-vs-local-export@node04");
     assert_eq!(bench["outcome"], "pass", "{bench}");
     for mode in ["read", "write"] {
         let ratio = bench["evidence"][mode]["ratio"].as_f64().unwrap();
@@ -278,7 +261,7 @@ fn lanes_on_the_running_cluster(state: &Path) {
         "an unshared volume fails the migration check"
     );
     let result = read_json(&root.join("unshared-volume/latest/result.json"));
-    let c = check(&result, "vm-migration@node04");
+    let c = common::check(&result, "vm-migration@node04");
     assert_eq!(c["outcome"], "fail");
     assert!(
         c["message"]

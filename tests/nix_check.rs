@@ -169,13 +169,7 @@ fn check_derivations_build_with_real_nix() {
         "{junit}"
     );
     assert!(junit.contains(r#"failures="1""#), "{junit}");
-    let cmdline = result["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|l| l["checks"].as_array().unwrap())
-        .find(|c| c["id"] == "node-image-cmdline@solo")
-        .expect("the cmdline check ran");
+    let cmdline = common::check(&result, "node-image-cmdline@solo");
     assert_eq!(cmdline["outcome"], "pass", "{cmdline}");
     assert!(
         std::fs::metadata(out_dir.join("nodes/solo/vm.log"))

@@ -14,6 +14,7 @@ mod kv;
 mod lb;
 mod metrics;
 mod nested;
+mod remote_write;
 mod system;
 mod vm;
 mod volume;
@@ -111,6 +112,14 @@ pub enum CheckKind {
         prometheus: String,
         protected_url: String,
     },
+    /// A Prometheus remote-write request (protobuf + snappy) from the host
+    /// through the target's forward; an instant query must return the sample.
+    RemoteWrite {
+        #[serde(default = "prometheus_forward")]
+        forward: String,
+        #[serde(default = "remote_write_path")]
+        path: String,
+    },
     /// Drain a load balancer backend server through HAProxy's runtime API,
     /// then restore it; traffic through `frontend` must follow both times.
     LbDrain {
@@ -148,6 +157,12 @@ pub enum CheckKind {
     },
 }
 
+fn prometheus_forward() -> String {
+    "prometheus".into()
+}
+fn remote_write_path() -> String {
+    "/api/v1/write".into()
+}
 fn lb_frontend() -> String {
     "http://127.0.0.1/".into()
 }
@@ -209,6 +224,7 @@ impl CheckKind {
             CheckKind::NestedGuest { .. } => "nested_guest",
             CheckKind::HostForward { .. } => "host_forward",
             CheckKind::ServiceAuth { .. } => "service_auth",
+            CheckKind::RemoteWrite { .. } => "remote_write",
             CheckKind::LbDrain { .. } => "lb_drain",
             CheckKind::VmMigration { .. } => "vm_migration",
             CheckKind::VolumeBench { .. } => "volume_bench",
@@ -241,7 +257,9 @@ impl CheckKind {
         let mut kind: CheckKind = serde_json::from_value(value).map_err(|e| e.to_string())?;
         let node = target.and_then(|t| cluster.node(t));
         match &mut kind {
-            CheckKind::Dns { forward, .. } | CheckKind::HostForward { forward, .. } => {
+            CheckKind::Dns { forward, .. }
+            | CheckKind::HostForward { forward, .. }
+            | CheckKind::RemoteWrite { forward, .. } => {
                 let want = if matches!(self, CheckKind::Dns { .. }) {
                     Proto::Udp
                 } else {
@@ -517,6 +535,9 @@ pub fn attempt(
             prometheus,
             protected_url,
         } => auth::prometheus_job(&*guest()?, job, prometheus, protected_url, budget),
+        CheckKind::RemoteWrite { forward, path } => {
+            remote_write::write_then_query(ctx, node()?, forward, path, budget)
+        }
         CheckKind::LbDrain {
             frontend,
             runtime,

@@ -74,3 +74,14 @@ pub fn reference_images() -> PathBuf {
         .trim();
     Path::new(rootfs).parent().unwrap().to_path_buf()
 }
+
+/// A check of a result.json by id, from any layer.
+pub fn check<'a>(result: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
+    result["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|l| l["checks"].as_array().unwrap())
+        .find(|c| c["id"] == id)
+        .unwrap_or_else(|| panic!("no check {id} in result.json"))
+}
