@@ -200,5 +200,6 @@ fn hermetic_run_refuses_paths_outside_the_store() {
     fs::remove_file(images.join("initrd.img")).unwrap();
     let out = run();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no initrd.img"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the top level lacks initrd.img"), "{err}");
 }

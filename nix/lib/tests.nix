@@ -120,7 +120,7 @@ let
         map (id: builtins.elem id ids) [ "image" "etcd-health@node01" "etcd-health@node03" "web@node05" "etcd-members" "gateway" "inner-guest@node04" ];
       expected = [ true true true true true true true ];
     };
-    lane-checks-count = { expr = builtins.length (lib.laneChecks reference smoke); expected = 55; };
+    lane-checks-count = { expr = builtins.length (lib.laneChecks reference smoke); expected = 56; };
     lane-nodes = { expr = lib.laneNodes reference smoke; expected = reference.nodeNames; };
 
     # --- mkClusterCheck: the derivation

@@ -52,12 +52,18 @@ pub fn scan<'a>(dir: &Path, nodes: impl IntoIterator<Item = &'a str>) -> Result<
         );
     }
     if !missing.is_empty() {
+        let lacks: Vec<&str> = FILES
+            .iter()
+            .copied()
+            .filter(|f| !dir.join(f).is_file())
+            .collect();
         return Err(bad_input(format!(
-            "image directory {}: no image for {} (expected <node>/ or the top level \
-             to hold {})",
+            "image directory {}: no image for {}: neither <node>/ nor the top level \
+             holds {} (the top level lacks {})",
             dir.display(),
             missing.join(", "),
-            FILES.join(", ")
+            FILES.join(", "),
+            lacks.join(", ")
         )));
     }
     // The cluster-wide paths (the KVM probe boots them): the shared image,
