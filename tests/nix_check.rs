@@ -2,7 +2,7 @@
 //! Debian's nix-bin through the builtins-only library (nix/ci/check.nix).
 //! The driver is this cargo build, the images come from the driver's Debian
 //! build, QEMU and friends from the host (recorded as impure). One
-//! derivation boots the reference cluster and runs the smoke lane; the
+//! derivation boots the reference cluster and runs the provider-vm-reality-proof lane; the
 //! others boot a one-node cluster with a lane that fails on purpose, with
 //! and without the opt-in that keeps a failed lane's evidence.
 
@@ -85,9 +85,25 @@ fn check_derivations_build_with_real_nix() {
     let images = common::reference_images();
     let images = images.to_str().unwrap();
 
-    // The reference cluster, smoke lane: the derivation's output is the artifact tree.
-    let (out, path) = nix_build("fresh-smoke", &["--argstr", "images", images]);
-    assert!(out.status.success(), "the smoke check derivation builds");
+    // The reference cluster, the provider-vm-reality-proof lane (the flake's
+    // check of that name): the derivation's output is the artifact tree,
+    // with the lane's network-provider/ and vm-hosting/ subtrees. (The smoke
+    // lane runs twice in tests/cluster_e2e.rs.)
+    let (out, path) = nix_build(
+        "provider-vm-reality-proof",
+        &[
+            "--argstr",
+            "images",
+            images,
+            "--argstr",
+            "lane",
+            "provider-vm-reality-proof",
+            "--argstr",
+            "name",
+            "provider-vm-reality-proof",
+        ],
+    );
+    assert!(out.status.success(), "the check derivation builds");
     let out_dir = path.expect("out link");
     assert!(out_dir.starts_with("/nix/store"), "{}", out_dir.display());
     let result = json(&out_dir.join("result.json"));
@@ -114,6 +130,16 @@ fn check_derivations_build_with_real_nix() {
     assert_eq!(result["nodes"].as_object().unwrap().len(), 6);
     assert!(out_dir.join("junit.xml").is_file());
     assert!(out_dir.join("report.md").is_file());
+    assert_eq!(result["lane"], "provider-vm-reality-proof");
+    assert_eq!(
+        json(&out_dir.join("network-provider/fiberlb-drain.json"))["outcome"],
+        "pass"
+    );
+    let migration = json(&out_dir.join("vm-hosting/migration.json"));
+    assert_eq!(
+        migration["evidence"]["migration"]["stats"]["status"], "completed",
+        "{migration}"
+    );
     assert!(
         std::fs::metadata(out_dir.join("nodes/node04/vm.log"))
             .unwrap()
