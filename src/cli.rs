@@ -495,3 +495,22 @@ fn interactive_ssh(record: &RunningCluster, node: &str) -> Result<i32> {
         .exec();
     Err(err).context("running ssh (install openssh-client)")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lane_commands_name_their_lane_and_keep_the_seed_aliases() {
+        let cli = Cli::try_parse_from(["photon-cluster", "fresh-storage-bench", "--accel", "tcg"])
+            .unwrap();
+        assert!(matches!(cli.command, Cmd::FreshBenchStorage { .. }));
+        // The shorthand commands have no --lane: their lane is their name.
+        assert!(Cli::try_parse_from(["photon-cluster", "matrix", "--lane", "smoke"]).is_err());
+        let cli = Cli::try_parse_from(["photon-cluster", "smoke", "--lane", "matrix"]).unwrap();
+        match cli.command {
+            Cmd::Smoke(args) => assert_eq!(args.select.lane, "matrix"),
+            c => panic!("{c:?}"),
+        }
+    }
+}
