@@ -103,6 +103,8 @@ pub enum Cmd {
     },
     /// Check a cluster definition and exit: 0 if valid, 2 with file:line:field if not.
     Check,
+    /// List the embedded lanes, their layers and check counts for this cluster.
+    Lanes,
     /// Hermetic lane run for Nix builders: boot from --image-dir, run the lane,
     /// stop, and write the artifacts straight into --out (plus
     /// nix-support/hydra-build-products). No HOME needed: state goes under
@@ -247,8 +249,8 @@ pub struct RunArgs {
 }
 
 impl LaneArgs {
-    pub fn options(&self, cluster: &Cluster) -> Result<LaneOptions> {
-        Ok(self.run.options(self.select.load(cluster)?))
+    pub fn options(&self, cluster: &Cluster, command: &str) -> Result<LaneOptions> {
+        Ok(self.run.options(self.select.load(cluster)?, command))
     }
 }
 
@@ -262,8 +264,9 @@ impl LaneSelect {
 }
 
 impl LaneRun {
-    pub fn options(&self, lane: Lane) -> LaneOptions {
+    pub fn options(&self, lane: Lane, command: &str) -> LaneOptions {
         LaneOptions {
+            command: command.into(),
             lane,
             artifacts: self.artifacts.clone(),
             keep_going: self.keep_going,
@@ -313,8 +316,24 @@ pub fn run(cli: Cli) -> Result<i32> {
                 cluster.spec.nodes.len()
             );
         }
+        Cmd::Lanes => {
+            for (name, _) in crate::lane::LANES {
+                match Lane::embedded(name, &cluster) {
+                    Ok(l) => {
+                        println!(
+                            "{name:<28} {:>3} checks  {}",
+                            l.check_count(),
+                            l.description
+                        );
+                        let layers: Vec<&str> = l.layers.iter().map(|l| l.name.as_str()).collect();
+                        println!("{:<28} layers: {}", "", layers.join(", "));
+                    }
+                    Err(e) => println!("{name:<28} not valid for this cluster: {}", e.message),
+                }
+            }
+        }
         Cmd::Validate { lane, json } => {
-            let lane = lane.options(&cluster)?.lane;
+            let lane = lane.options(&cluster, "validate")?.lane;
             let items = crate::validate::run(&cluster, &state, &lane);
             if json {
                 println!("{}", serde_json::to_string_pretty(&items)?);
@@ -327,29 +346,30 @@ pub fn run(cli: Cli) -> Result<i32> {
             return Ok(if failed { 1 } else { 0 });
         }
         Cmd::Smoke(lane) => {
-            let opts = lane.options(&cluster)?;
+            let opts = lane.options(&cluster, "smoke")?;
             let _lock = state.lock("smoke")?;
             return Ok(smoke::smoke(&cluster, &state, &opts)? as i32);
         }
         Cmd::FreshSmoke { lane, start } => {
-            let opts = lane.options(&cluster)?;
+            let opts = lane.options(&cluster, "fresh-smoke")?;
             let _lock = state.lock("fresh-smoke")?;
             return Ok(smoke::fresh_smoke(&cluster, &state, &opts, &start.options())? as i32);
         }
         Cmd::Matrix(run) => return lane_on_running(&cluster, &state, "matrix", &run),
         Cmd::BenchStorage(run) => return lane_on_running(&cluster, &state, "bench-storage", &run),
         Cmd::FreshMatrix { lane, start } => {
-            return fresh_lane(&cluster, &state, "matrix", &lane, &start);
+            return fresh_lane(&cluster, &state, "matrix", &lane, &start, "fresh-matrix");
         }
         Cmd::FreshBenchStorage { lane, start } => {
-            return fresh_lane(&cluster, &state, "bench-storage", &lane, &start);
+            let cmd = "fresh-bench-storage";
+            return fresh_lane(&cluster, &state, "bench-storage", &lane, &start, cmd);
         }
         Cmd::ProviderVmRealityProof { lane, start } => {
             let name = "provider-vm-reality-proof";
             return if state.load_running()?.is_some() {
                 lane_on_running(&cluster, &state, name, &lane)
             } else {
-                fresh_lane(&cluster, &state, name, &lane, &start)
+                fresh_lane(&cluster, &state, name, &lane, &start, name)
             };
         }
         Cmd::Build => {
@@ -418,6 +438,7 @@ fn hermetic_run(mut cluster: Cluster, target: &Target, args: &RunArgs) -> Result
         &cluster.spec.cluster.state_suffix,
     )?);
     let opts = LaneOptions {
+        command: "run".into(),
         lane: args.select.load(&cluster)?,
         artifacts: args.out.clone(),
         keep_going: args.keep_going,
@@ -436,9 +457,10 @@ fn hermetic_run(mut cluster: Cluster, target: &Target, args: &RunArgs) -> Result
     Ok(code as i32)
 }
 
-/// An embedded lane against the running cluster (`smoke --lane <name>`).
+/// An embedded lane against the running cluster (`smoke --lane <name>`),
+/// from the command of the lane's name.
 fn lane_on_running(cluster: &Cluster, state: &StateDir, lane: &str, run: &LaneRun) -> Result<i32> {
-    let opts = run.options(Lane::embedded(lane, cluster)?);
+    let opts = run.options(Lane::embedded(lane, cluster)?, lane);
     let _lock = state.lock(lane)?;
     Ok(smoke::smoke(cluster, state, &opts)? as i32)
 }
@@ -450,8 +472,9 @@ fn fresh_lane(
     lane: &str,
     run: &LaneRun,
     start: &StartArgs,
+    command: &str,
 ) -> Result<i32> {
-    let opts = run.options(Lane::embedded(lane, cluster)?);
+    let opts = run.options(Lane::embedded(lane, cluster)?, command);
     let _lock = state.lock(&format!("fresh-{lane}"))?;
     Ok(smoke::fresh_smoke(cluster, state, &opts, &start.options())? as i32)
 }

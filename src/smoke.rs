@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub struct LaneOptions {
+    /// The command, as result.json records it (`smoke`, `fresh-matrix`, `run`, ...).
+    pub command: String,
     pub lane: Lane,
     /// Artifacts go to `<root>/<lane>/<timestamp>` (`latest` points there).
     pub artifacts: PathBuf,
@@ -36,7 +38,7 @@ pub fn smoke(cluster: &Cluster, state: &StateDir, opts: &LaneOptions) -> Result<
     })?;
     let dir = report::create_dir(&opts.artifacts, &opts.lane.name)?;
     let started = Instant::now();
-    let mut rep = RunReport::new("smoke", &opts.lane.name, &opts.lane.source, cluster);
+    let mut rep = RunReport::new(&opts.command, &opts.lane.name, &opts.lane.source, cluster);
     check_cluster(&mut rep, cluster, state, &record, opts, &dir, started);
     conclude(rep, &dir, started)
 }
@@ -51,7 +53,7 @@ pub fn fresh_smoke(
 ) -> Result<u8> {
     let dir = report::create_dir(&opts.artifacts, &opts.lane.name)?;
     let started = Instant::now();
-    let mut rep = RunReport::new("fresh-smoke", &opts.lane.name, &opts.lane.source, cluster);
+    let mut rep = RunReport::new(&opts.command, &opts.lane.name, &opts.lane.source, cluster);
     let ok = step(&mut rep, "clean", || {
         cluster::clean(state, false).map(|_| "runtime state removed".into())
     }) && step(&mut rep, "build", || {
@@ -78,7 +80,7 @@ pub fn hermetic(
 ) -> Result<u8> {
     std::fs::create_dir_all(out)?;
     let started = Instant::now();
-    let mut rep = RunReport::new("run", &opts.lane.name, &opts.lane.source, cluster);
+    let mut rep = RunReport::new(&opts.command, &opts.lane.name, &opts.lane.source, cluster);
     rep.hermetic = Some(paths);
     boot_check_stop(&mut rep, cluster, state, opts, start, out, started);
     rep.finish(started);

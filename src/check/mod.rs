@@ -423,7 +423,7 @@ impl Ctx<'_> {
 }
 
 /// SSH sessions to the nodes, opened on first use and shared by the
-/// engine's threads. A session that failed is dropped, so the next attempt
+/// engine's threads. A session that broke is dropped, so the next attempt
 /// reconnects.
 pub struct GuestPool {
     record: RunningCluster,
@@ -590,8 +590,12 @@ pub fn attempt(
             },
         ),
     };
-    if result.is_err()
-        && let Some(t) = target
+    // A broken session (an SSH or socket error anywhere in the chain) is
+    // dropped so the next attempt reconnects; a probe that merely failed
+    // keeps it.
+    if let (Err(e), Some(t)) = (&result, target)
+        && e.chain()
+            .any(|c| c.is::<ssh2::Error>() || c.is::<std::io::Error>())
     {
         ctx.guests.forget(t);
     }

@@ -111,7 +111,15 @@ impl Side<'_> {
             "execute": "human-monitor-command",
             "arguments": {"command-line": line},
         }))?;
-        self.sh(&format!("tail -c +{} {out}", before + 1), 10)
+        // QEMU may flush its stdout a moment after the reply.
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            let added = self.sh(&format!("tail -c +{} {out}", before + 1), 10)?;
+            if !added.trim().is_empty() || Instant::now() >= until {
+                return Ok(added);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     fn status(&self) -> Result<String> {
