@@ -387,6 +387,18 @@ fn fresh_smoke_passes_with_evidence(state: &Path) {
     );
 }
 
+/// Stops the cluster when the test panics, so a failed assertion does not
+/// leave six QEMUs running on the CI machine.
+struct StopOnPanic(std::path::PathBuf);
+
+impl Drop for StopOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            common::run(&self.0, &["stop", "--grace", "5"]);
+        }
+    }
+}
+
 #[test]
 fn reference_cluster_end_to_end() {
     let state = common::state_dir();
@@ -398,6 +410,7 @@ fn reference_cluster_end_to_end() {
     );
     // A cluster left over from an aborted earlier run must not leak into this one.
     common::run(&state, &["stop", "--grace", "5"]);
+    let _stop = StopOnPanic(state.clone());
 
     interrupt_during_start_leaves_nothing(&state);
 

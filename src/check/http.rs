@@ -105,6 +105,16 @@ pub fn in_guest(
     })
 }
 
+/// An HTTP client for requests from the host: every status is a response
+/// to judge, not an error, and no request outlives `budget` (or 30 s).
+pub fn host_agent(budget: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(budget.min(Duration::from_secs(30))))
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
 /// A GET from the host to 127.0.0.1:<forward's host port><path>.
 pub fn from_host(
     ctx: &Ctx,
@@ -117,12 +127,7 @@ pub fn from_host(
     let fwd = ctx.forward(node, forward)?;
     let url = format!("http://127.0.0.1:{}{path}", fwd.host);
     let evidence = json!({ "url": url, "forward": format!("{node}/{forward} {fwd}") });
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(budget.min(Duration::from_secs(30))))
-        .http_status_as_error(false)
-        .build()
-        .into();
-    Ok(match agent.get(&url).call() {
+    Ok(match host_agent(budget).get(&url).call() {
         Ok(mut resp) => {
             let status = resp.status().as_u16();
             let body = resp.body_mut().read_to_string().unwrap_or_default();

@@ -90,11 +90,7 @@ pub fn write_then_query(
         "value": value,
         "timestamp_ms": ts,
     });
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(budget.min(Duration::from_secs(30))))
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let agent = super::http::host_agent(budget);
     let started = Instant::now();
     let resp = agent
         .post(&format!("{base}{write_path}"))

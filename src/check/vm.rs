@@ -63,17 +63,26 @@ impl Side<'_> {
         self.guest.succeed(command, Duration::from_secs(secs))
     }
 
-    /// QMP commands through the VM's socket; their `return` values.
+    /// QMP commands through the VM's socket; their `return` values. The
+    /// connection stays open until every command has answered (up to 60 s):
+    /// a loaded TCG guest can take seconds to answer, so a fixed wait is
+    /// either slow or too short.
     fn qmp(&self, commands: &[Value]) -> Result<Vec<Value>> {
         let mut lines = vec![json!({"execute": "qmp_capabilities"}).to_string()];
         lines.extend(commands.iter().map(|c| c.to_string()));
         let script: Vec<String> = lines.iter().map(|l| shell_quote(l)).collect();
         let out = self.sh(
             &format!(
-                "printf '%s\\n' {} | socat -t2 - UNIX-CONNECT:{DIR}/qmp.sock",
-                script.join(" ")
+                "d=$(mktemp -d) && mkfifo $d/in && \
+                 {{ socat UNIX-CONNECT:{DIR}/qmp.sock STDIO <$d/in >$d/out 2>&1 & }} && \
+                 exec 3>$d/in && printf '%s\\n' {} >&3; i=0; \
+                 while n=$(grep -c -e '\"return\"' -e '\"error\"' $d/out 2>/dev/null); \
+                   [ \"${{n:-0}}\" -lt {} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; \
+                 exec 3>&-; wait; cat $d/out; rm -rf $d",
+                script.join(" "),
+                lines.len()
             ),
-            30,
+            90,
         )?;
         let replies: Vec<Value> = out
             .lines()
