@@ -12,7 +12,7 @@
 use super::{Verdict, shell_quote};
 use crate::guest::Guest;
 use anyhow::Result;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -67,13 +67,14 @@ impl Drain<'_> {
             .to_string())
     }
 
-    /// Rounds until `ok` holds for one, or `budget` runs out.
+    /// Rounds until `ok` holds for one, or `budget` runs out: the seconds,
+    /// every round, and whether `ok` held for the last.
     fn until(
         &self,
         guest: &Guest,
         budget: Duration,
-        ok: impl Fn(&BTreeMap<String, u32>) -> bool,
-    ) -> Result<(f64, Vec<BTreeMap<String, u32>>)> {
+        ok: impl Fn(&Round) -> bool,
+    ) -> Result<(f64, Vec<Round>, bool)> {
         let started = Instant::now();
         let mut rounds = Vec::new();
         loop {
@@ -81,15 +82,18 @@ impl Drain<'_> {
             let done = ok(&r);
             rounds.push(r);
             if done || started.elapsed() >= budget {
-                return Ok((started.elapsed().as_secs_f64(), rounds));
+                return Ok((started.elapsed().as_secs_f64(), rounds, done));
             }
         }
     }
 }
 
+/// Answers per backend in one round of requests.
+type Round = BTreeMap<String, u32>;
+
 pub fn drain(guest: &Guest, d: &Drain, budget: Duration) -> Result<Verdict> {
     let set = |state: &str| format!("set server {}/{} state {state}", d.backend, d.server);
-    let hits = |r: &BTreeMap<String, u32>| r.get(d.server).copied().unwrap_or(0);
+    let hits = |r: &Round| r.get(d.server).copied().unwrap_or(0);
     let mut evidence = json!({ "frontend": d.frontend, "backend": d.backend, "server": d.server });
     let before = d.round(guest)?;
     evidence["before"] = json!({ "answers": before, "server_state": d.state(guest)? });
@@ -107,20 +111,18 @@ pub fn drain(guest: &Guest, d: &Drain, budget: Duration) -> Result<Verdict> {
     let drained = d.until(guest, phase, |r| hits(r) == 0 && !r.is_empty());
     // Restore whatever happened, so a failure leaves the listener whole.
     let restore = d.runtime(guest, &set("ready"));
-    let (drain_s, drain_rounds) = drained?;
+    let (drain_s, drain_rounds, drained_ok) = drained?;
     restore?;
+    let drained_last = json!(drain_rounds.last());
     evidence["drained"] = json!({ "seconds": drain_s, "rounds": drain_rounds });
-    let (restore_s, restore_rounds) = d.until(guest, phase, |r| hits(r) > 0)?;
+    let (restore_s, restore_rounds, restored_ok) = d.until(guest, phase, |r| hits(r) > 0)?;
+    let restored_last = json!(restore_rounds.last());
     evidence["restored"] = json!({
         "seconds": restore_s,
         "rounds": restore_rounds,
         "server_state": d.state(guest)?,
     });
-    let last = |v: &Value| v["rounds"].as_array().and_then(|r| r.last()).cloned();
-    let drained_last = last(&evidence["drained"]).unwrap_or_default();
-    let restored_last = last(&evidence["restored"]).unwrap_or_default();
-    if drained_last.get(d.server).is_some() || drained_last.as_object().is_none_or(|m| m.is_empty())
-    {
+    if !drained_ok {
         return Ok(Verdict::fail(
             format!(
                 "{} still answered after the drain ({drain_s:.1} s)",
@@ -129,7 +131,7 @@ pub fn drain(guest: &Guest, d: &Drain, budget: Duration) -> Result<Verdict> {
             evidence,
         ));
     }
-    if restored_last.get(d.server).is_none() {
+    if !restored_ok {
         return Ok(Verdict::fail(
             format!(
                 "{} did not answer again after restore ({restore_s:.1} s)",
