@@ -296,7 +296,7 @@ impl Target {
     pub fn state(&self, cluster: &Cluster) -> Result<StateDir> {
         Ok(StateDir::new(state::state_dir(
             self.state_dir.as_deref(),
-            &cluster.spec.cluster.state_suffix,
+            &cluster.state_suffix,
         )?))
     }
 }
@@ -313,7 +313,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             println!(
                 "{}: valid ({} nodes)",
                 cluster.source.display(),
-                cluster.spec.nodes.len()
+                cluster.nodes.len()
             );
         }
         Cmd::Lanes => {
@@ -433,10 +433,7 @@ fn hermetic_run(mut cluster: Cluster, target: &Target, args: &RunArgs) -> Result
         Some(d) => d.clone(),
         None => std::env::temp_dir().join("photon-state"),
     };
-    let state = StateDir::new(state::state_dir(
-        Some(&base),
-        &cluster.spec.cluster.state_suffix,
-    )?);
+    let state = StateDir::new(state::state_dir(Some(&base), &cluster.state_suffix)?);
     let opts = LaneOptions {
         command: "run".into(),
         lane: args.select.load(&cluster)?,

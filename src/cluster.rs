@@ -93,8 +93,8 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
     // Prepare every node's disks before launching any, so bad input or a
     // full disk stops us before a single QEMU runs.
     let mut prepared = Vec::new();
-    for (index, node) in cluster.spec.nodes.iter().enumerate() {
-        let name = node.name.get_ref().clone();
+    for (index, node) in cluster.nodes.iter().enumerate() {
+        let name = node.name.clone();
         let dir = state.node(&name);
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
@@ -141,7 +141,7 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
     )?;
 
     let mut record = RunningCluster {
-        name: cluster.spec.cluster.name.clone(),
+        name: cluster.name.clone(),
         source: cluster.source.display().to_string(),
         accel: accel.clone(),
         started_unix: chrono::Utc::now().timestamp(),
@@ -157,7 +157,7 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
     let order: Vec<String> = cluster
         .boot_order()
         .iter()
-        .map(|n| n.name.get_ref().clone())
+        .map(|n| n.name.clone())
         .collect();
     let t0 = Instant::now();
     for name in &order {
@@ -182,8 +182,8 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
         record.nodes.insert(
             name.clone(),
             RunningNode {
-                role: node.role.get_ref().clone(),
-                address: node.address.get_ref().to_string(),
+                role: node.role,
+                address: node.address.to_string(),
                 pid: child.id() as i32,
                 ssh_port: node_ports.ssh,
                 forwards: node_ports.forwards.clone(),
@@ -239,12 +239,7 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
 
 fn prepared_endpoints(
     record: &RunningCluster,
-    prepared: &[(
-        &crate::spec::NodeSpec,
-        MachineConfig,
-        fabric::NodePorts,
-        String,
-    )],
+    prepared: &[(&crate::spec::Node, MachineConfig, fabric::NodePorts, String)],
 ) -> BTreeMap<String, Endpoint> {
     prepared
         .iter()
@@ -296,7 +291,7 @@ fn wait_ready(
             .map(|(name, node)| {
                 let phases = phases.clone();
                 let spec = cluster.node(name).expect("node in spec");
-                let deps: Vec<String> = spec.depends_on.iter().map(|d| d.get_ref().clone()).collect();
+                let deps: Vec<String> = spec.depends_on.clone();
                 let endpoint = endpoints[name].clone();
                 s.spawn(move || {
                     let console = node.dir.join("vm.log");

@@ -6,7 +6,7 @@
 //! directory, so two clusters on one host never see each other's frames.
 
 use crate::error::bad_input;
-use crate::spec::{Cluster, NodeSpec, Proto};
+use crate::spec::{Cluster, Node, Proto};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -104,12 +104,11 @@ pub fn allocate_ports(cluster: &Cluster) -> Result<BTreeMap<String, NodePorts>> 
         Ok(port)
     };
     let mut out = BTreeMap::new();
-    for node in &cluster.spec.nodes {
-        let name = node.name.get_ref();
+    for node in &cluster.nodes {
+        let name = &node.name;
         let ssh = take(Proto::Tcp, None, &format!("{name}/ssh"))?;
         let mut forwards = BTreeMap::new();
-        for f in &node.forward {
-            let f = f.get_ref();
+        for f in &node.forwards {
             let host = take(f.proto, f.host, &format!("{name}/{}", f.name))?;
             let fwd = PortForward {
                 proto: f.proto,
@@ -125,22 +124,20 @@ pub fn allocate_ports(cluster: &Cluster) -> Result<BTreeMap<String, NodePorts>> 
 
 /// /etc/hosts for every guest: every node by short and qualified name.
 pub fn hosts_file(cluster: &Cluster) -> String {
-    let domain = &cluster.spec.network.domain;
+    let domain = &cluster.network.domain;
     let mut s = String::from("127.0.0.1 localhost\n");
-    for n in &cluster.spec.nodes {
-        let name = n.name.get_ref();
-        s.push_str(&format!("{} {name}.{domain} {name}\n", n.address.get_ref()));
+    for n in &cluster.nodes {
+        let name = &n.name;
+        s.push_str(&format!("{} {name}.{domain} {name}\n", n.address));
     }
     s
 }
 
 /// systemd-networkd files for a node: the slirp NIC with a static address
 /// (no DHCP wait) and the fabric NIC with the node's cluster address.
-pub fn network_files(cluster: &Cluster, index: usize, node: &NodeSpec) -> Vec<(String, String)> {
+pub fn network_files(cluster: &Cluster, index: usize, node: &Node) -> Vec<(String, String)> {
     let (host_mac, fabric_mac) = macs(index);
-    let prefix = crate::spec::parse_subnet(cluster.spec.network.subnet.get_ref())
-        .map(|s| s.prefix)
-        .unwrap_or(24);
+    let prefix = cluster.network.subnet.prefix;
     vec![
         (
             "10-host.network".into(),
@@ -154,7 +151,7 @@ pub fn network_files(cluster: &Cluster, index: usize, node: &NodeSpec) -> Vec<(S
             format!(
                 "[Match]\nMACAddress={fabric_mac}\n\n[Network]\nAddress={}/{prefix}\n\
                  LinkLocalAddressing=no\nIPv6AcceptRA=no\n",
-                node.address.get_ref()
+                node.address
             ),
         ),
     ]

@@ -7,11 +7,10 @@
 //! purpose, `nix-support/failed`.
 
 use crate::error::bad_input;
-use crate::spec::{Cluster, ImageSpec};
+use crate::spec::{Cluster, ImageSource};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use toml::Spanned;
 
 /// The tools a run executes, resolved on PATH.
 pub const TOOLS: &[&str] = &["qemu-system-x86_64", "qemu-img", "ssh-keygen", "mkfs.ext4"];
@@ -92,16 +91,8 @@ pub fn tool_paths() -> Result<Vec<(String, PathBuf)>> {
 pub fn use_image_dir(cluster: &mut Cluster, dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     let record = crate::image::dir::scan(dir, cluster.node_names())
         .with_context(|| format!("--image-dir {}", dir.display()))?;
-    let span = cluster.spec.image.provider.span();
-    cluster.spec.image = ImageSpec {
-        provider: Spanned::new(span.clone(), "prebuilt".into()),
-        suite: None,
-        kernel: None,
-        initrd: None,
-        rootfs: None,
-        dir: Some(Spanned::new(span, dir.to_path_buf())),
-        flake: None,
-        attribute: None,
+    cluster.image = ImageSource::PrebuiltDir {
+        dir: dir.to_path_buf(),
     };
     Ok(record.files())
 }

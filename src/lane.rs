@@ -281,29 +281,7 @@ fn line_of(text: &str, offset: usize) -> usize {
 
 /// Node names for `all`, `role:<role>` and plain names, in cluster order.
 pub fn expand_targets(items: &[String], cluster: &Cluster) -> Result<Vec<String>, String> {
-    let mut out = Vec::new();
-    for item in items {
-        let matched: Vec<String> = cluster
-            .spec
-            .nodes
-            .iter()
-            .filter(|n| match item.strip_prefix("role:") {
-                Some(role) => n.role.get_ref() == role,
-                None => item == "all" || n.name.get_ref() == item,
-            })
-            .map(|n| n.name.get_ref().clone())
-            .collect();
-        if matched.is_empty() {
-            return Err(format!("{item:?} matches no node of the cluster"));
-        }
-        out.extend(
-            matched
-                .into_iter()
-                .filter(|n| !out.contains(n))
-                .collect::<Vec<_>>(),
-        );
-    }
-    Ok(out)
+    cluster.select(items)
 }
 
 #[cfg(test)]

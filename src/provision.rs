@@ -6,7 +6,7 @@
 //! hostname, /etc/hosts, network files, SSH keys, and its role script.
 
 use crate::fabric;
-use crate::spec::{Cluster, NodeSpec};
+use crate::spec::{Cluster, Node, Role};
 use anyhow::{Context, Result, bail};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -82,36 +82,28 @@ pub fn keygen(path: &Path, comment: &str) -> Result<()> {
     Ok(())
 }
 
-fn names_with_role(cluster: &Cluster, role: &str) -> String {
+fn names_with_role(cluster: &Cluster, role: Role) -> String {
     cluster
-        .spec
-        .nodes
-        .iter()
-        .filter(|n| n.role.get_ref() == role)
-        .map(|n| n.name.get_ref().as_str())
+        .with_role(role)
+        .map(|n| n.name.as_str())
         .collect::<Vec<_>>()
         .join(" ")
 }
 
 /// node.env: the facts the guest-side scripts need, as shell assignments.
-pub fn node_env(cluster: &Cluster, node: &NodeSpec, keys: &ClusterKeys) -> String {
-    let all: Vec<&str> = cluster
-        .spec
-        .nodes
-        .iter()
-        .map(|n| n.name.get_ref().as_str())
-        .collect();
+pub fn node_env(cluster: &Cluster, node: &Node, keys: &ClusterKeys) -> String {
+    let all: Vec<&str> = cluster.nodes.iter().map(|n| n.name.as_str()).collect();
     let vars = [
-        ("CLUSTER_NAME", cluster.spec.cluster.name.clone()),
-        ("NODE_NAME", node.name.get_ref().clone()),
-        ("NODE_ROLE", node.role.get_ref().clone()),
-        ("NODE_ADDR", node.address.get_ref().to_string()),
-        ("DOMAIN", cluster.spec.network.domain.clone()),
+        ("CLUSTER_NAME", cluster.name.clone()),
+        ("NODE_NAME", node.name.clone()),
+        ("NODE_ROLE", node.role.name().to_string()),
+        ("NODE_ADDR", node.address.to_string()),
+        ("DOMAIN", cluster.network.domain.clone()),
         ("ALL_NODES", all.join(" ")),
-        ("CONTROL_NODES", names_with_role(cluster, "control")),
-        ("WORKER_NODES", names_with_role(cluster, "worker")),
-        ("GATEWAY_NODES", names_with_role(cluster, "gateway")),
-        ("STORAGE_NODES", names_with_role(cluster, "storage")),
+        ("CONTROL_NODES", names_with_role(cluster, Role::Control)),
+        ("WORKER_NODES", names_with_role(cluster, Role::Worker)),
+        ("GATEWAY_NODES", names_with_role(cluster, Role::Gateway)),
+        ("STORAGE_NODES", names_with_role(cluster, Role::Storage)),
         ("IAM_SECRET", keys.iam_secret.clone()),
     ];
     vars.iter()
@@ -124,7 +116,7 @@ pub fn node_env(cluster: &Cluster, node: &NodeSpec, keys: &ClusterKeys) -> Strin
 pub fn config_disk(
     cluster: &Cluster,
     index: usize,
-    node: &NodeSpec,
+    node: &Node,
     keys: &ClusterKeys,
     dir: &Path,
 ) -> Result<String> {
@@ -140,7 +132,7 @@ pub fn config_disk(
     for (name, text) in fabric::network_files(cluster, index, node) {
         fs::write(tree.join("network").join(name), text)?;
     }
-    let role = node.role.get_ref();
+    let role = node.role.name();
     let script = format!(
         "set -eu\n. /photon/node.env\n{}\n{}\n",
         role_script("common"),
@@ -148,7 +140,7 @@ pub fn config_disk(
     );
     fs::write(tree.join("role.sh"), script)?;
     let host_key = tree.join("ssh_host_ed25519_key");
-    keygen(&host_key, &format!("root@{}", node.name.get_ref()))?;
+    keygen(&host_key, &format!("root@{}", node.name))?;
     let image = dir.join("config.img");
     let _ = fs::remove_file(&image);
     let out = Command::new("mkfs.ext4")
@@ -191,8 +183,11 @@ mod tests {
 
     #[test]
     fn every_role_has_a_script() {
-        for role in crate::spec::ROLES {
-            assert!(!role_script(role).is_empty(), "no script for role {role}");
+        for role in crate::spec::Role::ALL {
+            assert!(
+                !role_script(role.name()).is_empty(),
+                "no script for role {role}"
+            );
         }
     }
 }

@@ -113,12 +113,7 @@ fn boot_check_stop(
         Ok(msg)
     });
     let Some(r) = &record else {
-        let nodes: Vec<String> = cluster
-            .spec
-            .nodes
-            .iter()
-            .map(|n| n.name.get_ref().clone())
-            .collect();
+        let nodes: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
         let t = Instant::now();
         rep.findings = evidence::collect(dir, state, None, None, &nodes);
         rep.layers

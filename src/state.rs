@@ -217,7 +217,7 @@ impl ImageRecord {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunningNode {
-    pub role: String,
+    pub role: crate::spec::Role,
     pub address: String,
     pub pid: i32,
     pub ssh_port: u16,

@@ -21,7 +21,7 @@ pub struct ClusterStatus {
 #[derive(Debug, Serialize)]
 pub struct NodeStatus {
     pub name: String,
-    pub role: String,
+    pub role: crate::spec::Role,
     /// `ready`, `degraded` (units not all active), `unreachable`, `stopped`,
     /// or the QMP run state when not running (e.g. `paused`).
     pub state: String,
@@ -51,7 +51,7 @@ pub fn collect(record: &RunningCluster) -> ClusterStatus {
                 s.spawn(move || {
                     let mut st = NodeStatus {
                         name: name.clone(),
-                        role: n.role.clone(),
+                        role: n.role,
                         state: "stopped".into(),
                         pid: n.pid,
                         ssh_port: n.ssh_port,

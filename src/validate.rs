@@ -76,7 +76,7 @@ pub fn run(cluster: &Cluster, state: &StateDir, lane: &Lane) -> Vec<Item> {
         format!(
             "{}: {} nodes",
             cluster.source.display(),
-            cluster.spec.nodes.len()
+            cluster.nodes.len()
         ),
         None,
     ));
@@ -100,7 +100,8 @@ pub fn run(cluster: &Cluster, state: &StateDir, lane: &Lane) -> Vec<Item> {
             None,
         ),
         Err(e)
-            if cluster.spec.image.provider.get_ref() == "debian" && has_program("mmdebstrap") =>
+            if matches!(cluster.image, crate::spec::ImageSource::Debian { .. })
+                && has_program("mmdebstrap") =>
         {
             item(
                 "image",
@@ -203,7 +204,6 @@ fn nested() -> Item {
 
 fn memory(cluster: &Cluster) -> Item {
     let need: u64 = cluster
-        .spec
         .nodes
         .iter()
         .map(|n| n.memory_mib as u64 + 128)
@@ -239,7 +239,7 @@ fn disk(cluster: &Cluster, state: &StateDir, image_built: bool) -> Item {
         .map(|s| s.blocks_available() * s.fragment_size() / (1024 * 1024))
         .unwrap_or(0);
     // Overlays grow to a few hundred MiB per node; a Debian image build needs a few GiB.
-    let need = cluster.spec.nodes.len() as u64 * 512 + if image_built { 0 } else { 6144 };
+    let need = cluster.nodes.len() as u64 * 512 + if image_built { 0 } else { 6144 };
     let detail = format!(
         "{free_mib} MiB free under {}, about {need} MiB needed",
         probe.display()

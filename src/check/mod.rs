@@ -267,9 +267,9 @@ impl CheckKind {
                 };
                 let found = node
                     .map(|n| {
-                        n.forward
+                        n.forwards
                             .iter()
-                            .any(|f| f.get_ref().name == *forward && f.get_ref().proto == want)
+                            .any(|f| f.name == *forward && f.proto == want)
                     })
                     .unwrap_or(false);
                 if !found {
@@ -318,7 +318,7 @@ pub fn placeholders(s: &str, target: Option<&str>, cluster: &Cluster) -> Result<
     let address = |n: &str| {
         cluster
             .node(n)
-            .map(|n| n.address.get_ref().to_string())
+            .map(|n| n.address.to_string())
             .ok_or_else(|| format!("`{{address:{n}}}`: no node {n:?}"))
     };
     let mut out = String::new();
@@ -335,7 +335,7 @@ pub fn placeholders(s: &str, target: Option<&str>, cluster: &Cluster) -> Result<
             _ => match key {
                 "node" => target.ok_or_else(|| needs("node"))?.to_string(),
                 "address" => address(target.ok_or_else(|| needs("address"))?)?,
-                "domain" => cluster.spec.network.domain.clone(),
+                "domain" => cluster.network.domain.clone(),
                 // Not ours (JSON in a command, for example): keep it.
                 _ => rest[start..=start + len].to_string(),
             },

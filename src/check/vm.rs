@@ -234,7 +234,7 @@ pub fn migrate(ctx: &Ctx, source: &str, req: &Request, budget: Duration) -> Resu
     let dst_address = ctx
         .cluster
         .node(req.to)
-        .map(|n| n.address.get_ref().to_string())
+        .map(|n| n.address.to_string())
         .ok_or_else(|| anyhow!("no node {}", req.to))?;
     let outer_kvm = ctx.record.accel.used == Accel::Kvm.name();
     let kvm_in = |g: &Guest| {

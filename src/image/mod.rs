@@ -18,7 +18,7 @@ use anyhow::Result;
 /// Finds the cluster's images without building anything; a missing image is
 /// bad input (exit 2) with a hint on how to build it.
 pub fn resolve(cluster: &Cluster, state: &StateDir) -> Result<ImageRecord> {
-    match cluster.spec.image.source() {
+    match cluster.image.clone() {
         ImageSource::Debian { suite } => {
             let recipe = debian::Recipe::new(&suite);
             recipe.find(&state.images()).ok_or_else(|| {
@@ -49,7 +49,7 @@ pub fn resolve(cluster: &Cluster, state: &StateDir) -> Result<ImageRecord> {
 
 /// Builds the cluster's images if its provider builds any; returns them.
 pub fn build(cluster: &Cluster, state: &StateDir) -> Result<ImageRecord> {
-    match cluster.spec.image.source() {
+    match cluster.image.clone() {
         ImageSource::Debian { suite } => debian::Recipe::new(&suite).build(&state.images()),
         ImageSource::Prebuilt { .. } | ImageSource::PrebuiltDir { .. } => resolve(cluster, state),
         ImageSource::Nix { flake, attribute } => nix::build(cluster, state, &flake, &attribute),

@@ -26,18 +26,11 @@ struct Built {
 }
 
 fn record_file(cluster: &Cluster, state: &StateDir) -> PathBuf {
-    state
-        .images()
-        .join(format!("nix-{}.json", cluster.spec.cluster.name))
+    state.images().join(format!("nix-{}.json", cluster.name))
 }
 
 fn nodes(cluster: &Cluster) -> Vec<String> {
-    cluster
-        .spec
-        .nodes
-        .iter()
-        .map(|n| n.name.get_ref().clone())
-        .collect()
+    cluster.nodes.iter().map(|n| n.name.clone()).collect()
 }
 
 /// Builds every node's image in one `nix build` and records the result.

@@ -52,7 +52,7 @@ pub struct RunReport {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeSummary {
-    pub role: String,
+    pub role: crate::spec::Role,
     pub address: String,
     pub ready_after_s: Option<f64>,
 }
@@ -77,7 +77,7 @@ impl RunReport {
             command: command.into(),
             lane: lane.into(),
             lane_source: lane_source.display().to_string(),
-            cluster: cluster.spec.cluster.name.clone(),
+            cluster: cluster.name.clone(),
             cluster_source: cluster.source.display().to_string(),
             status: "error".into(),
             exit_code: EXIT_INFRA,
@@ -105,7 +105,7 @@ impl RunReport {
             .iter()
             .map(|(name, n)| {
                 let summary = NodeSummary {
-                    role: n.role.clone(),
+                    role: n.role,
                     address: n.address.clone(),
                     ready_after_s: n.ready_after_s,
                 };

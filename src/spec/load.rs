@@ -1,10 +1,10 @@
-//! The cluster definition: a TOML file, its typed model, and the validation
-//! that refuses a bad definition before anything starts.
-//!
-//! Every refusal names the file, the line and the field, so a user can jump
-//! straight to the mistake: `cluster.toml:42:8: node[3].role: unknown role ...`.
+//! Reading a cluster file: the TOML as written (with serde spans), its
+//! validation, and the typed model handed on. Every refusal names the file,
+//! the line and the field, so a user can jump straight to the mistake:
+//! `cluster.toml:42:8: node[3].role: unknown role ...`.
 
-use serde::{Deserialize, Serialize};
+use super::{Cluster, Forward, ImageSource, Network, Node, Proto, Role, Subnet};
+use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -12,35 +12,23 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
 
-/// The roles a node can play. The image provider knows how to configure each.
-pub const ROLES: &[&str] = &["control", "worker", "gateway", "storage"];
-
-/// Profiles embedded in the binary, selectable with `--profile NAME`.
-pub const PROFILES: &[(&str, &str)] = &[
-    ("reference", include_str!("../profiles/reference.toml")),
-    (
-        "reference-storage",
-        include_str!("../profiles/reference-storage.toml"),
-    ),
-];
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ClusterSpec {
-    pub cluster: ClusterMeta,
-    pub image: ImageSpec,
-    pub network: NetworkSpec,
+struct ClusterSpec {
+    cluster: ClusterMeta,
+    image: ImageSpec,
+    network: NetworkSpec,
     #[serde(rename = "node", default)]
-    pub nodes: Vec<NodeSpec>,
+    nodes: Vec<NodeSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ClusterMeta {
-    pub name: String,
+struct ClusterMeta {
+    name: String,
     /// Appended as `-<suffix>` to the state directory; empty for the default.
     #[serde(default)]
-    pub state_suffix: String,
+    state_suffix: String,
 }
 
 /// Where the images come from. `provider = "debian"` builds them here
@@ -48,43 +36,23 @@ pub struct ClusterMeta {
 /// an image directory (`dir`) with `<node>/` subdirectories (image::dir).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ImageSpec {
-    pub provider: Spanned<String>,
-    pub suite: Option<String>,
-    pub kernel: Option<Spanned<PathBuf>>,
-    pub initrd: Option<Spanned<PathBuf>>,
-    pub rootfs: Option<Spanned<PathBuf>>,
+struct ImageSpec {
+    provider: Spanned<String>,
+    suite: Option<String>,
+    kernel: Option<Spanned<PathBuf>>,
+    initrd: Option<Spanned<PathBuf>>,
+    rootfs: Option<Spanned<PathBuf>>,
     /// `prebuilt`: a directory of images instead of kernel/initrd/rootfs.
-    pub dir: Option<Spanned<PathBuf>>,
+    dir: Option<Spanned<PathBuf>>,
     /// `nix`: the flake (default ".") and the attribute set of per-node
     /// images (default "nodeImages"): `<flake>#<attribute>.<node>`.
-    pub flake: Option<String>,
-    pub attribute: Option<String>,
-}
-
-/// The validated form of [`ImageSpec`].
-#[derive(Debug, Clone, PartialEq)]
-pub enum ImageSource {
-    Debian {
-        suite: String,
-    },
-    Prebuilt {
-        kernel: PathBuf,
-        initrd: PathBuf,
-        rootfs: PathBuf,
-    },
-    PrebuiltDir {
-        dir: PathBuf,
-    },
-    Nix {
-        flake: String,
-        attribute: String,
-    },
+    flake: Option<String>,
+    attribute: Option<String>,
 }
 
 impl ImageSpec {
     /// Call only on a validated spec.
-    pub fn source(&self) -> ImageSource {
+    fn source(&self) -> ImageSource {
         let path = |p: &Option<Spanned<PathBuf>>| {
             p.as_ref().map(|p| p.get_ref().clone()).unwrap_or_default()
         };
@@ -113,58 +81,28 @@ impl ImageSpec {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct NetworkSpec {
-    pub subnet: Spanned<String>,
-    pub domain: String,
+struct NetworkSpec {
+    subnet: Spanned<String>,
+    domain: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct NodeSpec {
-    pub name: Spanned<String>,
-    pub role: Spanned<String>,
-    pub address: Spanned<Ipv4Addr>,
+struct NodeSpec {
+    name: Spanned<String>,
+    role: Spanned<String>,
+    address: Spanned<Ipv4Addr>,
     #[serde(default = "default_memory")]
-    pub memory_mib: u32,
+    memory_mib: u32,
     #[serde(default = "default_vcpus")]
-    pub vcpus: u32,
+    vcpus: u32,
     #[serde(default)]
-    pub depends_on: Vec<Spanned<String>>,
+    depends_on: Vec<Spanned<String>>,
     /// systemd units that must be active before the node counts as ready.
     #[serde(default)]
-    pub units: Vec<String>,
+    units: Vec<String>,
     #[serde(default)]
-    pub forward: Vec<Spanned<Forward>>,
-}
-
-/// A guest port reachable from the host on 127.0.0.1. `host` pins the
-/// host port; without it the driver allocates a free one at start.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct Forward {
-    pub name: String,
-    pub guest: u16,
-    pub host: Option<u16>,
-    #[serde(default)]
-    pub proto: Proto,
-}
-
-/// The transport of a forward: TCP (the default) or UDP (DNS, for example).
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
-#[serde(rename_all = "lowercase")]
-pub enum Proto {
-    #[default]
-    Tcp,
-    Udp,
-}
-
-impl Proto {
-    pub fn name(self) -> &'static str {
-        match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        }
-    }
+    forward: Vec<Spanned<Forward>>,
 }
 
 fn default_memory() -> u32 {
@@ -226,82 +164,6 @@ impl SpecError {
     }
 }
 
-/// A definition that passed validation, with the text it came from.
-#[derive(Debug, Clone)]
-pub struct Cluster {
-    pub source: PathBuf,
-    pub spec: ClusterSpec,
-}
-
-impl Cluster {
-    /// Loads an embedded profile by name.
-    pub fn profile(name: &str) -> Result<Cluster, SpecError> {
-        let text = PROFILES
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, t)| *t)
-            .ok_or_else(|| SpecError {
-                file: PathBuf::from("--profile"),
-                line: 0,
-                column: 0,
-                field: "profile".into(),
-                message: format!(
-                    "unknown profile {name:?} (embedded profiles: {})",
-                    PROFILES.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")
-                ),
-            })?;
-        parse(Path::new(&format!("<embedded>/profiles/{name}.toml")), text)
-    }
-
-    /// Loads and validates a cluster file from disk.
-    pub fn load(path: &Path) -> Result<Cluster, SpecError> {
-        let text = std::fs::read_to_string(path).map_err(|e| SpecError {
-            file: path.to_path_buf(),
-            line: 0,
-            column: 0,
-            field: "file".into(),
-            message: format!("cannot read: {e}"),
-        })?;
-        parse(path, &text)
-    }
-
-    pub fn node_names(&self) -> impl Iterator<Item = &str> {
-        self.spec.nodes.iter().map(|n| n.name.get_ref().as_str())
-    }
-
-    pub fn node(&self, name: &str) -> Option<&NodeSpec> {
-        self.spec.nodes.iter().find(|n| *n.name.get_ref() == name)
-    }
-
-    /// Node names in an order where every node comes after its dependencies.
-    pub fn boot_order(&self) -> Vec<&NodeSpec> {
-        let index: HashMap<&str, &NodeSpec> = self
-            .spec
-            .nodes
-            .iter()
-            .map(|n| (n.name.get_ref().as_str(), n))
-            .collect();
-        let mut done: Vec<&NodeSpec> = Vec::new();
-        fn visit<'a>(
-            n: &'a NodeSpec,
-            index: &HashMap<&str, &'a NodeSpec>,
-            done: &mut Vec<&'a NodeSpec>,
-        ) {
-            if done.iter().any(|d| d.name == n.name) {
-                return;
-            }
-            for dep in &n.depends_on {
-                visit(index[dep.get_ref().as_str()], index, done);
-            }
-            done.push(n);
-        }
-        for n in &self.spec.nodes {
-            visit(n, &index, &mut done);
-        }
-        done
-    }
-}
-
 /// Parses and validates `text`, which was read from `file`.
 pub fn parse(file: &Path, text: &str) -> Result<Cluster, SpecError> {
     let at = |span: Option<Range<usize>>, field: &str, message: String| {
@@ -309,10 +171,30 @@ pub fn parse(file: &Path, text: &str) -> Result<Cluster, SpecError> {
     };
     let spec: ClusterSpec =
         toml::from_str(text).map_err(|e| SpecError::from_toml(file, text, &e))?;
-    validate(&spec, &at)?;
+    let subnet = validate(&spec, &at)?;
     Ok(Cluster {
         source: file.to_path_buf(),
-        spec,
+        name: spec.cluster.name,
+        state_suffix: spec.cluster.state_suffix,
+        image: spec.image.source(),
+        network: Network {
+            subnet,
+            domain: spec.network.domain,
+        },
+        nodes: spec
+            .nodes
+            .into_iter()
+            .map(|n| Node {
+                role: Role::parse(n.role.get_ref()).expect("validated"),
+                name: n.name.into_inner(),
+                address: n.address.into_inner(),
+                memory_mib: n.memory_mib,
+                vcpus: n.vcpus,
+                depends_on: n.depends_on.into_iter().map(Spanned::into_inner).collect(),
+                units: n.units,
+                forwards: n.forward.into_iter().map(Spanned::into_inner).collect(),
+            })
+            .collect(),
     })
 }
 
@@ -334,11 +216,12 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 type At<'a> = dyn Fn(Option<Range<usize>>, &str, String) -> SpecError + 'a;
 
-fn validate(spec: &ClusterSpec, at: &At) -> Result<(), SpecError> {
+/// Validates the definition; returns its subnet.
+fn validate(spec: &ClusterSpec, at: &At) -> Result<Subnet, SpecError> {
     if spec.nodes.is_empty() {
         return Err(at(None, "node", "the cluster defines no [[node]]".into()));
     }
-    let subnet = parse_subnet(spec.network.subnet.get_ref()).ok_or_else(|| {
+    let subnet = Subnet::parse(spec.network.subnet.get_ref()).ok_or_else(|| {
         at(
             Some(spec.network.subnet.span()),
             "network.subnet",
@@ -370,14 +253,14 @@ fn validate(spec: &ClusterSpec, at: &At) -> Result<(), SpecError> {
                 format!("duplicate node {name:?}: node[{first}] already has that name"),
             ));
         }
-        if !ROLES.contains(&node.role.get_ref().as_str()) {
+        if Role::parse(node.role.get_ref()).is_none() {
             return Err(at(
                 Some(node.role.span()),
                 &field("role"),
                 format!(
                     "unknown role {:?} (expected one of: {})",
                     node.role.get_ref(),
-                    ROLES.join(", ")
+                    Role::ALL.map(Role::name).join(", ")
                 ),
             ));
         }
@@ -386,7 +269,7 @@ fn validate(spec: &ClusterSpec, at: &At) -> Result<(), SpecError> {
             return Err(at(
                 Some(node.address.span()),
                 &field("address"),
-                format!("{addr} is outside network.subnet {}", subnet.text()),
+                format!("{addr} is outside network.subnet {subnet}"),
             ));
         }
         if let Some(other) = addresses.insert(addr, name) {
@@ -468,7 +351,7 @@ fn validate(spec: &ClusterSpec, at: &At) -> Result<(), SpecError> {
             format!("dependency cycle: {}", cycle.0.join(" -> ")),
         ));
     }
-    Ok(())
+    Ok(subnet)
 }
 
 fn validate_image(image: &ImageSpec, at: &At) -> Result<(), SpecError> {
@@ -584,33 +467,6 @@ fn valid_hostname(name: &str) -> bool {
         && !name.starts_with('-')
 }
 
-/// An IPv4 subnet in CIDR form.
-#[derive(Debug, Clone, Copy)]
-pub struct Subnet {
-    pub base: Ipv4Addr,
-    pub prefix: u8,
-}
-
-impl Subnet {
-    pub fn contains(&self, a: Ipv4Addr) -> bool {
-        let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
-        u32::from(a) & mask == u32::from(self.base) & mask
-    }
-    pub fn text(&self) -> String {
-        format!("{}/{}", self.base, self.prefix)
-    }
-}
-
-pub fn parse_subnet(s: &str) -> Option<Subnet> {
-    let (a, p) = s.split_once('/')?;
-    let prefix: u8 = p.parse().ok()?;
-    (8..=30).contains(&prefix).then_some(())?;
-    Some(Subnet {
-        base: a.parse().ok()?,
-        prefix,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -631,18 +487,6 @@ domain = "t.test"
 
     fn node(name: &str, role: &str, addr: &str, extra: &str) -> String {
         format!("[[node]]\nname = \"{name}\"\nrole = \"{role}\"\naddress = \"{addr}\"\n{extra}\n")
-    }
-
-    #[test]
-    fn embedded_profiles_are_valid() {
-        for (name, _) in PROFILES {
-            let c = Cluster::profile(name).unwrap();
-            assert!(!c.spec.nodes.is_empty());
-        }
-        let r = Cluster::profile("reference").unwrap();
-        assert_eq!(r.spec.nodes.len(), 6);
-        let s = Cluster::profile("reference-storage").unwrap();
-        assert_eq!(s.spec.nodes.len(), 5);
     }
 
     #[test]
@@ -745,19 +589,5 @@ domain = "t.test"
     fn address_outside_subnet_is_refused() {
         let text = format!("{HEAD}{}", node("a", "control", "10.8.0.1", ""));
         assert_eq!(refuse(&text).field, "node[0].address");
-    }
-
-    #[test]
-    fn boot_order_puts_dependencies_first() {
-        let c = Cluster::profile("reference").unwrap();
-        let order: Vec<&str> = c
-            .boot_order()
-            .iter()
-            .map(|n| n.name.get_ref().as_str())
-            .collect();
-        let pos = |n| order.iter().position(|o| *o == n).unwrap();
-        assert!(pos("node01") < pos("node04"));
-        assert!(pos("node04") < pos("node06"));
-        assert_eq!(order.len(), 6);
     }
 }
