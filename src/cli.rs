@@ -393,7 +393,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             if command.is_empty() {
                 return interactive_ssh(&record, &node);
             }
-            let guest = cluster::connect(&record, &node)?;
+            let guest = crate::guest::connect(&record, &node)?;
             let out = guest.exec(&command.join(" "), Duration::from_secs(600))?;
             print!("{}", out.stdout);
             eprint!("{}", out.stderr);

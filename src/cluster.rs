@@ -4,7 +4,7 @@
 
 use crate::error::{Interrupted, bad_input};
 use crate::guest::{self, Endpoint, Guest};
-use crate::machine::{self, Accel, MachineConfig, accel::AccelRequest};
+use crate::machine::{self, MachineConfig, accel::AccelRequest};
 use crate::progress::Progress;
 use crate::spec::Cluster;
 use crate::state::{RunningCluster, RunningNode, StateDir};
@@ -78,14 +78,10 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
         &state.accel_probe(),
         &state.root.join("probe"),
     )?;
-    let accel_used = if accel.used == "kvm" {
-        Accel::Kvm
-    } else {
-        Accel::Tcg
-    };
+    let accel_used = accel.used;
     match &accel.fallback_reason {
         Some(r) => eprintln!("accel: using TCG (software emulation): {r}"),
-        None => eprintln!("accel: using {}", accel.used.to_uppercase()),
+        None => eprintln!("accel: using {}", accel.used.name().to_uppercase()),
     }
     let keys = provision::cluster_keys(&state.ssh())?;
     let mcast = fabric::mcast_for(&state.root);
@@ -410,7 +406,7 @@ fn wait_for_deps(
     phases: &(Mutex<BTreeMap<String, Phase>>, Condvar),
     name: &str,
     deps: &[String],
-    abort: guest::Abort,
+    abort: guest::Stop,
 ) -> Result<()> {
     let (lock, cvar) = phases;
     let mut map = lock.lock().expect("phases");
@@ -491,43 +487,6 @@ pub fn clean(state: &StateDir, all: bool) -> Result<()> {
         let _ = fs::remove_file(state.accel_probe());
     }
     Ok(())
-}
-
-/// A connected guest for an attached command (`ssh`, lanes).
-pub fn connect(record: &RunningCluster, node: &str) -> Result<Guest> {
-    let n = record.nodes.get(node).ok_or_else(|| {
-        bad_input(format!(
-            "no node {node:?} in the running cluster (nodes: {})",
-            record.nodes.keys().cloned().collect::<Vec<_>>().join(", ")
-        ))
-    })?;
-    if !machine::is_running(n.pid) {
-        bail!(
-            "{node}: QEMU (pid {}) is not running; see {}",
-            n.pid,
-            n.dir.join("vm.log").display()
-        );
-    }
-    Guest::connect(&endpoint(record, node)?, Duration::from_secs(20))
-}
-
-/// The endpoint of a node of a running cluster, host key from known_hosts.
-pub fn endpoint(record: &RunningCluster, node: &str) -> Result<Endpoint> {
-    let n = &record.nodes[node];
-    let known = fs::read_to_string(&record.known_hosts)
-        .with_context(|| format!("reading {}", record.known_hosts.display()))?;
-    let prefix = format!("[127.0.0.1]:{} ", n.ssh_port);
-    let host_key = known
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .with_context(|| format!("{node}: no host key in {}", record.known_hosts.display()))?
-        .to_string();
-    Ok(Endpoint {
-        node: node.to_string(),
-        port: n.ssh_port,
-        key: record.ssh_key.clone(),
-        host_key,
-    })
 }
 
 fn run(cmd: &mut Command) -> Result<()> {

@@ -6,17 +6,42 @@
 //! its SSH session, so they run one after another. A layer that fails
 //! stops the lane: later layers are recorded as skipped, because they
 //! depend on what failed (`--keep-going` runs them anyway).
+//!
+//! A retried check is tried again after a pause that grows (50 ms doubling
+//! to 1 s) until it passes or its deadline passes. An attempt whose SSH
+//! session broke drops that session, so the next attempt opens a new one,
+//! whatever the check's kind.
 
-use crate::check::{self, Ctx, Outcome, Verdict};
+use crate::check::{Ctx, Outcome, Verdict};
 use crate::lane::{Lane, PlannedCheck};
 use crate::progress::Progress;
+use crate::wait::Pause;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-/// Pause between attempts of a retried check.
-const RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// How a lane runs.
+#[derive(Clone, Copy)]
+pub struct RunOptions {
+    /// Run every layer even after one failed.
+    pub keep_going: bool,
+    /// Whether the user asked to stop (Ctrl-C); checked before every check
+    /// and attempt.
+    pub interrupted: fn() -> bool,
+    /// The pause between attempts of a retried check.
+    pub retry: Pause,
+}
+
+impl RunOptions {
+    pub fn new(keep_going: bool) -> Self {
+        RunOptions {
+            keep_going,
+            interrupted: crate::interrupted,
+            retry: Pause::RETRY,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CheckResult {
@@ -75,7 +100,7 @@ impl LayerResult {
 
 /// Runs every layer of `lane`. Never fails: a check that errors is a
 /// failed check with the error as its message.
-pub fn run(lane: &Lane, ctx: &Ctx, keep_going: bool, lane_start: Instant) -> Vec<LayerResult> {
+pub fn run(lane: &Lane, ctx: &Ctx, opts: RunOptions, lane_start: Instant) -> Vec<LayerResult> {
     let mut out = Vec::new();
     let mut blocked: Option<String> = None;
     for layer in &lane.layers {
@@ -88,7 +113,7 @@ pub fn run(lane: &Lane, ctx: &Ctx, keep_going: bool, lane_start: Instant) -> Vec
                 .collect()
         } else {
             eprintln!("== layer {}: {} checks", layer.name, layer.checks.len());
-            run_layer(&layer.checks, ctx, lane_start)
+            run_layer(&layer.checks, ctx, opts, lane_start)
         };
         let result = LayerResult::new(
             &layer.name,
@@ -97,9 +122,9 @@ pub fn run(lane: &Lane, ctx: &Ctx, keep_going: bool, lane_start: Instant) -> Vec
             started.elapsed().as_secs_f64(),
         );
         if blocked.is_none() {
-            if crate::interrupted() {
+            if (opts.interrupted)() {
                 blocked = Some("interrupted".into());
-            } else if result.outcome == Outcome::Fail && !keep_going {
+            } else if result.outcome == Outcome::Fail && !opts.keep_going {
                 blocked = Some(format!("layer {} failed", layer.name));
             }
         }
@@ -108,7 +133,12 @@ pub fn run(lane: &Lane, ctx: &Ctx, keep_going: bool, lane_start: Instant) -> Vec
     out
 }
 
-fn run_layer(checks: &[PlannedCheck], ctx: &Ctx, lane_start: Instant) -> Vec<CheckResult> {
+fn run_layer(
+    checks: &[PlannedCheck],
+    ctx: &Ctx,
+    opts: RunOptions,
+    lane_start: Instant,
+) -> Vec<CheckResult> {
     let ids: Vec<String> = checks.iter().map(|c| c.id.clone()).collect();
     let progress = Progress::new(&ids);
     // One queue per target node; host-only checks get their own queue.
@@ -126,11 +156,11 @@ fn run_layer(checks: &[PlannedCheck], ctx: &Ctx, lane_start: Instant) -> Vec<Che
                     queue
                         .iter()
                         .map(|c| {
-                            if crate::interrupted() {
+                            if (opts.interrupted)() {
                                 return skipped(c, "interrupted", lane_start);
                             }
-                            progress.set(&c.id, &format!("running ({})", c.kind.name()));
-                            let r = run_check(c, ctx, lane_start);
+                            progress.set(&c.id, &format!("running ({})", c.kind));
+                            let r = run_check(c, ctx, opts, lane_start);
                             progress.done(&c.id, &format!("{}: {}", r.outcome.name(), r.message));
                             r
                         })
@@ -151,24 +181,32 @@ fn run_layer(checks: &[PlannedCheck], ctx: &Ctx, lane_start: Instant) -> Vec<Che
 
 /// One check: attempts until it passes, the kind says not to retry, or the
 /// deadline has passed. The last attempt's verdict and evidence stand.
-fn run_check(c: &PlannedCheck, ctx: &Ctx, lane_start: Instant) -> CheckResult {
+fn run_check(c: &PlannedCheck, ctx: &Ctx, opts: RunOptions, lane_start: Instant) -> CheckResult {
     let started = Instant::now();
     let deadline = started + c.deadline;
     let mut attempts = 0;
     let verdict = loop {
-        attempts += 1;
         let budget = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_secs(2));
-        let v = match check::attempt(ctx, &c.kind, c.target.as_deref(), budget) {
+        let v = match c.check.attempt(ctx, c.target.as_deref(), budget) {
             Ok(v) => v,
-            Err(e) => Verdict::fail(format!("{e:#}"), json!({})),
+            Err(e) => {
+                if let Some(t) = &c.target
+                    && crate::guest::breaks_session(&e)
+                {
+                    ctx.guests.forget(t);
+                }
+                Verdict::fail(format!("{e:#}"), json!({}))
+            }
         };
-        let out_of_time = Instant::now() + RETRY_PAUSE >= deadline;
-        if v.outcome != Outcome::Fail || !c.kind.retried() || out_of_time || crate::interrupted() {
+        let pause = opts.retry.nth(attempts);
+        attempts += 1;
+        let out_of_time = Instant::now() + pause >= deadline;
+        if v.outcome != Outcome::Fail || !c.check.retried() || out_of_time || (opts.interrupted)() {
             break v;
         }
-        std::thread::sleep(RETRY_PAUSE);
+        std::thread::sleep(pause);
     };
     let mut message = verdict.message;
     if verdict.outcome == Outcome::Fail && attempts > 1 {
@@ -179,7 +217,7 @@ fn run_check(c: &PlannedCheck, ctx: &Ctx, lane_start: Instant) -> CheckResult {
     }
     CheckResult {
         id: c.id.clone(),
-        kind: c.kind.name().to_string(),
+        kind: c.kind.to_string(),
         target: c.target.clone(),
         outcome: verdict.outcome,
         message,
@@ -195,7 +233,7 @@ fn run_check(c: &PlannedCheck, ctx: &Ctx, lane_start: Instant) -> CheckResult {
 fn skipped(c: &PlannedCheck, reason: &str, lane_start: Instant) -> CheckResult {
     CheckResult {
         id: c.id.clone(),
-        kind: c.kind.name().to_string(),
+        kind: c.kind.to_string(),
         target: c.target.clone(),
         outcome: Outcome::Skipped,
         message: format!("skipped: {reason}"),
@@ -211,6 +249,13 @@ fn skipped(c: &PlannedCheck, reason: &str, lane_start: Instant) -> CheckResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::check::Check;
+    use crate::guest::GuestPool;
+    use crate::lane::Layer;
+    use crate::spec::Cluster;
+    use crate::state::RunningCluster;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
     #[test]
     fn overall_outcome_rules() {
@@ -220,5 +265,232 @@ mod tests {
         assert_eq!(overall([Skipped, Skipped]), Skipped);
         assert_eq!(overall([Skipped, Pass]), Pass);
         assert_eq!(overall([]), Pass);
+    }
+
+    /// A stand-in kind: fails its first `fail_first` attempts, then gives
+    /// `then`. Counts its attempts; can raise the test's interrupt flag.
+    #[derive(Debug)]
+    struct Scripted {
+        fail_first: u32,
+        then: Outcome,
+        retried: bool,
+        attempts: AtomicU32,
+        interrupt: Option<&'static AtomicBool>,
+    }
+
+    impl Scripted {
+        fn new(fail_first: u32, then: Outcome) -> Self {
+            Scripted {
+                fail_first,
+                then,
+                retried: true,
+                attempts: AtomicU32::new(0),
+                interrupt: None,
+            }
+        }
+    }
+
+    impl Check for Scripted {
+        fn retried(&self) -> bool {
+            self.retried
+        }
+        fn attempt(&self, _: &Ctx, _: Option<&str>, _: Duration) -> anyhow::Result<Verdict> {
+            let n = self.attempts.fetch_add(1, Ordering::SeqCst);
+            if let Some(flag) = self.interrupt {
+                flag.store(true, Ordering::SeqCst);
+            }
+            Ok(if n < self.fail_first {
+                Verdict::fail(format!("attempt {n} failed"), json!({ "n": n }))
+            } else {
+                Verdict {
+                    outcome: self.then,
+                    message: format!("attempt {n}"),
+                    evidence: json!({ "n": n }),
+                }
+            })
+        }
+    }
+
+    fn planned(id: &str, check: Arc<Scripted>, deadline_ms: u64) -> PlannedCheck {
+        PlannedCheck {
+            id: id.into(),
+            layer: "l".into(),
+            target: None,
+            deadline: Duration::from_millis(deadline_ms),
+            kind: "scripted",
+            check,
+            origin: "test.toml:1".into(),
+            artifact: None,
+        }
+    }
+
+    fn lane(layers: Vec<Vec<PlannedCheck>>) -> Lane {
+        Lane {
+            name: "t".into(),
+            description: String::new(),
+            source: "test.toml".into(),
+            layers: layers
+                .into_iter()
+                .enumerate()
+                .map(|(i, checks)| Layer {
+                    name: format!("layer{i}"),
+                    description: String::new(),
+                    checks,
+                })
+                .collect(),
+        }
+    }
+
+    fn record() -> RunningCluster {
+        serde_json::from_value(json!({
+            "name": "t", "source": "t.toml", "started_unix": 0,
+            "accel": { "used": "tcg", "requested": "tcg", "fallback_reason": null },
+            "ssh_key": "/nonexistent", "known_hosts": "/nonexistent",
+            "image": { "provider": "prebuilt", "kernel": "k", "initrd": "i", "rootfs": "r", "id": "x" },
+            "nodes": {}
+        }))
+        .unwrap()
+    }
+
+    fn never() -> bool {
+        false
+    }
+
+    fn fast(keep_going: bool, interrupted: fn() -> bool) -> RunOptions {
+        RunOptions {
+            keep_going,
+            interrupted,
+            retry: Pause::Every(Duration::from_millis(1)),
+        }
+    }
+
+    /// Runs `lane` with a context that has no VM behind it.
+    fn run_lane(lane: &Lane, opts: RunOptions) -> Vec<LayerResult> {
+        let cluster = Cluster::profile("reference").unwrap();
+        let record = record();
+        let pool = GuestPool::new(&record);
+        let ctx = Ctx {
+            cluster: &cluster,
+            record: &record,
+            guests: &pool,
+            current_image: None,
+        };
+        run(lane, &ctx, opts, Instant::now())
+    }
+
+    #[test]
+    fn a_retried_check_passes_once_it_settles() {
+        let c = Arc::new(Scripted::new(3, Outcome::Pass));
+        let layers = run_lane(
+            &lane(vec![vec![planned("a", c.clone(), 5000)]]),
+            fast(false, never),
+        );
+        let r = &layers[0].checks[0];
+        assert_eq!(r.outcome, Outcome::Pass, "{}", r.message);
+        assert_eq!(r.attempts, 4);
+        assert_eq!(r.evidence["n"], 3);
+    }
+
+    #[test]
+    fn retries_stop_at_the_deadline_and_the_last_attempt_stands() {
+        let c = Arc::new(Scripted::new(u32::MAX, Outcome::Pass));
+        let layers = run_lane(
+            &lane(vec![vec![planned("a", c.clone(), 150)]]),
+            fast(false, never),
+        );
+        let r = &layers[0].checks[0];
+        assert_eq!(r.outcome, Outcome::Fail);
+        assert!(r.attempts > 1, "{}", r.attempts);
+        assert!(r.message.contains("still failing after"), "{}", r.message);
+        assert!(r.duration_s < 1.0, "{}", r.duration_s);
+        assert_eq!(r.evidence["n"], r.attempts - 1);
+    }
+
+    #[test]
+    fn kinds_that_are_not_retried_run_once() {
+        let mut s = Scripted::new(1, Outcome::Pass);
+        s.retried = false;
+        let c = Arc::new(s);
+        let layers = run_lane(
+            &lane(vec![vec![planned("a", c.clone(), 5000)]]),
+            fast(false, never),
+        );
+        assert_eq!(layers[0].checks[0].outcome, Outcome::Fail);
+        assert_eq!(c.attempts.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_failed_layer_skips_the_rest_unless_keep_going() {
+        let make = || {
+            lane(vec![
+                vec![planned(
+                    "bad",
+                    Arc::new(Scripted::new(u32::MAX, Outcome::Pass)),
+                    20,
+                )],
+                vec![planned(
+                    "later",
+                    Arc::new(Scripted::new(0, Outcome::Degraded)),
+                    1000,
+                )],
+            ])
+        };
+        let layers = run_lane(&make(), fast(false, never));
+        assert_eq!(layers[0].outcome, Outcome::Fail);
+        assert_eq!(layers[1].outcome, Outcome::Skipped);
+        assert_eq!(layers[1].checks[0].message, "skipped: layer layer0 failed");
+        assert_eq!(layers[1].checks[0].attempts, 0);
+
+        let layers = run_lane(&make(), fast(true, never));
+        assert_eq!(layers[0].outcome, Outcome::Fail);
+        assert_eq!(layers[1].outcome, Outcome::Degraded);
+    }
+
+    static STOP: AtomicBool = AtomicBool::new(false);
+    fn stop_requested() -> bool {
+        STOP.load(Ordering::SeqCst)
+    }
+
+    #[test]
+    fn an_interrupt_ends_retries_and_skips_what_is_left() {
+        let mut s = Scripted::new(u32::MAX, Outcome::Pass);
+        s.interrupt = Some(&STOP);
+        let first = Arc::new(s);
+        let after = Arc::new(Scripted::new(0, Outcome::Pass));
+        let l = lane(vec![
+            vec![
+                planned("a", first.clone(), 60_000),
+                planned("b", after.clone(), 1000),
+            ],
+            vec![planned(
+                "c",
+                Arc::new(Scripted::new(0, Outcome::Pass)),
+                1000,
+            )],
+        ]);
+        let layers = run_lane(&l, fast(true, stop_requested));
+        assert_eq!(
+            first.attempts.load(Ordering::SeqCst),
+            1,
+            "no retry after Ctrl-C"
+        );
+        assert_eq!(layers[0].checks[1].message, "skipped: interrupted");
+        assert_eq!(after.attempts.load(Ordering::SeqCst), 0);
+        assert_eq!(layers[1].outcome, Outcome::Skipped);
+        assert_eq!(layers[1].checks[0].message, "skipped: interrupted");
+    }
+
+    #[test]
+    fn checks_come_back_in_lane_order() {
+        let l = lane(vec![vec![
+            planned("z", Arc::new(Scripted::new(0, Outcome::Pass)), 1000),
+            planned("a", Arc::new(Scripted::new(0, Outcome::Pass)), 1000),
+        ]]);
+        let ids: Vec<String> = run_lane(&l, fast(false, never))[0]
+            .checks
+            .iter()
+            .map(|c| c.id.clone())
+            .collect();
+        assert_eq!(ids, ["z", "a"]);
     }
 }

@@ -4,9 +4,11 @@
 //! killer, failed units). Any finding fails the lane's `health` layer, and
 //! the report quotes it.
 
-use crate::check::{GuestPool, Outcome, shell_quote};
+use crate::check::Outcome;
 use crate::engine::{CheckResult, LayerResult};
+use crate::guest::GuestPool;
 use crate::state::{RunningCluster, StateDir};
+use crate::text::shell_quote;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::path::{Path, PathBuf};

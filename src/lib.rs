@@ -26,7 +26,9 @@ pub mod smoke;
 pub mod spec;
 pub mod state;
 pub mod status;
+pub mod text;
 pub mod validate;
+pub mod wait;
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};

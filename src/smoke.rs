@@ -2,9 +2,10 @@
 //! build, start, smoke, stop). Both always leave the artifact tree, also
 //! when a step or a check fails, and return the exit code to use.
 
-use crate::check::{Ctx, GuestPool, Outcome};
+use crate::check::{Ctx, Outcome};
 use crate::cluster::{self, StartOptions};
 use crate::error::bad_input;
+use crate::guest::GuestPool;
 use crate::hermetic::{Hermetic, write_nix_support};
 use crate::lane::Lane;
 use crate::report::{self, RunReport, Step};
@@ -183,13 +184,17 @@ fn check_cluster(
     let pool = GuestPool::new(record);
     let gone = dead(record);
     if gone.is_empty() {
+        // The image the recipe builds now, for the image check: resolved
+        // here so that checks never reach back into the image providers.
+        let current = image::resolve(cluster, state).ok().map(|i| i.id);
         let ctx = Ctx {
             cluster,
             record,
-            state,
             guests: &pool,
+            current_image: current.as_deref(),
         };
-        rep.layers = engine::run(&opts.lane, &ctx, opts.keep_going, started);
+        let run = engine::RunOptions::new(opts.keep_going);
+        rep.layers = engine::run(&opts.lane, &ctx, run, started);
     }
     let t = Instant::now();
     rep.findings = evidence::collect(dir, state, Some(record), Some(&pool), &nodes);

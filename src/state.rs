@@ -13,6 +13,7 @@
 //! ```
 
 use crate::fabric::PortForward;
+use crate::machine::accel::AccelChoice;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -148,25 +149,6 @@ pub struct RunningCluster {
     pub known_hosts: PathBuf,
     pub image: ImageRecord,
     pub nodes: BTreeMap<String, RunningNode>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct AccelChoice {
-    /// `kvm` or `tcg`: what the guests really run under.
-    pub used: String,
-    /// What was asked for: `auto`, `kvm` or `tcg`.
-    pub requested: String,
-    /// Why `auto` did not use KVM, when it did not.
-    pub fallback_reason: Option<String>,
-}
-
-impl AccelChoice {
-    pub fn summary(&self) -> String {
-        match &self.fallback_reason {
-            Some(r) => format!("{} (fallback from KVM: {r})", self.used),
-            None => self.used.clone(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,6 +1,5 @@
 //! `status`: what each node of the running cluster is doing right now.
 
-use crate::cluster;
 use crate::fabric::PortForward;
 use crate::guest;
 use crate::machine::{self, qmp::Qmp};
@@ -13,7 +12,7 @@ use std::time::Duration;
 #[derive(Debug, Serialize)]
 pub struct ClusterStatus {
     pub name: String,
-    pub accel: crate::state::AccelChoice,
+    pub accel: crate::machine::accel::AccelChoice,
     pub image: crate::state::ImageRecord,
     pub nodes: Vec<NodeStatus>,
 }
@@ -71,7 +70,7 @@ pub fn collect(record: &RunningCluster) -> ClusterStatus {
                         st.state = run_state;
                         return st;
                     }
-                    match cluster::connect(record, name)
+                    match crate::guest::connect(record, name)
                         .and_then(|g| guest::unit_states(&g, &n.units))
                     {
                         Ok(units) => {

@@ -1,7 +1,54 @@
 //! DNS: one query over UDP from the host, through the node's UDP forward,
 //! encoded and decoded with hickory-proto.
 
-use super::{Ctx, Verdict};
+use super::{Check, Ctx, Verdict, require_forward};
+use crate::spec::{Cluster, Proto};
+use serde::Deserialize;
+
+/// `dns`: a query over UDP from the host through the target's UDP forward.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dns {
+    #[serde(default = "dns_forward")]
+    forward: String,
+    /// The name to look up (`name` is the check's own name).
+    query: String,
+    #[serde(default = "record_a")]
+    record: String,
+    expect: Vec<String>,
+    #[serde(default = "yes")]
+    authoritative: bool,
+}
+
+fn dns_forward() -> String {
+    "dns".into()
+}
+fn record_a() -> String {
+    "A".into()
+}
+fn yes() -> bool {
+    true
+}
+
+impl Check for Dns {
+    fn bind(&mut self, target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
+        require_forward(target, cluster, &self.forward, Proto::Udp)
+    }
+
+    fn attempt(&self, ctx: &Ctx, target: Option<&str>, budget: Duration) -> Result<Verdict> {
+        query(
+            ctx,
+            ctx.node(target)?,
+            &self.forward,
+            &self.query,
+            &self.record,
+            &self.expect,
+            self.authoritative,
+            budget,
+        )
+    }
+}
+
 use anyhow::{Context, Result};
 use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};

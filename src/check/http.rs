@@ -1,12 +1,33 @@
-//! HTTP surfaces: requested with curl inside a guest, or from the host
-//! through a forward with ureq. Both are judged by the same expectations.
+//! `http`: an HTTP request made with curl inside the target node. Also the
+//! expectations every HTTP check is judged by (`host_forward` makes its
+//! request from the host), and the clients both use.
 
-use super::{Ctx, Verdict, shell_quote};
+use super::{Check, Ctx, Verdict};
 use crate::guest::Guest;
-use anyhow::{Context, Result, anyhow, bail};
+use crate::text::{excerpt, shell_quote};
+use anyhow::{Result, anyhow};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::time::Duration;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Http {
+    url: String,
+    #[serde(default)]
+    expect: HttpExpect,
+}
+
+impl Check for Http {
+    fn attempt(&self, ctx: &Ctx, target: Option<&str>, budget: Duration) -> Result<Verdict> {
+        let guest = ctx.guest(target)?;
+        let evidence = json!({ "from": guest.endpoint.node, "url": self.url });
+        Ok(match curl(&guest, &self.url, "", budget)? {
+            Ok((status, body)) => judge(status, &body, &self.expect, evidence),
+            Err(e) => Verdict::fail(e, evidence),
+        })
+    }
+}
 
 /// What a response must look like.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -69,8 +90,15 @@ pub fn judge(status: u16, body: &str, expect: &HttpExpect, mut evidence: Value) 
     Verdict::pass(format!("HTTP {status}"), evidence)
 }
 
-/// `curl` inside the guest; the status comes back on the last line.
-pub fn curl(guest: &Guest, url: &str, extra: &str, budget: Duration) -> Result<(u16, String)> {
+/// `curl` inside the guest; the status comes back on the last line. The
+/// outer error is the SSH transport's (the session broke); the inner one is
+/// curl's own failure (refused, timed out), which is a verdict.
+pub fn curl(
+    guest: &Guest,
+    url: &str,
+    extra: &str,
+    budget: Duration,
+) -> Result<Result<(u16, String), String>> {
     let secs = budget.as_secs().clamp(1, 60);
     let out = guest.exec(
         &format!(
@@ -80,29 +108,16 @@ pub fn curl(guest: &Guest, url: &str, extra: &str, budget: Duration) -> Result<(
         budget + Duration::from_secs(5),
     )?;
     if out.code != 0 {
-        bail!("curl {url}: {}", out.stderr.trim());
+        return Ok(Err(format!("curl {url}: {}", out.stderr.trim())));
     }
     let (body, code) = out
         .stdout
         .rsplit_once('\n')
         .ok_or_else(|| anyhow!("curl {url}: no status line"))?;
-    Ok((
-        code.trim().parse().context("curl status")?,
-        body.to_string(),
-    ))
-}
-
-pub fn in_guest(
-    guest: &Guest,
-    url: &str,
-    expect: &HttpExpect,
-    budget: Duration,
-) -> Result<Verdict> {
-    let evidence = json!({ "from": guest.endpoint.node, "url": url });
-    Ok(match curl(guest, url, "", budget) {
-        Ok((status, body)) => judge(status, &body, expect, evidence),
-        Err(e) => Verdict::fail(format!("{e:#}"), evidence),
-    })
+    match code.trim().parse() {
+        Ok(code) => Ok(Ok((code, body.to_string()))),
+        Err(_) => Ok(Err(format!("curl {url}: status {code:?} is not a number"))),
+    }
 }
 
 /// An HTTP client for requests from the host: every status is a response
@@ -113,39 +128,6 @@ pub fn host_agent(budget: Duration) -> ureq::Agent {
         .http_status_as_error(false)
         .build()
         .into()
-}
-
-/// A GET from the host to 127.0.0.1:<forward's host port><path>.
-pub fn from_host(
-    ctx: &Ctx,
-    node: &str,
-    forward: &str,
-    path: &str,
-    expect: &HttpExpect,
-    budget: Duration,
-) -> Result<Verdict> {
-    let fwd = ctx.forward(node, forward)?;
-    let url = format!("http://127.0.0.1:{}{path}", fwd.host);
-    let evidence = json!({ "url": url, "forward": format!("{node}/{forward} {fwd}") });
-    Ok(match host_agent(budget).get(&url).call() {
-        Ok(mut resp) => {
-            let status = resp.status().as_u16();
-            let body = resp.body_mut().read_to_string().unwrap_or_default();
-            judge(status, &body, expect, evidence)
-        }
-        Err(e) => Verdict::fail(format!("{url}: {e}"), evidence),
-    })
-}
-
-fn excerpt(s: &str, n: usize) -> String {
-    if s.len() <= n {
-        return s.to_string();
-    }
-    let mut end = n;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &s[..end])
 }
 
 #[cfg(test)]

@@ -1,7 +1,35 @@
 //! Prometheus text endpoints: fetched with curl inside the guest, parsed
 //! with prometheus-parse, judged on a series and an optional condition.
 
-use super::{Verdict, http::curl};
+use super::{Check, Ctx, Verdict, http::curl};
+use serde::Deserialize;
+
+/// `metrics`: a Prometheus text endpoint (fetched with curl in the target)
+/// has a series, optionally with a value condition.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    url: String,
+    series: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    /// `> 0`, `>= 1`, `== 1`, `< 5`, `!= 0`, `<= 3`.
+    condition: Option<String>,
+}
+
+impl Check for Metrics {
+    fn attempt(&self, ctx: &Ctx, target: Option<&str>, budget: Duration) -> Result<Verdict> {
+        series(
+            &*ctx.guest(target)?,
+            &self.url,
+            &self.series,
+            &self.labels,
+            self.condition.as_deref(),
+            budget,
+        )
+    }
+}
+
 use crate::guest::Guest;
 use anyhow::{Result, anyhow, bail};
 use prometheus_parse::{Sample, Scrape, Value};
@@ -19,9 +47,9 @@ pub fn series(
 ) -> Result<Verdict> {
     let mut evidence =
         json!({ "from": guest.endpoint.node, "url": url, "series": series, "labels": labels });
-    let (status, body) = match curl(guest, url, "", budget) {
+    let (status, body) = match curl(guest, url, "", budget)? {
         Ok(r) => r,
-        Err(e) => return Ok(Verdict::fail(format!("{e:#}"), evidence)),
+        Err(e) => return Ok(Verdict::fail(e, evidence)),
     };
     evidence["status"] = json!(status);
     if status != 200 {

@@ -1,350 +1,136 @@
 //! Check kinds: what a lane can ask of a cluster, and how each one is
-//! judged. A check yields a `Verdict` (outcome, one-line message, evidence
-//! as JSON); the engine adds timing and retries.
+//! judged. Each kind is one struct in its own file (named like the kind),
+//! deserialized by serde straight from the lane file, and implementing
+//! [`Check`]. [`KINDS`] registers them, one line each.
+//!
+//! An attempt yields a [`Verdict`] (outcome, one-line message, evidence as
+//! JSON); the engine adds timing and retries. An attempt returns `Err` when
+//! it could not judge at all (the SSH session broke, a file could not be
+//! read): the engine records that as a failure and, if the session broke,
+//! the next attempt gets a new one.
 //!
 //! Guest-side probes run real clients inside the guest over the driver's SSH
 //! session (curl, etcdctl, redis-cli, qemu). Host-side probes (`dns`,
-//! `host_forward`) go through the node's 127.0.0.1 forwards, the way a user
-//! on the workstation would reach the cluster.
+//! `host_forward`, `remote_write`) go through the node's 127.0.0.1
+//! forwards, the way a user on the workstation would reach the cluster.
 
-mod auth;
 mod dns;
+mod exec;
+mod host_forward;
 mod http;
-mod kv;
-mod lb;
+mod image;
+mod lb_drain;
 mod metrics;
-mod nested;
+mod nested_guest;
+mod port_closed;
 mod remote_write;
-mod system;
-mod vm;
-mod volume;
+mod replicated_kv;
+mod service_auth;
+mod tcp_open;
+mod unit_active;
+mod vm_migration;
+mod volume_bench;
 
-use crate::guest::Guest;
-use crate::spec::{Cluster, Proto};
-use crate::state::{RunningCluster, StateDir};
+use crate::fabric::PortForward;
+use crate::guest::{Guest, GuestPool};
+use crate::spec::{Cluster, Node, Proto};
+use crate::state::RunningCluster;
 use anyhow::{Result, anyhow};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use serde_json::Value;
+use std::fmt::Debug;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use http::HttpExpect;
+pub use nested_guest::{multiboot, print_to_com1};
 
-/// Every kind of check a lane file can name (`kind = "..."`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum CheckKind {
-    /// The cluster runs the image the current recipe builds, and its files exist.
-    Image {},
-    /// systemd units are active (default: the node's `units` from the cluster file).
-    UnitActive {
-        #[serde(default)]
-        units: Vec<String>,
-    },
-    /// An HTTP request made with curl inside the target node.
-    Http {
-        url: String,
-        #[serde(default)]
-        expect: HttpExpect,
-    },
-    /// A TCP connect from the target node to `host:port`.
-    TcpOpen {
-        port: u16,
-        #[serde(default = "loopback")]
-        host: String,
-    },
-    /// A DNS query over UDP from the host, through the node's UDP forward.
-    Dns {
-        #[serde(default = "dns_forward")]
-        forward: String,
-        /// The name to look up (`name` is the check's own name).
-        query: String,
-        #[serde(default = "record_a")]
-        record: String,
-        expect: Vec<String>,
-        #[serde(default = "yes")]
-        authoritative: bool,
-    },
-    /// A Prometheus text endpoint has a series, optionally with a value condition.
-    Metrics {
-        url: String,
-        series: String,
-        #[serde(default)]
-        labels: BTreeMap<String, String>,
-        /// `> 0`, `>= 1`, `== 1`, `< 5`, `!= 0`, `<= 3`.
-        condition: Option<String>,
-    },
-    /// A command in the target node: its exit code and output.
-    Exec {
-        command: String,
-        #[serde(default)]
-        exit: i32,
-        stdout_contains: Option<String>,
-        stdout_equals: Option<String>,
-    },
-    /// Write through the target, read the same value on every member.
-    ReplicatedKv {
-        store: kv::Store,
-        members: Vec<String>,
-    },
-    /// Boot an inner guest with qemu inside the target; KVM first, else TCG (degraded).
-    NestedGuest {
-        /// `auto` (linux on a KVM cluster, multiboot otherwise), `linux`, `multiboot`.
-        #[serde(default)]
-        payload: nested::Payload,
-        #[serde(default = "nested_memory")]
-        memory_mib: u32,
-    },
-    /// An HTTP request from the host through one of the target's forwards.
-    HostForward {
-        forward: String,
-        #[serde(default = "slash")]
-        path: String,
-        #[serde(default)]
-        expect: HttpExpect,
-    },
-    /// A consumer authenticated to its provider, proven by Prometheus' own
-    /// scrape state for `job`, and by `protected_url` refusing anonymous access.
-    ServiceAuth {
-        job: String,
-        #[serde(default = "prometheus_url")]
-        prometheus: String,
-        protected_url: String,
-    },
-    /// A Prometheus remote-write request (protobuf + snappy) from the host
-    /// through the target's forward; an instant query must return the sample.
-    RemoteWrite {
-        #[serde(default = "prometheus_forward")]
-        forward: String,
-        #[serde(default = "remote_write_path")]
-        path: String,
-    },
-    /// Drain a load balancer backend server through HAProxy's runtime API,
-    /// then restore it; traffic through `frontend` must follow both times.
-    LbDrain {
-        #[serde(default = "lb_frontend")]
-        frontend: String,
-        #[serde(default = "lb_runtime")]
-        runtime: String,
-        backend: String,
-        server: String,
-        #[serde(default = "lb_requests")]
-        requests: u32,
-    },
-    /// Live-migrate a VM whose disk is the shared NBD `volume` from the
-    /// target node to `to`; it must continue there and restart there.
-    VmMigration {
-        to: String,
-        volume: String,
-        #[serde(default = "vm_memory")]
-        memory_mib: u32,
-        #[serde(default = "vm_port")]
-        port: u16,
-    },
-    /// `qemu-img bench` of a `subject` volume against a `baseline` one, side
-    /// by side from the target node; read and write MB/s and their ratio.
-    VolumeBench {
-        baseline: String,
-        subject: String,
-        #[serde(default = "bench_block_kib")]
-        block_kib: u32,
-        #[serde(default = "bench_count")]
-        count: u32,
-        #[serde(default = "bench_runs")]
-        runs: u32,
-        min_ratio: Option<f64>,
-    },
+/// Every kind a lane file can name (`kind = "..."`), one line each.
+pub const KINDS: &[Kind] = &[
+    Kind::of::<image::Image>("image"),
+    Kind::of::<unit_active::UnitActive>("unit_active"),
+    Kind::of::<exec::Exec>("exec"),
+    Kind::of::<tcp_open::TcpOpen>("tcp_open"),
+    Kind::of::<port_closed::PortClosed>("port_closed"),
+    Kind::of::<http::Http>("http"),
+    Kind::of::<host_forward::HostForward>("host_forward"),
+    Kind::of::<dns::Dns>("dns"),
+    Kind::of::<metrics::Metrics>("metrics"),
+    Kind::of::<replicated_kv::ReplicatedKv>("replicated_kv"),
+    Kind::of::<nested_guest::NestedGuest>("nested_guest"),
+    Kind::of::<service_auth::ServiceAuth>("service_auth"),
+    Kind::of::<remote_write::RemoteWrite>("remote_write"),
+    Kind::of::<lb_drain::LbDrain>("lb_drain"),
+    Kind::of::<vm_migration::VmMigration>("vm_migration"),
+    Kind::of::<volume_bench::VolumeBench>("volume_bench"),
+];
+
+/// What a check kind is: how it binds to targets, whether it is retried,
+/// and how one attempt runs.
+pub trait Check: Debug + Send + Sync {
+    /// Whether the check runs on target nodes (the lane's `targets`), or
+    /// once without one.
+    fn needs_target(&self) -> bool {
+        true
+    }
+
+    /// Whether a failed attempt is tried again until the check's deadline
+    /// (services settle after boot). Kinds that manage their own timeline
+    /// (a migration, a benchmark) run once.
+    fn retried(&self) -> bool {
+        true
+    }
+
+    /// Verifies the references this check makes into the cluster, once
+    /// placeholders are filled for `target` (forwards, other nodes,
+    /// members). The message of an error is shown at the check's line.
+    fn bind(&mut self, _target: Option<&str>, _cluster: &Cluster) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// One attempt, spending at most `budget`.
+    fn attempt(&self, ctx: &Ctx, target: Option<&str>, budget: Duration) -> Result<Verdict>;
 }
 
-fn prometheus_forward() -> String {
-    "prometheus".into()
-}
-fn remote_write_path() -> String {
-    "/api/v1/write".into()
-}
-fn lb_frontend() -> String {
-    "http://127.0.0.1/".into()
-}
-fn lb_runtime() -> String {
-    "127.0.0.1:9999".into()
-}
-fn lb_requests() -> u32 {
-    8
-}
-fn vm_memory() -> u32 {
-    32
-}
-fn vm_port() -> u16 {
-    4444
-}
-fn bench_block_kib() -> u32 {
-    64
-}
-fn bench_count() -> u32 {
-    1000
-}
-fn bench_runs() -> u32 {
-    3
+/// A registered kind: its name in lane files, and how to read one.
+#[derive(Debug)]
+pub struct Kind {
+    pub name: &'static str,
+    parse: fn(toml::Value) -> Result<Box<dyn Check>, String>,
 }
 
-fn loopback() -> String {
-    "127.0.0.1".into()
-}
-fn dns_forward() -> String {
-    "dns".into()
-}
-fn record_a() -> String {
-    "A".into()
-}
-fn yes() -> bool {
-    true
-}
-fn nested_memory() -> u32 {
-    192
-}
-fn slash() -> String {
-    "/".into()
-}
-fn prometheus_url() -> String {
-    "http://127.0.0.1:9090".into()
-}
-
-impl CheckKind {
-    pub fn name(&self) -> &'static str {
-        match self {
-            CheckKind::Image {} => "image",
-            CheckKind::UnitActive { .. } => "unit_active",
-            CheckKind::Http { .. } => "http",
-            CheckKind::TcpOpen { .. } => "tcp_open",
-            CheckKind::Dns { .. } => "dns",
-            CheckKind::Metrics { .. } => "metrics",
-            CheckKind::Exec { .. } => "exec",
-            CheckKind::ReplicatedKv { .. } => "replicated_kv",
-            CheckKind::NestedGuest { .. } => "nested_guest",
-            CheckKind::HostForward { .. } => "host_forward",
-            CheckKind::ServiceAuth { .. } => "service_auth",
-            CheckKind::RemoteWrite { .. } => "remote_write",
-            CheckKind::LbDrain { .. } => "lb_drain",
-            CheckKind::VmMigration { .. } => "vm_migration",
-            CheckKind::VolumeBench { .. } => "volume_bench",
+impl Kind {
+    const fn of<T: Check + DeserializeOwned + 'static>(name: &'static str) -> Kind {
+        Kind {
+            name,
+            parse: parse_as::<T>,
         }
     }
 
-    pub fn needs_target(&self) -> bool {
-        !matches!(self, CheckKind::Image {})
+    /// The kind called `name`, or an error that lists the known ones.
+    pub fn named(name: &str) -> Result<&'static Kind, String> {
+        KINDS.iter().find(|k| k.name == name).ok_or_else(|| {
+            format!(
+                "unknown check kind {name:?} (known kinds: {})",
+                KINDS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+            )
+        })
     }
 
-    /// Checks that manage their own deadline run once; the rest are retried
-    /// until they pass or the deadline passes (services settle after boot).
-    pub fn retried(&self) -> bool {
-        !matches!(
-            self,
-            CheckKind::NestedGuest { .. }
-                | CheckKind::ReplicatedKv { .. }
-                | CheckKind::LbDrain { .. }
-                | CheckKind::VmMigration { .. }
-                | CheckKind::VolumeBench { .. }
-        )
-    }
-
-    /// This check bound to one target: placeholders filled in (`{node}`,
-    /// `{address}`, `{domain}`, `{address:<node>}`) and references to the
-    /// cluster (forwards, members) verified.
-    pub fn for_target(&self, target: Option<&str>, cluster: &Cluster) -> Result<CheckKind, String> {
-        let mut value = serde_json::to_value(self).map_err(|e| e.to_string())?;
-        fill(&mut value, target, cluster)?;
-        let mut kind: CheckKind = serde_json::from_value(value).map_err(|e| e.to_string())?;
-        let node = target.and_then(|t| cluster.node(t));
-        match &mut kind {
-            CheckKind::Dns { forward, .. }
-            | CheckKind::HostForward { forward, .. }
-            | CheckKind::RemoteWrite { forward, .. } => {
-                let want = if matches!(self, CheckKind::Dns { .. }) {
-                    Proto::Udp
-                } else {
-                    Proto::Tcp
-                };
-                let found = node
-                    .map(|n| {
-                        n.forwards
-                            .iter()
-                            .any(|f| f.name == *forward && f.proto == want)
-                    })
-                    .unwrap_or(false);
-                if !found {
-                    return Err(format!(
-                        "{} has no {} forward named {forward:?} in the cluster file",
-                        target.unwrap_or("-"),
-                        want.name()
-                    ));
-                }
-            }
-            CheckKind::ReplicatedKv { members, .. } => {
-                *members = crate::lane::expand_targets(members, cluster)?;
-            }
-            CheckKind::VmMigration { to, .. }
-                if cluster.node(to).is_none() || Some(to.as_str()) == target =>
-            {
-                return Err(format!(
-                    "`to` must name another node of the cluster, not {to:?}"
-                ));
-            }
-            _ => {}
-        }
-        Ok(kind)
+    /// Reads a check of this kind from its table in the lane file (without
+    /// the lane's own keys: name, kind, targets, deadline, artifact).
+    pub fn parse(&self, table: toml::Table) -> Result<Box<dyn Check>, String> {
+        (self.parse)(toml::Value::Table(table))
     }
 }
 
-fn fill(v: &mut Value, target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
-    match v {
-        Value::String(s) => *s = placeholders(s, target, cluster)?,
-        Value::Array(items) => {
-            for i in items {
-                fill(i, target, cluster)?;
-            }
-        }
-        Value::Object(map) => {
-            for (_, i) in map.iter_mut() {
-                fill(i, target, cluster)?;
-            }
-        }
-        _ => {}
-    }
-    Ok(())
-}
-
-pub fn placeholders(s: &str, target: Option<&str>, cluster: &Cluster) -> Result<String, String> {
-    let address = |n: &str| {
-        cluster
-            .node(n)
-            .map(|n| n.address.to_string())
-            .ok_or_else(|| format!("`{{address:{n}}}`: no node {n:?}"))
-    };
-    let mut out = String::new();
-    let mut rest = s;
-    while let Some(start) = rest.find('{') {
-        out.push_str(&rest[..start]);
-        let Some(len) = rest[start..].find('}') else {
-            break;
-        };
-        let key = &rest[start + 1..start + len];
-        let needs = |what: &str| format!("`{{{what}}}` needs a target node");
-        let value = match key.split_once(':') {
-            Some(("address", n)) => address(n)?,
-            _ => match key {
-                "node" => target.ok_or_else(|| needs("node"))?.to_string(),
-                "address" => address(target.ok_or_else(|| needs("address"))?)?,
-                "domain" => cluster.network.domain.clone(),
-                // Not ours (JSON in a command, for example): keep it.
-                _ => rest[start..=start + len].to_string(),
-            },
-        };
-        out.push_str(&value);
-        rest = &rest[start + len + 1..];
-    }
-    out.push_str(rest);
-    Ok(out)
+fn parse_as<T: Check + DeserializeOwned + 'static>(
+    value: toml::Value,
+) -> Result<Box<dyn Check>, String> {
+    T::deserialize(value)
+        .map(|c| Box::new(c) as Box<dyn Check>)
+        .map_err(|e| e.message().to_string())
 }
 
 /// pass / fail / degraded / skipped, in that vocabulary everywhere
@@ -401,18 +187,30 @@ impl Verdict {
     }
 }
 
-/// What every check can reach: the cluster record, its definition, its
-/// state directory, and SSH sessions to its nodes.
+/// What every check can reach: the cluster's definition and its running
+/// record, SSH sessions to its nodes, and the image the current recipe
+/// builds (resolved once, before the lane runs).
 pub struct Ctx<'a> {
     pub cluster: &'a Cluster,
     pub record: &'a RunningCluster,
-    pub state: &'a StateDir,
     pub guests: &'a GuestPool,
+    /// The id of the image the cluster's recipe builds now, if known.
+    pub current_image: Option<&'a str>,
 }
 
 impl Ctx<'_> {
+    /// The target node, for checks that need one.
+    pub fn node<'t>(&self, target: Option<&'t str>) -> Result<&'t str> {
+        target.ok_or_else(|| anyhow!("this check needs a target node"))
+    }
+
+    /// A session to the target node.
+    pub fn guest(&self, target: Option<&str>) -> Result<Arc<Guest>> {
+        self.guests.get(self.node(target)?)
+    }
+
     /// The host side of `node`'s forward called `name`.
-    pub fn forward(&self, node: &str, name: &str) -> Result<crate::fabric::PortForward> {
+    pub fn forward(&self, node: &str, name: &str) -> Result<PortForward> {
         self.record
             .nodes
             .get(node)
@@ -422,199 +220,32 @@ impl Ctx<'_> {
     }
 }
 
-/// SSH sessions to the nodes, opened on first use and shared by the
-/// engine's threads. A session that broke is dropped, so the next attempt
-/// reconnects.
-pub struct GuestPool {
-    record: RunningCluster,
-    guests: Mutex<HashMap<String, Arc<Guest>>>,
-}
-
-impl GuestPool {
-    pub fn new(record: &RunningCluster) -> GuestPool {
-        GuestPool {
-            record: record.clone(),
-            guests: Mutex::new(HashMap::new()),
-        }
-    }
-
-    pub fn get(&self, node: &str) -> Result<Arc<Guest>> {
-        if let Some(g) = self
-            .guests
-            .lock()
-            .map_err(|_| anyhow!("poisoned"))?
-            .get(node)
-        {
-            return Ok(g.clone());
-        }
-        let guest = Arc::new(crate::cluster::connect(&self.record, node)?);
-        self.guests
-            .lock()
-            .map_err(|_| anyhow!("poisoned"))?
-            .insert(node.to_string(), guest.clone());
-        Ok(guest)
-    }
-
-    pub fn forget(&self, node: &str) {
-        if let Ok(mut g) = self.guests.lock() {
-            g.remove(node);
-        }
-    }
-}
-
-/// One attempt of `kind` against `target`, with at most `budget` to spend.
-pub fn attempt(
-    ctx: &Ctx,
-    kind: &CheckKind,
+/// For `bind`: the target node must have a forward `name` of `proto`.
+pub fn require_forward(
     target: Option<&str>,
-    budget: Duration,
-) -> Result<Verdict> {
-    let node = || target.ok_or_else(|| anyhow!("this check needs a target node"));
-    let guest = || ctx.guests.get(node()?);
-    let result = match kind {
-        CheckKind::Image {} => system::image(ctx),
-        CheckKind::UnitActive { units } => system::units(ctx, &*guest()?, node()?, units, budget),
-        CheckKind::Exec {
-            command,
-            exit,
-            stdout_contains,
-            stdout_equals,
-        } => system::exec(
-            &*guest()?,
-            command,
-            *exit,
-            stdout_contains.as_deref(),
-            stdout_equals.as_deref(),
-            budget,
-        ),
-        CheckKind::TcpOpen { port, host } => system::tcp_open(&*guest()?, host, *port, budget),
-        CheckKind::Http { url, expect } => http::in_guest(&*guest()?, url, expect, budget),
-        CheckKind::HostForward {
-            forward,
-            path,
-            expect,
-        } => http::from_host(ctx, node()?, forward, path, expect, budget),
-        CheckKind::Dns {
-            forward,
-            query,
-            record,
-            expect,
-            authoritative,
-        } => dns::query(
-            ctx,
-            node()?,
-            forward,
-            query,
-            record,
-            expect,
-            *authoritative,
-            budget,
-        ),
-        CheckKind::Metrics {
-            url,
-            series,
-            labels,
-            condition,
-        } => metrics::series(
-            &*guest()?,
-            url,
-            series,
-            labels,
-            condition.as_deref(),
-            budget,
-        ),
-        CheckKind::ReplicatedKv { store, members } => {
-            kv::converge(ctx, *store, node()?, members, budget)
-        }
-        CheckKind::NestedGuest {
-            payload,
-            memory_mib,
-        } => nested::boot(ctx, &*guest()?, *payload, *memory_mib, budget),
-        CheckKind::ServiceAuth {
-            job,
-            prometheus,
-            protected_url,
-        } => auth::prometheus_job(&*guest()?, job, prometheus, protected_url, budget),
-        CheckKind::RemoteWrite { forward, path } => {
-            remote_write::write_then_query(ctx, node()?, forward, path, budget)
-        }
-        CheckKind::LbDrain {
-            frontend,
-            runtime,
-            backend,
-            server,
-            requests,
-        } => lb::drain(
-            &*guest()?,
-            &lb::Drain {
-                frontend,
-                runtime,
-                backend,
-                server,
-                requests: *requests,
-            },
-            budget,
-        ),
-        CheckKind::VmMigration {
-            to,
-            volume,
-            memory_mib,
-            port,
-        } => vm::migrate(
-            ctx,
-            node()?,
-            &vm::Request {
-                to,
-                volume,
-                memory_mib: *memory_mib,
-                port: *port,
-            },
-            budget,
-        ),
-        CheckKind::VolumeBench {
-            baseline,
-            subject,
-            block_kib,
-            count,
-            runs,
-            min_ratio,
-        } => volume::run(
-            &*guest()?,
-            &volume::Bench {
-                baseline,
-                subject,
-                block_kib: *block_kib,
-                count: *count,
-                runs: *runs,
-                min_ratio: *min_ratio,
-            },
-        ),
-    };
-    // A broken session (an SSH or socket error anywhere in the chain) is
-    // dropped so the next attempt reconnects; a probe that merely failed
-    // keeps it.
-    if let (Err(e), Some(t)) = (&result, target)
-        && e.chain()
-            .any(|c| c.is::<ssh2::Error>() || c.is::<std::io::Error>())
-    {
-        ctx.guests.forget(t);
+    cluster: &Cluster,
+    name: &str,
+    proto: Proto,
+) -> Result<(), String> {
+    let node: Option<&Node> = target.and_then(|t| cluster.node(t));
+    let found = node.is_some_and(|n| {
+        n.forwards
+            .iter()
+            .any(|f| f.name == name && f.proto == proto)
+    });
+    if found {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} has no {} forward named {name:?} in the cluster file",
+            target.unwrap_or("-"),
+            proto.name()
+        ))
     }
-    result
-}
-
-/// Quotes `s` for a POSIX shell.
-pub fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
-/// The last `n` lines of `text`, for evidence.
-pub fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 pub fn no_evidence() -> Value {
-    json!({})
+    serde_json::json!({})
 }
 
 #[cfg(test)]
@@ -622,20 +253,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn placeholders_fill_node_address_and_domain() {
-        let c = Cluster::profile("reference").unwrap();
-        let s = placeholders(
-            "{node}.{domain} {address} {address:node06} {x}",
-            Some("node02"),
-            &c,
-        );
-        assert_eq!(s.unwrap(), "node02.photon.test 10.77.0.12 10.77.0.16 {x}");
-        assert!(placeholders("{node}", None, &c).is_err());
-        assert!(placeholders("{address:nope}", None, &c).is_err());
+    fn every_registered_kind_has_a_unique_name_and_rejects_unknown_fields() {
+        let mut names: Vec<&str> = KINDS.iter().map(|k| k.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), KINDS.len());
+        for kind in KINDS {
+            let mut t = toml::Table::new();
+            t.insert("no_such_field".into(), toml::Value::Integer(1));
+            let e = kind.parse(t).unwrap_err();
+            assert!(
+                e.contains("no_such_field") || e.contains("missing field"),
+                "{}: {e}",
+                kind.name
+            );
+        }
     }
 
     #[test]
-    fn shell_quote_survives_single_quotes() {
-        assert_eq!(shell_quote("a'b"), r"'a'\''b'");
+    fn unknown_kind_lists_the_known_ones() {
+        let e = Kind::named("warp").unwrap_err();
+        assert!(e.contains("\"warp\"") && e.contains("tcp_open"), "{e}");
     }
 }

@@ -7,7 +7,39 @@
 //! can never satisfy the query; the query is evaluated at the sample's own
 //! timestamp, so a guest clock behind the host's does not hide it.
 
-use super::{Ctx, Verdict};
+use super::{Check, Ctx, Verdict, require_forward};
+use crate::spec::{Cluster, Proto};
+use serde::Deserialize;
+
+/// `remote_write`: a Prometheus remote-write request (protobuf + snappy)
+/// from the host through the target's forward; an instant query must
+/// return the sample.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteWrite {
+    #[serde(default = "prometheus_forward")]
+    forward: String,
+    #[serde(default = "remote_write_path")]
+    path: String,
+}
+
+fn prometheus_forward() -> String {
+    "prometheus".into()
+}
+fn remote_write_path() -> String {
+    "/api/v1/write".into()
+}
+
+impl Check for RemoteWrite {
+    fn bind(&mut self, target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
+        require_forward(target, cluster, &self.forward, Proto::Tcp)
+    }
+
+    fn attempt(&self, ctx: &Ctx, target: Option<&str>, budget: Duration) -> Result<Verdict> {
+        write_then_query(ctx, ctx.node(target)?, &self.forward, &self.path, budget)
+    }
+}
+
 use anyhow::Result;
 use prost::Message;
 use serde_json::{Value, json};

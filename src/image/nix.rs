@@ -59,7 +59,7 @@ pub fn build(
         bail!(
             "nix build failed ({}): {}",
             out.status,
-            crate::check::tail(&err, 20)
+            crate::text::tail(&err, 20)
         );
     }
     let built: Vec<Built> =

@@ -5,7 +5,6 @@
 
 use super::{Accel, QEMU};
 use crate::error::bad_input;
-use crate::state::AccelChoice;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, OpenOptions};
@@ -13,7 +12,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum AccelRequest {
     Auto,
     Kvm,
@@ -26,6 +26,26 @@ impl AccelRequest {
             AccelRequest::Auto => "auto",
             AccelRequest::Kvm => "kvm",
             AccelRequest::Tcg => "tcg",
+        }
+    }
+}
+
+/// What `start` chose, recorded in cluster.json and result.json.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AccelChoice {
+    /// What the guests really run under.
+    pub used: Accel,
+    /// What was asked for.
+    pub requested: AccelRequest,
+    /// Why `auto` did not use KVM, when it did not.
+    pub fallback_reason: Option<String>,
+}
+
+impl AccelChoice {
+    pub fn summary(&self) -> String {
+        match &self.fallback_reason {
+            Some(r) => format!("{} (fallback from KVM: {r})", self.used.name()),
+            None => self.used.name().to_string(),
         }
     }
 }
@@ -49,8 +69,8 @@ pub fn choose(
     work: &Path,
 ) -> Result<AccelChoice> {
     let choice = |used: Accel, reason: Option<String>| AccelChoice {
-        used: used.name().into(),
-        requested: request.name().into(),
+        used,
+        requested: request,
         fallback_reason: reason,
     };
     if request == AccelRequest::Tcg {

@@ -15,7 +15,57 @@
 //! Under TCG (no nested KVM) the migration is still real, but it is not a
 //! KVM migration, so the outcome is `degraded`, never `pass`.
 
-use super::{Ctx, Verdict, nested, shell_quote};
+use super::{Check, Ctx, Verdict, nested_guest as nested};
+use crate::spec::Cluster;
+use crate::text::shell_quote;
+use serde::Deserialize;
+
+/// `vm_migration`: live-migrate a VM whose disk is the shared NBD `volume`
+/// from the target node to `to`; it must continue there and restart there.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmMigration {
+    to: String,
+    volume: String,
+    #[serde(default = "vm_memory")]
+    memory_mib: u32,
+    #[serde(default = "vm_port")]
+    port: u16,
+}
+
+fn vm_memory() -> u32 {
+    32
+}
+fn vm_port() -> u16 {
+    4444
+}
+
+impl Check for VmMigration {
+    fn retried(&self) -> bool {
+        false
+    }
+
+    fn bind(&mut self, target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
+        if cluster.node(&self.to).is_none() || Some(self.to.as_str()) == target {
+            return Err(format!(
+                "`to` must name another node of the cluster, not {:?}",
+                self.to
+            ));
+        }
+        Ok(())
+    }
+
+    fn attempt(&self, ctx: &Ctx, target: Option<&str>, budget: Duration) -> Result<Verdict> {
+        let req = Request {
+            to: &self.to,
+            volume: &self.volume,
+            memory_mib: self.memory_mib,
+            port: self.port,
+        };
+        migrate(ctx, ctx.node(target)?, &req, budget)
+    }
+}
+
 use crate::guest::Guest;
 use crate::machine::cmdline::Accel;
 use anyhow::{Result, anyhow, bail};
@@ -236,7 +286,7 @@ pub fn migrate(ctx: &Ctx, source: &str, req: &Request, budget: Duration) -> Resu
         .node(req.to)
         .map(|n| n.address.to_string())
         .ok_or_else(|| anyhow!("no node {}", req.to))?;
-    let outer_kvm = ctx.record.accel.used == Accel::Kvm.name();
+    let outer_kvm = ctx.record.accel.used == Accel::Kvm;
     let kvm_in = |g: &Guest| {
         g.exec("test -w /dev/kvm", Duration::from_secs(10))
             .map(|o| o.ok())

@@ -7,7 +7,57 @@
 //! numbers are evidence, not a verdict: the check passes when every run
 //! completed, unless the lane sets `min_ratio`.
 
-use super::{Verdict, shell_quote};
+use super::{Check, Ctx, Verdict};
+use crate::text::shell_quote;
+use serde::Deserialize;
+use std::time::Instant;
+
+/// `volume_bench`: `qemu-img bench` of a `subject` volume against a
+/// `baseline` one, side by side from the target node; read and write MB/s
+/// and their ratio.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeBench {
+    baseline: String,
+    subject: String,
+    #[serde(default = "bench_block_kib")]
+    block_kib: u32,
+    #[serde(default = "bench_count")]
+    count: u32,
+    #[serde(default = "bench_runs")]
+    runs: u32,
+    min_ratio: Option<f64>,
+}
+
+fn bench_block_kib() -> u32 {
+    64
+}
+fn bench_count() -> u32 {
+    1000
+}
+fn bench_runs() -> u32 {
+    3
+}
+
+impl Check for VolumeBench {
+    fn retried(&self) -> bool {
+        false
+    }
+
+    fn attempt(&self, ctx: &Ctx, target: Option<&str>, budget: Duration) -> Result<Verdict> {
+        let b = Bench {
+            baseline: &self.baseline,
+            subject: &self.subject,
+            block_kib: self.block_kib,
+            count: self.count,
+            runs: self.runs,
+            min_ratio: self.min_ratio,
+            deadline: Instant::now() + budget,
+        };
+        run(&*ctx.guest(target)?, &b)
+    }
+}
+
 use crate::guest::Guest;
 use anyhow::{Result, anyhow};
 use serde_json::json;
@@ -20,6 +70,8 @@ pub struct Bench<'a> {
     pub count: u32,
     pub runs: u32,
     pub min_ratio: Option<f64>,
+    /// The check's deadline: every run must finish before it.
+    pub deadline: Instant,
 }
 
 /// Seconds from `qemu-img bench`'s "Run completed in 1.234 seconds."
@@ -50,7 +102,11 @@ impl Bench<'_> {
             if write { "-w" } else { "" },
             shell_quote(url)
         );
-        let out = guest.succeed(&cmd, Duration::from_secs(300))?;
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            anyhow::bail!("the check's deadline passed before every run finished");
+        }
+        let out = guest.succeed(&cmd, left)?;
         let secs = completed_in(&out).ok_or_else(|| anyhow!("no timing in {out:?}"))?;
         let mb = self.count as f64 * self.block_kib as f64 / 1024.0;
         Ok(mb / secs.max(1e-6))

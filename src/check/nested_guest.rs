@@ -12,7 +12,41 @@
 //! measured, with two workers at once), but about 4 s for this one.
 //! `auto` picks linux when the cluster runs on KVM, multiboot otherwise.
 
-use super::{Ctx, Verdict, tail};
+use super::{Check, Ctx, Verdict};
+use crate::text::tail;
+
+/// `nested_guest`: boot an inner guest with qemu inside the target; KVM
+/// first, else TCG (degraded).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NestedGuest {
+    /// `auto` (linux on a KVM cluster, multiboot otherwise), `linux`, `multiboot`.
+    #[serde(default)]
+    payload: Payload,
+    #[serde(default = "nested_memory")]
+    memory_mib: u32,
+}
+
+fn nested_memory() -> u32 {
+    192
+}
+
+impl Check for NestedGuest {
+    fn retried(&self) -> bool {
+        false
+    }
+
+    fn attempt(&self, ctx: &Ctx, target: Option<&str>, budget: Duration) -> Result<Verdict> {
+        boot(
+            ctx,
+            &*ctx.guest(target)?,
+            self.payload,
+            self.memory_mib,
+            budget,
+        )
+    }
+}
+
 use crate::guest::Guest;
 use crate::machine::cmdline::Accel;
 use anyhow::Result;
@@ -52,7 +86,7 @@ pub fn boot(
     budget: Duration,
 ) -> Result<Verdict> {
     let started = Instant::now();
-    let outer_kvm = ctx.record.accel.used == Accel::Kvm.name();
+    let outer_kvm = ctx.record.accel.used == Accel::Kvm;
     let payload = match payload {
         Payload::Auto if outer_kvm => Payload::Linux,
         Payload::Auto => Payload::Multiboot,

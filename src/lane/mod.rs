@@ -3,27 +3,32 @@
 //! A lane file is data only. Loading it validates every check against the
 //! cluster (targets, forwards, kinds), and expands it into a plan: one
 //! `PlannedCheck` per (check, target node), with `{node}`-style
-//! placeholders filled in. The engine (`run`) never sees TOML.
+//! placeholders filled in (`placeholders`). The engine never sees TOML.
 
-use crate::check::CheckKind;
+mod placeholders;
+
+use crate::check::{Check, Kind};
 use crate::spec::{Cluster, SpecError};
 use serde::Deserialize;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use toml::Spanned;
 
+pub use placeholders::placeholders;
+
 /// The lanes shipped with the binary, from `checks/`.
 pub const LANES: &[(&str, &str)] = &[
-    ("smoke", include_str!("../checks/smoke.toml")),
-    ("matrix", include_str!("../checks/matrix.toml")),
+    ("smoke", include_str!("../../checks/smoke.toml")),
+    ("matrix", include_str!("../../checks/matrix.toml")),
     (
         "bench-storage",
-        include_str!("../checks/bench-storage.toml"),
+        include_str!("../../checks/bench-storage.toml"),
     ),
     (
         "provider-vm-reality-proof",
-        include_str!("../checks/provider-vm-reality-proof.toml"),
+        include_str!("../../checks/provider-vm-reality-proof.toml"),
     ),
 ];
 
@@ -85,7 +90,9 @@ pub struct PlannedCheck {
     pub layer: String,
     pub target: Option<String>,
     pub deadline: Duration,
-    pub kind: CheckKind,
+    /// The kind's name, as the lane file wrote it.
+    pub kind: &'static str,
+    pub check: Arc<dyn Check>,
     /// Where it was defined, for messages: `checks/smoke.toml:42`.
     pub origin: String,
     /// A file under the run directory that receives the check's evidence
@@ -94,6 +101,11 @@ pub struct PlannedCheck {
 }
 
 impl Lane {
+    /// Every check of the lane, in lane order.
+    pub fn checks(&self) -> impl Iterator<Item = &PlannedCheck> {
+        self.layers.iter().flat_map(|l| l.checks.iter())
+    }
+
     /// Loads an embedded lane by name.
     pub fn embedded(name: &str, cluster: &Cluster) -> Result<Lane, SpecError> {
         let text = LANES
@@ -192,23 +204,33 @@ pub fn parse(file: &Path, text: &str, cluster: &Cluster) -> Result<Lane, SpecErr
                     )
                 })?),
             };
-            let kind: CheckKind =
-                toml::Value::Table(table)
-                    .try_into()
-                    .map_err(|e: toml::de::Error| {
-                        at(span(), &field("kind"), e.message().to_string())
-                    })?;
+            let kind_name = match table.remove("kind") {
+                Some(toml::Value::String(k)) => k,
+                _ => {
+                    return Err(at(
+                        span(),
+                        &field("kind"),
+                        "every check needs a kind".into(),
+                    ));
+                }
+            };
+            let kind = Kind::named(&kind_name).map_err(|m| at(span(), &field("kind"), m))?;
+            // Read once as written, so that a wrong field is reported even
+            // when the check would bind to no node.
+            let unbound = kind
+                .parse(table.clone())
+                .map_err(|m| at(span(), &field("kind"), m))?;
             let nodes = match targets {
-                None if kind.needs_target() => {
+                None if unbound.needs_target() => {
                     return Err(at(
                         span(),
                         &field("targets"),
-                        format!("a {} check needs `targets`", kind.name()),
+                        format!("a {} check needs `targets`", kind.name),
                     ));
                 }
                 None => Ok(vec![]),
-                Some(Targets::One(t)) => expand_targets(&[t], cluster),
-                Some(Targets::Many(t)) => expand_targets(&t, cluster),
+                Some(Targets::One(t)) => cluster.select(&[t]),
+                Some(Targets::Many(t)) => cluster.select(&t),
             };
             let nodes = match nodes {
                 Ok(n) => n,
@@ -220,8 +242,18 @@ pub fn parse(file: &Path, text: &str, cluster: &Cluster) -> Result<Lane, SpecErr
                 nodes.into_iter().map(Some).collect()
             };
             for target in instances {
-                let kind = kind
-                    .for_target(target.as_deref(), cluster)
+                let t = target.as_deref();
+                let mut filled = toml::Value::Table(table.clone());
+                placeholders::fill(&mut filled, t, cluster)
+                    .map_err(|m| at(span(), &field("kind"), m))?;
+                let toml::Value::Table(filled) = filled else {
+                    unreachable!("a table stays a table")
+                };
+                let mut check = kind
+                    .parse(filled)
+                    .map_err(|m| at(span(), &field("kind"), m))?;
+                check
+                    .bind(t, cluster)
                     .map_err(|m| at(span(), &field("kind"), m))?;
                 let id = match &target {
                     Some(t) => format!("{name}@{t}"),
@@ -236,7 +268,7 @@ pub fn parse(file: &Path, text: &str, cluster: &Cluster) -> Result<Lane, SpecErr
                 }
                 let artifact = match &artifact {
                     Some(a) => Some(
-                        crate::check::placeholders(a, target.as_deref(), cluster)
+                        placeholders(a, t, cluster)
                             .map_err(|m| at(span(), &field("artifact"), m))?,
                     ),
                     None => None,
@@ -246,7 +278,8 @@ pub fn parse(file: &Path, text: &str, cluster: &Cluster) -> Result<Lane, SpecErr
                     layer: layer.name.clone(),
                     target,
                     deadline: Duration::from_secs(deadline),
-                    kind,
+                    kind: kind.name,
+                    check: Arc::from(check),
                     origin: origin.clone(),
                     artifact,
                 });
@@ -277,11 +310,6 @@ fn artifact_path_ok(p: &str) -> bool {
 
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
-}
-
-/// Node names for `all`, `role:<role>` and plain names, in cluster order.
-pub fn expand_targets(items: &[String], cluster: &Cluster) -> Result<Vec<String>, String> {
-    cluster.select(items)
 }
 
 #[cfg(test)]
@@ -345,10 +373,8 @@ url = "http://{node}:8080/healthz"
             .map(|c| c.id.as_str())
             .collect();
         assert_eq!(ids, ["web@node04", "web@node05"]);
-        match &lane.layers[0].checks[1].kind {
-            CheckKind::Http { url, .. } => assert_eq!(url, "http://node05:8080/healthz"),
-            k => panic!("{k:?}"),
-        }
+        let check = format!("{:?}", lane.layers[0].checks[1].check);
+        assert!(check.contains("\"http://node05:8080/healthz\""), "{check}");
     }
 
     #[test]

@@ -9,7 +9,53 @@
 //! each round's distribution, the runtime API's server state per phase,
 //! and how long drain and re-convergence took.
 
-use super::{Verdict, shell_quote};
+use super::{Check, Ctx, Verdict};
+use crate::text::shell_quote;
+use serde::Deserialize;
+
+/// `lb_drain`: drain a load balancer backend server through HAProxy's
+/// runtime API, then restore it; traffic through `frontend` must follow
+/// both times.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LbDrain {
+    #[serde(default = "lb_frontend")]
+    frontend: String,
+    #[serde(default = "lb_runtime")]
+    runtime: String,
+    backend: String,
+    server: String,
+    #[serde(default = "lb_requests")]
+    requests: u32,
+}
+
+fn lb_frontend() -> String {
+    "http://127.0.0.1/".into()
+}
+fn lb_runtime() -> String {
+    "127.0.0.1:9999".into()
+}
+fn lb_requests() -> u32 {
+    8
+}
+
+impl Check for LbDrain {
+    fn retried(&self) -> bool {
+        false
+    }
+
+    fn attempt(&self, ctx: &Ctx, target: Option<&str>, budget: Duration) -> Result<Verdict> {
+        let d = Drain {
+            frontend: &self.frontend,
+            runtime: &self.runtime,
+            backend: &self.backend,
+            server: &self.server,
+            requests: self.requests,
+        };
+        drain(&*ctx.guest(target)?, &d, budget)
+    }
+}
+
 use crate::guest::Guest;
 use anyhow::Result;
 use serde_json::json;

@@ -3,7 +3,37 @@
 //! reports its scrape target for the job as up, which it can only be if its
 //! credentials were accepted. A running process proves neither.
 
-use super::{Verdict, http::curl};
+use super::{Check, Ctx, Verdict, http::curl};
+use serde::Deserialize;
+
+/// `service_auth`: a consumer authenticated to its provider, proven by
+/// Prometheus' own scrape state for `job`, and by `protected_url` refusing
+/// anonymous access.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceAuth {
+    job: String,
+    #[serde(default = "prometheus_url")]
+    prometheus: String,
+    protected_url: String,
+}
+
+fn prometheus_url() -> String {
+    "http://127.0.0.1:9090".into()
+}
+
+impl Check for ServiceAuth {
+    fn attempt(&self, ctx: &Ctx, target: Option<&str>, budget: Duration) -> Result<Verdict> {
+        prometheus_job(
+            &*ctx.guest(target)?,
+            &self.job,
+            &self.prometheus,
+            &self.protected_url,
+            budget,
+        )
+    }
+}
+
 use crate::guest::Guest;
 use anyhow::Result;
 use serde_json::{Value, json};
@@ -17,7 +47,10 @@ pub fn prometheus_job(
     budget: Duration,
 ) -> Result<Verdict> {
     let mut evidence = json!({ "job": job, "protected_url": protected_url });
-    let anonymous = curl(guest, protected_url, "-o /dev/null", budget)?.0;
+    let anonymous = match curl(guest, protected_url, "-o /dev/null", budget)? {
+        Ok((status, _)) => status,
+        Err(e) => return Ok(Verdict::fail(e, evidence)),
+    };
     evidence["anonymous_status"] = json!(anonymous);
     if anonymous != 401 {
         return Ok(Verdict::fail(
@@ -29,7 +62,10 @@ pub fn prometheus_job(
         ));
     }
     let url = format!("{prometheus}/api/v1/targets?state=active");
-    let (status, body) = curl(guest, &url, "", budget)?;
+    let (status, body) = match curl(guest, &url, "", budget)? {
+        Ok(r) => r,
+        Err(e) => return Ok(Verdict::fail(e, evidence)),
+    };
     if status != 200 {
         return Ok(Verdict::fail(format!("{url}: HTTP {status}"), evidence));
     }

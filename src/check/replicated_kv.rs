@@ -2,7 +2,35 @@
 //! every member from that member's own copy (etcd serializable reads, redis
 //! replicas) until each has it, and report how long that took.
 
-use super::{Ctx, Verdict, shell_quote};
+use super::{Check, Ctx, Verdict};
+use crate::spec::Cluster;
+use crate::text::shell_quote;
+
+/// `replicated_kv`: write through the target, read the same value on every
+/// member from its own copy.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicatedKv {
+    store: Store,
+    /// Node names, `all` or `role:<role>`; expanded when the lane is loaded.
+    members: Vec<String>,
+}
+
+impl Check for ReplicatedKv {
+    fn retried(&self) -> bool {
+        false
+    }
+
+    fn bind(&mut self, _target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
+        self.members = cluster.select(&self.members)?;
+        Ok(())
+    }
+
+    fn attempt(&self, ctx: &Ctx, target: Option<&str>, budget: Duration) -> Result<Verdict> {
+        converge(ctx, self.store, ctx.node(target)?, &self.members, budget)
+    }
+}
+
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use serde_json::json;

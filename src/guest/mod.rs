@@ -1,0 +1,247 @@
+//! Reaching into a guest over SSH: one reused ssh2 session per node, exec
+//! with a deadline (here), the session pool that lanes share (`pool`), and
+//! the waits for sshd and for systemd units (`ready`).
+//!
+//! A fresh `ssh` costs about a second per command against a TCG guest (key
+//! exchange); a kept session opens a channel per command instead. ssh2
+//! blocks, so every call runs with `Session::set_timeout` set: an outer
+//! timeout could not stop a blocked handshake.
+
+use anyhow::{Result, anyhow};
+use base64::Engine;
+use ssh2::Session;
+use std::error::Error as StdError;
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+mod pool;
+mod ready;
+
+pub use pool::{GuestPool, connect, endpoint};
+pub use ready::{Stop, unit_states, wait_for_ssh, wait_for_units};
+
+type Source = Box<dyn StdError + Send + Sync>;
+
+/// libssh2's LIBSSH2_ERROR_CHANNEL_FAILURE: the server refused the channel.
+const CHANNEL_FAILURE: i32 = -21;
+
+/// What can go wrong between the driver and a guest.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// The SSH connection could not be made or authenticated.
+    #[error("{node}: {step}")]
+    Connect {
+        node: String,
+        step: String,
+        #[source]
+        source: Source,
+    },
+    #[error(
+        "{node}: host key on 127.0.0.1:{port} is not the one this cluster gave the node; \
+         another process may own the port"
+    )]
+    HostKey { node: String, port: u16 },
+    /// The session broke, or a command outlived its deadline.
+    #[error("{node}: `{command}` did not complete within {secs:.0} s")]
+    Transport {
+        node: String,
+        command: String,
+        secs: f64,
+        #[source]
+        source: Source,
+    },
+    #[error("{node}: QEMU (pid {pid}) is not running; see {console}")]
+    NotRunning {
+        node: String,
+        pid: i32,
+        console: String,
+    },
+    #[error("no node {node:?} in the running cluster (nodes: {nodes})")]
+    UnknownNode { node: String, nodes: String },
+}
+
+impl GuestError {
+    /// Whether the session this came from is unusable: the next attempt
+    /// must open a new one.
+    pub fn breaks_session(&self) -> bool {
+        matches!(
+            self,
+            GuestError::Connect { .. } | GuestError::Transport { .. }
+        )
+    }
+}
+
+/// Whether `e` (anywhere in its chain) broke a session.
+pub fn breaks_session(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<GuestError>())
+        .any(GuestError::breaks_session)
+}
+
+/// How the driver reaches one node.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub node: String,
+    pub port: u16,
+    pub key: PathBuf,
+    /// The node's host public key line (`ssh-ed25519 AAAA... comment`).
+    pub host_key: String,
+}
+
+impl Endpoint {
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+}
+
+/// A connected guest. The session is shared behind a mutex: one command at a
+/// time per node, each on its own channel.
+pub struct Guest {
+    pub endpoint: Endpoint,
+    session: Mutex<Session>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExecOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl ExecOutput {
+    pub fn ok(&self) -> bool {
+        self.code == 0
+    }
+}
+
+impl Guest {
+    /// Connects and authenticates, verifying the host key we gave the node.
+    pub fn connect(endpoint: &Endpoint, timeout: Duration) -> Result<Guest> {
+        let failed = |step: String| {
+            let node = endpoint.node.clone();
+            move |e: Source| GuestError::Connect {
+                node,
+                step,
+                source: e,
+            }
+        };
+        let tcp = TcpStream::connect_timeout(&endpoint.addr(), timeout)
+            .map_err(|e| failed(format!("connecting to {}", endpoint.addr()))(e.into()))?;
+        let mut session = Session::new().map_err(|e| failed("SSH session".into())(e.into()))?;
+        session.set_timeout(timeout.as_millis() as u32);
+        session.set_tcp_stream(tcp);
+        session
+            .handshake()
+            .map_err(|e| failed("SSH handshake".into())(e.into()))?;
+        verify_host_key(&session, endpoint)?;
+        session
+            .userauth_pubkey_file("root", None, &endpoint.key, None)
+            .map_err(|e| failed("SSH key authentication as root".into())(e.into()))?;
+        Ok(Guest {
+            endpoint: endpoint.clone(),
+            session: Mutex::new(session),
+        })
+    }
+
+    /// Runs `command` through the guest's shell; fails if it does not
+    /// finish within `deadline`.
+    pub fn exec(&self, command: &str, deadline: Duration) -> Result<ExecOutput> {
+        let session = self
+            .session
+            .lock()
+            .map_err(|_| anyhow!("session poisoned"))?;
+        session.set_timeout(deadline.as_millis().max(1) as u32);
+        let run = || -> Result<ExecOutput, Source> {
+            let mut ch = session.channel_session()?;
+            ch.exec(command)?;
+            let mut stdout = String::new();
+            ch.read_to_string(&mut stdout)?;
+            let mut stderr = String::new();
+            ch.stderr().read_to_string(&mut stderr)?;
+            ch.wait_close()?;
+            Ok(ExecOutput {
+                code: ch.exit_status()?,
+                stdout,
+                stderr,
+            })
+        };
+        Ok(run().map_err(|source| GuestError::Transport {
+            node: self.endpoint.node.clone(),
+            command: command.to_string(),
+            secs: deadline.as_secs_f64(),
+            source,
+        })?)
+    }
+
+    /// Asks the node's sshd to open a TCP connection to `host:port`: a
+    /// connect made from inside the guest, without a client program there.
+    /// The inner result is the connect's own (refused: `Err` with sshd's
+    /// reason); the outer error means the session itself failed.
+    pub fn tcp_connect(
+        &self,
+        host: &str,
+        port: u16,
+        deadline: Duration,
+    ) -> Result<Result<(), String>> {
+        let session = self
+            .session
+            .lock()
+            .map_err(|_| anyhow!("session poisoned"))?;
+        session.set_timeout(deadline.as_millis().max(1) as u32);
+        match session.channel_direct_tcpip(host, port, None) {
+            Ok(mut ch) => {
+                let _ = ch.close();
+                Ok(Ok(()))
+            }
+            // sshd answered that its own connect failed: the session is fine.
+            Err(e) if e.code() == ssh2::ErrorCode::Session(CHANNEL_FAILURE) => {
+                Ok(Err(e.message().to_string()))
+            }
+            Err(e) => Err(GuestError::Transport {
+                node: self.endpoint.node.clone(),
+                command: format!("direct-tcpip {host}:{port}"),
+                secs: deadline.as_secs_f64(),
+                source: e.into(),
+            }
+            .into()),
+        }
+    }
+
+    /// Runs `command` and fails unless it exits 0.
+    pub fn succeed(&self, command: &str, deadline: Duration) -> Result<String> {
+        let out = self.exec(command, deadline)?;
+        if !out.ok() {
+            anyhow::bail!(
+                "{}: `{command}` exited {}: {}{}",
+                self.endpoint.node,
+                out.code,
+                out.stdout.trim(),
+                out.stderr.trim()
+            );
+        }
+        Ok(out.stdout)
+    }
+}
+
+fn verify_host_key(session: &Session, endpoint: &Endpoint) -> Result<()> {
+    let (presented, _) = session
+        .host_key()
+        .ok_or_else(|| anyhow!("{}: server presented no host key", endpoint.node))?;
+    let expected = endpoint
+        .host_key
+        .split_whitespace()
+        .nth(1)
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .ok_or_else(|| anyhow!("{}: malformed expected host key", endpoint.node))?;
+    if presented != expected.as_slice() {
+        return Err(GuestError::HostKey {
+            node: endpoint.node.clone(),
+            port: endpoint.port,
+        }
+        .into());
+    }
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! The guests of a running cluster: endpoints from its record, and the
+//! SSH sessions a lane shares.
+
+use super::{Endpoint, Guest, GuestError};
+use crate::state::RunningCluster;
+use anyhow::{Context, Result, anyhow};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// SSH sessions to the nodes, opened on first use and shared by the
+/// engine's threads. A session that broke is dropped (`forget`), so the
+/// next attempt reconnects.
+pub struct GuestPool {
+    record: RunningCluster,
+    guests: Mutex<HashMap<String, Arc<Guest>>>,
+}
+
+impl GuestPool {
+    pub fn new(record: &RunningCluster) -> GuestPool {
+        GuestPool {
+            record: record.clone(),
+            guests: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn get(&self, node: &str) -> Result<Arc<Guest>> {
+        let mut guests = self.guests.lock().map_err(|_| anyhow!("poisoned"))?;
+        if let Some(g) = guests.get(node) {
+            return Ok(g.clone());
+        }
+        let guest = Arc::new(connect(&self.record, node)?);
+        guests.insert(node.to_string(), guest.clone());
+        Ok(guest)
+    }
+
+    pub fn forget(&self, node: &str) {
+        if let Ok(mut g) = self.guests.lock() {
+            g.remove(node);
+        }
+    }
+}
+
+/// A connected guest for an attached command (`ssh`, lanes).
+pub fn connect(record: &RunningCluster, node: &str) -> Result<Guest> {
+    let n = record
+        .nodes
+        .get(node)
+        .ok_or_else(|| GuestError::UnknownNode {
+            node: node.to_string(),
+            nodes: record.nodes.keys().cloned().collect::<Vec<_>>().join(", "),
+        })?;
+    if !crate::machine::is_running(n.pid) {
+        return Err(GuestError::NotRunning {
+            node: node.to_string(),
+            pid: n.pid,
+            console: n.dir.join("vm.log").display().to_string(),
+        }
+        .into());
+    }
+    Guest::connect(&endpoint(record, node)?, Duration::from_secs(20))
+}
+
+/// The endpoint of a node of a running cluster, host key from known_hosts.
+pub fn endpoint(record: &RunningCluster, node: &str) -> Result<Endpoint> {
+    let n = &record.nodes[node];
+    let known = std::fs::read_to_string(&record.known_hosts)
+        .with_context(|| format!("reading {}", record.known_hosts.display()))?;
+    let prefix = format!("[127.0.0.1]:{} ", n.ssh_port);
+    let host_key = known
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .with_context(|| format!("{node}: no host key in {}", record.known_hosts.display()))?
+        .to_string();
+    Ok(Endpoint {
+        node: node.to_string(),
+        port: n.ssh_port,
+        key: record.ssh_key.clone(),
+        host_key,
+    })
+}
