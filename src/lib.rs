@@ -13,6 +13,7 @@ pub mod engine;
 pub mod error;
 pub mod evidence;
 pub mod fabric;
+pub mod files;
 pub mod guest;
 pub mod hermetic;
 pub mod host;

@@ -4,7 +4,7 @@
 
 use crate::check::{Ctx, Outcome};
 use crate::cluster::{self, StartOptions};
-use crate::error::bad_input;
+use crate::error::{RunStatus, bad_input};
 use crate::guest::GuestPool;
 use crate::hermetic::{Hermetic, write_nix_support};
 use crate::lane::Lane;
@@ -84,12 +84,12 @@ pub fn hermetic(
     let mut rep = RunReport::new(&opts.command, &opts.lane.name, &opts.lane.source, cluster);
     rep.hermetic = Some(paths);
     boot_check_stop(&mut rep, cluster, state, opts, start, out, started);
-    rep.finish(started);
+    rep.finish(started, crate::interrupted());
     let failed = rep.exit_code != 0;
     report::write(out, &mut rep)?;
     write_nix_support(out, failed && keep_failed)?;
     report::print_summary(&rep, out);
-    if rep.status == "interrupted" {
+    if rep.status == RunStatus::Interrupted {
         return Err(crate::error::Interrupted.into());
     }
     Ok(if keep_failed { 0 } else { rep.exit_code })
@@ -207,10 +207,10 @@ fn check_cluster(
 }
 
 fn conclude(mut rep: RunReport, dir: &Path, started: Instant) -> Result<u8> {
-    rep.finish(started);
+    rep.finish(started, crate::interrupted());
     report::write(dir, &mut rep)?;
     report::print_summary(&rep, dir);
-    if rep.status == "interrupted" {
+    if rep.status == RunStatus::Interrupted {
         return Err(crate::error::Interrupted.into());
     }
     Ok(rep.exit_code)

@@ -12,9 +12,11 @@
 //! <state>/nodes/<node>/        overlay.qcow2, config.img, vm.log, qmp.sock
 //! ```
 
+use crate::error::BadInput;
 use crate::fabric::PortForward;
+use crate::files::write_atomic;
 use crate::machine::accel::AccelChoice;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -92,16 +94,10 @@ impl StateDir {
             }
             Err(fs::TryLockError::WouldBlock) => {
                 let owner = fs::read_to_string(self.root.join("lock.owner")).unwrap_or_default();
-                bail!(
-                    "state directory {} is in use by another photon-cluster command{}; \
-                     wait for it to finish or use another --state-dir",
-                    self.root.display(),
-                    if owner.trim().is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", owner.trim())
-                    }
-                )
+                Err(BadInput::wrap(StateError::Busy {
+                    dir: self.root.clone(),
+                    owner: owner.trim().to_string(),
+                }))
             }
             Err(fs::TryLockError::Error(e)) => Err(e).context("locking the state directory"),
         }
@@ -124,17 +120,22 @@ impl StateDir {
     }
 }
 
+/// What can go wrong with the state directory itself.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Another command holds the lock (exit 2: nothing was started).
+    #[error(
+        "state directory {} is in use by another photon-cluster command{}; \
+         wait for it to finish or use another --state-dir",
+        dir.display(),
+        if owner.is_empty() { String::new() } else { format!(" ({owner})") }
+    )]
+    Busy { dir: PathBuf, owner: String },
+}
+
 /// Held for the life of a command; the OS drops the lock when the process exits.
 pub struct StateLock {
     _file: File,
-}
-
-/// Writes through a temporary file and a rename, so readers never see half a file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
 }
 
 /// What `start` persists so `status`, `ssh`, `stop` and the lanes can attach.
@@ -228,14 +229,14 @@ mod tests {
 
     #[test]
     fn second_lock_is_refused_while_first_is_held() {
-        let dir = std::env::temp_dir().join(format!("pc-lock-{}", std::process::id()));
-        let s = StateDir::new(dir.clone());
+        let tmp = tempfile::tempdir().unwrap();
+        let s = StateDir::new(tmp.path().to_path_buf());
         let held = s.lock("start").unwrap();
         let err = s.lock("stop").err().expect("second lock must fail");
         assert!(err.to_string().contains("in use by another"), "{err}");
         assert!(err.to_string().contains("start"), "{err}");
+        assert_eq!(crate::error::exit_code(&err), crate::error::EXIT_BAD_INPUT);
         drop(held);
         s.lock("stop").expect("lock is free again");
-        fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -67,6 +67,29 @@ fn start_without_a_built_image_exits_2_with_a_hint() {
 }
 
 #[test]
+fn a_busy_state_directory_exits_2_and_names_the_holder() {
+    let dir = temp("busy");
+    // Hold the lock the way another photon-cluster command would.
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))
+        .unwrap();
+    lock.try_lock().unwrap();
+    fs::write(dir.join("lock.owner"), "start (pid 4242)\n").unwrap();
+    let out = common::run(&dir, &["start"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("in use by another photon-cluster command"),
+        "{err}"
+    );
+    assert!(err.contains("start (pid 4242)"), "{err}");
+    drop(lock);
+}
+
+#[test]
 fn status_without_a_cluster_exits_2() {
     let dir = temp("nocluster");
     let out = common::run(&dir, &["status"]);

@@ -272,7 +272,8 @@ mod tests {
 
     #[test]
     fn find_needs_a_finished_build() {
-        let dir = std::env::temp_dir().join(format!("pc-img-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let r = Recipe::new("bookworm");
         assert!(r.find(&dir).is_none());
         fs::create_dir_all(dir.join(r.hash())).unwrap();
@@ -285,6 +286,5 @@ mod tests {
             r.find(&dir).unwrap().rootfs,
             dir.join(r.hash()).join("rootfs.img")
         );
-        fs::remove_dir_all(dir).unwrap();
     }
 }

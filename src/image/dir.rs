@@ -119,8 +119,8 @@ mod tests {
 
     #[test]
     fn a_node_directory_wins_over_the_shared_image() {
-        let dir = std::env::temp_dir().join(format!("pc-imgdir-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         touch_image(&dir);
         touch_image(&dir.join("node02"));
         std::fs::write(dir.join("node02/cmdline"), "init=/nix/store/x/init  \n").unwrap();
@@ -140,6 +140,5 @@ mod tests {
         let e = scan(&dir, ["node01", "node02"]).unwrap_err();
         assert_eq!(crate::error::exit_code(&e), crate::error::EXIT_BAD_INPUT);
         assert!(e.to_string().contains("no image for node01"), "{e}");
-        std::fs::remove_dir_all(dir).unwrap();
     }
 }

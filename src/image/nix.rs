@@ -7,8 +7,9 @@
 //! so `start` and `status` use the same build.
 
 use crate::error::bad_input;
+use crate::files::write_atomic;
 use crate::spec::Cluster;
-use crate::state::{ImageRecord, NodeImage, StateDir, write_atomic};
+use crate::state::{ImageRecord, NodeImage, StateDir};
 use anyhow::{Context, Result, anyhow, bail};
 use nix_derivation::{Derivation, StorePath};
 use serde::Deserialize;

@@ -116,7 +116,7 @@ fn probe_cached(kernel: &Path, cache: &Path, work: &Path) -> Result<Probe> {
         reason,
         probed_at: chrono::Utc::now().to_rfc3339(),
     };
-    crate::state::write_atomic(cache, &serde_json::to_vec_pretty(&p)?)?;
+    crate::files::write_atomic(cache, &serde_json::to_vec_pretty(&p)?)?;
     Ok(p)
 }
 

@@ -113,10 +113,10 @@ mod tests {
 
     #[test]
     fn console_tail_keeps_the_last_lines() {
-        let p = std::env::temp_dir().join(format!("pc-tail-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("vm.log");
         fs::write(&p, "a\r\n\nb\nc\n").unwrap();
         assert_eq!(console_tail(&p, 2), "b\nc");
-        fs::remove_file(p).unwrap();
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub fn render(r: &RunReport) -> String {
         "# {} on {}: {}\n",
         r.lane,
         r.cluster,
-        r.status.to_uppercase()
+        r.status.name().to_uppercase()
     );
     let _ = writeln!(s, "- command: `{}`, exit code {}", r.command, r.exit_code);
     let _ = writeln!(

@@ -7,10 +7,11 @@ mod markdown;
 
 use crate::check::Outcome;
 use crate::engine::LayerResult;
-use crate::error::{EXIT_CHECK_FAILED, EXIT_INFRA, EXIT_INTERRUPTED};
+use crate::error::{RunStatus, for_status};
 use crate::evidence::Finding;
+use crate::files::write_atomic;
 use crate::machine::accel::AccelChoice;
-use crate::state::{ImageRecord, RunningCluster, write_atomic};
+use crate::state::{ImageRecord, RunningCluster};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -29,8 +30,7 @@ pub struct RunReport {
     pub lane_source: String,
     pub cluster: String,
     pub cluster_source: String,
-    /// pass | degraded | fail | error | interrupted
-    pub status: String,
+    pub status: RunStatus,
     pub exit_code: u8,
     pub started: String,
     pub finished: String,
@@ -80,8 +80,8 @@ impl RunReport {
             lane_source: lane_source.display().to_string(),
             cluster: cluster.name.clone(),
             cluster_source: cluster.source.display().to_string(),
-            status: "error".into(),
-            exit_code: EXIT_INFRA,
+            status: RunStatus::Error,
+            exit_code: for_status(RunStatus::Error),
             started: chrono::Utc::now().to_rfc3339(),
             finished: String::new(),
             duration_s: 0.0,
@@ -115,8 +115,9 @@ impl RunReport {
             .collect();
     }
 
-    /// Decides status and exit code from what was recorded.
-    pub fn finish(&mut self, started: std::time::Instant) {
+    /// Decides status and exit code from what was recorded; `interrupted`
+    /// says whether the user stopped the run.
+    pub fn finish(&mut self, started: std::time::Instant, interrupted: bool) {
         self.finished = chrono::Utc::now().to_rfc3339();
         self.duration_s = started.elapsed().as_secs_f64();
         let outcomes = self
@@ -124,19 +125,18 @@ impl RunReport {
             .iter()
             .map(|l| l.outcome)
             .chain(self.steps.iter().map(|s| s.outcome));
-        let (status, code) = if crate::interrupted() {
-            ("interrupted", EXIT_INTERRUPTED)
+        self.status = if interrupted {
+            RunStatus::Interrupted
         } else if self.error.is_some() {
-            ("error", EXIT_INFRA)
+            RunStatus::Error
         } else {
             match crate::engine::overall(outcomes) {
-                Outcome::Fail => ("fail", EXIT_CHECK_FAILED),
-                Outcome::Degraded => ("degraded", 0),
-                _ => ("pass", 0),
+                Outcome::Fail => RunStatus::Fail,
+                Outcome::Degraded => RunStatus::Degraded,
+                _ => RunStatus::Pass,
             }
         };
-        self.status = status.into();
-        self.exit_code = code;
+        self.exit_code = for_status(self.status);
     }
 
     pub fn failed_checks(&self) -> Vec<&crate::engine::CheckResult> {
@@ -262,7 +262,7 @@ pub fn print_summary(report: &RunReport, dir: &Path) {
     println!(
         "{}: {} in {:.0} s (exit {}); artifacts in {}",
         report.lane,
-        report.status.to_uppercase(),
+        report.status.name().to_uppercase(),
         report.duration_s,
         report.exit_code,
         dir.display()
