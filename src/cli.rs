@@ -105,6 +105,16 @@ pub enum Cmd {
     Check,
     /// List the embedded lanes, their layers and check counts for this cluster.
     Lanes,
+    /// Print a lane's plan for this cluster without booting anything: every
+    /// check on every target, with its id (`name@node`), layer, kind and
+    /// origin (`file:line`). The Nix library's check ids are tested against it.
+    Plan {
+        #[command(flatten)]
+        select: LaneSelect,
+        /// Print JSON: {"lane": ..., "checks": [{"id", "layer", "kind", "target", "origin"}]}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Hermetic lane run for Nix builders: boot from --image-dir, run the lane,
     /// stop, and write the artifacts straight into --out (plus
     /// nix-support/hydra-build-products). No HOME needed: state goes under
@@ -315,6 +325,26 @@ pub fn run(cli: Cli) -> Result<i32> {
                 cluster.source.display(),
                 cluster.nodes.len()
             );
+        }
+        Cmd::Plan { select, json } => {
+            let lane = select.load(&cluster)?;
+            if json {
+                let checks: Vec<serde_json::Value> = lane
+                    .checks()
+                    .map(|c| {
+                        serde_json::json!({
+                            "id": c.id, "layer": c.layer, "kind": c.kind,
+                            "target": c.target, "origin": c.origin,
+                        })
+                    })
+                    .collect();
+                let doc = serde_json::json!({ "lane": lane.name, "checks": checks });
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                for c in lane.checks() {
+                    println!("{:<14} {:<40} {:<14} {}", c.layer, c.id, c.kind, c.origin);
+                }
+            }
         }
         Cmd::Lanes => {
             for (name, _) in crate::lane::LANES {
