@@ -4,7 +4,7 @@
   # nixpkgs is unverified on CI machines, which cannot fetch it (docs/nix.md).
   description = "photon-cluster: boot clusters of QEMU VMs from prebuilt images and validate them in lanes";
 
-  inputs.nixpkgs.url = "github:NixOS/nixpkgs/master";
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
 
   outputs = { self, nixpkgs }:
     let

@@ -287,22 +287,86 @@ fn every_nix_file_parses() {
     }
 }
 
+/// The nixpkgs lock entry of ../shared/nixpkgs-pin.json (2026-04-30,
+/// nixos-unstable), restated here so the test also runs where that file is
+/// absent; when it is present, the locks must equal it too.
+fn nixpkgs_pin() -> Value {
+    serde_json::json!({
+        "locked": {
+            "lastModified": 1777578337,
+            "narHash": "sha256-Ad49moKWeXtKBJNy2ebiTQUEgdLyvGmTeykAQ9xM+Z4=",
+            "owner": "NixOS",
+            "repo": "nixpkgs",
+            "rev": "15f4ee454b1dce334612fa6843b3e05cf546efab",
+            "type": "github"
+        },
+        "original": {
+            "owner": "NixOS",
+            "ref": "nixos-unstable",
+            "repo": "nixpkgs",
+            "type": "github"
+        }
+    })
+}
+
+fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 #[test]
 fn flake_locks_pin_nixpkgs_from_the_shared_entry() {
+    let pin = nixpkgs_pin();
+    let shared = repo().join("../shared/nixpkgs-pin.json");
+    if shared.is_file() {
+        let shared = read_json(&shared);
+        assert_eq!(shared["locked"], pin["locked"], "{}", shared);
+        assert_eq!(shared["original"], pin["original"], "{}", shared);
+    }
     for lock in ["flake.lock", "nix/test-cluster/flake.lock"] {
-        let text = std::fs::read_to_string(repo().join(lock)).unwrap();
-        let json: Value = serde_json::from_str(&text).unwrap();
+        let json = read_json(&repo().join(lock));
+        // A version 7 flake lock: a root node whose inputs name existing nodes.
         assert_eq!(json["version"], 7, "{lock}");
-        let locked = &json["nodes"]["nixpkgs"]["locked"];
+        assert_eq!(json["root"], "root", "{lock}");
+        let nodes = json["nodes"].as_object().unwrap();
+        let root_inputs = nodes["root"]["inputs"].as_object().unwrap();
+        assert_eq!(root_inputs["nixpkgs"], "nixpkgs", "{lock}");
+        for (input, node) in root_inputs {
+            let node = node.as_str().unwrap_or_else(|| panic!("{lock}: {input}"));
+            assert!(nodes.contains_key(node), "{lock}: input {input} -> {node}");
+        }
+        // The nixpkgs node is the pin, exactly.
         assert_eq!(
-            locked["rev"], "f8932c79253bdff5ae7344019ddc4ea24ea44d9b",
-            "{lock}"
-        );
-        assert_eq!(
-            locked["narHash"], "sha256-irI4ugAn1zJ8uAbxneBuapAkNd6vqRxbZYrJBnw5eMM=",
+            serde_json::Value::Object(nodes["nixpkgs"].as_object().unwrap().clone()),
+            pin,
             "{lock}"
         );
     }
+    // The flakes ask for what the lock's `original` records, so Nix does not
+    // try to re-lock (and fetch) nixpkgs.
+    for flake in ["flake.nix", "nix/test-cluster/flake.nix"] {
+        let text = std::fs::read_to_string(repo().join(flake)).unwrap();
+        assert!(
+            text.contains("nixpkgs.url = \"github:NixOS/nixpkgs/nixos-unstable\";"),
+            "{flake} must ask for github:NixOS/nixpkgs/nixos-unstable"
+        );
+    }
+    // Real Nix reads the top-level lock as up to date (it would otherwise
+    // re-lock, which needs the network) and reports the pin.
+    let out = nix(
+        "nix",
+        &[
+            "--extra-experimental-features",
+            "nix-command flakes",
+            "flake",
+            "metadata",
+            "--json",
+            "--no-update-lock-file",
+            ".",
+        ],
+    );
+    let json: Value = serde_json::from_str(&ok("nix flake metadata", &out)).unwrap();
+    assert_eq!(json["locks"]["nodes"]["nixpkgs"], pin);
 }
 
 #[test]

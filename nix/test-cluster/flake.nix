@@ -12,7 +12,7 @@
   description = "PhotonCloud VM test cluster: six QEMU nodes validated by photon-cluster";
 
   inputs = {
-    nixpkgs.url = "github:NixOS/nixpkgs/master";
+    nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
     photon-cluster = {
       url = "path:../..";
       inputs.nixpkgs.follows = "nixpkgs";
