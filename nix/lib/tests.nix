@@ -46,7 +46,26 @@ let
   # touched: the library and the output names must not need it.
   flake = (import ../../flake.nix).outputs { self = flake; nixpkgs = throw "nixpkgs is not available to CI"; };
 
+  # nix/package.nix with stand-ins for the few nixpkgs names its eval-time
+  # Rust assertion touches (nothing is built; src and postInstall stay lazy).
+  stubLib = {
+    assertMsg = pred: msg: pred || throw msg;
+    versionAtLeast = a: b: builtins.compareVersions a b >= 0;
+  };
+  packageWith = rustcVersion: import ../package.nix {
+    lib = stubLib;
+    rustPlatform.buildRustPackage = attrs: attrs;
+    rustc.version = rustcVersion;
+    pkg-config = null; openssl = null; zlib = null; makeWrapper = null;
+    qemu_kvm = null; openssh = null; e2fsprogs = null; mmdebstrap = null;
+  };
+  pinnedRust = builtins.fromJSON (builtins.readFile ../nixpkgs-rust.json);
+
   tests = {
+    # --- nix/package.nix refuses a nixpkgs whose Rust is older than Cargo.toml's rust-version
+    package-pinned-rust = { expr = (packageWith pinnedRust.rustc).pname; expected = "photon-cluster"; };
+    package-old-rust-refused = { expr = throws (packageWith "1.79.0").pname; expected = true; };
+
     # --- clusterFromToml on profiles/reference.toml
     reference-name = { expr = reference.name; expected = "reference"; };
     reference-nodes = { expr = reference.nodeNames; expected = [ "node01" "node02" "node03" "node04" "node05" "node06" ]; };
