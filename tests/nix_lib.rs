@@ -779,3 +779,75 @@ in {{ inherit check; interactive = check.driverInteractive; }}
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The check ids (with layer and target) nix/lib gives each embedded lane
+/// (checks/*.toml) against profiles/reference.toml, and the driver's own
+/// plan of the same lane, `photon-cluster plan --cluster ... --lane ...
+/// --json`, must be the same list: `name@node` for each node a check
+/// targets, `name` for a check without targets.
+#[test]
+fn lane_check_ids_equal_the_drivers_plan() {
+    let mut lanes: Vec<String> = std::fs::read_dir(repo().join("checks"))
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.unwrap().path();
+            (p.extension().is_some_and(|x| x == "toml"))
+                .then(|| p.file_stem().unwrap().to_string_lossy().into_owned())
+        })
+        .collect();
+    lanes.sort();
+    assert!(lanes.len() >= 4, "{lanes:?}");
+    let cluster = repo().join("profiles/reference.toml");
+    let project = |checks: &Value| -> Vec<(String, String, Value)> {
+        checks
+            .as_array()
+            .unwrap_or_else(|| panic!("not a list of checks: {checks}"))
+            .iter()
+            .map(|c| {
+                (
+                    c["id"].as_str().unwrap().to_string(),
+                    c["layer"].as_str().unwrap().to_string(),
+                    c["target"].clone(),
+                )
+            })
+            .collect()
+    };
+    for lane in &lanes {
+        let expr = format!(
+            "let l = import ./nix/lib {{ }}; in \
+             l.laneChecks (l.clusterFromToml ./profiles/reference.toml) (l.laneFromToml ./checks/{lane}.toml)"
+        );
+        let out = nix(
+            "nix-instantiate",
+            &["--eval", "--strict", "--json", "-E", &expr],
+        );
+        let from_nix: Value =
+            serde_json::from_str(&ok(&format!("nix/lib laneChecks {lane}"), &out)).unwrap();
+
+        let out = Command::new(env!("CARGO_BIN_EXE_photon-cluster"))
+            .args(["plan", "--cluster"])
+            .arg(&cluster)
+            .args(["--lane", lane, "--json"])
+            .current_dir(repo())
+            .output()
+            .unwrap();
+        let plan: Value = serde_json::from_str(&ok(
+            &format!("photon-cluster plan --cluster profiles/reference.toml --lane {lane} --json"),
+            &out,
+        ))
+        .unwrap_or_else(|e| panic!("plan --json of {lane} is not JSON: {e}"));
+        assert_eq!(plan["lane"], lane.as_str(), "{plan}");
+
+        let (nix_checks, driver_checks) = (project(&from_nix), project(&plan["checks"]));
+        let ids = |c: &[(String, String, Value)]| c.iter().map(|c| c.0.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            ids(&nix_checks),
+            ids(&driver_checks),
+            "lane {lane}: nix/lib's check ids differ from the driver's plan"
+        );
+        assert_eq!(
+            nix_checks, driver_checks,
+            "lane {lane}: layer or target differs"
+        );
+    }
+}

@@ -140,7 +140,7 @@ let
     smoke-layers = { expr = smoke.layerNames; expected = [ "image" "boot" "protocols" "replicated" "nested" "entrypoints" "auth" ]; };
     smoke-first-check = {
       expr = builtins.head smoke.checks;
-      expected = { layer = "image"; name = "image"; kind = "image"; targets = null; members = null; deadline = 30; };
+      expected = { layer = "image"; name = "image"; kind = "image"; targets = null; };
     };
     smoke-valid-on-reference = { expr = lib.validateLane reference smoke; expected = [ ]; };
     smoke-invalid-on-storage = {
@@ -154,9 +154,10 @@ let
     # --- targets
     targets-role = { expr = lib.resolveTargets reference "role:worker"; expected = [ "node04" "node05" ]; };
     targets-all = { expr = builtins.length (lib.resolveTargets reference "all"); expected = 6; };
-    targets-list-in-cluster-order = {
+    targets-list-in-driver-order = {
+      # like src/lane.rs expand_targets: item by item, each in cluster order, no repeats
       expr = lib.resolveTargets reference [ "node06" "role:control" "node01" ];
-      expected = [ "node01" "node02" "node03" "node06" ];
+      expected = [ "node06" "node01" "node02" "node03" ];
     };
     targets-unknown-node = { expr = throws (lib.resolveTargets reference "node99"); expected = true; };
     targets-unknown-role = {
@@ -165,8 +166,29 @@ let
     };
     lane-checks-per-node = {
       expr = let ids = map (c: c.id) (lib.laneChecks reference smoke); in
-        map (id: builtins.elem id ids) [ "image" "etcd-health@node01" "etcd-health@node03" "web@node05" "etcd-members" "gateway" "inner-guest@node04" ];
-      expected = [ true true true true true true true ];
+        map (id: builtins.elem id ids) [ "image" "etcd-health@node01" "etcd-health@node03" "web@node05" "etcd-members@node01" "gateway@node06" "inner-guest@node04" "etcd-members" "gateway" ];
+      expected = [ true true true true true true true false false ];
+    };
+    lane-checks-single-target = {
+      # one target node still names the node, as the driver does
+      expr = builtins.filter (c: c.name == "etcd-members") (lib.laneChecks reference smoke);
+      expected = [{ id = "etcd-members@node01"; layer = "replicated"; name = "etcd-members"; kind = "exec"; target = "node01"; }];
+    };
+    lane-checks-untargeted = {
+      expr = builtins.head (lib.laneChecks reference smoke);
+      expected = { id = "image"; layer = "image"; name = "image"; kind = "image"; target = null; };
+    };
+    lane-checks-unique = {
+      expr = let ids = map (c: c.id) (lib.laneChecks reference smoke); in builtins.length ids == builtins.length (lib.util.unique ids);
+      expected = true;
+    };
+    lane-members-not-read = {
+      # members belong to the replicated_kv kind: the driver's to read, not validated here
+      expr = lib.validateLane reference (lib.laneFromToml {
+        lane.name = "t";
+        layer = [{ name = "x"; check = [{ name = "kv"; kind = "replicated_kv"; targets = "node01"; members = [ "role:nothing" ]; }]; }];
+      });
+      expected = [ ];
     };
     lane-checks-count = { expr = builtins.length (lib.laneChecks reference smoke); expected = 56; };
     lane-nodes = { expr = lib.laneNodes reference smoke; expected = reference.nodeNames; };
