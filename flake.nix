@@ -4,7 +4,7 @@
   # nixpkgs is unverified on CI machines, which cannot fetch it (docs/nix.md).
   description = "photon-cluster: boot clusters of QEMU VMs from prebuilt images and validate them in lanes";
 
-  inputs.nixpkgs.url = "github:NixOS/nixpkgs/master";
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
 
   outputs = { self, nixpkgs }:
     let
@@ -21,14 +21,26 @@
       reference = mkNodeImages ./profiles/reference.toml;
       referenceStorage = mkNodeImages ./profiles/reference-storage.toml;
 
-      # One lane, one derivation (nix/lib/check.nix).
-      check = args: photonLib.mkClusterCheck ({
+      # The driver's embedded lanes (checks/<lane>.toml) on the reference
+      # cluster: one derivation each, in `checks` and, with keepFailed, in
+      # `hydraJobs`.
+      lanes = {
+        fresh-smoke = { lane = "smoke"; };
+        fresh-matrix = { lane = "matrix"; };
+        bench-storage = { lane = "bench-storage"; timeout = 7200; };
+        provider-vm-reality-proof = { lane = "provider-vm-reality-proof"; };
+      };
+      laneArgs = name: args: {
+        inherit name;
         driver = photon-cluster;
         images = reference.all;
         # The tools `photon-cluster run` checks: qemu-system-x86_64, qemu-img,
         # ssh-keygen, mkfs.ext4 (the per-node config disk).
         path = [ pkgs.qemu_kvm pkgs.openssh pkgs.e2fsprogs ];
-      } // args);
+        # The builders' own tools, by store path: nothing from /bin or /usr/bin.
+        coreutils = pkgs.coreutils;
+        shell = pkgs.runtimeShell;
+      } // args;
     in
     {
       lib = photonLib // {
@@ -64,12 +76,9 @@
         default = self.apps.${system}.cluster;
       };
 
-      checks.${system} = {
-        # The driver's embedded lanes (checks/<lane>.toml), one derivation each.
-        fresh-smoke = check { name = "fresh-smoke"; lane = "smoke"; };
-        fresh-matrix = check { name = "fresh-matrix"; lane = "matrix"; };
-        bench-storage = check { name = "bench-storage"; lane = "bench-storage"; timeout = 7200; };
-        provider-vm-reality-proof = check { name = "provider-vm-reality-proof"; lane = "provider-vm-reality-proof"; };
+      # A failed lane fails its check: `nix flake check` and `nix build`
+      # never see a kept failure as a success.
+      checks.${system} = builtins.mapAttrs (name: args: photonLib.mkClusterCheck (laneArgs name args)) lanes // {
 
         # Unit tests only: the integration tests boot VMs or need nix-bin.
         unit-tests = photon-cluster.overrideAttrs (old: {
@@ -90,6 +99,13 @@
           installPhase = "touch $out";
           postInstall = "";
         });
+      };
+
+      # Hydra: the same lanes with keepFailed, so a failed or timed-out
+      # lane keeps its evidence (node logs, result.json) as the output and
+      # Hydra marks the job failed through nix-support/failed.
+      hydraJobs = builtins.mapAttrs (name: args: { ${system} = photonLib.mkHydraJob (laneArgs name args); }) lanes // {
+        photon-cluster.${system} = photon-cluster;
       };
 
       devShells.${system}.default = pkgs.mkShell {

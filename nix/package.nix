@@ -4,6 +4,7 @@
 # UNVERIFIED here: needs nixpkgs, which CI cannot fetch (docs/nix.md).
 { lib
 , rustPlatform
+, rustc
 , pkg-config
 , openssl
 , zlib
@@ -15,7 +16,13 @@
 }:
 let
   cargo = builtins.fromTOML (builtins.readFile ../Cargo.toml);
+  rustVersion = cargo.package.rust-version;
 in
+# The pinned nixpkgs' Rust must be at least Cargo.toml's rust-version
+# (tests/toolchain.rs checks the figure recorded in nix/nixpkgs-rust.json;
+# this checks the real one, at eval time).
+assert lib.assertMsg (lib.versionAtLeast rustc.version rustVersion)
+  "photon-cluster needs Rust >= ${rustVersion} (Cargo.toml rust-version); this nixpkgs has rustc ${rustc.version}: update flake.lock";
 rustPlatform.buildRustPackage {
   pname = cargo.package.name;
   version = cargo.package.version;

@@ -110,7 +110,7 @@ fn pure_library_tests_pass() {
     );
     let total = json["total"].as_u64().unwrap();
     assert_eq!(json["passed"].as_u64().unwrap(), total);
-    assert!(total >= 60, "expected the full suite, ran {total} tests");
+    assert!(total >= 120, "expected the full suite, ran {total} tests");
     let names = strings(&json["names"]);
     for name in [
         "check-builder",
@@ -118,6 +118,16 @@ fn pure_library_tests_pass() {
         "check-drv-path",
         "smoke-valid-on-reference",
         "interactive-drv",
+        "check-timeout-wrapper",
+        "substitutes-allowed",
+        "features-not-in-meta",
+        "description-lane-file",
+        "passthru-nodes",
+        "override-chain",
+        "hydra-jobs-layout",
+        "stub-flake-checks-fail-failed-lanes",
+        "stub-flake-hydra-jobs-keep-failed",
+        "builders-name-no-bin",
     ] {
         assert!(names.contains(&name.to_string()), "missing test {name}");
     }
@@ -178,6 +188,20 @@ fn ci_check_instantiates_to_a_drv_with_the_run_contract() {
     let env = &d["env"];
     assert_eq!(env["requiredSystemFeatures"], "kvm nixos-test");
     assert_eq!(env["timeout"], "3600");
+    assert_eq!(env["killAfter"], "120");
+    assert_eq!(
+        env["coreutils"], "/usr/bin",
+        "CI's documented impure coreutils"
+    );
+    assert!(
+        args[1].contains(r#""$coreutils/timeout" -s TERM -k "$killAfter" "$timeout" "$exe" run"#),
+        "the driver runs under coreutils' timeout: {}",
+        args[1]
+    );
+    assert!(
+        env.get("allowSubstitutes").is_none(),
+        "substitution is allowed"
+    );
     assert_eq!(env["lane"], "smoke");
     assert!(env.get("HOME").is_none(), "no HOME in the builder");
     let driver = env["driver"].as_str().unwrap();
@@ -231,6 +255,8 @@ fn driver_interactive_instantiates() {
     assert_eq!(d["builder"], "/bin/sh");
     let text = d["env"]["text"].as_str().unwrap();
     assert!(text.starts_with("#!/bin/sh\n"), "{text}");
+    assert_eq!(d["env"]["coreutils"], "/usr/bin");
+    assert_eq!(d["env"]["PATH"], "", "no PATH lookup, no /bin fallback");
     assert!(text.contains("fresh-smoke '--lane' 'smoke'"), "{text}");
     let _ = std::fs::remove_dir_all(&images);
 }
@@ -241,6 +267,7 @@ fn images_outside_the_store_are_refused_at_eval_unless_impure() {
         format!(
             "(import ./nix/lib {{ }}).mkClusterCheck {{ name = \"x\"; \
              driver = builtins.toFile \"photon-cluster\" \"\"; images = \"/srv/images\"; \
+             coreutils = builtins.toFile \"coreutils\" \"\"; \
              impurePaths = [ {impure} ]; }}"
         )
     };
@@ -287,22 +314,86 @@ fn every_nix_file_parses() {
     }
 }
 
+/// The nixpkgs lock entry of ../shared/nixpkgs-pin.json (2026-04-30,
+/// nixos-unstable), restated here so the test also runs where that file is
+/// absent; when it is present, the locks must equal it too.
+fn nixpkgs_pin() -> Value {
+    serde_json::json!({
+        "locked": {
+            "lastModified": 1777578337,
+            "narHash": "sha256-Ad49moKWeXtKBJNy2ebiTQUEgdLyvGmTeykAQ9xM+Z4=",
+            "owner": "NixOS",
+            "repo": "nixpkgs",
+            "rev": "15f4ee454b1dce334612fa6843b3e05cf546efab",
+            "type": "github"
+        },
+        "original": {
+            "owner": "NixOS",
+            "ref": "nixos-unstable",
+            "repo": "nixpkgs",
+            "type": "github"
+        }
+    })
+}
+
+fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 #[test]
 fn flake_locks_pin_nixpkgs_from_the_shared_entry() {
+    let pin = nixpkgs_pin();
+    let shared = repo().join("../shared/nixpkgs-pin.json");
+    if shared.is_file() {
+        let shared = read_json(&shared);
+        assert_eq!(shared["locked"], pin["locked"], "{}", shared);
+        assert_eq!(shared["original"], pin["original"], "{}", shared);
+    }
     for lock in ["flake.lock", "nix/test-cluster/flake.lock"] {
-        let text = std::fs::read_to_string(repo().join(lock)).unwrap();
-        let json: Value = serde_json::from_str(&text).unwrap();
+        let json = read_json(&repo().join(lock));
+        // A version 7 flake lock: a root node whose inputs name existing nodes.
         assert_eq!(json["version"], 7, "{lock}");
-        let locked = &json["nodes"]["nixpkgs"]["locked"];
+        assert_eq!(json["root"], "root", "{lock}");
+        let nodes = json["nodes"].as_object().unwrap();
+        let root_inputs = nodes["root"]["inputs"].as_object().unwrap();
+        assert_eq!(root_inputs["nixpkgs"], "nixpkgs", "{lock}");
+        for (input, node) in root_inputs {
+            let node = node.as_str().unwrap_or_else(|| panic!("{lock}: {input}"));
+            assert!(nodes.contains_key(node), "{lock}: input {input} -> {node}");
+        }
+        // The nixpkgs node is the pin, exactly.
         assert_eq!(
-            locked["rev"], "f8932c79253bdff5ae7344019ddc4ea24ea44d9b",
-            "{lock}"
-        );
-        assert_eq!(
-            locked["narHash"], "sha256-irI4ugAn1zJ8uAbxneBuapAkNd6vqRxbZYrJBnw5eMM=",
+            serde_json::Value::Object(nodes["nixpkgs"].as_object().unwrap().clone()),
+            pin,
             "{lock}"
         );
     }
+    // The flakes ask for what the lock's `original` records, so Nix does not
+    // try to re-lock (and fetch) nixpkgs.
+    for flake in ["flake.nix", "nix/test-cluster/flake.nix"] {
+        let text = std::fs::read_to_string(repo().join(flake)).unwrap();
+        assert!(
+            text.contains("nixpkgs.url = \"github:NixOS/nixpkgs/nixos-unstable\";"),
+            "{flake} must ask for github:NixOS/nixpkgs/nixos-unstable"
+        );
+    }
+    // Real Nix reads the top-level lock as up to date (it would otherwise
+    // re-lock, which needs the network) and reports the pin.
+    let out = nix(
+        "nix",
+        &[
+            "--extra-experimental-features",
+            "nix-command flakes",
+            "flake",
+            "metadata",
+            "--json",
+            "--no-update-lock-file",
+            ".",
+        ],
+    );
+    let json: Value = serde_json::from_str(&ok("nix flake metadata", &out)).unwrap();
+    assert_eq!(json["locks"]["nodes"]["nixpkgs"], pin);
 }
 
 #[test]
@@ -345,6 +436,418 @@ fn flake_outputs_evaluate_without_fetching_nixpkgs() {
         assert!(
             json.as_array().unwrap().iter().any(|c| c == check),
             "{check} missing from {json}"
+        );
+    }
+    // Hydra gets the same lanes (with keepFailed, nix/lib/tests.nix checks
+    // that with a stand-in nixpkgs) and the package.
+    let out = nix(
+        "nix",
+        &[
+            "--extra-experimental-features",
+            "nix-command flakes",
+            "eval",
+            "--json",
+            ".#hydraJobs",
+            "--apply",
+            "builtins.attrNames",
+        ],
+    );
+    let json: Value = serde_json::from_str(&ok("nix eval .#hydraJobs", &out)).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!([
+            "bench-storage",
+            "fresh-matrix",
+            "fresh-smoke",
+            "photon-cluster",
+            "provider-vm-reality-proof"
+        ])
+    );
+}
+
+/// nix-build with the options CI uses (root builds, the check's system
+/// features, no binary cache to ask); `sandbox` chooses the sandbox, with no
+/// fallback to an unsandboxed build and no /bin/sh provided inside it.
+/// Returns the output and the store path it printed (on success).
+fn nix_build(args: &[&str], sandbox: bool) -> (Output, Option<PathBuf>) {
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend([
+        "--no-out-link",
+        "--option",
+        "build-users-group",
+        "",
+        "--option",
+        "system-features",
+        "kvm nixos-test benchmark big-parallel",
+        "--option",
+        "substituters",
+        "",
+        "--option",
+        "sandbox",
+        if sandbox { "true" } else { "false" },
+        "--option",
+        "sandbox-fallback",
+        "false",
+        "--option",
+        "sandbox-paths",
+        "",
+    ]);
+    let out = nix("nix-build", &all);
+    let path = out
+        .status
+        .success()
+        .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
+    (out, path)
+}
+
+fn nonce() -> String {
+    format!("{:?}", std::time::SystemTime::now())
+}
+
+/// Stand-in for `photon-cluster run` (a /bin/sh script, run with the sandbox
+/// off): `--pass` writes a passed lane's artifacts and exits 0; otherwise it
+/// sleeps until TERM, then writes its artifacts as the driver does when
+/// interrupted and exits 130; `--ignore-term` ignores TERM (only KILL stops
+/// it). Its sleep has an odd length so a test can look for leftovers.
+const FAKE_DRIVER: &str = r#"#!/bin/sh
+out= keep= mode=sleep
+while [ $# -gt 0 ]; do
+  case $1 in
+    --out) out=$2; shift ;;
+    --keep-failed) keep=1 ;;
+    --pass) mode=pass ;;
+    --ignore-term) mode=ignore ;;
+  esac
+  shift
+done
+mkdir -p "$out/nix-support"
+products() { printf 'report markdown %s/report.md\nfile result-json %s/result.json\n' "$out" "$out" > "$out/nix-support/hydra-build-products"; }
+if [ $mode = pass ]; then echo '{"status":"pass"}' > "$out/result.json"; products; exit 0; fi
+on_term() { echo '{"status":"interrupted"}' > "$out/result.json"; products; if [ -n "$keep" ]; then : > "$out/nix-support/failed"; fi; exit 130; }
+if [ $mode = ignore ]; then trap '' TERM; else trap on_term TERM; fi
+sleep 613 &
+wait $!
+"#;
+
+/// Live processes whose command line is `sleep 613` (the fake driver's).
+fn fake_sleeps() -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .filter(|c| c == b"sleep\0613\0")
+        .count()
+}
+
+#[test]
+fn check_builder_enforces_the_timeout_and_annotates_for_hydra() {
+    let dir = temp("timeout");
+    let driver = dir.join("photon-cluster");
+    std::fs::write(&driver, FAKE_DRIVER).unwrap();
+    std::fs::set_permissions(&driver, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let build = |name: &str, extra: &[&str]| {
+        let n = nonce();
+        let mut args = vec![
+            "nix/ci/check.nix",
+            "--arg",
+            "driver",
+            driver.to_str().unwrap(),
+            "--argstr",
+            "images",
+            images.to_str().unwrap(),
+            "--argstr",
+            "name",
+            name,
+            "--arg",
+            "timeout",
+            "2",
+            "--arg",
+            "killAfter",
+            "3",
+            "--argstr",
+            "nonce",
+            &n,
+        ];
+        args.extend_from_slice(extra);
+        let started = std::time::Instant::now();
+        let (out, path) = nix_build(&args, false);
+        eprintln!(
+            "{name}: {:?} after {:?}\n{}",
+            out.status,
+            started.elapsed(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "{name} took {:?}",
+            started.elapsed()
+        );
+        (out, path)
+    };
+    let read =
+        |p: &Path| std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+
+    // A lane that passes: the whole output is a browsable Hydra product, and
+    // the builder's metrics are written.
+    let (out, path) = build("t-pass", &["--arg", "extraArgs", "[ \"--pass\" ]"]);
+    let o = path.unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    let products = read(&o.join("nix-support/hydra-build-products"));
+    assert!(
+        products.contains(&format!("report markdown {}/report.md", o.display())),
+        "{products}"
+    );
+    assert!(
+        products.contains(&format!("report artifacts {} report.md", o.display())),
+        "{products}"
+    );
+    let metrics = read(&o.join("nix-support/hydra-metrics"));
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("lane-wall-time ") && l.ends_with(" s")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.lines().any(|l| l == "lane-timed-out 0"),
+        "{metrics}"
+    );
+    assert!(!o.join("nix-support/failed").exists());
+
+    // A lane that runs past the timeout: TERM, the driver writes its
+    // artifacts and stops, the build fails with timeout's 124.
+    let (out, path) = build("t-timeout", &[]);
+    assert!(
+        !out.status.success() && path.is_none(),
+        "a timed-out lane fails the build"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("TIMED OUT after 2s (exit 124)"), "{err}");
+
+    // The same for Hydra (keepFailed): the evidence is the output, marked failed.
+    let (out, path) = build("t-timeout-kept", &["--arg", "keepFailed", "true"]);
+    let o = path.unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(read(&o.join("nix-support/failed")).trim(), "timeout");
+    assert!(read(&o.join("result.json")).contains("interrupted"));
+    let metrics = read(&o.join("nix-support/hydra-metrics"));
+    assert!(
+        metrics.lines().any(|l| l == "lane-timed-out 1"),
+        "{metrics}"
+    );
+    assert!(
+        read(&o.join("nix-support/hydra-build-products"))
+            .contains(&format!("report artifacts {} report.md", o.display()))
+    );
+
+    // A driver that ignores TERM is killed killAfter seconds later (137),
+    // and nothing it started is left running.
+    let (out, _) = build(
+        "t-ignore-term",
+        &["--arg", "extraArgs", "[ \"--ignore-term\" ]"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("did not stop within 3s of TERM: killed (exit 137)"),
+        "{err}"
+    );
+    assert_eq!(
+        fake_sleeps(),
+        0,
+        "the fake driver's sleep outlived the build"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn ci_driver_interactive_builds_with_coreutils_only() {
+    let images = temp("images-interactive-build");
+    let driver = repo().join("Cargo.toml");
+    let n = nonce();
+    let (out, path) = nix_build(
+        &[
+            "nix/ci/check.nix",
+            "-A",
+            "driverInteractive",
+            "--arg",
+            "driver",
+            driver.to_str().unwrap(),
+            "--argstr",
+            "images",
+            images.to_str().unwrap(),
+            "--argstr",
+            "name",
+            &format!("interactive-{}", n.len()),
+        ],
+        false,
+    );
+    let o = path.unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    let bin = std::fs::read_dir(o.join("bin"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&bin).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o555, "{}", bin.display());
+    assert!(
+        std::fs::read_to_string(&bin)
+            .unwrap()
+            .starts_with("#!/bin/sh\n")
+    );
+    let _ = std::fs::remove_dir_all(&images);
+}
+
+/// A static busybox, copied into the store with the applets the builders
+/// use: the stand-in for nixpkgs' shell and coreutils in a real sandbox.
+fn busybox_tools(dir: &Path) -> PathBuf {
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .expect("no busybox: install Debian's busybox-static (a static busybox runs in the Nix sandbox)");
+    let tools = dir.join("tools");
+    std::fs::create_dir_all(&tools).unwrap();
+    std::fs::copy(&busybox, tools.join("busybox")).unwrap();
+    for applet in ["sh", "mkdir", "chmod", "date", "timeout", "printf", "cat"] {
+        std::os::unix::fs::symlink("busybox", tools.join(applet)).unwrap();
+    }
+    tools
+}
+
+#[test]
+fn builders_run_in_a_real_sandbox_with_store_tools_only() {
+    // Nix's sandbox with no sandbox-paths: no /bin/sh, no /usr/bin. The shell
+    // and the coreutils are a static busybox in the store, the driver a
+    // script built inside the sandbox. Both builders must succeed there.
+    let dir = temp("sandbox");
+    let tools = busybox_tools(&dir);
+    let expr = format!(
+        r#"
+let
+  lib = import {repo}/nix/lib {{ }};
+  tools = builtins.path {{ path = {tools}; name = "busybox-tools"; }};
+  driver = derivation {{
+    name = "fake-photon-cluster";
+    system = "x86_64-linux";
+    builder = "${{tools}}/sh";
+    args = [ "-c" ''
+      ${{tools}}/mkdir -p $out/bin
+      ${{tools}}/printf '%s\n' '#!${{tools}}/sh' \
+        'while [ $# -gt 0 ]; do if [ "$1" = --out ]; then out=$2; fi; shift; done' \
+        'if [ -e /usr/bin ] || [ -e /bin/sh ]; then echo "host paths visible" >&2; exit 3; fi' \
+        '${{tools}}/mkdir -p $out/nix-support' \
+        'echo "{{\"status\":\"pass\"}}" > $out/result.json' \
+        'echo "report markdown $out/report.md" > $out/nix-support/hydra-build-products' \
+        > $out/bin/photon-cluster
+      ${{tools}}/chmod 0555 $out/bin/photon-cluster
+    '' ];
+  }};
+  check = lib.mkClusterCheck {{
+    name = "sandboxed";
+    inherit driver;
+    images = builtins.toFile "images" "stand-in";
+    coreutils = tools;
+    shell = "${{tools}}/sh";
+    env.nonce = "{nonce}";
+  }};
+in {{ inherit check; interactive = check.driverInteractive; }}
+"#,
+        repo = repo().display(),
+        tools = tools.display(),
+        nonce = nonce()
+    );
+    let file = dir.join("sandboxed.nix");
+    std::fs::write(&file, expr).unwrap();
+    let file = file.to_str().unwrap();
+    for attr in ["check", "interactive"] {
+        let (out, path) = nix_build(&[file, "-A", attr], true);
+        let o = path.unwrap_or_else(|| {
+            panic!(
+                "{attr} in the sandbox:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        if attr == "check" {
+            let products =
+                std::fs::read_to_string(o.join("nix-support/hydra-build-products")).unwrap();
+            assert!(products.contains("report artifacts"), "{products}");
+        } else {
+            assert!(o.join("bin/sandboxed-driver-interactive").is_file());
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The check ids (with layer and target) nix/lib gives each embedded lane
+/// (checks/*.toml) against profiles/reference.toml, and the driver's own
+/// plan of the same lane, `photon-cluster plan --cluster ... --lane ...
+/// --json`, must be the same list: `name@node` for each node a check
+/// targets, `name` for a check without targets.
+#[test]
+fn lane_check_ids_equal_the_drivers_plan() {
+    let mut lanes: Vec<String> = std::fs::read_dir(repo().join("checks"))
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.unwrap().path();
+            (p.extension().is_some_and(|x| x == "toml"))
+                .then(|| p.file_stem().unwrap().to_string_lossy().into_owned())
+        })
+        .collect();
+    lanes.sort();
+    assert!(lanes.len() >= 4, "{lanes:?}");
+    let cluster = repo().join("profiles/reference.toml");
+    let project = |checks: &Value| -> Vec<(String, String, Value)> {
+        checks
+            .as_array()
+            .unwrap_or_else(|| panic!("not a list of checks: {checks}"))
+            .iter()
+            .map(|c| {
+                (
+                    c["id"].as_str().unwrap().to_string(),
+                    c["layer"].as_str().unwrap().to_string(),
+                    c["target"].clone(),
+                )
+            })
+            .collect()
+    };
+    for lane in &lanes {
+        let expr = format!(
+            "let l = import ./nix/lib {{ }}; in \
+             l.laneChecks (l.clusterFromToml ./profiles/reference.toml) (l.laneFromToml ./checks/{lane}.toml)"
+        );
+        let out = nix(
+            "nix-instantiate",
+            &["--eval", "--strict", "--json", "-E", &expr],
+        );
+        let from_nix: Value =
+            serde_json::from_str(&ok(&format!("nix/lib laneChecks {lane}"), &out)).unwrap();
+
+        let out = Command::new(env!("CARGO_BIN_EXE_photon-cluster"))
+            .args(["plan", "--cluster"])
+            .arg(&cluster)
+            .args(["--lane", lane, "--json"])
+            .current_dir(repo())
+            .output()
+            .unwrap();
+        let plan: Value = serde_json::from_str(&ok(
+            &format!("photon-cluster plan --cluster profiles/reference.toml --lane {lane} --json"),
+            &out,
+        ))
+        .unwrap_or_else(|e| panic!("plan --json of {lane} is not JSON: {e}"));
+        assert_eq!(plan["lane"], lane.as_str(), "{plan}");
+
+        let (nix_checks, driver_checks) = (project(&from_nix), project(&plan["checks"]));
+        let ids = |c: &[(String, String, Value)]| c.iter().map(|c| c.0.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            ids(&nix_checks),
+            ids(&driver_checks),
+            "lane {lane}: nix/lib's check ids differ from the driver's plan"
+        );
+        assert_eq!(
+            nix_checks, driver_checks,
+            "lane {lane}: layer or target differs"
         );
     }
 }

@@ -11,6 +11,10 @@
 #     --option build-users-group "" \
 #     --out-link work/nix-fresh-smoke
 #
+# The builder is /bin/sh and coreutils (timeout, date, mkdir, chmod) come
+# from the host's /usr/bin, listed as impure: the documented exemption of
+# this builtins-only build (the flake passes nixpkgs' by store path).
+#
 # Add --arg keepFailed true to keep a failed lane's evidence (nix-support/failed),
 # --arg laneFile ./some-lane.toml for a lane file, --argstr nonce "$(date +%s)"
 # to rerun an identical derivation. See docs/nix.md.
@@ -25,10 +29,13 @@
   # Host directories holding qemu-system-x86_64, qemu-img, ssh-keygen and
   # mkfs.ext4 (in /usr/sbin on Debian).
 , hostBin ? [ "/usr/bin" "/bin" "/usr/sbin" "/sbin" ]
+  # The directory holding timeout, date, mkdir and chmod.
+, coreutils ? "/usr/bin"
   # true: copy the images into the store (a raw rootfs.img is ~3 GB there,
   # not sparse); false: use them in place, listed with --allow-impure.
 , copyImages ? false
 , timeout ? 3600
+, killAfter ? 120
 , nonce ? ""
 , extraArgs ? [ ]
   # false: skip the eval-time check that the lane's targets exist in the cluster.
@@ -44,12 +51,12 @@ let
   imagesImpure = if builtins.isPath imagesArg || inStore imagesArg then [ ] else [ imagesArg ];
 in
 lib.mkClusterCheck {
-  inherit name lane keepFailed profile timeout extraArgs validate;
+  inherit name lane keepFailed profile timeout killAfter extraArgs validate coreutils;
   driver = tracked driver;
   laneFile = tracked laneFile;
   cluster = tracked cluster;
   images = imagesArg;
   path = hostBin;
-  impurePaths = hostBin ++ imagesImpure;
+  impurePaths = hostBin ++ (if builtins.isString coreutils && !(inStore coreutils) && !(builtins.elem coreutils hostBin) then [ coreutils ] else [ ]) ++ imagesImpure;
   env = if nonce == "" then { } else { inherit nonce; };
 }

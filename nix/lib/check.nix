@@ -1,8 +1,11 @@
 # mkClusterCheck: one validation lane as one derivation, shaped like a NixOS
-# test (requiredSystemFeatures kvm + nixos-test, meta.timeout,
-# driverInteractive). Builtins only: the derivation is a plain `derivation`
-# whose builder is /bin/sh (there is no nixpkgs stdenv or bash here), so CI
-# can instantiate and build it with Debian's nix-bin and nothing else.
+# test (requiredSystemFeatures kvm + nixos-test, meta.timeout, an enforced
+# timeout, driverInteractive, passthru.nodes, override/overrideAttrs).
+# Builtins only: the derivation is a plain `derivation` whose builder is a
+# POSIX shell (`shell`, default /bin/sh: the sandbox's own, or the host's
+# with the sandbox off); every other tool is named by absolute path from
+# `coreutils` and `path`, so CI can instantiate and build it with Debian's
+# nix-bin and nothing else, and the flake with nixpkgs' store paths only.
 { util, defs, defaultSystem }:
 let
   inherit (util) concatMap shellQuote shellWords pathString inStore underAny;
@@ -13,52 +16,102 @@ let
     if builtins.isAttrs p then "${p}/bin"
     else pathString p;
 
-  # What the builder runs. Only shell builtins and the driver: /bin/sh in a
-  # sandbox is a minimal busybox, outside it the host's dash.
+  # What the builder runs: shell builtins, the driver, and coreutils'
+  # timeout, date and mkdir by absolute path ($coreutils is their directory).
   #   $0 = check name, "$@" = the arguments of `photon-cluster run` minus --out.
+  # The driver runs under `timeout -s TERM -k $killAfter $timeout` (the
+  # short forms of --signal and --kill-after, which busybox accepts too):
+  # on TERM it tears the cluster down and writes its artifacts (status
+  # "interrupted"); what has not stopped killAfter seconds later is killed.
+  # GNU timeout exits 124 (stopped by TERM) or 137 (needed KILL); busybox's
+  # passes the driver's own status on, so only GNU's is read as a timeout.
   builderScript = ''
     set -u
     if [ -d "$driver" ]; then exe="$driver/bin/photon-cluster"; else exe="$driver"; fi
-    echo "photon-cluster check $0: $exe run --out $out $*"
-    "$exe" run --out "$out" "$@"
+    echo "photon-cluster check $0: $exe run --out $out $* (timeout ''${timeout}s, then KILL ''${killAfter}s after TERM)"
+    started=$("$coreutils/date" +%s)
+    "$coreutils/timeout" -s TERM -k "$killAfter" "$timeout" "$exe" run --out "$out" "$@"
     rc=$?
+    finished=$("$coreutils/date" +%s)
+
+    # Hydra's view of a kept output: the whole tree as a browsable product
+    # (node logs included), and the builder's own metrics.
+    annotate() {
+      "$coreutils/mkdir" -p "$out/nix-support" || exit 3
+      listed=
+      if [ -e "$out/nix-support/hydra-build-products" ]; then
+        while read -r type subtype path rest; do
+          if [ "$path" = "$out" ]; then listed=1; fi
+        done < "$out/nix-support/hydra-build-products"
+      fi
+      if [ -z "$listed" ]; then
+        echo "report artifacts $out report.md" >> "$out/nix-support/hydra-build-products"
+      fi
+      echo "lane-wall-time $((finished - started)) s" >> "$out/nix-support/hydra-metrics"
+      echo "lane-timed-out $1" >> "$out/nix-support/hydra-metrics"
+    }
+
     case $rc in
       0)
         if [ ! -e "$out/nix-support/hydra-build-products" ]; then
           echo "photon-cluster check $0: the driver exited 0 but wrote no $out/nix-support/hydra-build-products" >&2
           exit 3
         fi
+        annotate 0
         if [ -e "$out/nix-support/failed" ]; then
           echo "photon-cluster check $0: lane $lane FAILED; outputs kept because keepFailed = true (nix-support/failed is set)" >&2
         fi
         exit 0 ;;
+      124|137)
+        if [ $rc = 124 ]; then
+          echo "photon-cluster check $0: lane $lane TIMED OUT after ''${timeout}s (exit 124); the driver was sent TERM and stopped" >&2
+        else
+          echo "photon-cluster check $0: lane $lane TIMED OUT after ''${timeout}s and did not stop within ''${killAfter}s of TERM: killed (exit 137)" >&2
+        fi
+        if [ -n "$keepFailed" ] && [ -d "$out" ]; then
+          annotate 1
+          echo "timeout" > "$out/nix-support/failed"
+          echo "photon-cluster check $0: outputs kept because keepFailed = true (nix-support/failed is set)" >&2
+          exit 0
+        fi
+        exit $rc ;;
       1) echo "photon-cluster check $0: lane $lane failed (exit 1); evidence is discarded unless keepFailed = true" >&2 ;;
       2) echo "photon-cluster check $0: bad input (exit 2): refused before anything started (see the message above)" >&2 ;;
       3) echo "photon-cluster check $0: infrastructure error (exit 3): image, QEMU or boot" >&2 ;;
+      130) echo "photon-cluster check $0: the driver was interrupted (exit 130)" >&2 ;;
       *) echo "photon-cluster check $0: the driver exited $rc" >&2 ;;
     esac
     exit $rc
   '';
 
-  # Writes $out/bin/<name> from $text. mkdir and chmod come from PATH: the
-  # check's `path` entries, then the host's /bin and /usr/bin (present when
-  # the build runs with sandbox = false, as in CI; inside a sandbox pass a
-  # coreutils in `path`).
+  # Writes $out/bin/<name> from $text with coreutils' mkdir and chmod, by
+  # absolute path: no PATH lookup, no /bin or /usr/bin fallback.
   writeScriptBuilder = ''
     set -u
     for tool in mkdir chmod; do
-      command -v "$tool" >/dev/null 2>&1 || {
-        echo "driverInteractive: no $tool on PATH ($PATH); add a coreutils to the check's path" >&2
+      if [ ! -x "$coreutils/$tool" ]; then
+        echo "driverInteractive: no $coreutils/$tool; pass a coreutils (pkgs.coreutils, or a directory holding mkdir, chmod, date and timeout) to mkClusterCheck" >&2
         exit 1
-      }
+      fi
     done
-    mkdir -p "$out/bin"
+    "$coreutils/mkdir" -p "$out/bin"
     printf '%s\n' "$text" > "$out/bin/$name"
-    chmod 0555 "$out/bin/$name"
+    "$coreutils/chmod" 0555 "$out/bin/$name"
   '';
+
+  # `derivation` attributes: for build tools; everything else (passthru,
+  # meta) lives on the result only.
+  notDrvAttrs = [ "passthru" "meta" ];
+
+  # f applied to the attributes, the way overrideAttrs does: a function of
+  # the old attributes, or an attribute set, merged over them.
+  applyOverride = attrs: f: attrs // (if builtins.isFunction f then f attrs else f);
 in
 rec {
-  mkClusterCheck =
+  # The check as a function of its arguments only. mkClusterCheck wraps it
+  # so that override and overrideAttrs recompute everything (the nixpkgs
+  # lib.makeOverridable pattern, with builtins).
+  checkParts =
     { name
       # The photon-cluster binary, or a directory with bin/photon-cluster
       # (a package). A Nix path is copied into the store; a string is used as is.
@@ -72,15 +125,31 @@ rec {
       # A cluster definition (TOML); null runs the embedded `profile`.
     , cluster ? null
     , profile ? "reference"
-      # true: a failed lane still builds, with nix-support/failed (Hydra keeps the evidence).
+      # true: a failed (or timed-out) lane still builds, with
+      # nix-support/failed, so Hydra keeps the evidence and shows the job
+      # failed. Only for Hydra jobs (mkHydraJob): `nix flake check` and
+      # `nix build` know nothing of nix-support/failed and would call the
+      # lane a success.
     , keepFailed ? false
       # Paths outside the store the driver may use (each becomes --allow-impure).
     , impurePaths ? [ ]
       # PATH for the driver: directories (strings/paths) or packages (their bin/).
       # The driver finds qemu-system-x86_64, qemu-img, ssh-keygen and mkfs.ext4 here.
     , path ? [ ]
-      # Seconds; meta.timeout for Hydra, and the `timeout` variable for the builder.
+      # A coreutils: a package (its bin/) or a directory holding timeout,
+      # date, mkdir and chmod. The builders call them by absolute path.
+    , coreutils ? null
+      # The builders' shell: a POSIX sh by absolute path, e.g.
+      # pkgs.runtimeShell. The default is the sandbox's /bin/sh.
+    , shell ? "/bin/sh"
+      # Seconds the lane may run: the builder runs the driver under
+      # coreutils' `timeout`, and Hydra's meta.timeout is this plus
+      # killAfter plus a minute, so the check's own timeout (which keeps
+      # the artifacts) always fires first. 0: no limit of the builder's own.
     , timeout ? 3600
+      # Seconds between TERM (the driver tears down and writes its
+      # artifacts) and KILL.
+    , killAfter ? 120
     , system ? defaultSystem
       # Extra arguments for `photon-cluster run` (e.g. [ "--keep-going" ]).
     , extraArgs ? [ ]
@@ -98,6 +167,8 @@ rec {
       clusterStr = if cluster == null then null else pathString cluster;
       laneFileStr = if laneFile == null then null else pathString laneFile;
       pathEntries = map pathEntry path;
+      coreutilsBin = if coreutils == null then null else pathEntry coreutils;
+      shellStr = pathString shell;
 
       # Hermeticity, as the driver will judge it, but at eval time and with
       # the fix in the message.
@@ -107,8 +178,13 @@ rec {
       hermeticErrors =
         outside "images" imagesStr
         ++ concatMap (p: outside "path entry" p) pathEntries
+        ++ (if coreutilsBin == null then [ "coreutils is required: pass pkgs.coreutils (or a directory holding timeout, date, mkdir and chmod, listed in impurePaths)" ] else outside "coreutils" coreutilsBin)
+        ++ (if shellStr == "/bin/sh" then [ ] else outside "shell" shellStr)
         ++ (if clusterStr == null then [ ] else outside "cluster" clusterStr)
         ++ (if laneFileStr == null then [ ] else outside "laneFile" laneFileStr);
+      numberErrors =
+        (if builtins.isInt timeout && timeout >= 0 then [ ] else [ "timeout must be a whole number of seconds >= 0, not ${builtins.toJSON timeout}" ])
+        ++ (if builtins.isInt killAfter && killAfter > 0 then [ ] else [ "killAfter must be a whole number of seconds > 0, not ${builtins.toJSON killAfter}" ]);
 
       # Eval-time lane validation against what nix/lib can read.
       repo = ../..;
@@ -125,7 +201,18 @@ rec {
         if !validate || clusterDef == null || laneDef == null then [ ]
         else clusterDef.errors ++ defs.validateLane clusterDef laneDef;
 
-      errors = hermeticErrors ++ laneErrors;
+      errors = hermeticErrors ++ numberErrors ++ laneErrors;
+
+      # Names for people: the file's own name, not its store path.
+      fileName = f: if builtins.isPath f then baseNameOf (toString f) else baseNameOf f;
+      laneName =
+        if laneFile == null then lane
+        else if laneDef != null && laneDef.name != null then laneDef.name
+        else fileName laneFile;
+      laneLabel =
+        if laneFile == null then "lane ${lane}"
+        else "lane ${laneName} from lane file ${fileName laneFile}";
+      clusterLabel = if cluster == null then "profile ${profile}" else "cluster ${fileName cluster}";
 
       runArgs =
         (if laneFileStr != null then [ "--lane-file" laneFileStr ] else [ "--lane" lane ])
@@ -141,8 +228,8 @@ rec {
 
       interactiveName = "${name}-driver-interactive";
       interactiveScript = builtins.concatStringsSep "\n" ([
-        "#!/bin/sh"
-        "# Interactive driver of the Nix check ${name} (lane ${if laneFileStr != null then laneFileStr else lane}),"
+        "#!${shellStr}"
+        "# Interactive driver of the Nix check ${name} (${laneLabel}, ${clusterLabel}),"
         "# outside the sandbox, with your HOME state directory and /dev/kvm:"
         "#   ${interactiveName}                fresh-smoke of the lane against the same cluster"
         "#   ${interactiveName} replay [DIR]   the check's own 'photon-cluster run' with its images (default DIR ./work/nix-${name})"
@@ -162,48 +249,99 @@ rec {
       driverInteractive = derivation {
         name = interactiveName;
         inherit system;
-        builder = "/bin/sh";
+        builder = shellStr;
         args = [ "-c" writeScriptBuilder ];
         text = interactiveScript;
-        PATH = builtins.concatStringsSep ":" (pathEntries ++ [ "/bin" "/usr/bin" ]);
+        coreutils = coreutilsBin;
+        # Nothing is looked up on PATH; an empty one keeps the host's out.
+        PATH = "";
         preferLocalBuild = true;
-        allowSubstitutes = false;
       } // { meta.mainProgram = interactiveName; };
 
-      drv = derivation (env // {
+      nodes =
+        if clusterDef != null then clusterDef.nodeNames
+        else throw "mkClusterCheck ${name}: nodes: the cluster ${toString clusterStr} cannot be read at eval time; pass it as a Nix path";
+
+      passthru = {
+        inherit driverInteractive runArgs keepFailed nodes;
+        lane = laneName;
+        photonCluster = {
+          inherit profile;
+          lane = laneName;
+          laneFile = laneFileStr;
+          cluster = clusterStr;
+          images = imagesStr;
+          driver = driverStr;
+        };
+      };
+    in
+    {
+      inherit errors passthru;
+      drvAttrs = env // {
         inherit name system;
-        builder = "/bin/sh";
+        builder = shellStr;
         # sh -c SCRIPT NAME ARGS...: the run arguments are visible in the .drv.
         args = [ "-c" builderScript name ] ++ runArgs;
         driver = driverStr;
         images = imagesStr;
-        inherit lane;
+        lane = laneName;
         keepFailed = if keepFailed then "1" else "";
         timeout = toString timeout;
+        killAfter = toString killAfter;
+        coreutils = coreutilsBin;
         # No HOME in a builder: the driver's hermetic mode keeps state under $TMPDIR.
         PATH = builtins.concatStringsSep ":" pathEntries;
+        # Where Nix reads it: a derivation attribute (not meta).
         requiredSystemFeatures = [ "kvm" "nixos-test" ];
         preferLocalBuild = false;
-        allowSubstitutes = false;
-      });
-    in
-    if errors != [ ] then throw "mkClusterCheck ${name}: ${builtins.concatStringsSep "; " errors}"
-    else drv // {
-      meta = {
-        inherit timeout;
-        description = "photon-cluster lane ${lane} (${if clusterStr != null then clusterStr else "profile ${profile}"})";
-        # Hydra: a failed lane is a failed build unless keepFailed.
-        requiredSystemFeatures = [ "kvm" "nixos-test" ];
       };
-      # passthru, the nixpkgs way: attributes of the result, not of the .drv.
-      inherit driverInteractive runArgs lane keepFailed;
-      photonCluster = { inherit lane profile; cluster = clusterStr; images = imagesStr; driver = driverStr; };
+      meta = {
+        description = "photon-cluster ${laneLabel} on ${clusterLabel}";
+      } // (if timeout == 0 then { } else {
+        # Hydra's build timeout: a backstop behind the builder's own, long
+        # enough for the driver's teardown after TERM.
+        timeout = timeout + killAfter + 60;
+      });
     };
 
+  # The overridable result: the derivation, its passthru attributes (also
+  # under .passthru) and meta, with
+  #   .override { timeout = 60; }           new mkClusterCheck arguments (or old: { ... })
+  #   .overrideAttrs (old: { ... })          new derivation attributes
+  # both recomputing from scratch, so passthru, meta and earlier overrides
+  # of the other kind survive. overrideAttrs may set passthru or meta too.
+  mkOverridableCheck = args: attrOverrides:
+    let
+      parts = checkParts args;
+      final = builtins.foldl' applyOverride
+        (parts.drvAttrs // { inherit (parts) passthru meta; })
+        attrOverrides;
+      drv = derivation (removeAttrs final notDrvAttrs);
+    in
+    if parts.errors != [ ] then throw "mkClusterCheck ${args.name or "?"}: ${builtins.concatStringsSep "; " parts.errors}"
+    else drv // final.passthru // {
+      inherit (final) passthru meta;
+      override = f: mkOverridableCheck (args // (if builtins.isFunction f then f args else f)) attrOverrides;
+      overrideAttrs = f: mkOverridableCheck args (attrOverrides ++ [ f ]);
+    };
+
+  mkClusterCheck = args: mkOverridableCheck args [ ];
+
+  # The same check for a Hydra jobset: keepFailed = true, so a failed or
+  # timed-out lane keeps its evidence as the output and Hydra marks the job
+  # failed through nix-support/failed. Never put these in `checks`.
+  mkHydraJob = args: mkClusterCheck (args // { keepFailed = true; });
+
   # Several lanes over the same cluster and images:
-  #   mkClusterChecks { lanes = { fresh-smoke = "smoke"; }; driver; images; ... }
+  #   mkClusterChecks { lanes = { fresh-smoke = "smoke"; }; driver; images; coreutils; ... }
   mkClusterChecks = { lanes, ... }@args:
     builtins.mapAttrs
       (checkName: laneName: mkClusterCheck ((removeAttrs args [ "lanes" ]) // { name = checkName; lane = laneName; }))
+      lanes;
+
+  # Their Hydra jobs, in Hydra's <job>.<system> layout.
+  mkHydraJobs = { lanes, system ? defaultSystem, ... }@args:
+    builtins.mapAttrs
+      (checkName: laneName: { ${system} = mkHydraJob ((removeAttrs args [ "lanes" ]) // { name = checkName; lane = laneName; }); })
       lanes;
 }

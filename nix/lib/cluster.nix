@@ -4,6 +4,9 @@
 # formats (docs/cluster-format.md, docs/adding-a-check.md); these helpers read
 # the same files so Nix code can name nodes, roles and lanes without
 # restating them, and catch a lane whose targets do not exist at eval time.
+# A lane is read only as far as that needs (names, layers, kinds, targets);
+# its check ids are the driver's (`photon-cluster plan --json`, compared in
+# tests/nix_lib.rs).
 { util }:
 let
   inherit (util) concatMap unique duplicates toList;
@@ -99,10 +102,13 @@ rec {
     if c.errors == [ ] then c
     else throw "cluster ${c.source}: ${builtins.concatStringsSep "; " c.errors}";
 
-  # A lane file as a plain attrset:
+  # A lane file, read only as far as evaluation needs it: the lane's name,
+  # its layers, and each check's name, kind and targets (for the check ids
+  # and the eval-time target check). Everything else in a check (members,
+  # deadline, ports, ...) is the driver's to interpret and is not read here:
   #   { name, description, source, layers = [ { name, description, checks } ],
-  #     checks = [ { layer, name, kind, targets, members } ] }
-  # targets/members are kept raw (string or list); see resolveTargets.
+  #     layerNames, checks = [ { layer, name, kind, targets } ] }
+  # targets is kept raw (string, list or null); see resolveTargets.
   laneFromToml = src:
     let
       raw = readToml src;
@@ -115,8 +121,6 @@ rec {
               name = ch.name or null;
               kind = ch.kind or null;
               targets = ch.targets or null;
-              members = ch.members or null;
-              deadline = ch.deadline or 30;
             })
             (l.check or [ ]);
         })
@@ -132,7 +136,9 @@ rec {
     };
 
   # One target ("all", "role:<role>", a node name) or a list of them, to node
-  # names in cluster order. { nodes = [..]; errors = [..]; }: never throws.
+  # names the way the driver expands them (src/lane.rs expand_targets): each
+  # item in turn, its nodes in cluster order, a node named twice kept once.
+  # { nodes = [..]; errors = [..]; }: never throws.
   resolveTargetsChecked = cluster: target:
     let
       one = t:
@@ -147,11 +153,9 @@ rec {
         else if builtins.elem t cluster.nodeNames then { nodes = [ t ]; errors = [ ]; }
         else { nodes = [ ]; errors = [ "target \"${toString t}\": no such node in cluster ${toString cluster.name}" ]; };
       parts = map one (toList target);
-      wanted = unique (concatMap (p: p.nodes) parts);
     in
     {
-      # Cluster order, like the driver.
-      nodes = builtins.filter (n: builtins.elem n wanted) cluster.nodeNames;
+      nodes = builtins.foldl' (acc: p: acc ++ builtins.filter (n: !(builtins.elem n acc)) p.nodes) [ ] parts;
       errors = concatMap (p: p.errors) parts;
     };
 
@@ -161,20 +165,16 @@ rec {
     if r.errors == [ ] then r.nodes
     else throw (builtins.concatStringsSep "; " r.errors);
 
-  # Everything wrong with running `lane` against `cluster` (empty list: fine).
+  # What evaluation can tell is wrong with running `lane` against `cluster`
+  # (empty list: fine): a lane without a name, duplicate layers, a check
+  # without a name, targets naming no node. The driver checks the rest.
   validateLane = cluster: lane:
     let
       checkErrors = ch:
-        let
-          where = "layer ${toString ch.layer}, check ${toString ch.name}";
-          field = f: v:
-            if v == null then [ ]
-            else map (e: "${where}: ${f}: ${e}") (resolveTargetsChecked cluster v).errors;
-        in
+        let where = "layer ${toString ch.layer}, check ${toString ch.name}"; in
         (if ch.name == null then [ "layer ${toString ch.layer}: a check has no name" ] else [ ])
-        ++ (if ch.kind == null then [ "${where}: no kind" ] else [ ])
-        ++ field "targets" ch.targets
-        ++ field "members" ch.members;
+        ++ (if ch.targets == null then [ ]
+        else map (e: "${where}: targets: ${e}") (resolveTargetsChecked cluster ch.targets).errors);
     in
     (if lane.name == null then [ "lane ${lane.source}: no [lane] name" ] else [ ])
     ++ map (d: "duplicate layer \"${toString d}\"") (duplicates lane.layerNames)
@@ -186,24 +186,20 @@ rec {
     if errs == [ ] then lane
     else throw "lane ${toString lane.name} (${lane.source}) against cluster ${toString cluster.name}: ${builtins.concatStringsSep "; " errs}";
 
-  # The lane's checks expanded per node, as the driver names them: a check
-  # whose targets select several nodes becomes <name>@<node>; a check without
-  # targets (e.g. kind = "image") runs once for the cluster.
+  # The lane's checks expanded per target node, with the driver's ids (its
+  # `plan --json`): a check with targets becomes one <name>@<node> per node
+  # its targets select, even when that is a single node; a check without
+  # targets (e.g. kind = "image") runs once, as <name>.
+  #   [ { id, layer, name, kind, target } ]   target: a node name or null
   laneChecks = cluster: lane:
     concatMap
       (ch:
-        if ch.targets == null then [{ id = ch.name; inherit (ch) layer name kind; node = null; }]
-        else
-          let ns = resolveTargets cluster ch.targets; in
-          map (n: { id = if builtins.length ns > 1 then "${ch.name}@${n}" else ch.name; inherit (ch) layer name kind; node = n; }) ns)
+        if ch.targets == null then [{ id = ch.name; inherit (ch) layer name kind; target = null; }]
+        else map (n: { id = "${ch.name}@${n}"; inherit (ch) layer name kind; target = n; }) (resolveTargets cluster ch.targets))
       (checkLane cluster lane).checks;
 
-  # Nodes a lane touches (its targets and members), in cluster order.
+  # Nodes the lane's checks target, in cluster order.
   laneNodes = cluster: lane:
-    let
-      all = concatMap
-        (ch: concatMap (v: if v == null then [ ] else resolveTargets cluster v) [ ch.targets ch.members ])
-        (checkLane cluster lane).checks;
-    in
-    builtins.filter (n: builtins.elem n all) cluster.nodeNames;
+    let targeted = concatMap (c: if c.target == null then [ ] else [ c.target ]) (laneChecks cluster lane); in
+    builtins.filter (n: builtins.elem n targeted) cluster.nodeNames;
 }

@@ -17,8 +17,10 @@ let
   # Stand-ins: store paths made with builtins.toFile, never built or run.
   fakeDriver = builtins.toFile "photon-cluster" "#!/bin/sh\nexit 3\n";
   fakeImages = builtins.toFile "images" "stand-in for a directory with vmlinuz, initrd.img, rootfs.img\n";
+  fakeCoreutils = builtins.toFile "coreutils" "stand-in for a directory with timeout, date, mkdir, chmod\n";
+  fakeShell = builtins.toFile "sh" "stand-in for a POSIX shell\n";
 
-  mk = args: lib.mkClusterCheck ({ name = "fresh-smoke"; driver = fakeDriver; images = fakeImages; } // args);
+  mk = args: lib.mkClusterCheck ({ name = "fresh-smoke"; driver = fakeDriver; images = fakeImages; coreutils = fakeCoreutils; } // args);
   check = mk { };
   kept = mk { name = "kept"; keepFailed = true; impurePaths = [ "/usr/bin" ]; path = [ "/usr/bin" ]; timeout = 600; };
   withFiles = mk { name = "files"; cluster = ../../profiles/reference.toml; laneFile = ../../checks/smoke.toml; };
@@ -46,7 +48,53 @@ let
   # touched: the library and the output names must not need it.
   flake = (import ../../flake.nix).outputs { self = flake; nixpkgs = throw "nixpkgs is not available to CI"; };
 
+  # The same flake with a stand-in nixpkgs: store paths as strings (never
+  # built) for the few packages the checks name, so the checks and
+  # hydraJobs evaluate to .drv files here. NixOS images are not reachable.
+  fakeStorePath = n: "${builtins.storeDir}/00000000000000000000000000000000-${n}";
+  fakePkg = n: { outPath = fakeStorePath n; name = n; };
+  stubPkgs = {
+    callPackage = _fn: _args: fakePkg "photon-cluster";
+    runCommand = n: _env: _script: fakePkg n;
+    coreutils = fakePkg "coreutils";
+    runtimeShell = "${fakeStorePath "bash"}/bin/bash";
+    qemu_kvm = fakePkg "qemu";
+    openssh = fakePkg "openssh";
+    e2fsprogs = fakePkg "e2fsprogs";
+  };
+  stubNixpkgs = {
+    outPath = fakeStorePath "nixpkgs";
+    legacyPackages.${system} = stubPkgs;
+    lib = {
+      nixosSystem = _: throw "no NixOS in the pure tests";
+      inherit (builtins) listToAttrs;
+      concatStrings = builtins.concatStringsSep "";
+      mapAttrsToList = f: a: map (n: f n a.${n}) (builtins.attrNames a);
+    };
+  };
+  stubbed = (import ../../flake.nix).outputs { self = stubbed; nixpkgs = stubNixpkgs; };
+  flakeLanes = [ "bench-storage" "fresh-matrix" "fresh-smoke" "provider-vm-reality-proof" ];
+
+  # nix/package.nix with stand-ins for the few nixpkgs names its eval-time
+  # Rust assertion touches (nothing is built; src and postInstall stay lazy).
+  stubLib = {
+    assertMsg = pred: msg: pred || throw msg;
+    versionAtLeast = a: b: builtins.compareVersions a b >= 0;
+  };
+  packageWith = rustcVersion: import ../package.nix {
+    lib = stubLib;
+    rustPlatform.buildRustPackage = attrs: attrs;
+    rustc.version = rustcVersion;
+    pkg-config = null; openssl = null; zlib = null; makeWrapper = null;
+    qemu_kvm = null; openssh = null; e2fsprogs = null; mmdebstrap = null;
+  };
+  pinnedRust = builtins.fromJSON (builtins.readFile ../nixpkgs-rust.json);
+
   tests = {
+    # --- nix/package.nix refuses a nixpkgs whose Rust is older than Cargo.toml's rust-version
+    package-pinned-rust = { expr = (packageWith pinnedRust.rustc).pname; expected = "photon-cluster"; };
+    package-old-rust-refused = { expr = throws (packageWith "1.79.0").pname; expected = true; };
+
     # --- clusterFromToml on profiles/reference.toml
     reference-name = { expr = reference.name; expected = "reference"; };
     reference-nodes = { expr = reference.nodeNames; expected = [ "node01" "node02" "node03" "node04" "node05" "node06" ]; };
@@ -92,7 +140,7 @@ let
     smoke-layers = { expr = smoke.layerNames; expected = [ "image" "boot" "protocols" "replicated" "nested" "entrypoints" "auth" ]; };
     smoke-first-check = {
       expr = builtins.head smoke.checks;
-      expected = { layer = "image"; name = "image"; kind = "image"; targets = null; members = null; deadline = 30; };
+      expected = { layer = "image"; name = "image"; kind = "image"; targets = null; };
     };
     smoke-valid-on-reference = { expr = lib.validateLane reference smoke; expected = [ ]; };
     smoke-invalid-on-storage = {
@@ -106,9 +154,10 @@ let
     # --- targets
     targets-role = { expr = lib.resolveTargets reference "role:worker"; expected = [ "node04" "node05" ]; };
     targets-all = { expr = builtins.length (lib.resolveTargets reference "all"); expected = 6; };
-    targets-list-in-cluster-order = {
+    targets-list-in-driver-order = {
+      # like src/lane.rs expand_targets: item by item, each in cluster order, no repeats
       expr = lib.resolveTargets reference [ "node06" "role:control" "node01" ];
-      expected = [ "node01" "node02" "node03" "node06" ];
+      expected = [ "node06" "node01" "node02" "node03" ];
     };
     targets-unknown-node = { expr = throws (lib.resolveTargets reference "node99"); expected = true; };
     targets-unknown-role = {
@@ -117,8 +166,29 @@ let
     };
     lane-checks-per-node = {
       expr = let ids = map (c: c.id) (lib.laneChecks reference smoke); in
-        map (id: builtins.elem id ids) [ "image" "etcd-health@node01" "etcd-health@node03" "web@node05" "etcd-members" "gateway" "inner-guest@node04" ];
-      expected = [ true true true true true true true ];
+        map (id: builtins.elem id ids) [ "image" "etcd-health@node01" "etcd-health@node03" "web@node05" "etcd-members@node01" "gateway@node06" "inner-guest@node04" "etcd-members" "gateway" ];
+      expected = [ true true true true true true true false false ];
+    };
+    lane-checks-single-target = {
+      # one target node still names the node, as the driver does
+      expr = builtins.filter (c: c.name == "etcd-members") (lib.laneChecks reference smoke);
+      expected = [{ id = "etcd-members@node01"; layer = "replicated"; name = "etcd-members"; kind = "exec"; target = "node01"; }];
+    };
+    lane-checks-untargeted = {
+      expr = builtins.head (lib.laneChecks reference smoke);
+      expected = { id = "image"; layer = "image"; name = "image"; kind = "image"; target = null; };
+    };
+    lane-checks-unique = {
+      expr = let ids = map (c: c.id) (lib.laneChecks reference smoke); in builtins.length ids == builtins.length (lib.util.unique ids);
+      expected = true;
+    };
+    lane-members-not-read = {
+      # members belong to the replicated_kv kind: the driver's to read, not validated here
+      expr = lib.validateLane reference (lib.laneFromToml {
+        lane.name = "t";
+        layer = [{ name = "x"; check = [{ name = "kv"; kind = "replicated_kv"; targets = "node01"; members = [ "role:nothing" ]; }]; }];
+      });
+      expected = [ ];
     };
     lane-checks-count = { expr = builtins.length (lib.laneChecks reference smoke); expected = 56; };
     lane-nodes = { expr = lib.laneNodes reference smoke; expected = reference.nodeNames; };
@@ -140,7 +210,7 @@ let
       expected = true;
     };
     check-features = { expr = check.requiredSystemFeatures; expected = [ "kvm" "nixos-test" ]; };
-    check-meta-timeout = { expr = check.meta.timeout; expected = 3600; };
+    check-meta-timeout = { expr = check.meta.timeout; expected = 3600 + 120 + 60; };
     check-timeout-env = { expr = check.timeout; expected = "3600"; };
     check-driver = { expr = check.driver; expected = fakeDriver; };
     check-not-kept = { expr = [ check.keepFailed (builtins.elem "--keep-failed" check.args) ]; expected = [ false false ]; };
@@ -154,7 +224,7 @@ let
     kept-flag = { expr = builtins.elem "--keep-failed" kept.args; expected = true; };
     kept-impure = { expr = hasPair "--allow-impure" "/usr/bin" kept.args; expected = true; };
     kept-path = { expr = kept.PATH; expected = "/usr/bin"; };
-    kept-timeout = { expr = [ kept.meta.timeout kept.timeout ]; expected = [ 600 "600" ]; };
+    kept-timeout = { expr = [ kept.meta.timeout kept.timeout ]; expected = [ 780 "600" ]; };
 
     files-cluster = {
       expr = let i = builtins.length withFiles.runArgs; in
@@ -198,6 +268,153 @@ let
     validate-off = { expr = evaluates (mk { profile = "reference-storage"; validate = false; }).drvPath; expected = true; };
     unknown-lane-not-validated = { expr = hasPair "--lane" "no-such-lane" (mk { lane = "no-such-lane"; }).args; expected = true; };
 
+    # --- the enforced timeout, sandbox-clean builders, substitution
+    check-timeout-wrapper = {
+      expr = builtins.match ".*\"\\$coreutils/timeout\" -s TERM -k \"\\$killAfter\" \"\\$timeout\" \"\\$exe\" run --out \"\\$out\" \"\\$@\".*" (builtins.elemAt check.args 1) != null;
+      expected = true;
+    };
+    check-timeout-exit-codes = {
+      expr = map (c: builtins.match ".*\n *${c}\\).*" (builtins.elemAt check.args 1) != null) [ "0" "124\\|137" "1" "2" "3" "130" ];
+      expected = [ true true true true true true ];
+    };
+    check-kill-after = { expr = [ check.killAfter (mk { killAfter = 5; }).killAfter ]; expected = [ "120" "5" ]; };
+    check-coreutils = { expr = check.coreutils; expected = "${fakeCoreutils}"; };
+    check-coreutils-package = { expr = (mk { coreutils = { outPath = fakeCoreutils; }; }).coreutils; expected = "${fakeCoreutils}/bin"; };
+    check-short-timeout = { expr = [ (mk { timeout = 5; }).timeout (mk { timeout = 5; }).meta.timeout ]; expected = [ "5" 185 ]; };
+    check-no-timeout = { expr = [ (mk { timeout = 0; }).timeout ((mk { timeout = 0; }).meta ? timeout) ]; expected = [ "0" false ]; };
+    refuse-negative-timeout = { expr = throws (mk { timeout = -1; }).drvPath; expected = true; };
+    refuse-missing-coreutils = { expr = throws (mk { coreutils = null; }).drvPath; expected = true; };
+    refuse-impure-coreutils = { expr = throws (mk { coreutils = "/usr/bin"; }).drvPath; expected = true; };
+    allow-impure-coreutils = { expr = evaluates (mk { coreutils = "/usr/bin"; impurePaths = [ "/usr/bin" ]; }).drvPath; expected = true; };
+    check-shell = { expr = [ (mk { shell = fakeShell; }).builder (mk { shell = fakeShell; }).driverInteractive.builder ]; expected = [ "${fakeShell}" "${fakeShell}" ]; };
+    refuse-impure-shell = { expr = throws (mk { shell = "/usr/bin/bash"; }).drvPath; expected = true; };
+    # No tool by /bin or /usr/bin in either builder script (the builder itself
+    # is `shell`; /bin/sh only by default, the sandbox's own).
+    builders-name-no-bin = {
+      expr = map (script: builtins.match ".*[^a-zA-Z_$}](/usr)?/s?bin([/:\" ]|$).*" script)
+        [ (builtins.elemAt check.args 1) (builtins.elemAt check.driverInteractive.args 1) ];
+      expected = [ null null ];
+    };
+    interactive-coreutils = {
+      expr = [ check.driverInteractive.coreutils check.driverInteractive.PATH ];
+      expected = [ "${fakeCoreutils}" "" ];
+    };
+    interactive-absolute-tools = {
+      expr = builtins.match ".*\"\\$coreutils/mkdir\" -p.*\"\\$coreutils/chmod\" 0555.*" (builtins.elemAt check.driverInteractive.args 1) != null;
+      expected = true;
+    };
+    substitutes-allowed = { expr = [ (check ? allowSubstitutes) (check.driverInteractive ? allowSubstitutes) ]; expected = [ false false ]; };
+    features-not-in-meta = { expr = check.meta ? requiredSystemFeatures; expected = false; };
+
+    # --- description, passthru
+    description-lane = { expr = check.meta.description; expected = "photon-cluster lane smoke on profile reference"; };
+    description-lane-file = {
+      expr = withFiles.meta.description;
+      expected = "photon-cluster lane smoke from lane file smoke.toml on cluster reference.toml";
+    };
+    description-unvalidated-lane-file = {
+      expr = (mk { laneFile = "/srv/lanes/mine.toml"; impurePaths = [ "/srv" ]; }).meta.description;
+      expected = "photon-cluster lane mine.toml from lane file mine.toml on profile reference";
+    };
+    passthru-nodes = { expr = [ check.nodes check.passthru.nodes withFiles.nodes ]; expected = [ reference.nodeNames reference.nodeNames reference.nodeNames ]; };
+    passthru-nodes-storage = { expr = (mk { profile = "reference-storage"; validate = false; }).nodes; expected = storage.nodeNames; };
+    passthru-nodes-unreadable = {
+      expr = let c = mk { cluster = fakeStorePath "cluster.toml"; }; in [ (evaluates c.drvPath) (throws c.nodes) ];
+      expected = [ true true ];
+    };
+    passthru-driver-interactive = { expr = check.passthru.driverInteractive.name; expected = "fresh-smoke-driver-interactive"; };
+    passthru-names = {
+      expr = builtins.attrNames check.passthru;
+      expected = [ "driverInteractive" "keepFailed" "lane" "nodes" "photonCluster" "runArgs" ];
+    };
+    passthru-not-in-drv = {
+      # meta and passthru change nothing in the .drv
+      expr = (check.overrideAttrs (old: { meta = old.meta // { maintainers = [ "x" ]; }; passthru = old.passthru // { extra = 1; }; })).drvPath;
+      expected = check.drvPath;
+    };
+    passthru-lane-file = { expr = [ withFiles.lane withFiles.photonCluster.lane ]; expected = [ "smoke" "smoke" ]; };
+
+    # --- overrides keep passthru and meta
+    override-args = {
+      expr = let c = check.override { timeout = 60; }; in
+        [ c.timeout c.meta.timeout c.nodes c.driverInteractive.name (c.drvPath != check.drvPath) ];
+      expected = [ "60" 240 reference.nodeNames "fresh-smoke-driver-interactive" true ];
+    };
+    override-function = { expr = (check.override (old: { name = old.name + "-again"; })).driverInteractive.name; expected = "fresh-smoke-again-driver-interactive"; };
+    override-attrs = {
+      expr = let c = check.overrideAttrs (old: { preferLocalBuild = true; nonce = old.name; }); in
+        [ c.preferLocalBuild c.nonce c.nodes c.meta.description (c ? override) (c.drvPath != check.drvPath) ];
+      expected = [ true "fresh-smoke" reference.nodeNames "photon-cluster lane smoke on profile reference" true true ];
+    };
+    override-attrs-set = { expr = (check.overrideAttrs { nonce = "1"; }).nonce; expected = "1"; };
+    override-chain = {
+      expr = let c = ((check.overrideAttrs (_: { nonce = "1"; })).override { timeout = 60; }).overrideAttrs (_: { preferLocalBuild = true; }); in
+        [ c.nonce c.timeout c.preferLocalBuild c.passthru.nodes ];
+      expected = [ "1" "60" true reference.nodeNames ];
+    };
+    override-keep-failed = {
+      expr = let c = check.override { keepFailed = true; }; in [ c.keepFailed c.passthru.keepFailed (builtins.elem "--keep-failed" c.args) ];
+      expected = [ true true true ];
+    };
+
+    # --- Hydra jobs
+    hydra-job = {
+      expr = let j = lib.mkHydraJob { name = "fresh-smoke"; driver = fakeDriver; images = fakeImages; coreutils = fakeCoreutils; }; in
+        [ j.keepFailed j.keepFailed (builtins.elem "--keep-failed" j.args) ];
+      expected = [ true true true ];
+    };
+    hydra-jobs-layout = {
+      expr = let js = lib.mkHydraJobs { lanes = { fresh-smoke = "smoke"; }; driver = fakeDriver; images = fakeImages; coreutils = fakeCoreutils; }; in
+        [ (builtins.attrNames js) (builtins.attrNames js.fresh-smoke) js.fresh-smoke.${system}.keepFailed ];
+      expected = [ [ "fresh-smoke" ] [ system ] true ];
+    };
+    hydra-script-keeps-timeout = {
+      # a timed-out lane with keepFailed keeps $out and marks it failed
+      expr = builtins.match ".*124\\|137\\).*-n \"\\$keepFailed\".*nix-support/failed.*exit 0.*" (builtins.elemAt check.args 1) != null;
+      expected = true;
+    };
+    hydra-script-products-and-metrics = {
+      expr = map (re: builtins.match re (builtins.elemAt check.args 1) != null) [
+        ".*report artifacts \\$out report.md.*nix-support/hydra-build-products.*"
+        ".*lane-wall-time .* s.*nix-support/hydra-metrics.*"
+      ];
+      expected = [ true true ];
+    };
+
+    # --- the flake with a stand-in nixpkgs
+    stub-flake-checks-fail-failed-lanes = {
+      expr = map (n: let c = stubbed.checks.${system}.${n}; in [ c.keepFailed (builtins.elem "--keep-failed" c.args) ]) flakeLanes;
+      expected = map (_: [ false false ]) flakeLanes;
+    };
+    stub-flake-hydra-jobs = {
+      expr = builtins.attrNames stubbed.hydraJobs;
+      expected = builtins.sort builtins.lessThan (flakeLanes ++ [ "photon-cluster" ]);
+    };
+    stub-flake-hydra-jobs-keep-failed = {
+      expr = map (n: let j = stubbed.hydraJobs.${n}.${system}; in [ j.keepFailed (builtins.elem "--keep-failed" j.args) (hasSuffix ".drv" j.drvPath) ]) flakeLanes;
+      expected = map (_: [ true true true ]) flakeLanes;
+    };
+    stub-flake-store-tools = {
+      expr = let c = stubbed.checks.${system}.fresh-smoke; in
+        [ c.builder c.coreutils c.driverInteractive.builder c.driverInteractive.coreutils c.PATH (hasSuffix ".drv" c.drvPath) ];
+      expected = [
+        "${fakeStorePath "bash"}/bin/bash"
+        "${fakeStorePath "coreutils"}/bin"
+        "${fakeStorePath "bash"}/bin/bash"
+        "${fakeStorePath "coreutils"}/bin"
+        "${fakeStorePath "qemu"}/bin:${fakeStorePath "openssh"}/bin:${fakeStorePath "e2fsprogs"}/bin"
+        true
+      ];
+    };
+    stub-flake-bench-timeout = {
+      expr = let c = stubbed.checks.${system}.bench-storage; in [ c.timeout c.meta.timeout ];
+      expected = [ "7200" (7200 + 120 + 60) ];
+    };
+    stub-flake-interactive-shebang = {
+      expr = builtins.substring 0 (builtins.stringLength "#!${fakeStorePath "bash"}/bin/bash\n") stubbed.checks.${system}.fresh-smoke.driverInteractive.text;
+      expected = "#!${fakeStorePath "bash"}/bin/bash\n";
+    };
+
     # --- flake.nix wiring, evaluated lazily without nixpkgs
     flake-lib = { expr = flake.lib.profiles.reference.nodeNames; expected = reference.nodeNames; };
     flake-lib-mk = { expr = builtins.isFunction flake.lib.mkClusterCheck && builtins.isFunction flake.lib.mkNodeImages; expected = true; };
@@ -205,6 +422,7 @@ let
       expr = builtins.attrNames flake.checks.x86_64-linux;
       expected = [ "bench-storage" "clippy" "fresh-matrix" "fresh-smoke" "provider-vm-reality-proof" "unit-tests" ];
     };
+    flake-hydra-jobs = { expr = builtins.attrNames flake.hydraJobs; expected = builtins.sort builtins.lessThan (flakeLanes ++ [ "photon-cluster" ]); };
     flake-apps = { expr = builtins.elem "cluster" (builtins.attrNames flake.apps.x86_64-linux); expected = true; };
     flake-packages = { expr = builtins.elem "default" (builtins.attrNames flake.packages.x86_64-linux); expected = true; };
     flake-modules = {
@@ -214,7 +432,7 @@ let
 
     # --- mkClusterChecks
     many = {
-      expr = let cs = lib.mkClusterChecks { lanes = { fresh-smoke = "smoke"; fresh-matrix = "matrix"; }; driver = fakeDriver; images = fakeImages; }; in
+      expr = let cs = lib.mkClusterChecks { lanes = { fresh-smoke = "smoke"; fresh-matrix = "matrix"; }; driver = fakeDriver; images = fakeImages; coreutils = fakeCoreutils; }; in
         [ (builtins.attrNames cs) cs.fresh-matrix.lane cs.fresh-smoke.name ];
       expected = [ [ "fresh-matrix" "fresh-smoke" ] "matrix" "fresh-smoke" ];
     };

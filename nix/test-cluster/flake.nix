@@ -12,7 +12,7 @@
   description = "PhotonCloud VM test cluster: six QEMU nodes validated by photon-cluster";
 
   inputs = {
-    nixpkgs.url = "github:NixOS/nixpkgs/master";
+    nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
     photon-cluster = {
       url = "path:../..";
       inputs.nixpkgs.follows = "nixpkgs";
@@ -59,6 +59,20 @@
         ${lib.optionalString hasLanes "export PHOTONCLOUD_LANES=\${PHOTONCLOUD_LANES:-${../../checks/photoncloud}}"}
         exec ${pkgs.bash}/bin/bash ${./run-cluster.sh} "$@"
       '';
+
+      # The PhotonCloud lanes present in checks/photoncloud/.
+      laneNames = builtins.filter (lane: builtins.pathExists (../../checks/photoncloud + "/${lane}.toml"))
+        [ "smoke" "matrix" "provider-vm-reality-proof" ];
+      laneArgs = lane: {
+        name = "photoncloud-${lane}";
+        inherit driver;
+        laneFile = ../../checks/photoncloud + "/${lane}.toml";
+        cluster = ./cluster.toml;
+        images = main.all;
+        path = [ pkgs.qemu_kvm pkgs.openssh pkgs.e2fsprogs ];
+        coreutils = pkgs.coreutils;
+        shell = pkgs.runtimeShell;
+      };
     in
     {
       nixosConfigurations = main.configurations // storage.configurations;
@@ -82,21 +96,15 @@
         default = self.apps.${system}.cluster;
       };
 
-      # The same lanes as hermetic checks, when checks/photoncloud/ has them.
+      # The same lanes as hermetic checks, when checks/photoncloud/ has them;
+      # a failed lane fails its check. hydraJobs: the same with keepFailed
+      # (the evidence is kept, Hydra reads nix-support/failed).
       checks.${system} = lib.optionalAttrs hasLanes (builtins.listToAttrs (map
-        (lane: {
-          name = "photoncloud-${lane}";
-          value = photonLib.mkClusterCheck {
-            name = "photoncloud-${lane}";
-            inherit driver;
-            laneFile = ../../checks/photoncloud + "/${lane}.toml";
-            cluster = ./cluster.toml;
-            images = main.all;
-            path = [ pkgs.qemu_kvm pkgs.openssh pkgs.e2fsprogs ];
-          };
-        })
-        (builtins.filter (lane: builtins.pathExists (../../checks/photoncloud + "/${lane}.toml"))
-          [ "smoke" "matrix" "provider-vm-reality-proof" ])));
+        (lane: { name = "photoncloud-${lane}"; value = photonLib.mkClusterCheck (laneArgs lane); })
+        laneNames));
+      hydraJobs = lib.optionalAttrs hasLanes (builtins.listToAttrs (map
+        (lane: { name = "photoncloud-${lane}"; value.${system} = photonLib.mkHydraJob (laneArgs lane); })
+        laneNames));
 
       # nix develop ./nix/test-cluster -c ./nix/test-cluster/run-cluster.sh smoke
       devShells.${system}.default = pkgs.mkShell {
