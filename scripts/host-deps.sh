@@ -13,6 +13,8 @@ have mkfs.ext4 || [ -x /sbin/mkfs.ext4 ] || need+=(e2fsprogs)
 have ssh-keygen || need+=(openssh-client)
 have pkg-config || need+=(pkg-config)
 have nix-instantiate || need+=(nix-bin)
+# A static busybox: the Nix library tests build in a real sandbox with it.
+[ -x /bin/busybox ] || [ -x /usr/bin/busybox ] || need+=(busybox-static)
 [ -e /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
 if [ ${#need[@]} -eq 0 ]; then
     echo "host-deps: everything present"
