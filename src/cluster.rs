@@ -8,6 +8,7 @@ use crate::machine::{self, MachineConfig, accel::AccelRequest};
 use crate::progress::Progress;
 use crate::spec::Cluster;
 use crate::state::{RunningCluster, RunningNode, StateDir};
+use crate::wait::{Probe, Wait};
 use crate::{fabric, image, provision};
 use anyhow::{Context, Result, anyhow, bail};
 use sha2::{Digest, Sha256};
@@ -362,35 +363,33 @@ fn wait_console_login(
     let started = Instant::now();
     let mut pending: BTreeMap<&String, &RunningNode> = record.nodes.iter().collect();
     let mut ready = Vec::new();
-    while !pending.is_empty() {
-        if crate::interrupted() {
-            return Err(Interrupted.into());
-        }
-        pending.retain(|name, node| {
-            let text = fs::read(node.dir.join("vm.log")).unwrap_or_default();
-            if shows_login_prompt(&text) {
-                let secs = started.elapsed().as_secs_f64();
-                progress.done(name, &format!("login prompt after {secs:.1} s"));
-                ready.push(((*name).clone(), secs));
-                return false;
+    let stop = || crate::interrupted().then(|| Interrupted.into());
+    Wait::new("login prompt on every console", deadline)
+        .stop_when(&stop)
+        .run(|| {
+            pending.retain(|name, node| {
+                let text = fs::read(node.dir.join("vm.log")).unwrap_or_default();
+                if shows_login_prompt(&text) {
+                    let secs = started.elapsed().as_secs_f64();
+                    progress.done(name, &format!("login prompt after {secs:.1} s"));
+                    ready.push(((*name).clone(), secs));
+                    return false;
+                }
+                true
+            });
+            if let Some((name, node)) = pending.iter().find(|(_, n)| !machine::is_running(n.pid)) {
+                bail!(
+                    "{name}: QEMU exited before the login prompt; see {}",
+                    node.dir.join("vm.log").display()
+                );
             }
-            true
-        });
-        if let Some((name, node)) = pending.iter().find(|(_, n)| !machine::is_running(n.pid)) {
-            bail!(
-                "{name}: QEMU exited before the login prompt; see {}",
-                node.dir.join("vm.log").display()
-            );
-        }
-        if started.elapsed() > deadline {
-            bail!(
-                "no login prompt after {} s on {:?}",
-                deadline.as_secs(),
-                pending.keys()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+            Ok(if pending.is_empty() {
+                Probe::Done(())
+            } else {
+                Probe::Pending(format!("waiting on {:?}", pending.keys()))
+            })
+        })
+        .map_err(crate::wait::unwrap_stopped)?;
     Ok(ready)
 }
 

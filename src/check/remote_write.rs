@@ -9,6 +9,7 @@
 
 use super::{Check, Ctx, Verdict, require_forward};
 use crate::spec::{Cluster, Proto};
+use crate::wait::{Pause, Probe, Wait};
 use serde::Deserialize;
 
 /// `remote_write`: a Prometheus remote-write request (protobuf + snappy)
@@ -146,25 +147,35 @@ pub fn write_then_query(
     }
     // Queryable once the receiver has appended it; usually at once.
     let query = format!("{METRIC}{{nonce=\"{nonce}\"}}");
-    let until = started + budget;
-    loop {
-        let got = agent
-            .get(&format!("{base}/api/v1/query"))
-            .query("query", &query)
-            .query("time", format!("{:.3}", ts as f64 / 1000.0 + 1.0))
-            .call()
-            .ok()
-            .and_then(|mut r| r.body_mut().read_to_string().ok())
-            .and_then(|t| serde_json::from_str::<Value>(&t).ok());
-        let found = got
-            .as_ref()
-            .and_then(|g| g.pointer("/data/result/0/value/1"))
-            .and_then(Value::as_str)
-            .and_then(|v| v.parse::<f64>().ok());
-        if let Some(v) = found {
-            evidence["query"] = got.unwrap_or_default();
+    let mut last: Option<Value> = None;
+    let found = Wait::new("sample queryable", budget)
+        .until(started + budget)
+        .pause(Pause::Every(Duration::from_millis(500)))
+        .run(|| {
+            let got = agent
+                .get(&format!("{base}/api/v1/query"))
+                .query("query", &query)
+                .query("time", format!("{:.3}", ts as f64 / 1000.0 + 1.0))
+                .call()
+                .ok()
+                .and_then(|mut r| r.body_mut().read_to_string().ok())
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok());
+            let v = got
+                .as_ref()
+                .and_then(|g| g.pointer("/data/result/0/value/1"))
+                .and_then(Value::as_str)
+                .and_then(|s| s.parse::<f64>().ok());
+            last = got;
+            Ok(match v {
+                Some(v) => Probe::Done(v),
+                None => Probe::Pending("not in a query yet".into()),
+            })
+        });
+    evidence["query"] = last.unwrap_or_default();
+    match found {
+        Ok(v) => {
             evidence["queryable_after_s"] = json!(started.elapsed().as_secs_f64());
-            return Ok(if v == value {
+            Ok(if v == value {
                 Verdict::pass(
                     format!(
                         "wrote {query} = {value}, read back in {:.2} s",
@@ -174,16 +185,12 @@ pub fn write_then_query(
                 )
             } else {
                 Verdict::fail(format!("{query} reads {v}, wrote {value}"), evidence)
-            });
+            })
         }
-        if Instant::now() >= until {
-            evidence["query"] = got.unwrap_or_default();
-            return Ok(Verdict::fail(
-                format!("the write was accepted (HTTP {status}) but {query} never appeared"),
-                evidence,
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(500));
+        Err(_) => Ok(Verdict::fail(
+            format!("the write was accepted (HTTP {status}) but {query} never appeared"),
+            evidence,
+        )),
     }
 }
 

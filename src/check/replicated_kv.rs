@@ -5,6 +5,7 @@
 use super::{Check, Ctx, Verdict};
 use crate::spec::Cluster;
 use crate::text::shell_quote;
+use crate::wait::{Pause, Probe, Wait};
 
 /// `replicated_kv`: write through the target, read the same value on every
 /// member from its own copy.
@@ -160,17 +161,30 @@ fn poll(
     deadline: Instant,
 ) -> Result<f64, String> {
     let mut last = String::from("never read");
-    while Instant::now() < deadline {
-        let read = ctx
-            .guests
-            .get(member)
-            .and_then(|g| g.exec(&store.read_local(key), Duration::from_secs(10)));
-        match read {
-            Ok(out) if out.stdout.trim() == value => return Ok(written.elapsed().as_secs_f64()),
-            Ok(out) => last = format!("read {:?}", out.stdout.trim()),
-            Err(e) => last = format!("{e:#}"),
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Err(last)
+    Wait::new(format!("{member} has the value"), Duration::ZERO)
+        .until(deadline)
+        .pause(Pause::Every(Duration::from_millis(100)))
+        .run(|| {
+            let read = ctx
+                .guests
+                .get(member)
+                .and_then(|g| g.exec(&store.read_local(key), Duration::from_secs(10)));
+            Ok(match read {
+                Ok(out) if out.stdout.trim() == value => {
+                    Probe::Done(written.elapsed().as_secs_f64())
+                }
+                Ok(out) => {
+                    last = format!("read {:?}", out.stdout.trim());
+                    Probe::Pending(last.clone())
+                }
+                Err(e) => {
+                    if crate::guest::breaks_session(&e) {
+                        ctx.guests.forget(member);
+                    }
+                    last = format!("{e:#}");
+                    Probe::Pending(last.clone())
+                }
+            })
+        })
+        .map_err(|_| last)
 }

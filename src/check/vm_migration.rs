@@ -18,6 +18,7 @@
 use super::{Check, Ctx, Verdict, nested_guest as nested};
 use crate::spec::Cluster;
 use crate::text::shell_quote;
+use crate::wait::{Pause, Probe, Wait};
 use serde::Deserialize;
 
 /// `vm_migration`: live-migrate a VM whose disk is the shared NBD `volume`
@@ -170,15 +171,20 @@ impl Side<'_> {
             "execute": "human-monitor-command",
             "arguments": {"command-line": line},
         }))?;
-        // QEMU may flush its stdout a moment after the reply.
-        let until = Instant::now() + Duration::from_secs(5);
-        loop {
-            let added = self.sh(&format!("tail -c +{} {out}", before + 1), 10)?;
-            if !added.trim().is_empty() || Instant::now() >= until {
-                return Ok(added);
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        // QEMU may flush its stdout a moment after the reply; after 5 s,
+        // what it printed (possibly nothing) is the answer.
+        let mut added = String::new();
+        let _ = Wait::new("monitor output", Duration::from_secs(5))
+            .pause(Pause::Every(Duration::from_millis(200)))
+            .run(|| {
+                added = self.sh(&format!("tail -c +{} {out}", before + 1), 10)?;
+                Ok(if added.trim().is_empty() {
+                    Probe::Pending("no output yet".into())
+                } else {
+                    Probe::Done(())
+                })
+            });
+        Ok(added)
     }
 
     fn status(&self) -> Result<String> {
@@ -197,17 +203,16 @@ impl Side<'_> {
         done: impl Fn(&str) -> bool,
         what: &str,
     ) -> Result<String> {
-        let until = Instant::now() + budget;
-        loop {
-            let text = self.console()?;
-            if done(&text) {
-                return Ok(text);
-            }
-            if Instant::now() >= until {
-                bail!("{}: {what}: console after {budget:?}: {text:?}", self.node);
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
+        Wait::new(format!("{}: {what}", self.node), budget)
+            .pause(Pause::Every(Duration::from_millis(500)))
+            .run(|| {
+                let text = self.console()?;
+                Ok(if done(&text) {
+                    Probe::Done(text)
+                } else {
+                    Probe::Pending(format!("console: {text:?}"))
+                })
+            })
     }
 
     /// Kills an earlier run's VM and writes the kernel.
@@ -398,15 +403,16 @@ fn run(
         "execute": "migrate",
         "arguments": {"uri": format!("tcp:{dst_address}:{}", req.port)},
     }))?;
-    let stats = loop {
-        let m = src.one(json!({"execute": "query-migrate"}))?;
-        match m["status"].as_str().unwrap_or("") {
-            "completed" => break m,
-            "failed" | "cancelled" => bail!("migration {}: {m}", m["status"]),
-            _ if left().is_zero() => bail!("migration not completed in {budget:?}: {m}"),
-            _ => std::thread::sleep(Duration::from_millis(500)),
-        }
-    };
+    let stats = Wait::new("migration completed", left())
+        .pause(Pause::Every(Duration::from_millis(500)))
+        .run(|| {
+            let m = src.one(json!({"execute": "query-migrate"}))?;
+            match m["status"].as_str().unwrap_or("") {
+                "completed" => Ok(Probe::Done(m)),
+                "failed" | "cancelled" => bail!("migration {}: {m}", m["status"]),
+                _ => Ok(Probe::Pending(m.to_string())),
+            }
+        })?;
     let migrate_s = t.elapsed().as_secs_f64();
     let src_console = src.console()?;
     let src_status = src.status()?;

@@ -5,12 +5,13 @@
 
 use super::{Accel, QEMU};
 use crate::error::bad_input;
+use crate::wait::{self, Pause, Wait};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, OpenOptions};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -145,37 +146,36 @@ fn probe(kernel: &Path, work: &Path) -> Result<(bool, Option<String>)> {
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("spawning {QEMU} for the KVM probe"))?;
-    let started = Instant::now();
-    let verdict = loop {
-        let text = fs::read_to_string(&log).unwrap_or_default();
-        if text.contains("Linux version") {
-            break (true, None);
-        }
-        if let Some(status) = child.try_wait()? {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                use std::io::Read;
-                let _ = e.read_to_string(&mut err);
+    let watched = Wait::new("KVM guest console output", WATCHDOG)
+        .pause(Pause::Every(Duration::from_millis(100)))
+        .run(|| {
+            if fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("Linux version")
+            {
+                return Ok(wait::Probe::Done((true, None)));
             }
-            break (
-                false,
-                Some(format!(
+            if let Some(status) = child.try_wait()? {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                let why = format!(
                     "KVM guest exited ({status}) before any console output: {}",
                     err.lines().next().unwrap_or("").trim()
-                )),
-            );
-        }
-        if started.elapsed() > WATCHDOG {
-            break (
-                false,
-                Some(format!(
-                    "KVM guest showed no console progress within {} s",
-                    WATCHDOG.as_secs()
-                )),
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+                );
+                return Ok(wait::Probe::Done((false, Some(why))));
+            }
+            Ok(wait::Probe::Pending("no console output yet".into()))
+        });
+    let verdict = watched.unwrap_or_else(|_| {
+        let why = format!(
+            "KVM guest showed no console progress within {} s",
+            WATCHDOG.as_secs()
+        );
+        (false, Some(why))
+    });
     let _ = child.kill();
     let _ = child.wait();
     Ok(verdict)

@@ -14,7 +14,7 @@ use std::fs::{self, File};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub const QEMU: &str = "qemu-system-x86_64";
 
@@ -85,14 +85,16 @@ pub fn kill_now(pid: i32) {
 }
 
 fn wait_exit(pid: i32, within: Duration) -> bool {
-    let end = Instant::now() + within;
-    while Instant::now() < end {
-        if !is_running(pid) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    !is_running(pid)
+    crate::wait::Wait::new(format!("QEMU pid {pid} to exit"), within)
+        .pause(crate::wait::Pause::Every(Duration::from_millis(100)))
+        .run(|| {
+            Ok(if is_running(pid) {
+                crate::wait::Probe::Pending("still running".into())
+            } else {
+                crate::wait::Probe::Done(())
+            })
+        })
+        .is_ok()
 }
 
 /// The last `n` non-empty lines of a console log, for error messages.
