@@ -534,7 +534,7 @@ fn fake_sleeps() -> usize {
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
-        .filter(|c| c == b"sleep\0613\0")
+        .filter(|c| c == b"sleep\x00613\x00")
         .count()
 }
 
