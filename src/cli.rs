@@ -101,6 +101,10 @@ pub enum Cmd {
         #[arg(long)]
         all: bool,
     },
+    /// Save, list or remove snapshots of the running cluster, for warm starts
+    /// (`start --from-snapshot NAME`, `fresh-smoke --warm`).
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
     /// Check a cluster definition and exit: 0 if valid, 2 with file:line:field if not.
     Check,
     /// List the embedded lanes, their layers and check counts for this cluster.
@@ -189,6 +193,31 @@ pub struct StartArgs {
     /// Seconds each node may take to become ready.
     #[arg(long, default_value_t = 600)]
     pub ready_timeout: u64,
+    /// Restore a snapshot (`snapshot save`) instead of booting: every guest's
+    /// memory, devices and disks as saved, resumed together, clocks set.
+    /// A snapshot whose image, cluster, driver or QEMU differs is refused (exit 2).
+    #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "default")]
+    pub from_snapshot: Option<String>,
+    /// Warm start: restore the `default` snapshot (`--from-snapshot default`).
+    #[arg(long, conflicts_with = "from_snapshot")]
+    pub warm: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCmd {
+    /// Pause every guest at one instant, save each one's memory, devices and
+    /// disks under <state>/snapshots/NAME, then resume them (or stop them).
+    Save {
+        #[arg(default_value = "default")]
+        name: String,
+        /// Stop the cluster after saving instead of resuming it.
+        #[arg(long)]
+        stop: bool,
+    },
+    /// List the saved snapshots with their size, date and key.
+    List,
+    /// Remove a snapshot.
+    Rm { name: String },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -291,6 +320,11 @@ impl StartArgs {
             accel: self.accel,
             ready_timeout: Duration::from_secs(self.ready_timeout),
             readiness: cluster::Readiness::Full,
+            from_snapshot: match (&self.from_snapshot, self.warm) {
+                (Some(name), _) => Some(name.clone()),
+                (None, true) => Some(crate::snapshot::DEFAULT.into()),
+                (None, false) => None,
+            },
         }
     }
 }
@@ -443,6 +477,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                 println!("{node}: {note}");
             }
         }
+        Cmd::Snapshot(cmd) => snapshot_command(&cluster, &state, cmd)?,
         Cmd::Clean { all } => {
             let _lock = state.lock("clean")?;
             cluster::clean(&state, all)?;
@@ -450,6 +485,67 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+fn snapshot_command(cluster: &Cluster, state: &StateDir, cmd: SnapshotCmd) -> Result<()> {
+    use crate::snapshot::{self, After};
+    match cmd {
+        SnapshotCmd::Save { name, stop } => {
+            let _lock = state.lock("snapshot save")?;
+            let record = require_running(state)?;
+            let key = snapshot::key(cluster, &record.image)?;
+            // The command line each QEMU really runs, for the restore to match.
+            let mut machines = std::collections::BTreeMap::new();
+            for (node, n) in &record.nodes {
+                let raw = std::fs::read(format!("/proc/{}/cmdline", n.pid))
+                    .with_context(|| format!("{node}: QEMU (pid {}) is not running", n.pid))?;
+                let args: Vec<String> = String::from_utf8_lossy(&raw)
+                    .split('\0')
+                    .skip(1)
+                    .filter(|a| !a.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                machines.insert(node.clone(), snapshot::machine_hash(&args));
+            }
+            let after = if stop { After::Stop } else { After::Resume };
+            let t = std::time::Instant::now();
+            let m = snapshot::save(state, &record, key, machines, &name, after)?;
+            if stop {
+                let _ = std::fs::remove_file(state.cluster_file());
+            }
+            println!(
+                "snapshot {:?}: {} nodes, {:.0} MiB in {:.1} s (guests paused {:.1} s); {}",
+                m.name,
+                m.record.nodes.len(),
+                m.bytes as f64 / 1048576.0,
+                t.elapsed().as_secs_f64(),
+                m.paused_s,
+                if stop {
+                    "cluster stopped"
+                } else {
+                    "cluster resumed"
+                }
+            );
+        }
+        SnapshotCmd::List => {
+            for m in snapshot::list(state)? {
+                println!(
+                    "{:<16} {:>7.0} MiB  {}  image {}  driver {}",
+                    m.name,
+                    m.bytes as f64 / 1048576.0,
+                    m.created,
+                    m.key.image,
+                    m.key.driver
+                );
+            }
+        }
+        SnapshotCmd::Rm { name } => {
+            let _lock = state.lock("snapshot rm")?;
+            snapshot::remove(state, &name)?;
+            println!("removed snapshot {name:?}");
+        }
+    }
+    Ok(())
 }
 
 /// `run`: checks the store paths before anything starts, then runs the lane.

@@ -9,7 +9,7 @@ use crate::progress::Progress;
 use crate::spec::Cluster;
 use crate::state::{RunningCluster, RunningNode, StateDir};
 use crate::wait::{Probe, Wait};
-use crate::{fabric, image, provision};
+use crate::{fabric, image, provision, snapshot};
 use anyhow::{Context, Result, anyhow, bail};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -24,6 +24,8 @@ pub struct StartOptions {
     /// Deadline for each node to become ready, from its launch.
     pub ready_timeout: Duration,
     pub readiness: Readiness,
+    /// Restore this snapshot (snapshot.rs) instead of booting.
+    pub from_snapshot: Option<String>,
 }
 
 /// When a node counts as up.
@@ -72,17 +74,49 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
     crate::host::require_program("qemu-img", "qemu-utils")?;
     crate::host::require_program("mkfs.ext4", "e2fsprogs")?;
     crate::host::require_program("ssh-keygen", "openssh-client")?;
-    let ports = fabric::allocate_ports(cluster)?;
-    let accel = machine::accel::choose(
-        opts.accel,
-        &image.kernel,
-        &state.accel_probe(),
-        &state.root.join("probe"),
-    )?;
+    // A snapshot is checked before anything starts: a stale one is refused.
+    let restore = match &opts.from_snapshot {
+        Some(name) => Some(snapshot::open(
+            state,
+            name,
+            &snapshot::key(cluster, &image)?,
+        )?),
+        None => None,
+    };
+    let ports = match &restore {
+        Some(m) => fabric::reserve_ports(
+            m.record
+                .nodes
+                .iter()
+                .map(|(name, n)| {
+                    let ports = fabric::NodePorts {
+                        ssh: n.ssh_port,
+                        forwards: n.forwards.clone(),
+                    };
+                    (name.clone(), ports)
+                })
+                .collect(),
+        )?,
+        None => fabric::allocate_ports(cluster)?,
+    };
+    let accel = match &restore {
+        // The saved state only runs under the accelerator it was saved from.
+        Some(m) => m.record.accel.clone(),
+        None => machine::accel::choose(
+            opts.accel,
+            &image.kernel,
+            &state.accel_probe(),
+            &state.root.join("probe"),
+        )?,
+    };
     let accel_used = accel.used;
     match &accel.fallback_reason {
         Some(r) => eprintln!("accel: using TCG (software emulation): {r}"),
         None => eprintln!("accel: using {}", accel.used.name().to_uppercase()),
+    }
+    if let Some(m) = &restore {
+        eprintln!("snapshot: restoring {:?} saved {}", m.name, m.created);
+        m.restore_files(state)?;
     }
     let keys = provision::cluster_keys(&state.ssh())?;
     let mcast = fabric::mcast_for(&state.root);
@@ -93,19 +127,24 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
     for (index, node) in cluster.nodes.iter().enumerate() {
         let name = node.name.clone();
         let dir = state.node(&name);
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir)?;
         let overlay = dir.join("overlay.qcow2");
         let (kernel, initrd, rootfs, extra_append) = image.for_node(&name);
-        run(Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(&rootfs)
-            .arg(&overlay))
-        .with_context(|| format!("{name}: creating the copy-on-write overlay"))?;
-        let host_key = provision::config_disk(cluster, index, node, &keys, &dir)?;
+        let host_key = match &restore {
+            Some(m) => saved_host_key(&m.record, &name)?,
+            None => {
+                let _ = fs::remove_dir_all(&dir);
+                fs::create_dir_all(&dir)?;
+                run(Command::new("qemu-img")
+                    .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+                    .arg(&rootfs)
+                    .arg(&overlay))
+                .with_context(|| format!("{name}: creating the copy-on-write overlay"))?;
+                provision::config_disk(cluster, index, node, &keys, &dir)?
+            }
+        };
         let (host_mac, fabric_mac) = fabric::macs(index);
         let node_ports = ports[&name].clone();
-        let config = MachineConfig {
+        let mut config = MachineConfig {
             name: name.clone(),
             accel: accel_used,
             memory_mib: node.memory_mib,
@@ -125,7 +164,12 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
             machine_id: hex::encode(
                 &Sha256::digest(format!("{}/{name}", state.root.display()).as_bytes())[..16],
             ),
+            incoming: None,
         };
+        if let Some(m) = &restore {
+            m.check_machine(&name, &machine::qemu_args(&config))?;
+            config.incoming = Some(m.memory(state, &name));
+        }
         prepared.push((node, config, node_ports, host_key));
     }
     let known_hosts = state.ssh().join("known_hosts");
@@ -146,6 +190,7 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
         known_hosts,
         image,
         nodes: BTreeMap::new(),
+        restored_from: restore.as_ref().map(|m| m.name.clone()),
     };
 
     // Launch in dependency order. Guests boot concurrently (under TCG a
@@ -195,6 +240,15 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
         state.save_running(&record)?;
     }
 
+    if restore.is_some() {
+        let resumed = snapshot::resume(&record, opts.ready_timeout);
+        if let Err(e) = resumed {
+            eprintln!("restore failed; stopping every node it launched");
+            teardown(&record);
+            let _ = fs::remove_file(state.cluster_file());
+            return Err(e);
+        }
+    }
     let progress = Progress::new(&order);
     let result = match opts.readiness {
         Readiness::Full => wait_ready(
@@ -232,6 +286,11 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
             Err(e)
         }
     }
+}
+
+/// A node's host key line from a saved cluster's known_hosts.
+fn saved_host_key(record: &RunningCluster, node: &str) -> Result<String> {
+    Ok(crate::guest::endpoint(record, node)?.host_key)
 }
 
 fn prepared_endpoints(
@@ -310,6 +369,10 @@ fn wait_ready(
                     let outcome = (|| -> Result<(String, f64)> {
                         progress.set(name, "booting");
                         let guest: Guest = guest::wait_for_ssh(&endpoint, opts.ready_timeout, &console, &abort)?;
+                        if record.restored_from.is_some() {
+                            // Restored guests wake with the clock of the save.
+                            guest.succeed(&snapshot::set_clock_command(), Duration::from_secs(20))?;
+                        }
                         progress.set(name, "sshd up; waiting for dependencies");
                         wait_for_deps(&phases, name, &deps, &abort)?;
                         progress.set(name, &format!("waiting for {} units", node.units.len()));
@@ -469,7 +532,7 @@ pub fn stop(state: &StateDir, grace: Duration) -> Result<Vec<(String, String)>> 
     Ok(notes)
 }
 
-/// Removes the runtime state (and with `all`, the images and probe cache).
+/// Removes the runtime state (and with `all`, the images, snapshots and probe cache).
 pub fn clean(state: &StateDir, all: bool) -> Result<()> {
     if state.load_running()?.is_some() {
         stop(state, Duration::from_secs(30))?;
@@ -483,6 +546,7 @@ pub fn clean(state: &StateDir, all: bool) -> Result<()> {
     }
     if all {
         let _ = fs::remove_dir_all(state.images());
+        let _ = fs::remove_dir_all(state.snapshots());
         let _ = fs::remove_file(state.accel_probe());
     }
     Ok(())

@@ -24,6 +24,7 @@ pub mod progress;
 pub mod provision;
 pub mod report;
 pub mod smoke;
+pub mod snapshot;
 pub mod spec;
 pub mod state;
 pub mod status;

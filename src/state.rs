@@ -10,6 +10,7 @@
 //! <state>/images/<hash>/       built images, keyed by recipe hash
 //! <state>/ssh/                 the per-cluster client key and known_hosts
 //! <state>/nodes/<node>/        overlay.qcow2, config.img, vm.log, qmp.sock
+//! <state>/snapshots/<name>/    saved clusters (snapshot.rs)
 //! ```
 
 use crate::error::BadInput;
@@ -67,6 +68,9 @@ impl StateDir {
     }
     pub fn node(&self, name: &str) -> PathBuf {
         self.root.join("nodes").join(name)
+    }
+    pub fn snapshots(&self) -> PathBuf {
+        self.root.join("snapshots")
     }
     pub fn accel_probe(&self) -> PathBuf {
         self.root.join("accel-probe.json")
@@ -150,6 +154,9 @@ pub struct RunningCluster {
     pub known_hosts: PathBuf,
     pub image: ImageRecord,
     pub nodes: BTreeMap<String, RunningNode>,
+    /// The snapshot the cluster was restored from, if it did not boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,6 +1,8 @@
 //! End to end: real QEMU guests of the reference cluster. Boot is the
-//! expensive part, so there are two boots in all: one `start` shared by the
-//! CLI assertions and the broken-on-purpose smoke, and one `fresh-smoke`.
+//! expensive part, so there are two cold boots in all: one `start` shared by
+//! the CLI assertions, the lanes and the broken-on-purpose smoke (and saved
+//! as a snapshot right after it is ready), and one `fresh-smoke`. Tests that
+//! need a clean cluster again restore the snapshot (`--warm`).
 //!
 //! Images are built (or found cached) in the shared test state directory.
 
@@ -387,6 +389,83 @@ fn fresh_smoke_passes_with_evidence(state: &Path) {
     );
 }
 
+/// Saves the ready cluster as the `default` snapshot; it keeps running.
+fn snapshot_the_ready_cluster(state: &Path) {
+    let t = Instant::now();
+    let out = common::run(state, &["snapshot", "save"]);
+    assert_eq!(out.status.code(), Some(0), "snapshot save");
+    eprintln!("snapshot save: {:.1} s", t.elapsed().as_secs_f64());
+    let out = common::run(state, &["status", "--json"]);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for n in status["nodes"].as_array().unwrap() {
+        assert_eq!(n["state"], "ready", "resumed after the save: {n}");
+    }
+    let out = common::run(state, &["snapshot", "list"]);
+    assert!(stdout(&out).starts_with("default "), "{}", stdout(&out));
+}
+
+/// `fresh-smoke --warm` restores the snapshot instead of booting: the
+/// restored cluster passes smoke like a cold one (even though the cluster
+/// it was saved from was broken on purpose later), its clocks are right,
+/// and result.json says it was warm. A stale or missing snapshot is
+/// refused with exit 2 before anything starts.
+fn warm_restore_passes_smoke(state: &Path) {
+    let root = artifacts_dir().join("warm");
+    let t = Instant::now();
+    let out = common::run(
+        state,
+        &[
+            "fresh-smoke",
+            "--warm",
+            "--artifacts",
+            root.to_str().unwrap(),
+        ],
+    );
+    eprintln!("fresh-smoke --warm: {:.1} s", t.elapsed().as_secs_f64());
+    assert_eq!(out.status.code(), Some(0), "warm fresh-smoke");
+    let result = read_json(&root.join("smoke/latest/result.json"));
+    assert_eq!(result["boot"]["mode"], "warm", "{}", result["boot"]);
+    assert_eq!(result["boot"]["snapshot"], "default");
+    let start = result["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "start")
+        .unwrap();
+    eprintln!("warm restore-to-ready: {} s", start["duration_s"]);
+
+    // The clocks: restored guests must not live at the time of the save.
+    let out = common::run(state, &["start", "--warm"]);
+    assert_eq!(out.status.code(), Some(0), "start --warm");
+    let out = common::run(state, &["ssh", "node02", "date +%s"]);
+    let guest: i64 = stdout(&out).trim().parse().unwrap();
+    let host = chrono::Utc::now().timestamp();
+    assert!(
+        (guest - host).abs() <= 10,
+        "guest clock {guest}, host {host}"
+    );
+    assert_eq!(common::run(state, &["stop"]).status.code(), Some(0));
+
+    // A snapshot that no longer matches is refused, never used.
+    let manifest = state.join("snapshots/default/manifest.json");
+    let saved = std::fs::read_to_string(&manifest).unwrap();
+    let mut m: Value = serde_json::from_str(&saved).unwrap();
+    m["key"]["image"] = "an-older-image".into();
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    let out = common::run(state, &["start", "--from-snapshot"]);
+    assert_eq!(out.status.code(), Some(2), "a stale snapshot exits 2");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("does not match") && err.contains("an-older-image"),
+        "{err}"
+    );
+    assert!(!state.join("cluster.json").exists(), "nothing started");
+    std::fs::write(&manifest, saved).unwrap();
+    let out = common::run(state, &["start", "--from-snapshot", "nosuch"]);
+    assert_eq!(out.status.code(), Some(2), "a missing snapshot exits 2");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("saved: default"));
+}
+
 /// Stops the cluster when the test panics, so a failed assertion does not
 /// leave six QEMUs running on the CI machine.
 struct StopOnPanic(std::path::PathBuf);
@@ -482,6 +561,7 @@ fn reference_cluster_end_to_end() {
         "ssh passes on the remote exit code"
     );
 
+    snapshot_the_ready_cluster(&state);
     smoke_fails_at_the_broken_unit(&state);
     lanes_on_the_running_cluster(&state);
 
@@ -505,5 +585,6 @@ fn reference_cluster_end_to_end() {
         );
     }
 
+    warm_restore_passes_smoke(&state);
     fresh_smoke_passes_with_evidence(&state);
 }

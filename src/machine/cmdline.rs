@@ -42,6 +42,8 @@ pub struct MachineConfig {
     /// The multicast group and port of the cluster's L2 segment.
     pub fabric_mcast: (String, u16),
     pub machine_id: String,
+    /// Restore the guest's state from this file (a snapshot) instead of booting.
+    pub incoming: Option<PathBuf>,
 }
 
 /// Builds the argument list (without the program name).
@@ -137,6 +139,10 @@ pub fn qemu_args(c: &MachineConfig) -> Vec<String> {
         &format!("unix:{},server=on,wait=off", path(&c.qmp_socket)),
     ]);
     arg(&["-pidfile", &path(&c.pidfile)]);
+    if let Some(state) = &c.incoming {
+        let quoted = format!("'{}'", path(state).replace('\'', r"'\''"));
+        arg(&["-incoming", &format!("exec:cat {quoted}")]);
+    }
     a
 }
 
@@ -184,7 +190,22 @@ mod tests {
             fabric_mac: "52:54:00:4d:00:04".into(),
             fabric_mcast: ("230.0.77.1".into(), 21000),
             machine_id: "0123".into(),
+            incoming: None,
         }
+    }
+
+    #[test]
+    fn a_restore_adds_only_the_incoming_state() {
+        let cold = qemu_args(&config(Accel::Tcg));
+        assert!(after(&cold, "-incoming").is_empty());
+        let mut c = config(Accel::Tcg);
+        c.incoming = Some("/s/snap/it's/memory.bin".into());
+        let warm = qemu_args(&c);
+        assert_eq!(
+            after(&warm, "-incoming"),
+            [r"exec:cat '/s/snap/it'\''s/memory.bin'"]
+        );
+        assert_eq!(warm[..cold.len()], cold[..], "same machine, same devices");
     }
 
     fn after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {

@@ -1,7 +1,7 @@
 //! A small QMP client: newline-delimited JSON over the node's Unix socket.
 //!
 //! Kept to the commands the driver uses (`query-status`, `system_powerdown`,
-//! `quit`) rather than a generated schema, so it works across QEMU versions.
+//! `stop`, `cont`, `migrate`, `quit`) rather than a generated schema, so it works across QEMU versions.
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
@@ -48,7 +48,18 @@ impl Qmp {
 
     /// Runs a command and returns its `return` value; events in between are skipped.
     pub fn execute(&mut self, command: &str) -> Result<Value> {
-        let msg = json!({ "execute": command });
+        self.send(command, json!({ "execute": command }))
+    }
+
+    /// Runs a command with arguments.
+    pub fn call(&mut self, command: &str, arguments: Value) -> Result<Value> {
+        self.send(
+            command,
+            json!({ "execute": command, "arguments": arguments }),
+        )
+    }
+
+    fn send(&mut self, command: &str, msg: Value) -> Result<Value> {
         self.writer
             .write_all(format!("{msg}\n").as_bytes())
             .with_context(|| format!("sending QMP {command}"))?;

@@ -36,6 +36,9 @@ pub struct RunReport {
     pub finished: String,
     pub duration_s: f64,
     pub accel: Option<AccelChoice>,
+    /// How the cluster came up: booted (`cold`) or restored from a snapshot (`warm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<Boot>,
     pub image: Option<ImageRecord>,
     pub nodes: BTreeMap<String, NodeSummary>,
     /// fresh-smoke's clean, build, start, smoke and stop, in order.
@@ -49,6 +52,14 @@ pub struct RunReport {
     /// `run` only: the store paths checked, and the impure ones allowed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hermetic: Option<crate::hermetic::Hermetic>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Boot {
+    /// `cold` or `warm`.
+    pub mode: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -86,6 +97,7 @@ impl RunReport {
             finished: String::new(),
             duration_s: 0.0,
             accel: None,
+            boot: None,
             image: None,
             nodes: BTreeMap::new(),
             steps: Vec::new(),
@@ -100,6 +112,15 @@ impl RunReport {
     /// Records what the running cluster is (accel, image, boot times).
     pub fn describe(&mut self, record: &RunningCluster) {
         self.accel = Some(record.accel.clone());
+        self.boot = Some(Boot {
+            mode: if record.restored_from.is_some() {
+                "warm"
+            } else {
+                "cold"
+            }
+            .into(),
+            snapshot: record.restored_from.clone(),
+        });
         self.image = Some(record.image.clone());
         self.nodes = record
             .nodes

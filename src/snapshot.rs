@@ -1,0 +1,495 @@
+//! Snapshots of a running cluster: every guest's RAM and device state, its
+//! disk overlay and config disk, the cluster's keys and its record (ports,
+//! addresses), saved at one instant so that `start --from-snapshot` brings
+//! the same cluster back without booting it.
+//!
+//! How: every guest is paused first (QMP `stop`, all within a few
+//! milliseconds), then each one's state is streamed by QEMU's own migration
+//! into a file (`exec:cat > memory.bin`: QEMU 7.2 has no `file:` URI), its
+//! overlay is copied while nothing writes to it, and the guests resume (or
+//! stop). A restore launches each QEMU with the same command line plus
+//! `-incoming exec:cat memory.bin`, resumes all guests together, and sets
+//! their clocks to the host's before anything else talks to them.
+//!
+//! A snapshot is keyed by what would make it wrong to use: the image id,
+//! the cluster definition, the driver's version, the QEMU version and each
+//! node's QEMU command line. A key that no longer matches is refused (exit
+//! 2), never used.
+//!
+//! Layout: `<state>/snapshots/<name>/manifest.json` (written last: a
+//! directory without it is an unfinished save), `ssh/`, and `<node>/`
+//! with `memory.bin`, `overlay.qcow2`, `config.img`.
+
+use crate::error::BadInput;
+use crate::files::write_atomic;
+use crate::machine::qmp::Qmp;
+use crate::spec::Cluster;
+use crate::state::{ImageRecord, RunningCluster, StateDir};
+use crate::wait::{Pause, Probe, Wait};
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// What a snapshot must match to be used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Key {
+    pub image: String,
+    /// A hash of the validated cluster definition.
+    pub cluster: String,
+    pub driver: String,
+    pub qemu: String,
+}
+
+/// `manifest.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub name: String,
+    pub created: String,
+    pub key: Key,
+    /// Per node: a hash of its QEMU command line (without `-incoming`).
+    pub machines: BTreeMap<String, String>,
+    /// The running cluster as it was saved: ports, accel, units.
+    pub record: RunningCluster,
+    /// Seconds the guests were paused while saving.
+    pub paused_s: f64,
+    pub bytes: u64,
+}
+
+/// What was asked of the guests after the save.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    Resume,
+    Stop,
+}
+
+pub const DEFAULT: &str = "default";
+
+fn dir(state: &StateDir, name: &str) -> PathBuf {
+    state.snapshots().join(name)
+}
+
+/// The key of `cluster` booted from `image` by this driver and this QEMU.
+pub fn key(cluster: &Cluster, image: &ImageRecord) -> Result<Key> {
+    let mut model = cluster.clone();
+    model.source = PathBuf::new();
+    let qemu = std::process::Command::new(crate::machine::QEMU)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("running {} --version", crate::machine::QEMU))?;
+    let qemu = String::from_utf8_lossy(&qemu.stdout);
+    Ok(Key {
+        image: image.id.clone(),
+        cluster: hash(format!("{model:?}").as_bytes()),
+        driver: env!("CARGO_PKG_VERSION").to_string(),
+        qemu: qemu.lines().next().unwrap_or_default().to_string(),
+    })
+}
+
+/// A hash of a node's QEMU command line, for the manifest.
+pub fn machine_hash(args: &[String]) -> String {
+    hash(args.join("\0").as_bytes())
+}
+
+fn hash(bytes: &[u8]) -> String {
+    hex::encode(&Sha256::digest(bytes)[..12])
+}
+
+/// Refuses a name that could leave the snapshots directory.
+fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && !name.starts_with('.');
+    if !ok {
+        return Err(crate::error::bad_input(format!(
+            "snapshot name {name:?}: use letters, digits, '-', '_' and '.'"
+        )));
+    }
+    Ok(())
+}
+
+/// Every finished snapshot in `state`, by name.
+pub fn list(state: &StateDir) -> Result<Vec<Manifest>> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir(state.snapshots()) else {
+        return Ok(out);
+    };
+    for e in entries.flatten() {
+        let path = e.path().join("manifest.json");
+        if let Ok(bytes) = fs::read(&path) {
+            out.push(
+                serde_json::from_slice(&bytes)
+                    .with_context(|| format!("parsing {}", path.display()))?,
+            );
+        }
+    }
+    out.sort_by(|a: &Manifest, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+pub fn remove(state: &StateDir, name: &str) -> Result<()> {
+    check_name(name)?;
+    let d = dir(state, name);
+    if !d.exists() {
+        return Err(crate::error::bad_input(format!(
+            "no snapshot {name:?} in {}",
+            state.snapshots().display()
+        )));
+    }
+    fs::remove_dir_all(&d).with_context(|| format!("removing {}", d.display()))
+}
+
+/// Why a snapshot cannot be used for this cluster, or nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(
+        "no snapshot {name:?} in {dir} (saved: {saved}); `photon-cluster snapshot save {name}` on a ready cluster makes one"
+    )]
+    Missing {
+        name: String,
+        dir: String,
+        saved: String,
+    },
+    #[error(
+        "snapshot {name:?} does not match this cluster ({what}); it was not used. Save a new one, or `photon-cluster snapshot rm {name}`"
+    )]
+    Stale { name: String, what: String },
+}
+
+/// The snapshot `name`, if its key matches `key`.
+pub fn open(state: &StateDir, name: &str, key: &Key) -> Result<Manifest> {
+    check_name(name)?;
+    let path = dir(state, name).join("manifest.json");
+    let Ok(bytes) = fs::read(&path) else {
+        let saved: Vec<String> = list(state)?.into_iter().map(|m| m.name).collect();
+        return Err(BadInput::wrap(SnapshotError::Missing {
+            name: name.into(),
+            dir: state.snapshots().display().to_string(),
+            saved: if saved.is_empty() {
+                "none".into()
+            } else {
+                saved.join(", ")
+            },
+        }));
+    };
+    let m: Manifest =
+        serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?;
+    let mut differs = Vec::new();
+    for (what, saved, now) in [
+        ("image", &m.key.image, &key.image),
+        ("cluster definition", &m.key.cluster, &key.cluster),
+        ("driver version", &m.key.driver, &key.driver),
+        ("QEMU version", &m.key.qemu, &key.qemu),
+    ] {
+        if saved != now {
+            differs.push(format!("{what}: saved {saved:?}, now {now:?}"));
+        }
+    }
+    if !differs.is_empty() {
+        return Err(BadInput::wrap(SnapshotError::Stale {
+            name: name.into(),
+            what: differs.join("; "),
+        }));
+    }
+    Ok(m)
+}
+
+impl Manifest {
+    pub fn dir(&self, state: &StateDir) -> PathBuf {
+        dir(state, &self.name)
+    }
+
+    /// Refuses a node whose QEMU command line differs from the saved one.
+    pub fn check_machine(&self, node: &str, args: &[String]) -> Result<()> {
+        let now = machine_hash(args);
+        match self.machines.get(node) {
+            Some(saved) if *saved == now => Ok(()),
+            _ => Err(BadInput::wrap(SnapshotError::Stale {
+                name: self.name.clone(),
+                what: format!("{node}'s QEMU command line changed"),
+            })),
+        }
+    }
+
+    /// Puts the saved keys and a node's disks in place for a restore.
+    pub fn restore_files(&self, state: &StateDir) -> Result<()> {
+        let src = self.dir(state);
+        copy_dir(&src.join("ssh"), &state.ssh())?;
+        for node in self.record.nodes.keys() {
+            let to = state.node(node);
+            let _ = fs::remove_dir_all(&to);
+            fs::create_dir_all(&to)?;
+            for f in ["overlay.qcow2", "config.img"] {
+                copy(&src.join(node).join(f), &to.join(f))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The file QEMU reads the node's state from.
+    pub fn memory(&self, state: &StateDir, node: &str) -> PathBuf {
+        self.dir(state).join(node).join("memory.bin")
+    }
+}
+
+/// Saves the running cluster as `name`, replacing an older one of that name.
+pub fn save(
+    state: &StateDir,
+    record: &RunningCluster,
+    key: Key,
+    machines: BTreeMap<String, String>,
+    name: &str,
+    after: After,
+) -> Result<Manifest> {
+    check_name(name)?;
+    let target = dir(state, name);
+    let work = state.snapshots().join(format!(".{name}.partial"));
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work)?;
+    let mut qmps: BTreeMap<&String, Qmp> = BTreeMap::new();
+    for (node, n) in &record.nodes {
+        if !crate::machine::is_running(n.pid) {
+            bail!(
+                "{node}: QEMU (pid {}) is not running; nothing to save",
+                n.pid
+            );
+        }
+        qmps.insert(
+            node,
+            Qmp::connect(&n.dir.join("qmp.sock"), Duration::from_secs(10))?,
+        );
+    }
+    // One instant for the whole cluster: pause everyone before saving anyone.
+    let paused = Instant::now();
+    for q in qmps.values_mut() {
+        q.execute("stop")?;
+    }
+    let saved = std::thread::scope(|s| {
+        let handles: Vec<_> = qmps
+            .iter_mut()
+            .map(|(node, q)| {
+                let out = work.join(node.as_str());
+                let n = &record.nodes[node.as_str()];
+                s.spawn(move || save_node(q, node, &n.dir, &out))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("save thread"))
+            .collect::<Result<Vec<u64>>>()
+    });
+    let finish = |q: &mut Qmp| match after {
+        After::Resume => q.execute("cont").map(|_| ()),
+        After::Stop => q.execute("quit").map(|_| ()),
+    };
+    let mut resumed = Ok(());
+    for q in qmps.values_mut() {
+        resumed = resumed.and(finish(q));
+    }
+    let paused_s = paused.elapsed().as_secs_f64();
+    let bytes = saved?.into_iter().sum();
+    resumed.context("resuming the guests after the save")?;
+    copy_dir(&state.ssh(), &work.join("ssh"))?;
+    let manifest = Manifest {
+        name: name.into(),
+        created: chrono::Utc::now().to_rfc3339(),
+        key,
+        machines,
+        record: record.clone(),
+        paused_s,
+        bytes,
+    };
+    write_atomic(
+        &work.join("manifest.json"),
+        &serde_json::to_vec_pretty(&manifest)?,
+    )?;
+    let _ = fs::remove_dir_all(&target);
+    fs::rename(&work, &target).with_context(|| format!("moving to {}", target.display()))?;
+    Ok(manifest)
+}
+
+/// Streams one paused guest's state into `out/memory.bin`, then copies its
+/// disks (the migration flushed them and QEMU writes nothing until `cont`).
+fn save_node(q: &mut Qmp, node: &str, node_dir: &Path, out: &Path) -> Result<u64> {
+    fs::create_dir_all(out)?;
+    let memory = out.join("memory.bin");
+    // The guest is paused, so there is no downtime to limit: let it go fast.
+    q.call(
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 8u64 << 30, "downtime-limit": 60_000 }),
+    )?;
+    q.call(
+        "migrate",
+        json!({ "uri": format!("exec:cat > {}", crate::text::shell_quote(&memory.display().to_string())) }),
+    )?;
+    Wait::new(format!("{node}: state saved"), Duration::from_secs(600))
+        .pause(Pause::Backoff {
+            first: Duration::from_millis(20),
+            max: Duration::from_millis(500),
+        })
+        .run(|| {
+            let m = q.execute("query-migrate")?;
+            match m["status"].as_str().unwrap_or("") {
+                "completed" => Ok(Probe::Done(())),
+                "failed" | "cancelled" => bail!("{node}: saving the state: {m}"),
+                s => Ok(Probe::Pending(s.to_string())),
+            }
+        })?;
+    let mut bytes = fs::metadata(&memory)?.len();
+    for f in ["overlay.qcow2", "config.img"] {
+        bytes += copy(&node_dir.join(f), &out.join(f))?;
+    }
+    Ok(bytes)
+}
+
+/// After `-incoming`: waits until every guest has read its state, resumes
+/// them all together, and sets each one's clock to the host's.
+pub fn resume(record: &RunningCluster, timeout: Duration) -> Result<()> {
+    let mut qmps = Vec::new();
+    for (node, n) in &record.nodes {
+        let stop = || {
+            (!crate::machine::is_running(n.pid)).then(|| {
+                anyhow::anyhow!(
+                    "{node}: QEMU exited while restoring; qemu.log: {}",
+                    fs::read_to_string(n.dir.join("qemu.log"))
+                        .unwrap_or_default()
+                        .trim()
+                )
+            })
+        };
+        let mut q = Wait::new(format!("{node}: QMP socket"), Duration::from_secs(30))
+            .stop_when(&stop)
+            .run(|| {
+                Ok(
+                    match Qmp::connect(&n.dir.join("qmp.sock"), Duration::from_secs(10)) {
+                        Ok(q) => Probe::Done(q),
+                        Err(e) => Probe::Pending(format!("{e:#}")),
+                    },
+                )
+            })
+            .map_err(crate::wait::unwrap_stopped)?;
+        Wait::new(format!("{node}: state restored"), timeout)
+            .pause(Pause::Backoff {
+                first: Duration::from_millis(20),
+                max: Duration::from_millis(500),
+            })
+            .stop_when(&stop)
+            .run(|| {
+                let m = q.execute("query-migrate")?;
+                match m["status"].as_str().unwrap_or("") {
+                    "completed" => Ok(Probe::Done(())),
+                    "failed" | "cancelled" => bail!("{node}: restoring the state: {m}"),
+                    s => Ok(Probe::Pending(s.to_string())),
+                }
+            })
+            .map_err(crate::wait::unwrap_stopped)?;
+        qmps.push(q);
+    }
+    for q in &mut qmps {
+        q.execute("cont")?;
+    }
+    Ok(())
+}
+
+/// The shell command that sets a guest's clock to the host's time now.
+pub fn set_clock_command() -> String {
+    let now = chrono::Utc::now();
+    format!(
+        "date -u -s @{}.{:09} >/dev/null",
+        now.timestamp(),
+        now.timestamp_subsec_nanos()
+    )
+}
+
+fn copy(from: &Path, to: &Path) -> Result<u64> {
+    fs::copy(from, to).with_context(|| format!("copying {} to {}", from.display(), to.display()))
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    fs::create_dir_all(to)?;
+    for e in fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            copy(&e.path(), &to.join(e.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> Key {
+        Key {
+            image: "img1".into(),
+            cluster: "c1".into(),
+            driver: "0.1.0".into(),
+            qemu: "QEMU emulator version 7.2.0".into(),
+        }
+    }
+
+    fn manifest(name: &str) -> Manifest {
+        let record: RunningCluster = serde_json::from_value(json!({
+            "name": "t", "source": "t.toml", "started_unix": 0,
+            "accel": { "used": "tcg", "requested": "tcg", "fallback_reason": null },
+            "ssh_key": "/k", "known_hosts": "/h",
+            "image": { "provider": "debian", "kernel": "k", "initrd": "i", "rootfs": "r", "id": "img1" },
+            "nodes": {}
+        }))
+        .unwrap();
+        Manifest {
+            name: name.into(),
+            created: "now".into(),
+            key: key(),
+            machines: BTreeMap::from([("node01".to_string(), machine_hash(&["-m".into()]))]),
+            record,
+            paused_s: 1.0,
+            bytes: 1,
+        }
+    }
+
+    #[test]
+    fn a_snapshot_whose_key_differs_is_refused_with_what_changed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(tmp.path().to_path_buf());
+        let m = manifest("warm");
+        fs::create_dir_all(dir(&state, "warm")).unwrap();
+        fs::write(
+            dir(&state, "warm").join("manifest.json"),
+            serde_json::to_vec(&m).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(open(&state, "warm", &key()).unwrap().name, "warm");
+        let mut other = key();
+        other.image = "img2".into();
+        let e = open(&state, "warm", &other).unwrap_err();
+        assert_eq!(crate::error::exit_code(&e), crate::error::EXIT_BAD_INPUT);
+        assert!(
+            e.to_string()
+                .contains("image: saved \"img1\", now \"img2\""),
+            "{e}"
+        );
+        let e = open(&state, "cold", &key()).unwrap_err();
+        assert_eq!(crate::error::exit_code(&e), crate::error::EXIT_BAD_INPUT);
+        assert!(e.to_string().contains("saved: warm"), "{e}");
+        assert!(m.check_machine("node01", &["-m".into()]).is_ok());
+        assert!(m.check_machine("node01", &["-smp".into()]).is_err());
+        assert_eq!(list(&state).unwrap().len(), 1);
+        remove(&state, "warm").unwrap();
+        assert!(list(&state).unwrap().is_empty());
+        assert!(check_name("../x").is_err());
+    }
+
+    #[test]
+    fn the_clock_command_carries_the_host_time() {
+        let c = set_clock_command();
+        assert!(c.starts_with("date -u -s @"), "{c}");
+    }
+}
