@@ -1,10 +1,272 @@
-//! Benchmarks that print ratios against a baseline measured in the same run.
+//! Benchmarks of the driver itself. Every figure is a pair measured side by
+//! side in one run (the driver against a baseline), reported with min,
+//! median and max, and written to `bench.json`: timings on a shared machine
+//! are noisy, so only ratios from one run are compared.
 
 use crate::cluster::{self, Readiness, StartOptions};
 use crate::spec::Cluster;
-use crate::state::StateDir;
-use anyhow::Result;
+use crate::state::{RunningCluster, StateDir};
+use crate::{guest, snapshot};
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use serde_json::json;
+use std::path::Path;
 use std::time::{Duration, Instant};
+
+/// min, median and max of a series of seconds.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Stats {
+    pub n: usize,
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+}
+
+impl Stats {
+    pub fn of(mut v: Vec<f64>) -> Stats {
+        assert!(!v.is_empty(), "no samples");
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Stats {
+            n,
+            min: v[0],
+            median,
+            max: v[n - 1],
+        }
+    }
+}
+
+/// One comparison: the driver's figure against its baseline's, and the
+/// ratio of the medians (driver / baseline).
+#[derive(Debug, Clone, Serialize)]
+pub struct Pair {
+    pub name: String,
+    pub driver: String,
+    pub baseline: String,
+    pub driver_s: Stats,
+    pub baseline_s: Stats,
+    pub ratio: f64,
+}
+
+impl Pair {
+    fn new(name: &str, driver: &str, baseline: &str, d: Vec<f64>, b: Vec<f64>) -> Pair {
+        let (driver_s, baseline_s) = (Stats::of(d), Stats::of(b));
+        Pair {
+            name: name.into(),
+            driver: driver.into(),
+            baseline: baseline.into(),
+            ratio: driver_s.median / baseline_s.median.max(1e-9),
+            driver_s,
+            baseline_s,
+        }
+    }
+
+    fn print(&self) {
+        println!("{}", self.name);
+        for (who, s) in [
+            (&self.driver, &self.driver_s),
+            (&self.baseline, &self.baseline_s),
+        ] {
+            println!(
+                "  {who:<44} n={:<3} min {:>9.4} s  median {:>9.4} s  max {:>9.4} s",
+                s.n, s.min, s.median, s.max
+            );
+        }
+        println!(
+            "  ratio (median driver / median baseline)        {:.3}x",
+            self.ratio
+        );
+    }
+}
+
+/// `photon-cluster bench`: boots the cluster cold, measures it, saves a
+/// snapshot, restores it, and compares.
+pub fn suite(
+    cluster: &Cluster,
+    state: &StateDir,
+    opts: &StartOptions,
+    execs: usize,
+    out: &Path,
+) -> Result<()> {
+    if state.load_running()?.is_some() {
+        bail!("bench boots its own cluster; stop the running one first");
+    }
+    let mut pairs = Vec::new();
+    eprintln!("bench: cold boot");
+    let t = Instant::now();
+    let cold = cluster::start(cluster, state, opts)?;
+    let cold_s = t.elapsed().as_secs_f64();
+    let result = (|| -> Result<()> {
+        // The guests' own moment: each node's last expected unit to become
+        // active, on its own monotonic clock (from its kernel's start).
+        let mut own = Vec::new();
+        let mut noticed = Vec::new();
+        for (name, n) in &cold.nodes {
+            let g = guest::connect(&cold, name)?;
+            let active = all_active_s(&g, &n.units)?;
+            own.push(active);
+            if let Some(ready) = n.ready_after_s {
+                noticed.push((ready - active).max(0.0));
+            }
+        }
+        let own_max = own.iter().cloned().fold(0.0, f64::max);
+        pairs.push(Pair::new(
+            "boot-to-ready: the driver against the guests' own all-units-active moment",
+            "driver start, launch to every node ready",
+            "guests' last expected unit active (own clock)",
+            vec![cold_s],
+            vec![own_max],
+        ));
+        pairs.push(Pair::new(
+            "readiness noticed: the driver's ready minus the node's own all-active, per node",
+            "delay until the driver knew (s)",
+            "zero delay (reference 1 ms)",
+            noticed,
+            vec![0.001],
+        ));
+        pairs.push(exec_pair(&cold, execs)?);
+        eprintln!("bench: snapshot save");
+        let key = snapshot::key(cluster, &cold.image)?;
+        let machines = running_machines(&cold)?;
+        snapshot::save(state, &cold, key, machines, "bench", snapshot::After::Stop)?;
+        std::fs::remove_file(state.cluster_file())?;
+        eprintln!("bench: warm restore");
+        let warm_opts = StartOptions {
+            from_snapshot: Some("bench".into()),
+            ..opts.clone()
+        };
+        let t = Instant::now();
+        let warm = cluster::start(cluster, state, &warm_opts);
+        let warm_s = t.elapsed().as_secs_f64();
+        warm?;
+        cluster::stop(state, Duration::from_secs(20))?;
+        snapshot::remove(state, "bench")?;
+        pairs.push(Pair::new(
+            "warm restore-to-ready against cold boot-to-ready",
+            "start --from-snapshot, to every node ready",
+            "cold start, to every node ready",
+            vec![warm_s],
+            vec![cold_s],
+        ));
+        Ok(())
+    })();
+    if state.load_running()?.is_some() {
+        cluster::stop(state, Duration::from_secs(20))?;
+    }
+    result?;
+    let rss = peak_rss_mib();
+    for p in &pairs {
+        p.print();
+    }
+    println!("driver peak RSS (this process: six-node start, save, restore, execs) {rss:.1} MiB");
+    let doc = json!({
+        "cluster": cluster.name,
+        "nodes": cold.nodes.len(),
+        "accel": cold.accel,
+        "host": host_description(),
+        "pairs": pairs,
+        "driver_peak_rss_mib": rss,
+    });
+    crate::files::write_atomic(out, &serde_json::to_vec_pretty(&doc)?)?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+/// `true` over the driver's kept session against a fresh OpenSSH process
+/// per command (with the cluster key), interleaved so noise hits both.
+fn exec_pair(record: &RunningCluster, n: usize) -> Result<Pair> {
+    let node = record.nodes.keys().next().context("no nodes")?.clone();
+    let g = guest::connect(record, &node)?;
+    let (mut driver, mut openssh) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let t = Instant::now();
+        g.succeed("true", Duration::from_secs(30))?;
+        driver.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let out = guest::openssh(record, &node).arg("true").output()?;
+        if !out.status.success() {
+            bail!("ssh true: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        openssh.push(t.elapsed().as_secs_f64());
+    }
+    Ok(Pair::new(
+        &format!("exec of `true` on {node}"),
+        "driver channel (kept ssh2 session)",
+        "fresh OpenSSH process per command",
+        driver,
+        openssh,
+    ))
+}
+
+/// Seconds from the guest kernel's start until the last of `units` became
+/// active, by systemd's own monotonic timestamps.
+fn all_active_s(g: &guest::Guest, units: &[String]) -> Result<f64> {
+    if units.is_empty() {
+        return Ok(0.0);
+    }
+    let out = g.succeed(
+        &format!(
+            "systemctl show -p ActiveEnterTimestampMonotonic --value {}",
+            units.join(" ")
+        ),
+        Duration::from_secs(30),
+    )?;
+    let max_us = out
+        .lines()
+        .filter_map(|l| l.trim().parse::<u64>().ok())
+        .max()
+        .unwrap_or(0);
+    Ok(max_us as f64 / 1e6)
+}
+
+/// Each node's QEMU command line as it runs, hashed for a snapshot.
+pub fn running_machines(
+    record: &RunningCluster,
+) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut machines = std::collections::BTreeMap::new();
+    for (node, n) in &record.nodes {
+        let raw = std::fs::read(format!("/proc/{}/cmdline", n.pid))
+            .with_context(|| format!("{node}: QEMU (pid {}) is not running", n.pid))?;
+        let args: Vec<String> = String::from_utf8_lossy(&raw)
+            .split('\0')
+            .skip(1)
+            .filter(|a| !a.is_empty())
+            .map(str::to_string)
+            .collect();
+        machines.insert(node.clone(), snapshot::machine_hash(&args));
+    }
+    Ok(machines)
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        })
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn host_description() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    format!("{cpus} CPUs, {model}")
+}
 
 /// Driver boot-to-ready against the raw parallel boot of the same guests to
 /// their console login prompt. The guests, images and accelerator are the
@@ -47,4 +309,17 @@ pub fn boot(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result<
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_and_ratios() {
+        let s = Stats::of(vec![3.0, 1.0, 2.0, 10.0]);
+        assert_eq!((s.n, s.min, s.median, s.max), (4, 1.0, 2.5, 10.0));
+        let p = Pair::new("x", "d", "b", vec![0.1, 0.1, 0.1], vec![1.0, 2.0, 3.0]);
+        assert!((p.ratio - 0.05).abs() < 1e-9, "{}", p.ratio);
+    }
 }

@@ -182,6 +182,21 @@ pub enum Cmd {
     /// prompt (no driver checks), then the driver's boot-to-ready of the same
     /// guests, in one run; prints both and their ratio.
     BenchBoot(StartArgs),
+    /// Benchmark the driver against baselines measured side by side in one
+    /// run: exec of `true` over the kept session vs a fresh OpenSSH per
+    /// command, boot-to-ready vs the guests' own all-units-active moment,
+    /// readiness delay, warm restore vs cold boot, peak RSS. Boots its own
+    /// cluster (stop a running one first); writes bench.json.
+    Bench {
+        #[command(flatten)]
+        start: StartArgs,
+        /// Commands per side in the exec comparison.
+        #[arg(long, default_value_t = 30)]
+        execs: usize,
+        /// Where to write the figures.
+        #[arg(long, default_value = "bench.json")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -463,6 +478,10 @@ pub fn run(cli: Cli) -> Result<i32> {
             eprint!("{}", out.stderr);
             return Ok(out.code);
         }
+        Cmd::Bench { start, execs, out } => {
+            let _lock = state.lock("bench")?;
+            crate::bench::suite(&cluster, &state, &start.options(), execs, &out)?;
+        }
         Cmd::BenchBoot(args) => {
             let _lock = state.lock("bench-boot")?;
             crate::bench::boot(&cluster, &state, &args.options())?;
@@ -495,18 +514,7 @@ fn snapshot_command(cluster: &Cluster, state: &StateDir, cmd: SnapshotCmd) -> Re
             let record = require_running(state)?;
             let key = snapshot::key(cluster, &record.image)?;
             // The command line each QEMU really runs, for the restore to match.
-            let mut machines = std::collections::BTreeMap::new();
-            for (node, n) in &record.nodes {
-                let raw = std::fs::read(format!("/proc/{}/cmdline", n.pid))
-                    .with_context(|| format!("{node}: QEMU (pid {}) is not running", n.pid))?;
-                let args: Vec<String> = String::from_utf8_lossy(&raw)
-                    .split('\0')
-                    .skip(1)
-                    .filter(|a| !a.is_empty())
-                    .map(str::to_string)
-                    .collect();
-                machines.insert(node.clone(), snapshot::machine_hash(&args));
-            }
+            let machines = crate::bench::running_machines(&record)?;
             let after = if stop { After::Stop } else { After::Resume };
             let t = std::time::Instant::now();
             let m = snapshot::save(state, &record, key, machines, &name, after)?;
@@ -622,23 +630,7 @@ fn interactive_ssh(record: &RunningCluster, node: &str) -> Result<i32> {
     if !machine::is_running(n.pid) {
         anyhow::bail!("{node}: QEMU (pid {}) is not running", n.pid);
     }
-    let err = std::process::Command::new("ssh")
-        .arg("-i")
-        .arg(&record.ssh_key)
-        .args(["-p", &n.ssh_port.to_string()])
-        .arg("-o")
-        .arg(format!(
-            "UserKnownHostsFile={}",
-            record.known_hosts.display()
-        ))
-        .args([
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-        ])
-        .arg("root@127.0.0.1")
-        .exec();
+    let err = crate::guest::openssh(record, node).exec();
     Err(err).context("running ssh (install openssh-client)")
 }
 

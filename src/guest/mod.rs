@@ -20,7 +20,7 @@ use std::time::Duration;
 mod pool;
 mod ready;
 
-pub use pool::{GuestPool, connect, endpoint};
+pub use pool::{GuestPool, connect, endpoint, openssh};
 pub use ready::{Stop, unit_states, wait_for_ssh, wait_for_units};
 
 type Source = Box<dyn StdError + Send + Sync>;

@@ -61,6 +61,30 @@ pub fn connect(record: &RunningCluster, node: &str) -> Result<Guest> {
     Guest::connect(&endpoint(record, node)?, Duration::from_secs(20))
 }
 
+/// OpenSSH to `node` with the cluster's key and known hosts (strict):
+/// `photon-cluster ssh` and the baseline of `bench` use it.
+pub fn openssh(record: &RunningCluster, node: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new("ssh");
+    cmd.arg("-i")
+        .arg(&record.ssh_key)
+        .args(["-p", &record.nodes[node].ssh_port.to_string()])
+        .arg("-o")
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            record.known_hosts.display()
+        ))
+        .args([
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+        ])
+        .arg("root@127.0.0.1");
+    cmd
+}
+
 /// The endpoint of a node of a running cluster, host key from known_hosts.
 pub fn endpoint(record: &RunningCluster, node: &str) -> Result<Endpoint> {
     let n = &record.nodes[node];
