@@ -177,7 +177,7 @@ pub fn suite(
     Ok(())
 }
 
-/// `true` over the driver's kept session against a fresh OpenSSH process
+/// `/bin/true` (a real program, not a shell builtin) over the driver's kept session against a fresh OpenSSH process
 /// per command (with the cluster key), interleaved so noise hits both.
 fn exec_pair(record: &RunningCluster, n: usize) -> Result<Pair> {
     let node = record.nodes.keys().next().context("no nodes")?.clone();
@@ -185,17 +185,20 @@ fn exec_pair(record: &RunningCluster, n: usize) -> Result<Pair> {
     let (mut driver, mut openssh) = (Vec::new(), Vec::new());
     for _ in 0..n {
         let t = Instant::now();
-        g.succeed("true", Duration::from_secs(30))?;
+        g.succeed("/bin/true", Duration::from_secs(30))?;
         driver.push(t.elapsed().as_secs_f64());
         let t = Instant::now();
-        let out = guest::openssh(record, &node).arg("true").output()?;
+        let out = guest::openssh(record, &node).arg("/bin/true").output()?;
         if !out.status.success() {
-            bail!("ssh true: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "ssh /bin/true: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         openssh.push(t.elapsed().as_secs_f64());
     }
     Ok(Pair::new(
-        &format!("exec of `true` on {node}"),
+        &format!("exec of `/bin/true` on {node}"),
         "driver channel (kept ssh2 session)",
         "fresh OpenSSH process per command",
         driver,

@@ -11,7 +11,6 @@ use anyhow::{Result, anyhow};
 use base64::Engine;
 use ssh2::Session;
 use std::error::Error as StdError;
-use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -19,6 +18,7 @@ use std::time::Duration;
 
 mod pool;
 mod ready;
+mod shell;
 
 pub use pool::{GuestPool, connect, endpoint, openssh};
 pub use ready::{Stop, unit_states, wait_for_ssh, wait_for_units};
@@ -98,10 +98,17 @@ impl Endpoint {
 }
 
 /// A connected guest. The session is shared behind a mutex: one command at a
-/// time per node, each on its own channel.
+/// time per node, written to the node's long-lived shell (`shell`).
 pub struct Guest {
     pub endpoint: Endpoint,
-    session: Mutex<Session>,
+    session: Mutex<Connection>,
+}
+
+/// The session and the shell that runs on it; both are used under one lock
+/// (libssh2 sessions are not safe to share between threads).
+struct Connection {
+    session: Session,
+    shell: Option<shell::Shell>,
 }
 
 #[derive(Debug, Clone)]
@@ -142,33 +149,40 @@ impl Guest {
             .map_err(|e| failed("SSH key authentication as root".into())(e.into()))?;
         Ok(Guest {
             endpoint: endpoint.clone(),
-            session: Mutex::new(session),
+            session: Mutex::new(Connection {
+                session,
+                shell: None,
+            }),
         })
     }
 
     /// Runs `command` through the guest's shell; fails if it does not
-    /// finish within `deadline`.
+    /// finish within `deadline`. A command that outlives its deadline ends
+    /// the node's shell (the next command starts a new one), and its error
+    /// breaks the session.
     pub fn exec(&self, command: &str, deadline: Duration) -> Result<ExecOutput> {
-        let session = self
+        let mut conn = self
             .session
             .lock()
             .map_err(|_| anyhow!("session poisoned"))?;
-        session.set_timeout(deadline.as_millis().max(1) as u32);
-        let run = || -> Result<ExecOutput, Source> {
-            let mut ch = session.channel_session()?;
-            ch.exec(command)?;
-            let mut stdout = String::new();
-            ch.read_to_string(&mut stdout)?;
-            let mut stderr = String::new();
-            ch.stderr().read_to_string(&mut stderr)?;
-            ch.wait_close()?;
+        let conn = &mut *conn;
+        conn.session.set_timeout(deadline.as_millis().max(1) as u32);
+        let mut run = || -> Result<ExecOutput, Source> {
+            if conn.shell.is_none() {
+                conn.shell = Some(shell::Shell::open(&conn.session)?);
+            }
+            let out = conn.shell.as_mut().expect("opened").run(command)?;
             Ok(ExecOutput {
-                code: ch.exit_status()?,
-                stdout,
-                stderr,
+                code: out.code,
+                stdout: out.stdout,
+                stderr: out.stderr,
             })
         };
-        Ok(run().map_err(|source| GuestError::Transport {
+        let result = run();
+        if result.is_err() {
+            conn.shell = None;
+        }
+        Ok(result.map_err(|source| GuestError::Transport {
             node: self.endpoint.node.clone(),
             command: command.to_string(),
             secs: deadline.as_secs_f64(),
@@ -186,12 +200,12 @@ impl Guest {
         port: u16,
         deadline: Duration,
     ) -> Result<Result<(), String>> {
-        let session = self
+        let conn = self
             .session
             .lock()
             .map_err(|_| anyhow!("session poisoned"))?;
-        session.set_timeout(deadline.as_millis().max(1) as u32);
-        match session.channel_direct_tcpip(host, port, None) {
+        conn.session.set_timeout(deadline.as_millis().max(1) as u32);
+        match conn.session.channel_direct_tcpip(host, port, None) {
             Ok(mut ch) => {
                 let _ = ch.close();
                 Ok(Ok(()))
