@@ -74,18 +74,32 @@ pub fn unit_states(guest: &Guest, units: &[String]) -> Result<Vec<(String, Strin
 
 /// Waits until every unit is active. A unit that fails ends the wait at
 /// once, with the tail of its journal in the error.
+///
+/// The waiting happens inside the guest: one command watches the units in a
+/// local loop (every 100 ms, no SSH round trip) and returns as soon as all
+/// are active or one failed, or after 15 s so that the driver can check
+/// whether QEMU is still alive and the user still wants to wait.
 pub fn wait_for_units(
     guest: &Guest,
     units: &[String],
     deadline: Duration,
     stop: Stop,
 ) -> Result<()> {
+    if units.is_empty() {
+        return Ok(());
+    }
     let what = format!("{}: units active", guest.endpoint.node);
+    let watch = watch_script(units, 15);
     Wait::new(what, deadline)
-        .pause(crate::wait::Pause::Every(Duration::from_millis(500)))
+        .pause(crate::wait::Pause::Every(Duration::from_millis(10)))
         .stop_when(stop)
         .run(|| {
-            let states = unit_states(guest, units)?;
+            let out = guest.exec(&watch, Duration::from_secs(40))?;
+            let states: Vec<(String, String)> = units
+                .iter()
+                .zip(out.stdout.split_whitespace())
+                .map(|(u, s)| (u.clone(), s.to_string()))
+                .collect();
             if let Some((unit, _)) = states.iter().find(|(_, s)| s == "failed") {
                 let journal = guest
                     .exec(
@@ -108,11 +122,66 @@ pub fn wait_for_units(
                 .filter(|(_, s)| s != "active")
                 .map(|(u, s)| format!("{u}={s}"))
                 .collect();
-            Ok(if waiting.is_empty() {
+            Ok(if waiting.is_empty() && states.len() == units.len() {
                 Probe::Done(())
             } else {
                 Probe::Pending(waiting.join(", "))
             })
         })
         .map_err(crate::wait::unwrap_stopped)
+}
+
+/// A bash loop, run in the guest, that prints the units' states (one word
+/// each) once all are active, one failed, or `secs` passed. It sleeps with
+/// `read -t` on a pipe that never has data: no process per pause.
+fn watch_script(units: &[String], secs: u32) -> String {
+    let list = units
+        .iter()
+        .map(|u| shell_quote(u))
+        .collect::<Vec<_>>()
+        .join(" ");
+    format!(
+        "exec 9<> <(:); end=$((SECONDS + {secs})); \
+         while :; do s=$(systemctl is-active {list}); all=1; bad=0; \
+         for w in $s; do [ \"$w\" = active ] || all=0; [ \"$w\" = failed ] && bad=1; done; \
+         if [ $all = 1 ] || [ $bad = 1 ] || [ $SECONDS -ge $end ]; then echo $s; break; fi; \
+         read -t 0.1 -u 9; done"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The loop, run by a real bash with a stand-in `systemctl`, stops as
+    /// soon as the units are active.
+    #[test]
+    fn the_watch_loop_returns_when_all_units_are_active() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bin = tmp.path().join("systemctl");
+        let count = tmp.path().join("n");
+        // Active from the third look on.
+        std::fs::write(
+            &bin,
+            format!(
+                "#!/bin/sh\nn=$(cat {c} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {c}\n\
+                 if [ $n -ge 3 ]; then echo active; echo active; else echo active; echo activating; fi\n",
+                c = count.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let script = watch_script(&["a.service".into(), "b.service".into()], 10);
+        let t = std::time::Instant::now();
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(&script)
+            .env("PATH", format!("{}:/usr/bin:/bin", tmp.path().display()))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "active active");
+        assert_eq!(std::fs::read_to_string(&count).unwrap().trim(), "3");
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
 }
