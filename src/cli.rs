@@ -330,8 +330,12 @@ impl LaneRun {
 }
 
 impl StartArgs {
-    pub fn options(&self) -> StartOptions {
+    /// Start options for `command`; with `keep_owner` the command keeps
+    /// owning the guests after they are ready (it stops them itself).
+    pub fn options(&self, command: &str, keep_owner: bool) -> StartOptions {
         StartOptions {
+            command: command.into(),
+            keep_owner,
             accel: self.accel,
             ready_timeout: Duration::from_secs(self.ready_timeout),
             readiness: cluster::Readiness::Full,
@@ -366,6 +370,11 @@ pub fn run(cli: Cli) -> Result<i32> {
         return hermetic_run(cluster, &cli.target, args);
     }
     let state = cli.target.state(&cluster)?;
+    // Guests of a killed `start` or `fresh-*` must not outlive it for long:
+    // any command on the state directory reaps them, and says so.
+    if let Some(note) = cluster::reap_abandoned(&state)? {
+        eprintln!("{note}");
+    }
     match cli.command {
         Cmd::Run(_) => unreachable!("handled above"),
         Cmd::Check => {
@@ -432,7 +441,12 @@ pub fn run(cli: Cli) -> Result<i32> {
         Cmd::FreshSmoke { lane, start } => {
             let opts = lane.options(&cluster, "fresh-smoke")?;
             let _lock = state.lock("fresh-smoke")?;
-            return Ok(smoke::fresh_smoke(&cluster, &state, &opts, &start.options())? as i32);
+            return Ok(smoke::fresh_smoke(
+                &cluster,
+                &state,
+                &opts,
+                &start.options("fresh-smoke", true),
+            )? as i32);
         }
         Cmd::Matrix(run) => return lane_on_running(&cluster, &state, "matrix", &run),
         Cmd::BenchStorage(run) => return lane_on_running(&cluster, &state, "bench-storage", &run),
@@ -460,11 +474,33 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Start(args) => {
             let _lock = state.lock("start")?;
-            cluster::start(&cluster, &state, &args.options())?;
+            cluster::start(&cluster, &state, &args.options("start", false))?;
             status::print(&status::collect(&require_running(&state)?), false)?;
         }
         Cmd::Status { json } => {
             let record = require_running(&state)?;
+            if let Some(owner) = record.owner.as_ref().filter(|o| o.starting && o.alive()) {
+                // Answer at once: the guests are still booting, and their
+                // sessions belong to `start`.
+                let doc = serde_json::json!({
+                    "state": "starting",
+                    "owner": owner,
+                    "launched": record.nodes.keys().collect::<Vec<_>>(),
+                });
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&doc)?);
+                } else {
+                    println!(
+                        "cluster {} is starting (`{}`, pid {}): {} node(s) launched: {}",
+                        record.name,
+                        owner.command,
+                        owner.pid,
+                        record.nodes.len(),
+                        record.nodes.keys().cloned().collect::<Vec<_>>().join(", ")
+                    );
+                }
+                return Ok(0);
+            }
             status::print(&status::collect(&record), json)?;
         }
         Cmd::Ssh { node, command } => {
@@ -480,11 +516,11 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Bench { start, execs, out } => {
             let _lock = state.lock("bench")?;
-            crate::bench::suite(&cluster, &state, &start.options(), execs, &out)?;
+            crate::bench::suite(&cluster, &state, &start.options("bench", true), execs, &out)?;
         }
         Cmd::BenchBoot(args) => {
             let _lock = state.lock("bench-boot")?;
-            crate::bench::boot(&cluster, &state, &args.options())?;
+            crate::bench::boot(&cluster, &state, &args.options("bench-boot", true))?;
         }
         Cmd::Stop { grace } => {
             let _lock = state.lock("stop")?;
@@ -580,7 +616,7 @@ fn hermetic_run(mut cluster: Cluster, target: &Target, args: &RunArgs) -> Result
         &cluster,
         &state,
         &opts,
-        &args.start.options(),
+        &args.start.options("run", true),
         &args.out,
         checked,
         args.keep_failed,
@@ -607,7 +643,7 @@ fn fresh_lane(
 ) -> Result<i32> {
     let opts = run.options(Lane::embedded(lane, cluster)?, command);
     let _lock = state.lock(&format!("fresh-{lane}"))?;
-    Ok(smoke::fresh_smoke(cluster, state, &opts, &start.options())? as i32)
+    Ok(smoke::fresh_smoke(cluster, state, &opts, &start.options(command, true))? as i32)
 }
 
 fn require_running(state: &StateDir) -> Result<RunningCluster> {

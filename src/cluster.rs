@@ -7,7 +7,7 @@ use crate::guest::{self, Endpoint, Guest};
 use crate::machine::{self, MachineConfig, accel::AccelRequest};
 use crate::progress::Progress;
 use crate::spec::Cluster;
-use crate::state::{RunningCluster, RunningNode, StateDir};
+use crate::state::{self, RunningCluster, RunningNode, StateDir};
 use crate::wait::{Probe, Wait};
 use crate::{fabric, image, provision, snapshot};
 use anyhow::{Context, Result, anyhow, bail};
@@ -26,6 +26,11 @@ pub struct StartOptions {
     pub readiness: Readiness,
     /// Restore this snapshot (snapshot.rs) instead of booting.
     pub from_snapshot: Option<String>,
+    /// The command starting the cluster; with `keep_owner`, the guests stay
+    /// this process's after start (a `fresh-*` run stops them itself, and if
+    /// it is killed, the next command reaps them).
+    pub command: String,
+    pub keep_owner: bool,
 }
 
 /// When a node counts as up.
@@ -191,6 +196,7 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
         image,
         nodes: BTreeMap::new(),
         restored_from: restore.as_ref().map(|m| m.name.clone()),
+        owner: Some(state::Owner::me(&opts.command, true)),
     };
 
     // Launch in dependency order. Guests boot concurrently (under TCG a
@@ -268,6 +274,9 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
                     n.ready_after_s = Some(secs);
                 }
             }
+            record.owner = opts
+                .keep_owner
+                .then(|| state::Owner::me(&opts.command, false));
             state.save_running(&record)?;
             crate::release_owned();
             eprintln!(
@@ -487,6 +496,45 @@ fn wait_for_deps(
             .expect("phases")
             .0;
     }
+}
+
+/// Reaps the guests of a command that was killed while it owned them (a
+/// SIGKILLed `start` or `fresh-*`): kills its QEMUs and removes the record.
+/// Returns what it did, for the user; nothing when no owner was lost.
+pub fn reap_abandoned(state: &StateDir) -> Result<Option<String>> {
+    let Some(record) = state.load_running()? else {
+        return Ok(None);
+    };
+    let Some(owner) = &record.owner else {
+        return Ok(None);
+    };
+    if owner.alive() {
+        return Ok(None);
+    }
+    let running: Vec<String> = record
+        .nodes
+        .iter()
+        .filter(|(_, n)| machine::is_running(n.pid))
+        .map(|(name, n)| format!("{name} (pid {})", n.pid))
+        .collect();
+    teardown(&record);
+    fs::remove_file(state.cluster_file())?;
+    Ok(Some(format!(
+        "`{}` (pid {}) ended without {} its cluster; reaped {} QEMU process(es): {}",
+        owner.command,
+        owner.pid,
+        if owner.starting {
+            "finishing"
+        } else {
+            "stopping"
+        },
+        running.len(),
+        if running.is_empty() {
+            "none left".to_string()
+        } else {
+            running.join(", ")
+        }
+    )))
 }
 
 /// Kills every node of a record at once (failure or Ctrl-C during start).

@@ -157,6 +157,36 @@ pub struct RunningCluster {
     /// The snapshot the cluster was restored from, if it did not boot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored_from: Option<String>,
+    /// The command that owns the guests while it runs: `start` until every
+    /// node is ready, a `fresh-*` run until it stops them. If that process
+    /// is gone (SIGKILL), its guests are abandoned and the next command
+    /// reaps them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Owner {
+    pub pid: i32,
+    pub command: String,
+    /// Whether the owner is still bringing the cluster up.
+    pub starting: bool,
+}
+
+impl Owner {
+    /// This process, as the owner of what it is starting.
+    pub fn me(command: &str, starting: bool) -> Owner {
+        Owner {
+            pid: std::process::id() as i32,
+            command: command.into(),
+            starting,
+        }
+    }
+
+    /// Whether the owning process still runs (and is not this one's ghost).
+    pub fn alive(&self) -> bool {
+        self.pid > 0 && std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -60,6 +60,47 @@ fn interrupt_during_start_leaves_nothing(state: &Path) {
     assert!(!state.join("cluster.json").exists());
 }
 
+/// A SIGKILLed `start` cannot tear down; the next command on the state
+/// directory (any command: here `status`) reaps its QEMUs and says so.
+fn sigkill_during_start_is_reaped_by_the_next_command(state: &Path) {
+    let mut child = common::bin()
+        .arg("--state-dir")
+        .arg(state)
+        .arg("start")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let needle = state.to_str().unwrap();
+    let t = Instant::now();
+    while common::qemu_pids_mentioning(needle).len() < 6 {
+        assert!(t.elapsed() < Duration::from_secs(120), "QEMU never started");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // While `start` runs, `status` answers at once that it is starting.
+    let t = Instant::now();
+    let out = common::run(state, &["status"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stdout(&out).contains("is starting"), "{}", stdout(&out));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "status took {:?}",
+        t.elapsed()
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        common::qemu_pids_mentioning(needle).len(),
+        6,
+        "SIGKILL leaves them"
+    );
+    let out = common::run(state, &["status"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("reaped 6 QEMU"), "{err}");
+    assert_eq!(out.status.code(), Some(2), "no cluster is left running");
+    assert_eq!(common::qemu_pids_mentioning(needle), Vec::<i32>::new());
+}
+
 fn artifacts_dir() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("target/e2e-work")
 }
@@ -492,6 +533,7 @@ fn reference_cluster_end_to_end() {
     let _stop = StopOnPanic(state.clone());
 
     interrupt_during_start_leaves_nothing(&state);
+    sigkill_during_start_is_reaped_by_the_next_command(&state);
 
     let t = Instant::now();
     let out = common::run(&state, &["start"]);
