@@ -368,25 +368,34 @@ fn wait_ready(
                         }
                         if !machine::is_running(pid) {
                             return Some(anyhow!(
-                                "{name}: QEMU exited during boot; qemu.log: {}; last console lines:\n{}",
-                                fs::read_to_string(node.dir.join("qemu.log")).unwrap_or_default().trim(),
-                                machine::console_tail(&console_for_abort, 12)
+                                "{name}: QEMU exited during boot; qemu.log: {}; {}",
+                                fs::read_to_string(node.dir.join("qemu.log"))
+                                    .unwrap_or_default()
+                                    .trim(),
+                                machine::console_diagnosis(&console_for_abort)
                             ));
                         }
                         None
                     };
                     let outcome = (|| -> Result<(String, f64)> {
                         progress.set(name, "booting");
-                        let guest: Guest = guest::wait_for_ssh(&endpoint, opts.ready_timeout, &console, &abort)?;
+                        let guest: Guest =
+                            guest::wait_for_ssh(&endpoint, opts.ready_timeout, &console, &abort)?;
                         if record.restored_from.is_some() {
                             // Restored guests wake with the clock of the save.
-                            guest.succeed(&snapshot::set_clock_command(), Duration::from_secs(20))?;
+                            guest
+                                .succeed(&snapshot::set_clock_command(), Duration::from_secs(20))?;
                         }
                         progress.set(name, "sshd up; waiting for dependencies");
                         wait_for_deps(&phases, name, &deps, &abort)?;
                         progress.set(name, &format!("waiting for {} units", node.units.len()));
                         let left = opts.ready_timeout.saturating_sub(started.elapsed());
-                        guest::wait_for_units(&guest, &node.units, left.max(Duration::from_secs(30)), &abort)?;
+                        guest::wait_for_units(
+                            &guest,
+                            &node.units,
+                            left.max(Duration::from_secs(30)),
+                            &abort,
+                        )?;
                         let secs = started.elapsed().as_secs_f64();
                         progress.done(name, &format!("ready in {secs:.1} s"));
                         Ok((name.clone(), secs))
@@ -394,7 +403,11 @@ fn wait_ready(
                     let (lock, cvar) = &*phases;
                     lock.lock().expect("phases").insert(
                         name.clone(),
-                        if outcome.is_ok() { Phase::Ready } else { Phase::Failed },
+                        if outcome.is_ok() {
+                            Phase::Ready
+                        } else {
+                            Phase::Failed
+                        },
                     );
                     cvar.notify_all();
                     if let Err(e) = &outcome {

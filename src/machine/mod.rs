@@ -109,9 +109,62 @@ pub fn console_tail(log: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// Why a guest's console says it died: the kernel panic line and the
+/// first lines of the call trace after it, found by scanning the whole
+/// console (its last lines are usually a register dump). Falls back to the
+/// last lines when the console shows no panic.
+pub fn console_diagnosis(log: &Path) -> String {
+    let bytes = fs::read(log).unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<&str> = text.lines().map(|l| l.trim_end_matches('\r')).collect();
+    let Some(at) = lines
+        .iter()
+        .position(|l| l.contains("Kernel panic - not syncing"))
+    else {
+        return format!("last console lines:\n{}", console_tail(log, 12));
+    };
+    let mut out = vec![lines[at].trim().to_string()];
+    // The trace is printed before the panic line on most kernels, after it
+    // on some: take the first `Call Trace:` block on either side.
+    let trace = lines[at..]
+        .iter()
+        .position(|l| l.contains("Call Trace:"))
+        .map(|i| at + i)
+        .or_else(|| lines[..at].iter().rposition(|l| l.contains("Call Trace:")));
+    if let Some(t) = trace {
+        out.extend(lines[t..].iter().take(7).map(|l| l.trim().to_string()));
+    }
+    format!("kernel panic on the console:\n{}", out.join("\n"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_panic_line_and_trace_are_found_not_the_register_dump() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("vm.log");
+        let mut console = String::from("[    0.1] booting\r\n");
+        console.push_str("[    1.2] Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)\r\n");
+        console.push_str("[    1.2] CPU: 0 PID: 1 Comm: swapper/0\n[    1.2] Call Trace:\n[    1.2]  <TASK>\n[    1.2]  dump_stack_lvl+0x44/0x5c\n[    1.2]  panic+0x118/0x2ed\n");
+        for i in 0..30 {
+            console.push_str(&format!("[    1.3] R{i:02}: 0000000000000000\n"));
+        }
+        fs::write(&p, console).unwrap();
+        let d = console_diagnosis(&p);
+        assert!(
+            d.contains("Kernel panic - not syncing: VFS: Unable to mount root fs"),
+            "{d}"
+        );
+        assert!(
+            d.contains("Call Trace:") && d.contains("dump_stack_lvl"),
+            "{d}"
+        );
+        assert!(!d.contains("R29"), "{d}");
+        fs::write(&p, "a\nb\n").unwrap();
+        assert_eq!(console_diagnosis(&p), "last console lines:\na\nb");
+    }
 
     #[test]
     fn console_tail_keeps_the_last_lines() {
