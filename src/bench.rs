@@ -97,7 +97,7 @@ pub fn suite(
         bail!("bench boots its own cluster; stop the running one first");
     }
     let mut pairs = Vec::new();
-    eprintln!("bench: cold boot");
+    tracing::info!("bench: cold boot");
     let t = Instant::now();
     let cold = cluster::start(cluster, state, opts)?;
     let cold_s = t.elapsed().as_secs_f64();
@@ -130,12 +130,12 @@ pub fn suite(
             vec![0.001],
         ));
         pairs.push(exec_pair(&cold, execs)?);
-        eprintln!("bench: snapshot save");
+        tracing::info!("bench: snapshot save");
         let key = snapshot::key(cluster, &cold.image)?;
         let machines = running_machines(&cold)?;
         snapshot::save(state, &cold, key, machines, "bench", snapshot::After::Stop)?;
         std::fs::remove_file(state.cluster_file())?;
-        eprintln!("bench: warm restore");
+        tracing::info!("bench: warm restore");
         let warm_opts = StartOptions {
             from_snapshot: Some("bench".into()),
             ..opts.clone()
@@ -279,14 +279,14 @@ pub fn boot(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result<
         readiness: Readiness::ConsoleLogin,
         ..opts.clone()
     };
-    eprintln!("bench boot: raw parallel boot to the console login prompt");
+    tracing::info!("bench boot: raw parallel boot to the console login prompt");
     let t = Instant::now();
     let raw = cluster::start(cluster, state, &raw_opts)?;
     let raw_s = t.elapsed().as_secs_f64();
     cluster::teardown(&raw);
     std::fs::remove_file(state.cluster_file())?;
 
-    eprintln!("bench boot: driver start (SSH + expected units on every node)");
+    tracing::info!("bench boot: driver start (SSH + expected units on every node)");
     let t = Instant::now();
     let ready = cluster::start(cluster, state, opts);
     let driver_s = t.elapsed().as_secs_f64();

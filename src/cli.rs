@@ -45,6 +45,11 @@ use std::time::Duration;
 pub struct Cli {
     #[command(flatten)]
     pub target: Target,
+    /// The driver's log on stderr: `human` lines, or `json` lines for log
+    /// shippers (with time, level, command, node, layer and check).
+    /// `RUST_LOG` filters it (default `info`; `RUST_LOG=debug` for more).
+    #[arg(long, global = true, value_enum, default_value = "human")]
+    pub log_format: crate::log::LogFormat,
     #[command(subcommand)]
     pub command: Cmd,
 }
@@ -365,6 +370,14 @@ impl Target {
 }
 
 pub fn run(cli: Cli) -> Result<i32> {
+    crate::log::init(cli.log_format);
+    let name = format!("{:?}", cli.command);
+    let name = name
+        .split([' ', '(', '{'])
+        .next()
+        .unwrap_or_default()
+        .to_lowercase();
+    let _command = tracing::info_span!("command", name).entered();
     let cluster = cli.target.load()?;
     if let Cmd::Run(args) = &cli.command {
         return hermetic_run(cluster, &cli.target, args);
@@ -373,7 +386,7 @@ pub fn run(cli: Cli) -> Result<i32> {
     // Guests of a killed `start` or `fresh-*` must not outlive it for long:
     // any command on the state directory reaps them, and says so.
     if let Some(note) = cluster::reap_abandoned(&state)? {
-        eprintln!("{note}");
+        tracing::warn!("{note}");
     }
     match cli.command {
         Cmd::Run(_) => unreachable!("handled above"),

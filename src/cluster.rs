@@ -116,11 +116,11 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
     };
     let accel_used = accel.used;
     match &accel.fallback_reason {
-        Some(r) => eprintln!("accel: using TCG (software emulation): {r}"),
-        None => eprintln!("accel: using {}", accel.used.name().to_uppercase()),
+        Some(r) => tracing::info!("accel: using TCG (software emulation): {r}"),
+        None => tracing::info!("accel: using {}", accel.used.name().to_uppercase()),
     }
     if let Some(m) = &restore {
-        eprintln!("snapshot: restoring {:?} saved {}", m.name, m.created);
+        tracing::info!("snapshot: restoring {:?} saved {}", m.name, m.created);
         m.restore_files(state)?;
     }
     let keys = provision::cluster_keys(&state.ssh())?;
@@ -249,7 +249,7 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
     if restore.is_some() {
         let resumed = snapshot::resume(&record, opts.ready_timeout);
         if let Err(e) = resumed {
-            eprintln!("restore failed; stopping every node it launched");
+            tracing::warn!("restore failed; stopping every node it launched");
             teardown(&record);
             let _ = fs::remove_file(state.cluster_file());
             return Err(e);
@@ -279,7 +279,7 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
                 .then(|| state::Owner::me(&opts.command, false));
             state.save_running(&record)?;
             crate::release_owned();
-            eprintln!(
+            tracing::info!(
                 "cluster {}: {} nodes ready in {:.1} s (accel {})",
                 record.name,
                 record.nodes.len(),
@@ -289,7 +289,7 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
             Ok(record)
         }
         Err(e) => {
-            eprintln!("start failed; stopping every node it launched");
+            tracing::warn!("start failed; stopping every node it launched");
             teardown(&record);
             let _ = fs::remove_file(state.cluster_file());
             Err(e)
@@ -359,6 +359,7 @@ fn wait_ready(
                 let deps: Vec<String> = spec.depends_on.clone();
                 let endpoint = endpoints[name].clone();
                 s.spawn(move || {
+                    let _node = tracing::info_span!("node", node = %name).entered();
                     let console = node.dir.join("vm.log");
                     let pid = node.pid;
                     let console_for_abort = console.clone();

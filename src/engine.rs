@@ -105,6 +105,7 @@ pub fn run(lane: &Lane, ctx: &Ctx, opts: RunOptions, lane_start: Instant) -> Vec
     let mut blocked: Option<String> = None;
     for layer in &lane.layers {
         let started = Instant::now();
+        let _layer = tracing::info_span!("layer", name = %layer.name).entered();
         let results: Vec<CheckResult> = if let Some(reason) = &blocked {
             layer
                 .checks
@@ -112,7 +113,7 @@ pub fn run(lane: &Lane, ctx: &Ctx, opts: RunOptions, lane_start: Instant) -> Vec
                 .map(|c| skipped(c, reason, lane_start))
                 .collect()
         } else {
-            eprintln!("== layer {}: {} checks", layer.name, layer.checks.len());
+            tracing::info!("== layer {}: {} checks", layer.name, layer.checks.len());
             run_layer(&layer.checks, ctx, opts, lane_start)
         };
         let result = LayerResult::new(
@@ -182,6 +183,7 @@ fn run_layer(
 /// One check: attempts until it passes, the kind says not to retry, or the
 /// deadline has passed. The last attempt's verdict and evidence stand.
 fn run_check(c: &PlannedCheck, ctx: &Ctx, opts: RunOptions, lane_start: Instant) -> CheckResult {
+    let _check = tracing::info_span!("check", id = %c.id, kind = c.kind).entered();
     let started = Instant::now();
     let deadline = started + c.deadline;
     let mut attempts = 0;
@@ -192,6 +194,7 @@ fn run_check(c: &PlannedCheck, ctx: &Ctx, opts: RunOptions, lane_start: Instant)
         let v = match c.check.attempt(ctx, c.target.as_deref(), budget) {
             Ok(v) => v,
             Err(e) => {
+                tracing::debug!("attempt {attempts}: {e:#}");
                 if let Some(t) = &c.target
                     && crate::guest::breaks_session(&e)
                 {

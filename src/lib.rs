@@ -19,6 +19,7 @@ pub mod hermetic;
 pub mod host;
 pub mod image;
 pub mod lane;
+pub mod log;
 pub mod machine;
 pub mod progress;
 pub mod provision;

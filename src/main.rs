@@ -7,7 +7,8 @@ fn main() {
     match cli::run(parsed) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Through the log, so that `--log-format json` keeps it a JSON line.
+            tracing::error!("{e:#}");
             std::process::exit(error::exit_code(&e) as i32);
         }
     }

@@ -143,7 +143,7 @@ fn boot_check_stop(
 
 /// Runs one step, records it, and turns an error into the run's error.
 fn step(rep: &mut RunReport, name: &str, f: impl FnOnce() -> Result<String>) -> bool {
-    eprintln!("== {name}");
+    tracing::info!("== {name}");
     let t = Instant::now();
     let result = f();
     let (outcome, message) = match &result {

@@ -74,7 +74,7 @@ impl Recipe {
     /// Builds the image unless this recipe's build is cached.
     pub fn build(&self, images: &Path) -> Result<ImageRecord> {
         if let Some(found) = self.find(images) {
-            eprintln!(
+            tracing::info!(
                 "image: debian {} recipe {} is cached in {}",
                 self.suite,
                 self.hash(),
@@ -107,7 +107,7 @@ impl Recipe {
         }
         let _ = fs::remove_dir_all(&final_dir);
         fs::rename(&work, &final_dir)?;
-        eprintln!(
+        tracing::info!(
             "image: built debian {} recipe {} in {:.0} s -> {}",
             self.suite,
             self.hash(),

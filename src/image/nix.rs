@@ -48,7 +48,7 @@ pub fn build(
         .iter()
         .map(|n| format!("{flake}#{attribute}.{n}"))
         .collect();
-    eprintln!("image: nix build --json {}", installables.join(" "));
+    tracing::info!("image: nix build --json {}", installables.join(" "));
     let out = Command::new("nix")
         .args(["--extra-experimental-features", "nix-command flakes"])
         .args(["build", "--json", "--no-link"])

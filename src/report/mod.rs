@@ -200,7 +200,7 @@ pub fn write(dir: &Path, report: &mut RunReport) -> Result<()> {
     }
     // Evidence files must not cost the report itself.
     if let Err(e) = write_check_artifacts(dir, report) {
-        eprintln!("warning: check artifacts: {e:#}");
+        tracing::warn!("check artifacts: {e:#}");
     }
     write_atomic(&dir.join("junit.xml"), junit::render(report)?.as_bytes())?;
     write_atomic(&dir.join("report.md"), markdown::render(report).as_bytes())?;
