@@ -362,10 +362,10 @@ impl Target {
     }
 
     pub fn state(&self, cluster: &Cluster) -> Result<StateDir> {
-        Ok(StateDir::new(state::state_dir(
+        StateDir::new(state::state_dir(
             self.state_dir.as_deref(),
             &cluster.state_suffix,
-        )?))
+        )?)
     }
 }
 
@@ -539,7 +539,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             let _lock = state.lock("stop")?;
             let notes = cluster::stop(&state, Duration::from_secs(grace))?;
             if notes.is_empty() {
-                println!("no cluster running in {}", state.root.display());
+                println!("no cluster running in {}", state.root);
             }
             for (node, note) in notes {
                 println!("{node}: {note}");
@@ -549,7 +549,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Cmd::Clean { all } => {
             let _lock = state.lock("clean")?;
             cluster::clean(&state, all)?;
-            println!("cleaned {}", state.root.display());
+            println!("cleaned {}", state.root);
         }
     }
     Ok(0)
@@ -616,7 +616,7 @@ fn hermetic_run(mut cluster: Cluster, target: &Target, args: &RunArgs) -> Result
         Some(d) => d.clone(),
         None => std::env::temp_dir().join("photon-state"),
     };
-    let state = StateDir::new(state::state_dir(Some(&base), &cluster.state_suffix)?);
+    let state = StateDir::new(state::state_dir(Some(&base), &cluster.state_suffix)?)?;
     let opts = LaneOptions {
         command: "run".into(),
         lane: args.select.load(&cluster)?,
@@ -663,7 +663,7 @@ fn require_running(state: &StateDir) -> Result<RunningCluster> {
     state.load_running()?.ok_or_else(|| {
         bad_input(format!(
             "no cluster is running in {}; run `photon-cluster start` first",
-            state.root.display()
+            state.root
         ))
     })
 }

@@ -56,7 +56,7 @@ fn refuse_if_running(state: &StateDir) -> Result<()> {
         if !alive.is_empty() {
             return Err(bad_input(format!(
                 "a cluster is already running in {} (nodes {}); run `photon-cluster stop` first",
-                state.root.display(),
+                state.root,
                 alive
                     .iter()
                     .map(|s| s.as_str())
@@ -110,8 +110,8 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
         None => machine::accel::choose(
             opts.accel,
             &image.kernel,
-            &state.accel_probe(),
-            &state.root.join("probe"),
+            state.accel_probe().as_std_path(),
+            state.root.join("probe").as_std_path(),
         )?,
     };
     let accel_used = accel.used;
@@ -123,8 +123,8 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
         tracing::info!("snapshot: restoring {:?} saved {}", m.name, m.created);
         m.restore_files(state)?;
     }
-    let keys = provision::cluster_keys(&state.ssh())?;
-    let mcast = fabric::mcast_for(&state.root);
+    let keys = provision::cluster_keys(state.ssh().as_std_path())?;
+    let mcast = fabric::mcast_for(state.root.as_std_path());
 
     // Prepare every node's disks before launching any, so bad input or a
     // full disk stops us before a single QEMU runs.
@@ -144,7 +144,7 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
                     .arg(&rootfs)
                     .arg(&overlay))
                 .with_context(|| format!("{name}: creating the copy-on-write overlay"))?;
-                provision::config_disk(cluster, index, node, &keys, &dir)?
+                provision::config_disk(cluster, index, node, &keys, dir.as_std_path())?
             }
         };
         let (host_mac, fabric_mac) = fabric::macs(index);
@@ -157,17 +157,17 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
             kernel,
             initrd,
             extra_append,
-            overlay,
-            config_disk: dir.join("config.img"),
-            serial_log: dir.join("vm.log"),
-            qmp_socket: dir.join("qmp.sock"),
-            pidfile: dir.join("qemu.pid"),
+            overlay: overlay.into(),
+            config_disk: dir.join("config.img").into(),
+            serial_log: dir.join("vm.log").into(),
+            qmp_socket: dir.join("qmp.sock").into(),
+            pidfile: dir.join("qemu.pid").into(),
             forwards: node_ports.all(),
             host_mac,
             fabric_mac,
             fabric_mcast: mcast.clone(),
             machine_id: hex::encode(
-                &Sha256::digest(format!("{}/{name}", state.root.display()).as_bytes())[..16],
+                &Sha256::digest(format!("{}/{name}", state.root).as_bytes())[..16],
             ),
             incoming: None,
         };
@@ -192,7 +192,7 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
         accel: accel.clone(),
         started_unix: chrono::Utc::now().timestamp(),
         ssh_key: keys.private_key.clone(),
-        known_hosts,
+        known_hosts: known_hosts.into(),
         image,
         nodes: BTreeMap::new(),
         restored_from: restore.as_ref().map(|m| m.name.clone()),
@@ -219,7 +219,7 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
             .find(|p| p.1.name == *name)
             .expect("every ordered node was prepared");
         let dir = state.node(name);
-        let child = match machine::launch(config, &dir.join("qemu.log")) {
+        let child = match machine::launch(config, dir.join("qemu.log").as_std_path()) {
             Ok(c) => c,
             Err(e) => {
                 teardown(&record);
@@ -236,7 +236,7 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
                 ssh_port: node_ports.ssh,
                 forwards: node_ports.forwards.clone(),
                 units: node.units.clone(),
-                dir: dir.clone(),
+                dir: dir.clone().into(),
                 booted_unix: chrono::Utc::now().timestamp(),
                 ready_after_s: None,
             },

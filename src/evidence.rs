@@ -92,7 +92,7 @@ fn collect_node(
     let console_src: PathBuf = record
         .and_then(|r| r.nodes.get(node))
         .map(|n| n.dir.join("vm.log"))
-        .unwrap_or_else(|| state.node(node).join("vm.log"));
+        .unwrap_or_else(|| state.node(node).join("vm.log").into());
     if let Ok(bytes) = std::fs::read(&console_src) {
         let _ = std::fs::write(dir.join("vm.log"), &bytes);
         let rel = format!("nodes/{node}/vm.log");

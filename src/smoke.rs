@@ -34,7 +34,7 @@ pub fn smoke(cluster: &Cluster, state: &StateDir, opts: &LaneOptions) -> Result<
         bad_input(format!(
             "no cluster is running in {}; run `photon-cluster start`, or `fresh-smoke` \
              to boot one just for this run",
-            state.root.display()
+            state.root
         ))
     })?;
     let dir = report::create_dir(&opts.artifacts, &opts.lane.name)?;

@@ -70,7 +70,7 @@ pub enum After {
 pub const DEFAULT: &str = "default";
 
 fn dir(state: &StateDir, name: &str) -> PathBuf {
-    state.snapshots().join(name)
+    state.snapshots().join(name).into()
 }
 
 /// The key of `cluster` booted from `image` by this driver and this QEMU.
@@ -139,7 +139,7 @@ pub fn remove(state: &StateDir, name: &str) -> Result<()> {
     if !d.exists() {
         return Err(crate::error::bad_input(format!(
             "no snapshot {name:?} in {}",
-            state.snapshots().display()
+            state.snapshots()
         )));
     }
     fs::remove_dir_all(&d).with_context(|| format!("removing {}", d.display()))
@@ -170,7 +170,7 @@ pub fn open(state: &StateDir, name: &str, key: &Key) -> Result<Manifest> {
         let saved: Vec<String> = list(state)?.into_iter().map(|m| m.name).collect();
         return Err(BadInput::wrap(SnapshotError::Missing {
             name: name.into(),
-            dir: state.snapshots().display().to_string(),
+            dir: state.snapshots().to_string(),
             saved: if saved.is_empty() {
                 "none".into()
             } else {
@@ -220,13 +220,13 @@ impl Manifest {
     /// Puts the saved keys and a node's disks in place for a restore.
     pub fn restore_files(&self, state: &StateDir) -> Result<()> {
         let src = self.dir(state);
-        copy_dir(&src.join("ssh"), &state.ssh())?;
+        copy_dir(&src.join("ssh"), state.ssh().as_std_path())?;
         for node in self.record.nodes.keys() {
             let to = state.node(node);
             let _ = fs::remove_dir_all(&to);
             fs::create_dir_all(&to)?;
             for f in ["overlay.qcow2", "config.img"] {
-                copy(&src.join(node).join(f), &to.join(f))?;
+                copy(&src.join(node).join(f), to.join(f).as_std_path())?;
             }
         }
         Ok(())
@@ -276,7 +276,7 @@ pub fn save(
             .map(|(node, q)| {
                 let out = work.join(node.as_str());
                 let n = &record.nodes[node.as_str()];
-                s.spawn(move || save_node(q, node, &n.dir, &out))
+                s.spawn(move || save_node(q, node, &n.dir, out.as_std_path()))
             })
             .collect();
         handles
@@ -295,7 +295,7 @@ pub fn save(
     let paused_s = paused.elapsed().as_secs_f64();
     let bytes = saved?.into_iter().sum();
     resumed.context("resuming the guests after the save")?;
-    copy_dir(&state.ssh(), &work.join("ssh"))?;
+    copy_dir(state.ssh().as_std_path(), work.join("ssh").as_std_path())?;
     let manifest = Manifest {
         name: name.into(),
         created: chrono::Utc::now().to_rfc3339(),
@@ -306,7 +306,7 @@ pub fn save(
         bytes,
     };
     write_atomic(
-        &work.join("manifest.json"),
+        work.join("manifest.json").as_std_path(),
         &serde_json::to_vec_pretty(&manifest)?,
     )?;
     let _ = fs::remove_dir_all(&target);
@@ -458,7 +458,7 @@ mod tests {
     #[test]
     fn a_snapshot_whose_key_differs_is_refused_with_what_changed() {
         let tmp = tempfile::tempdir().unwrap();
-        let state = StateDir::new(tmp.path().to_path_buf());
+        let state = StateDir::new(tmp.path().to_path_buf()).unwrap();
         let m = manifest("warm");
         fs::create_dir_all(dir(&state, "warm")).unwrap();
         fs::write(

@@ -18,6 +18,7 @@ use crate::fabric::PortForward;
 use crate::files::write_atomic;
 use crate::machine::accel::AccelChoice;
 use anyhow::{Context, Result};
+use camino::Utf8PathBuf;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -47,39 +48,47 @@ pub fn state_dir(base_override: Option<&Path>, suffix: &str) -> Result<PathBuf> 
     })
 }
 
-/// Paths inside one state directory.
+/// Paths inside one state directory. They are UTF-8 (camino): they go
+/// into QEMU command lines, JSON records and messages as text.
 #[derive(Debug, Clone)]
 pub struct StateDir {
-    pub root: PathBuf,
+    pub root: Utf8PathBuf,
 }
 
 impl StateDir {
-    pub fn new(root: PathBuf) -> Self {
-        StateDir { root }
+    /// Refuses a state directory whose path is not UTF-8 (exit 2).
+    pub fn new(root: PathBuf) -> Result<Self> {
+        let root = Utf8PathBuf::from_path_buf(root).map_err(|p| {
+            crate::error::bad_input(format!(
+                "state directory {}: the path must be UTF-8",
+                p.display()
+            ))
+        })?;
+        Ok(StateDir { root })
     }
-    pub fn cluster_file(&self) -> PathBuf {
+    pub fn cluster_file(&self) -> Utf8PathBuf {
         self.root.join("cluster.json")
     }
-    pub fn images(&self) -> PathBuf {
+    pub fn images(&self) -> Utf8PathBuf {
         self.root.join("images")
     }
-    pub fn ssh(&self) -> PathBuf {
+    pub fn ssh(&self) -> Utf8PathBuf {
         self.root.join("ssh")
     }
-    pub fn node(&self, name: &str) -> PathBuf {
+    pub fn node(&self, name: &str) -> Utf8PathBuf {
         self.root.join("nodes").join(name)
     }
-    pub fn snapshots(&self) -> PathBuf {
+    pub fn snapshots(&self) -> Utf8PathBuf {
         self.root.join("snapshots")
     }
-    pub fn accel_probe(&self) -> PathBuf {
+    pub fn accel_probe(&self) -> Utf8PathBuf {
         self.root.join("accel-probe.json")
     }
 
     /// Takes the exclusive lock, refusing at once if another command holds it.
     pub fn lock(&self, command: &str) -> Result<StateLock> {
         fs::create_dir_all(&self.root)
-            .with_context(|| format!("creating state directory {}", self.root.display()))?;
+            .with_context(|| format!("creating state directory {}", self.root))?;
         let path = self.root.join("lock");
         let file = OpenOptions::new()
             .create(true)
@@ -87,7 +96,7 @@ impl StateDir {
             .read(true)
             .write(true)
             .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
+            .with_context(|| format!("opening {}", path))?;
         match file.try_lock() {
             Ok(()) => {
                 let _ = fs::write(
@@ -99,7 +108,7 @@ impl StateDir {
             Err(fs::TryLockError::WouldBlock) => {
                 let owner = fs::read_to_string(self.root.join("lock.owner")).unwrap_or_default();
                 Err(BadInput::wrap(StateError::Busy {
-                    dir: self.root.clone(),
+                    dir: self.root.clone().into(),
                     owner: owner.trim().to_string(),
                 }))
             }
@@ -111,16 +120,18 @@ impl StateDir {
         let path = self.cluster_file();
         match fs::read(&path) {
             Ok(bytes) => Ok(Some(
-                serde_json::from_slice(&bytes)
-                    .with_context(|| format!("parsing {}", path.display()))?,
+                serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path))?,
             )),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path)),
         }
     }
 
     pub fn save_running(&self, c: &RunningCluster) -> Result<()> {
-        write_atomic(&self.cluster_file(), &serde_json::to_vec_pretty(c)?)
+        write_atomic(
+            self.cluster_file().as_std_path(),
+            &serde_json::to_vec_pretty(c)?,
+        )
     }
 }
 
@@ -267,7 +278,7 @@ mod tests {
     #[test]
     fn second_lock_is_refused_while_first_is_held() {
         let tmp = tempfile::tempdir().unwrap();
-        let s = StateDir::new(tmp.path().to_path_buf());
+        let s = StateDir::new(tmp.path().to_path_buf()).unwrap();
         let held = s.lock("start").unwrap();
         let err = s.lock("stop").err().expect("second lock must fail");
         assert!(err.to_string().contains("in use by another"), "{err}");

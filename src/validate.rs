@@ -116,10 +116,10 @@ pub fn run(cluster: &Cluster, state: &StateDir, lane: &Lane) -> Vec<Item> {
         Ok(Some(r)) => item(
             "state",
             Outcome::Degraded,
-            format!("cluster {} is running in {}", r.name, state.root.display()),
+            format!("cluster {} is running in {}", r.name, state.root),
             Some("`start` will refuse; `smoke` runs against it; `fresh-smoke` stops and cleans it first"),
         ),
-        Ok(None) => item("state", Outcome::Pass, format!("{} is free", state.root.display()), None),
+        Ok(None) => item("state", Outcome::Pass, format!("{} is free", state.root), None),
         Err(e) => item("state", Outcome::Fail, format!("{e:#}"), Some("remove the damaged state with `photon-cluster clean`")),
     });
     items
@@ -146,7 +146,7 @@ fn kvm(state: &StateDir) -> Item {
             Some("add the user to the kvm group"),
         );
     }
-    match crate::machine::accel::cached(&state.accel_probe()) {
+    match crate::machine::accel::cached(state.accel_probe().as_std_path()) {
         Some(p) if !p.kvm_usable => item(
             "kvm",
             Outcome::Degraded,
@@ -231,7 +231,7 @@ fn memory(cluster: &Cluster) -> Item {
 }
 
 fn disk(cluster: &Cluster, state: &StateDir, image_built: bool) -> Item {
-    let mut probe = state.root.as_path();
+    let mut probe = state.root.as_std_path();
     while !probe.exists() {
         probe = probe.parent().unwrap_or(Path::new("/"));
     }

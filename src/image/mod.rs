@@ -21,12 +21,12 @@ pub fn resolve(cluster: &Cluster, state: &StateDir) -> Result<ImageRecord> {
     match cluster.image.clone() {
         ImageSource::Debian { suite } => {
             let recipe = debian::Recipe::new(&suite);
-            recipe.find(&state.images()).ok_or_else(|| {
+            recipe.find(state.images().as_std_path()).ok_or_else(|| {
                 bad_input(format!(
                     "missing image: the {suite} image for recipe {} is not built in {}; \
                      run `photon-cluster build` first",
                     recipe.hash(),
-                    state.images().display()
+                    state.images()
                 ))
             })
         }
@@ -50,7 +50,9 @@ pub fn resolve(cluster: &Cluster, state: &StateDir) -> Result<ImageRecord> {
 /// Builds the cluster's images if its provider builds any; returns them.
 pub fn build(cluster: &Cluster, state: &StateDir) -> Result<ImageRecord> {
     match cluster.image.clone() {
-        ImageSource::Debian { suite } => debian::Recipe::new(&suite).build(&state.images()),
+        ImageSource::Debian { suite } => {
+            debian::Recipe::new(&suite).build(state.images().as_std_path())
+        }
         ImageSource::Prebuilt { .. } | ImageSource::PrebuiltDir { .. } => resolve(cluster, state),
         ImageSource::Nix { flake, attribute } => nix::build(cluster, state, &flake, &attribute),
     }

@@ -27,7 +27,10 @@ struct Built {
 }
 
 fn record_file(cluster: &Cluster, state: &StateDir) -> PathBuf {
-    state.images().join(format!("nix-{}.json", cluster.name))
+    state
+        .images()
+        .join(format!("nix-{}.json", cluster.name))
+        .into()
 }
 
 fn nodes(cluster: &Cluster) -> Vec<String> {
@@ -113,7 +116,7 @@ pub fn find(
         bad_input(format!(
             "missing image: no nix build of {flake}#{attribute} is recorded in {}; \
              run `photon-cluster build` first",
-            state.images().display()
+            state.images()
         ))
     };
     let bytes = std::fs::read(record_file(cluster, state)).map_err(|_| missing())?;
