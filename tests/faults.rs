@@ -29,6 +29,16 @@ fn one_node_cluster(dir: &Path, images: &Path) -> std::path::PathBuf {
     file
 }
 
+/// Stops whatever a test started, also when an assertion fails first.
+struct StopOnDrop<'a>(&'a Path, &'a Path);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        let cluster = self.1.to_str().unwrap();
+        common::run(self.0, &["--cluster", cluster, "stop", "--grace", "1"]);
+    }
+}
+
 /// A guest whose kernel panics: `start` fails (exit 3) and its error quotes
 /// the panic line and the call trace, found by scanning the console, not
 /// the register dump at its end. Nothing is left running.
@@ -42,6 +52,7 @@ fn a_guest_kernel_panic_is_reported_with_its_panic_line() {
     image_dir_with_cmdline(&images, "rdinit=/nonexistent root=/dev/vdz");
     let cluster = one_node_cluster(tmp.path(), &images);
     let state = tmp.path().join("state");
+    let _stop = StopOnDrop(&state, &cluster);
     let out = common::run(
         &state,
         &[
