@@ -27,8 +27,8 @@ rustPlatform.buildRustPackage {
   pname = cargo.package.name;
   version = cargo.package.version;
 
-  # Only what the build reads: the crate, and the profiles, lanes and role
-  # scripts it embeds with include_str!.
+  # Only what the build reads: the crate, and the profiles, lanes, role
+  # scripts and service configuration it embeds with include_str!.
   src = lib.fileset.toSource {
     root = ../.;
     fileset = lib.fileset.unions [
@@ -39,6 +39,7 @@ rustPlatform.buildRustPackage {
       ../profiles
       ../checks
       ../images
+      ../services
     ];
   };
 

@@ -12,13 +12,39 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Role scripts shipped to guests; `common.sh` runs before each.
+/// Role scripts shipped to guests; `render.sh` and `common.sh` run before each.
 const ROLE_SCRIPTS: &[(&str, &str)] = &[
+    ("render", include_str!("../images/debian/roles/render.sh")),
     ("common", include_str!("../images/debian/roles/common.sh")),
     ("control", include_str!("../images/debian/roles/control.sh")),
     ("worker", include_str!("../images/debian/roles/worker.sh")),
     ("gateway", include_str!("../images/debian/roles/gateway.sh")),
     ("storage", include_str!("../images/debian/roles/storage.sh")),
+];
+
+/// The service configuration templates (`services/`), shipped to guests
+/// under `/photon/services` and rendered there by `render.sh`. The NixOS
+/// images render the same files (`nix/roles/services.nix`).
+macro_rules! service_files {
+    ($($name:literal),* $(,)?) => {
+        &[$(($name, include_str!(concat!("../services/", $name)))),*]
+    };
+}
+const SERVICE_FILES: &[(&str, &str)] = service_files![
+    "bind/db.zone",
+    "bind/options.conf",
+    "bind/primary.conf",
+    "bind/secondary.conf",
+    "etcd/etcd.env",
+    "haproxy/haproxy.cfg",
+    "nginx/backend.conf",
+    "nginx/gateway.conf",
+    "prometheus/iam-web.yml",
+    "prometheus/node-exporter-iam.flags",
+    "prometheus/prometheus.flags",
+    "prometheus/prometheus.yml",
+    "redis/redis.conf",
+    "redis/replica.conf",
 ];
 
 fn role_script(name: &str) -> &'static str {
@@ -134,11 +160,17 @@ pub fn config_disk(
     }
     let role = node.role.name();
     let script = format!(
-        "set -eu\n. /photon/node.env\n{}\n{}\n",
+        "set -eu\n. /photon/node.env\n{}\n{}\n{}\n",
+        role_script("render"),
         role_script("common"),
         role_script(role)
     );
     fs::write(tree.join("role.sh"), script)?;
+    for (name, text) in SERVICE_FILES {
+        let path = tree.join("services").join(name);
+        fs::create_dir_all(path.parent().expect("services/<dir>/<file>"))?;
+        fs::write(path, text)?;
+    }
     let host_key = tree.join("ssh_host_ed25519_key");
     keygen(&host_key, &format!("root@{}", node.name))?;
     let image = dir.join("config.img");
@@ -179,6 +211,31 @@ mod tests {
         assert!(env.contains("NODE_ROLE='worker'\n"));
         assert!(env.contains("CONTROL_NODES='node01 node02 node03'\n"));
         assert!(env.contains("GATEWAY_NODES='node06'\n"));
+    }
+
+    #[test]
+    fn every_service_file_is_shipped() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("services");
+        let mut found = Vec::new();
+        for sub in fs::read_dir(&dir).unwrap() {
+            let sub = sub.unwrap().path();
+            if sub.is_dir() {
+                for f in fs::read_dir(&sub).unwrap() {
+                    let f = f.unwrap().path();
+                    let name = f.strip_prefix(&dir).unwrap().to_str().unwrap().to_string();
+                    found.push((name, fs::read_to_string(&f).unwrap()));
+                }
+            }
+        }
+        found.sort();
+        let shipped: Vec<(String, String)> = SERVICE_FILES
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.to_string()))
+            .collect();
+        assert_eq!(
+            found, shipped,
+            "SERVICE_FILES must list every file under services/<dir>/"
+        );
     }
 
     #[test]

@@ -1,21 +1,19 @@
 # workers: a web backend behind the load balancer, a volume exported over NBD
 # (coronafs), and qemu for nested guests (plasmavmc). The NixOS counterpart of
-# images/debian/roles/worker.sh. UNVERIFIED (needs nixpkgs; docs/nix.md).
+# images/debian/roles/worker.sh: the web backend's configuration is
+# services/nginx/backend.conf, rendered by ./services.nix. UNVERIFIED (needs
+# nixpkgs; docs/nix.md).
 { config, pkgs, ... }:
 let
-  inherit (config.photon) nodeName;
+  inherit (config.photon) cluster nodeName;
+  svc = import ./services.nix { inherit cluster nodeName; };
 in
 {
   imports = [ ./volume-export.nix ];
 
   services.nginx = {
     enable = true;
-    virtualHosts.backend = {
-      default = true;
-      listen = [{ addr = "0.0.0.0"; port = 8080; }];
-      locations."/healthz".return = "200 \"ok\\n\"";
-      locations."/".return = "200 \"photon web backend ${nodeName}\\n\"";
-    };
+    appendHttpConfig = svc.render "nginx/backend.conf";
   };
 
   # Nested guests: KVM when the host passes it through, TCG otherwise.

@@ -2,44 +2,21 @@
 # balancer; prometheus (nightlight) with the remote-write receiver; and the
 # auth-integrated pair: prometheus (creditservice) must authenticate to an
 # endpoint that demands credentials (IAM: node exporter behind basic auth).
-upstream=""
-for n in $CONTROL_NODES; do upstream="$upstream    server $(addr "$n"):80;
-"; done
-cat > /etc/nginx/sites-enabled/default <<EOT
-upstream control_plane {
-$upstream}
-server {
-    listen 80 default_server;
-    location = /healthz { return 200 "gateway ok\n"; }
-    location /metrics/ { proxy_pass http://127.0.0.1:9090/; }
-    location / { proxy_pass http://control_plane; }
-}
-EOT
+# The configuration itself is in services/ (render: render.sh).
+render nginx/gateway.conf > /etc/nginx/sites-enabled/default
 
-# IAM: the node exporter on the gateway demands a password.
-hash=$(htpasswd -nbBC 5 creditservice "$IAM_SECRET" | cut -d: -f2)
-cat > /etc/prometheus/iam-web.yml <<EOT
-basic_auth_users:
-  creditservice: '$hash'
-EOT
-echo 'ARGS="--web.config.file=/etc/prometheus/iam-web.yml"' > /etc/default/prometheus-node-exporter
+# IAM: the node exporter on the gateway demands the cluster's secret, which
+# prometheus reads from a file only it (and root) can read.
+IAM_WEB_CONFIG=/etc/prometheus/iam-web.yml
+IAM_SECRET_FILE=/etc/prometheus/iam-secret
+IAM_HASH=$(htpasswd -nbBC 5 creditservice "$IAM_SECRET" | cut -d: -f2)
+render prometheus/iam-web.yml > "$IAM_WEB_CONFIG"
+flags=$(render prometheus/node-exporter-iam.flags)
+echo "ARGS=\"$flags\"" > /etc/default/prometheus-node-exporter
+(umask 027 && printf '%s' "$IAM_SECRET" > "$IAM_SECRET_FILE")
+chgrp prometheus "$IAM_SECRET_FILE"
 
-targets=""
-for n in $ALL_NODES; do [ "$n" = "$NODE_NAME" ] || targets="$targets'$n:9100', "; done
-cat > /etc/prometheus/prometheus.yml <<EOT
-global:
-  scrape_interval: 5s
-  evaluation_interval: 5s
-scrape_configs:
-  - job_name: nodes
-    static_configs:
-      - targets: [${targets%, }]
-  - job_name: creditservice-iam
-    basic_auth:
-      username: creditservice
-      password: '$IAM_SECRET'
-    static_configs:
-      - targets: ['$NODE_NAME:9100']
-EOT
-echo 'ARGS="--web.enable-remote-write-receiver --storage.tsdb.retention.time=1d"' > /etc/default/prometheus
+render prometheus/prometheus.yml > /etc/prometheus/prometheus.yml
+flags=$(render prometheus/prometheus.flags)
+echo "ARGS=\"$flags\"" > /etc/default/prometheus
 units nginx.service prometheus.service
