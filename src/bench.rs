@@ -172,6 +172,9 @@ pub fn suite(
         "pairs": pairs,
         "driver_peak_rss_mib": rss,
     });
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     crate::files::write_atomic(out, &serde_json::to_vec_pretty(&doc)?)?;
     println!("wrote {}", out.display());
     Ok(())
