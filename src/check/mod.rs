@@ -1,7 +1,7 @@
 //! Check kinds: what a lane can ask of a cluster, and how each one is
 //! judged. Each kind is one struct in its own file (named like the kind),
 //! deserialized by serde straight from the lane file, and implementing
-//! [`Check`]. [`KINDS`] registers them, one line each.
+//! [`Check`]. The `kinds!` list registers them, one line each.
 //!
 //! An attempt yields a [`Verdict`] (outcome, one-line message, evidence as
 //! JSON); the engine adds timing and retries. An attempt returns `Err` when
@@ -14,22 +14,6 @@
 //! `host_forward`, `remote_write`) go through the node's 127.0.0.1
 //! forwards, the way a user on the workstation would reach the cluster.
 
-mod dns;
-mod exec;
-mod host_forward;
-mod http;
-mod image;
-mod lb_drain;
-mod metrics;
-mod nested_guest;
-mod port_closed;
-mod remote_write;
-mod replicated_kv;
-mod service_auth;
-mod tcp_open;
-mod unit_active;
-mod vm_migration;
-mod volume_bench;
 
 use crate::fabric::PortForward;
 use crate::guest::{Guest, GuestPool};
@@ -46,25 +30,35 @@ use std::time::Duration;
 pub use http::HttpExpect;
 pub use nested_guest::{multiboot, print_to_com1};
 
-/// Every kind a lane file can name (`kind = "..."`), one line each.
-pub const KINDS: &[Kind] = &[
-    Kind::of::<image::Image>("image"),
-    Kind::of::<unit_active::UnitActive>("unit_active"),
-    Kind::of::<exec::Exec>("exec"),
-    Kind::of::<tcp_open::TcpOpen>("tcp_open"),
-    Kind::of::<port_closed::PortClosed>("port_closed"),
-    Kind::of::<http::Http>("http"),
-    Kind::of::<host_forward::HostForward>("host_forward"),
-    Kind::of::<dns::Dns>("dns"),
-    Kind::of::<metrics::Metrics>("metrics"),
-    Kind::of::<replicated_kv::ReplicatedKv>("replicated_kv"),
-    Kind::of::<nested_guest::NestedGuest>("nested_guest"),
-    Kind::of::<service_auth::ServiceAuth>("service_auth"),
-    Kind::of::<remote_write::RemoteWrite>("remote_write"),
-    Kind::of::<lb_drain::LbDrain>("lb_drain"),
-    Kind::of::<vm_migration::VmMigration>("vm_migration"),
-    Kind::of::<volume_bench::VolumeBench>("volume_bench"),
-];
+/// Registers each kind with one line: `module::Struct`. The module is the
+/// kind's file (`src/check/<module>.rs`), and its name is the `kind = "..."`
+/// of lane files, so a kind's name, file and registration cannot disagree.
+macro_rules! kinds {
+    ($($module:ident :: $kind:ident),* $(,)?) => {
+        $(mod $module;)*
+        /// Every kind a lane file can name (`kind = "..."`).
+        pub const KINDS: &[Kind] = &[$(Kind::of::<$module::$kind>(stringify!($module))),*];
+    };
+}
+
+kinds! {
+    image::Image,
+    unit_active::UnitActive,
+    exec::Exec,
+    tcp_open::TcpOpen,
+    port_closed::PortClosed,
+    http::Http,
+    host_forward::HostForward,
+    dns::Dns,
+    metrics::Metrics,
+    replicated_kv::ReplicatedKv,
+    nested_guest::NestedGuest,
+    service_auth::ServiceAuth,
+    remote_write::RemoteWrite,
+    lb_drain::LbDrain,
+    vm_migration::VmMigration,
+    volume_bench::VolumeBench,
+}
 
 /// What a check kind is: how it binds to targets, whether it is retried,
 /// and how one attempt runs.
