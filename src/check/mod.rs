@@ -14,7 +14,6 @@
 //! `host_forward`, `remote_write`) go through the node's 127.0.0.1
 //! forwards, the way a user on the workstation would reach the cluster.
 
-
 use crate::fabric::PortForward;
 use crate::guest::{Guest, GuestPool};
 use crate::spec::{Cluster, Node, Proto};
