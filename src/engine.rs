@@ -191,9 +191,16 @@ fn run_check(c: &PlannedCheck, ctx: &Ctx, opts: RunOptions, lane_start: Instant)
         let budget = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_secs(2));
-        let v = match c.check.attempt(ctx, c.target.as_deref(), budget) {
+        let mut final_error = false;
+        let result = match dead_target(ctx, c.target.as_deref()) {
+            // Host-side checks too: a node whose QEMU is gone fails at once.
+            Some(gone) => Err(gone),
+            None => c.check.attempt(ctx, c.target.as_deref(), budget),
+        };
+        let v = match result {
             Ok(v) => v,
             Err(e) => {
+                final_error = crate::guest::is_final(&e);
                 tracing::debug!("attempt {attempts}: {e:#}");
                 if let Some(t) = &c.target
                     && crate::guest::breaks_session(&e)
@@ -206,7 +213,8 @@ fn run_check(c: &PlannedCheck, ctx: &Ctx, opts: RunOptions, lane_start: Instant)
         let pause = opts.retry.nth(attempts);
         attempts += 1;
         let out_of_time = Instant::now() + pause >= deadline;
-        if v.outcome != Outcome::Fail || !c.check.retried() || out_of_time || (opts.interrupted)() {
+        let stop = !c.check.retried() || out_of_time || final_error || (opts.interrupted)();
+        if v.outcome != Outcome::Fail || stop {
             break v;
         }
         std::thread::sleep(pause);
@@ -231,6 +239,19 @@ fn run_check(c: &PlannedCheck, ctx: &Ctx, opts: RunOptions, lane_start: Instant)
         evidence: verdict.evidence,
         artifact: c.artifact.clone(),
     }
+}
+
+/// The error for a target whose QEMU is no longer running, if it is gone.
+fn dead_target(ctx: &Ctx, target: Option<&str>) -> Option<anyhow::Error> {
+    let node = ctx.record.nodes.get(target?)?;
+    (!crate::machine::is_running(node.pid)).then(|| {
+        crate::guest::GuestError::NotRunning {
+            node: target.unwrap_or_default().to_string(),
+            pid: node.pid,
+            console: node.dir.join("vm.log").display().to_string(),
+        }
+        .into()
+    })
 }
 
 fn skipped(c: &PlannedCheck, reason: &str, lane_start: Instant) -> CheckResult {
@@ -481,6 +502,87 @@ mod tests {
         assert_eq!(after.attempts.load(Ordering::SeqCst), 0);
         assert_eq!(layers[1].outcome, Outcome::Skipped);
         assert_eq!(layers[1].checks[0].message, "skipped: interrupted");
+    }
+
+    /// A node whose QEMU is gone fails its check at once, named.
+    #[derive(Debug)]
+    struct DeadNode(AtomicU32);
+
+    impl Check for DeadNode {
+        fn attempt(&self, _: &Ctx, _: Option<&str>, _: Duration) -> anyhow::Result<Verdict> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Err(crate::guest::GuestError::NotRunning {
+                node: "node04".into(),
+                pid: 4242,
+                console: "nodes/node04/vm.log".into(),
+            }
+            .into())
+        }
+    }
+
+    #[test]
+    fn a_dead_node_fails_its_check_at_once_not_at_the_deadline() {
+        let dead = Arc::new(DeadNode(AtomicU32::new(0)));
+        let mut c = planned("a", Arc::new(Scripted::new(0, Outcome::Pass)), 60_000);
+        c.check = dead.clone();
+        let layers = run_lane(&lane(vec![vec![c]]), fast(false, never));
+        let r = &layers[0].checks[0];
+        assert_eq!(r.outcome, Outcome::Fail);
+        assert_eq!(
+            dead.0.load(Ordering::SeqCst),
+            1,
+            "no retry against a dead node"
+        );
+        assert!(
+            r.message.contains("node04: QEMU (pid 4242) is not running"),
+            "{}",
+            r.message
+        );
+        assert!(r.duration_s < 1.0);
+    }
+
+    #[test]
+    fn any_check_on_a_node_whose_qemu_is_gone_fails_at_once() {
+        let cluster = Cluster::profile("reference").unwrap();
+        let mut record = record();
+        record.nodes.insert(
+            "node04".into(),
+            serde_json::from_value(json!({
+                "role": "worker", "address": "10.77.0.14", "pid": 0, "ssh_port": 1,
+                "forwards": {}, "units": [], "dir": "/nonexistent/node04",
+                "booted_unix": 0, "ready_after_s": null
+            }))
+            .unwrap(),
+        );
+        let pool = GuestPool::new(&record);
+        let ctx = Ctx {
+            cluster: &cluster,
+            record: &record,
+            guests: &pool,
+            current_image: None,
+        };
+        let check = Arc::new(Scripted::new(0, Outcome::Pass));
+        let mut c = planned("dns", check.clone(), 60_000);
+        c.target = Some("node04".into());
+        let layers = run(
+            &lane(vec![vec![c]]),
+            &ctx,
+            fast(false, never),
+            Instant::now(),
+        );
+        let r = &layers[0].checks[0];
+        assert_eq!(r.outcome, Outcome::Fail);
+        assert!(
+            r.message.starts_with("node04: QEMU (pid 0) is not running"),
+            "{}",
+            r.message
+        );
+        assert_eq!(
+            check.attempts.load(Ordering::SeqCst),
+            0,
+            "the check itself never ran"
+        );
+        assert_eq!(r.attempts, 1);
     }
 
     #[test]

@@ -74,6 +74,20 @@ impl GuestError {
     }
 }
 
+/// Whether `e` (anywhere in its chain) says the node cannot answer again
+/// in this run: its QEMU is gone, or it is not a node of the cluster. A
+/// check that meets it fails at once instead of retrying to its deadline.
+pub fn is_final(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<GuestError>())
+        .any(|g| {
+            matches!(
+                g,
+                GuestError::NotRunning { .. } | GuestError::UnknownNode { .. }
+            )
+        })
+}
+
 /// Whether `e` (anywhere in its chain) broke a session.
 pub fn breaks_session(e: &anyhow::Error) -> bool {
     e.chain()
