@@ -367,7 +367,12 @@ fn wait_ready(
                         if crate::interrupted() {
                             return Some(Interrupted.into());
                         }
-                        if !machine::is_running(pid) {
+                        // A second look before declaring a death: one
+                        // unexplained early "exit" with empty logs was seen.
+                        if !machine::is_running(pid) && {
+                            std::thread::sleep(Duration::from_millis(200));
+                            !machine::is_running(pid)
+                        } {
                             return Some(anyhow!(
                                 "{name}: QEMU exited during boot; qemu.log: {}; {}",
                                 fs::read_to_string(node.dir.join("qemu.log"))
