@@ -236,8 +236,8 @@ pub fn running_machines(
 ) -> Result<std::collections::BTreeMap<String, String>> {
     let mut machines = std::collections::BTreeMap::new();
     for (node, n) in &record.nodes {
-        let raw = std::fs::read(format!("/proc/{}/cmdline", n.pid))
-            .with_context(|| format!("{node}: QEMU (pid {}) is not running", n.pid))?;
+        let raw = std::fs::read(format!("/proc/{}/cmdline", n.pid_now()))
+            .with_context(|| format!("{node}: QEMU (pid {}) is not running", n.pid_now()))?;
         let args: Vec<String> = String::from_utf8_lossy(&raw)
             .split('\0')
             .skip(1)

@@ -202,6 +202,78 @@ pub enum Cmd {
         #[arg(long, default_value = "bench.json")]
         out: PathBuf,
     },
+    /// Inject a fault into the running cluster: cut the fabric into groups,
+    /// degrade a node's link, crash, pause or resume a node. Each prints what
+    /// it did; an unknown node is refused (exit 2) and nothing changes.
+    ///   photon-cluster fault partition node01,node02 node03
+    ///   photon-cluster fault link node03 --loss 30% --delay 100ms
+    ///   photon-cluster fault heal
+    #[command(subcommand, verbatim_doc_comment)]
+    Fault(FaultCmd),
+    /// Boot a node again from its own overlay and config disk (after `fault
+    /// crash`, or as a power cycle), and wait until it is ready.
+    Restart {
+        node: String,
+        /// Seconds the node may take to become ready.
+        #[arg(long, default_value_t = 600)]
+        ready_timeout: u64,
+    },
+    /// Record every frame of the fabric into a pcap file (Wireshark, tcpdump -r).
+    #[command(subcommand)]
+    Capture(CaptureCmd),
+    /// The fabric switch of a running cluster (started by `start`; not for people).
+    #[command(hide = true)]
+    FabricSwitch {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FaultCmd {
+    /// Split the nodes into groups that cannot reach each other over the
+    /// fabric (comma-separated nodes per group). Nodes in no group reach all.
+    Partition {
+        #[arg(required = true, num_args = 2.., value_name = "GROUP")]
+        groups: Vec<String>,
+    },
+    /// Undo the partition and every link fault.
+    Heal,
+    /// Degrade one node's link, in both directions (all zero: restore it).
+    Link {
+        node: String,
+        /// Frames lost, e.g. 30%.
+        #[arg(long, default_value = "0%", value_parser = crate::fault::parse_fraction)]
+        loss: f64,
+        /// Added latency, e.g. 100ms.
+        #[arg(long, default_value = "0ms", value_parser = crate::fault::parse_millis)]
+        delay: u64,
+        /// Frames delivered twice, e.g. 5%.
+        #[arg(long, default_value = "0%", value_parser = crate::fault::parse_fraction)]
+        duplicate: f64,
+    },
+    /// Kill a node's QEMU with no clean shutdown (`restart NODE` boots it again).
+    Crash { node: String },
+    /// Stop a node's vCPUs (QMP `stop`): a stalled machine.
+    Pause { node: String },
+    /// Continue a paused node (QMP `cont`).
+    Resume { node: String },
+    /// The switch's per-port frame counters, partition and link faults.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaptureCmd {
+    /// Start writing every frame into FILE [default: <state>/fabric/capture-<time>.pcap].
+    Start {
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
+    /// Stop and close the capture file.
+    Stop,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -221,6 +293,10 @@ pub struct StartArgs {
     /// Warm start: restore the `default` snapshot (`--from-snapshot default`).
     #[arg(long, conflicts_with = "from_snapshot")]
     pub warm: bool,
+    /// The guests' L2 segment: `switch` (the driver's switch: partitions,
+    /// link faults, capture) or `hub` (QEMU's multicast socket; no faults).
+    #[arg(long, value_enum, default_value = "switch")]
+    pub fabric: crate::fabric::Kind,
 }
 
 #[derive(Subcommand, Debug)]
@@ -349,6 +425,7 @@ impl StartArgs {
                 (None, true) => Some(crate::snapshot::DEFAULT.into()),
                 (None, false) => None,
             },
+            fabric: self.fabric,
         }
     }
 }
@@ -371,6 +448,11 @@ impl Target {
 
 pub fn run(cli: Cli) -> Result<i32> {
     crate::log::init(cli.log_format);
+    if let Cmd::FabricSwitch { config } = &cli.command {
+        let text = std::fs::read_to_string(config)?;
+        crate::fabric::switch::serve(serde_json::from_str(&text)?)?;
+        return Ok(0);
+    }
     let name = format!("{:?}", cli.command);
     let name = name
         .split([' ', '(', '{'])
@@ -546,6 +628,35 @@ pub fn run(cli: Cli) -> Result<i32> {
             }
         }
         Cmd::Snapshot(cmd) => snapshot_command(&cluster, &state, cmd)?,
+        Cmd::Fault(cmd) => fault_command(&require_running(&state)?, cmd)?,
+        Cmd::Restart {
+            node,
+            ready_timeout,
+        } => {
+            let record = require_running(&state)?;
+            let timeout = Duration::from_secs(ready_timeout);
+            println!("{}", crate::fault::restart(&record, &node, timeout)?.0);
+        }
+        Cmd::Capture(CaptureCmd::Start { file }) => {
+            let file = file.unwrap_or_else(|| {
+                let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+                state
+                    .root
+                    .join(format!("fabric/capture-{stamp}.pcap"))
+                    .into()
+            });
+            println!(
+                "{}",
+                crate::fault::capture_start(&require_running(&state)?, &file)?
+            );
+        }
+        Cmd::Capture(CaptureCmd::Stop) => {
+            match crate::fault::capture_stop(&require_running(&state)?)? {
+                (Some(file), frames) => println!("{frames} frames in {}", file.display()),
+                (None, _) => println!("no capture was running"),
+            }
+        }
+        Cmd::FabricSwitch { .. } => unreachable!("handled above"),
         Cmd::Clean { all } => {
             let _lock = state.lock("clean")?;
             cluster::clean(&state, all)?;
@@ -553,6 +664,72 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+fn fault_command(record: &RunningCluster, cmd: FaultCmd) -> Result<()> {
+    use crate::fault;
+    let said = match cmd {
+        FaultCmd::Partition { groups } => {
+            let groups: Vec<Vec<String>> = groups
+                .iter()
+                .map(|g| g.split(',').map(|n| n.trim().to_string()).collect())
+                .collect();
+            fault::partition(record, &groups)?
+        }
+        FaultCmd::Heal => fault::heal(record)?,
+        FaultCmd::Link {
+            node,
+            loss,
+            delay,
+            duplicate,
+        } => {
+            let f = crate::fabric::switch::LinkFault {
+                loss,
+                delay_ms: delay,
+                duplicate,
+            };
+            fault::link(record, &node, f)?
+        }
+        FaultCmd::Crash { node } => fault::crash(record, &node)?,
+        FaultCmd::Pause { node } => fault::pause(record, &node, true)?,
+        FaultCmd::Resume { node } => fault::pause(record, &node, false)?,
+        FaultCmd::Status { json } => {
+            let s = fault::fabric_status(record)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+                return Ok(());
+            }
+            let mut out = format!(
+                "partition: {}\n",
+                match &s.partition {
+                    Some(g) => g
+                        .iter()
+                        .map(|g| g.join(","))
+                        .collect::<Vec<_>>()
+                        .join(" | "),
+                    None => "none".into(),
+                }
+            );
+            for p in &s.ports {
+                let link = s.links.get(&p.node).copied().unwrap_or_default();
+                out.push_str(&format!(
+                    "{:<10} rx {:>9} tx {:>9} dropped {:>7} (partition) {:>7} (loss)  \
+                     loss {:.0}% delay {} ms dup {:.0}%\n",
+                    p.node,
+                    p.rx_frames,
+                    p.tx_frames,
+                    p.dropped_partition,
+                    p.dropped_loss,
+                    link.loss * 100.0,
+                    link.delay_ms,
+                    link.duplicate * 100.0
+                ));
+            }
+            out.trim_end().to_string()
+        }
+    };
+    println!("{said}");
+    Ok(())
 }
 
 fn snapshot_command(cluster: &Cluster, state: &StateDir, cmd: SnapshotCmd) -> Result<()> {
@@ -676,8 +853,8 @@ fn interactive_ssh(record: &RunningCluster, node: &str) -> Result<i32> {
         .nodes
         .get(node)
         .ok_or_else(|| bad_input(format!("no node {node:?} in the running cluster")))?;
-    if !machine::is_running(n.pid) {
-        anyhow::bail!("{node}: QEMU (pid {}) is not running", n.pid);
+    if !machine::is_running(n.pid_now()) {
+        anyhow::bail!("{node}: QEMU (pid {}) is not running", n.pid_now());
     }
     let err = crate::guest::openssh(record, node).exec();
     Err(err).context("running ssh (install openssh-client)")

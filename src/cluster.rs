@@ -31,6 +31,8 @@ pub struct StartOptions {
     /// it is killed, the next command reaps them).
     pub command: String,
     pub keep_owner: bool,
+    /// The L2 segment: the driver's switch (default) or QEMU's hub.
+    pub fabric: fabric::Kind,
 }
 
 /// When a node counts as up.
@@ -50,7 +52,7 @@ fn refuse_if_running(state: &StateDir) -> Result<()> {
         let alive: Vec<&String> = running
             .nodes
             .iter()
-            .filter(|(_, n)| machine::is_running(n.pid))
+            .filter(|(_, n)| machine::is_running(n.pid_now()))
             .map(|(name, _)| name)
             .collect();
         if !alive.is_empty() {
@@ -63,6 +65,9 @@ fn refuse_if_running(state: &StateDir) -> Result<()> {
                     .collect::<Vec<_>>()
                     .join(", ")
             )));
+        }
+        if let Some(f) = &running.fabric {
+            f.kill();
         }
         fs::remove_file(state.cluster_file())?;
     }
@@ -124,7 +129,13 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
         m.restore_files(state)?;
     }
     let keys = provision::cluster_keys(state.ssh().as_std_path())?;
-    let mcast = fabric::mcast_for(state.root.as_std_path());
+    let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
+    let mut segment = fabric::Segment::plan(
+        opts.fabric,
+        state.root.as_std_path(),
+        &names,
+        restore.as_ref().and_then(|m| m.record.fabric.as_ref()),
+    )?;
 
     // Prepare every node's disks before launching any, so bad input or a
     // full disk stops us before a single QEMU runs.
@@ -134,6 +145,8 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
         let dir = state.node(&name);
         let overlay = dir.join("overlay.qcow2");
         let (kernel, initrd, rootfs, extra_append) = image.for_node(&name);
+        // A pidfile from an earlier run must not stand for the new QEMU.
+        let _ = fs::remove_file(dir.join("qemu.pid"));
         let host_key = match &restore {
             Some(m) => saved_host_key(&m.record, &name)?,
             None => {
@@ -165,7 +178,7 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
             forwards: node_ports.all(),
             host_mac,
             fabric_mac,
-            fabric_mcast: mcast.clone(),
+            fabric: segment.links[&name].clone(),
             machine_id: hex::encode(
                 &Sha256::digest(format!("{}/{name}", state.root).as_bytes())[..16],
             ),
@@ -197,7 +210,20 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
         nodes: BTreeMap::new(),
         restored_from: restore.as_ref().map(|m| m.name.clone()),
         owner: Some(state::Owner::me(&opts.command, true)),
+        fabric: None,
     };
+    // The switch watches the record: save it first, then start the switch
+    // before any guest sends a frame.
+    state.save_running(&record)?;
+    if let Err(e) = segment.start(
+        state.root.join("fabric").as_std_path(),
+        state.cluster_file().as_std_path(),
+    ) {
+        let _ = fs::remove_file(state.cluster_file());
+        return Err(e);
+    }
+    record.fabric = Some(segment);
+    state.save_running(&record)?;
 
     // Launch in dependency order. Guests boot concurrently (under TCG a
     // sequential boot would multiply the wall time); dependency order decides
@@ -239,6 +265,7 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
                 dir: dir.clone().into(),
                 booted_unix: chrono::Utc::now().timestamp(),
                 ready_after_s: None,
+                qemu_args: machine::qemu_args(config),
             },
         );
         // The Child is dropped without waiting: QEMU outlives `start`.
@@ -533,8 +560,8 @@ pub fn reap_abandoned(state: &StateDir) -> Result<Option<String>> {
     let running: Vec<String> = record
         .nodes
         .iter()
-        .filter(|(_, n)| machine::is_running(n.pid))
-        .map(|(name, n)| format!("{name} (pid {})", n.pid))
+        .filter(|(_, n)| machine::is_running(n.pid_now()))
+        .map(|(name, n)| format!("{name} (pid {})", n.pid_now()))
         .collect();
     teardown(&record);
     fs::remove_file(state.cluster_file())?;
@@ -556,10 +583,14 @@ pub fn reap_abandoned(state: &StateDir) -> Result<Option<String>> {
     )))
 }
 
-/// Kills every node of a record at once (failure or Ctrl-C during start).
+/// Kills every node of a record at once (failure or Ctrl-C during start),
+/// and its switch.
 pub fn teardown(record: &RunningCluster) {
     for node in record.nodes.values() {
-        machine::kill_now(node.pid);
+        machine::kill_now(node.pid_now());
+    }
+    if let Some(f) = &record.fabric {
+        f.kill();
     }
 }
 
@@ -576,7 +607,7 @@ pub fn stop(state: &StateDir, grace: Duration) -> Result<Vec<(String, String)>> 
                 s.spawn(move || {
                     (
                         name.clone(),
-                        machine::stop(n.pid, &n.dir.join("qmp.sock"), grace),
+                        machine::stop(n.pid_now(), &n.dir.join("qmp.sock"), grace),
                     )
                 })
             })
@@ -589,11 +620,14 @@ pub fn stop(state: &StateDir, grace: Duration) -> Result<Vec<(String, String)>> 
     let left: Vec<&String> = record
         .nodes
         .iter()
-        .filter(|(_, n)| machine::is_running(n.pid))
+        .filter(|(_, n)| machine::is_running(n.pid_now()))
         .map(|(name, _)| name)
         .collect();
     if !left.is_empty() {
         bail!("QEMU still running for {left:?} after stop");
+    }
+    if let Some(f) = &record.fabric {
+        f.kill();
     }
     fs::remove_file(state.cluster_file())?;
     Ok(notes)
@@ -606,6 +640,7 @@ pub fn clean(state: &StateDir, all: bool) -> Result<()> {
     }
     for dir in [
         state.root.join("nodes"),
+        state.root.join("fabric"),
         state.ssh(),
         state.root.join("probe"),
     ] {

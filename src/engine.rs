@@ -31,6 +31,9 @@ pub struct RunOptions {
     pub interrupted: fn() -> bool,
     /// The pause between attempts of a retried check.
     pub retry: Pause,
+    /// Undoes faults a layer left behind (a failed scenario's partition, a
+    /// paused or crashed node) before the next layer; says what it did.
+    pub restore: fn(&Ctx) -> Option<String>,
 }
 
 impl RunOptions {
@@ -39,6 +42,7 @@ impl RunOptions {
             keep_going,
             interrupted: crate::interrupted,
             retry: Pause::RETRY,
+            restore: |ctx| crate::fault::restore(ctx.record),
         }
     }
 }
@@ -69,6 +73,9 @@ pub struct LayerResult {
     pub outcome: Outcome,
     pub duration_s: f64,
     pub checks: Vec<CheckResult>,
+    /// What was undone after the layer: faults its checks left in place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored: Option<String>,
 }
 
 /// The outcome that sums up a set of outcomes: any fail fails; otherwise
@@ -94,6 +101,7 @@ impl LayerResult {
             outcome: overall(checks.iter().map(|c| c.outcome)),
             duration_s,
             checks,
+            restored: None,
         }
     }
 }
@@ -116,12 +124,18 @@ pub fn run(lane: &Lane, ctx: &Ctx, opts: RunOptions, lane_start: Instant) -> Vec
             tracing::info!("== layer {}: {} checks", layer.name, layer.checks.len());
             run_layer(&layer.checks, ctx, opts, lane_start)
         };
-        let result = LayerResult::new(
+        let mut result = LayerResult::new(
             &layer.name,
             &layer.description,
             results,
             started.elapsed().as_secs_f64(),
         );
+        if blocked.is_none() {
+            result.restored = (opts.restore)(ctx);
+            if let Some(note) = &result.restored {
+                tracing::warn!("after layer {}: {note}", layer.name);
+            }
+        }
         if blocked.is_none() {
             if (opts.interrupted)() {
                 blocked = Some("interrupted".into());
@@ -244,10 +258,10 @@ fn run_check(c: &PlannedCheck, ctx: &Ctx, opts: RunOptions, lane_start: Instant)
 /// The error for a target whose QEMU is no longer running, if it is gone.
 fn dead_target(ctx: &Ctx, target: Option<&str>) -> Option<anyhow::Error> {
     let node = ctx.record.nodes.get(target?)?;
-    (!crate::machine::is_running(node.pid)).then(|| {
+    (!crate::machine::is_running(node.pid_now())).then(|| {
         crate::guest::GuestError::NotRunning {
             node: target.unwrap_or_default().to_string(),
-            pid: node.pid,
+            pid: node.pid_now(),
             console: node.dir.join("vm.log").display().to_string(),
         }
         .into()
@@ -385,6 +399,7 @@ mod tests {
             keep_going,
             interrupted,
             retry: Pause::Every(Duration::from_millis(1)),
+            restore: |_| None,
         }
     }
 
@@ -398,6 +413,7 @@ mod tests {
             record: &record,
             guests: &pool,
             current_image: None,
+            artifacts: None,
         };
         run(lane, &ctx, opts, Instant::now())
     }
@@ -560,6 +576,7 @@ mod tests {
             record: &record,
             guests: &pool,
             current_image: None,
+            artifacts: None,
         };
         let check = Arc::new(Scripted::new(0, Outcome::Pass));
         let mut c = planned("dns", check.clone(), 60_000);

@@ -104,7 +104,7 @@ fn collect_node(
     let Some(n) = record.nodes.get(node) else {
         return findings;
     };
-    if !crate::machine::is_running(n.pid) {
+    if !crate::machine::is_running(n.pid_now()) {
         return findings;
     }
     let Ok(guest) = guests.get(node) else {

@@ -177,8 +177,8 @@ fn check_cluster(
     let dead = |r: &RunningCluster| -> Vec<String> {
         r.nodes
             .iter()
-            .filter(|(_, n)| !crate::machine::is_running(n.pid))
-            .map(|(name, n)| format!("{name} (pid {})", n.pid))
+            .filter(|(_, n)| !crate::machine::is_running(n.pid_now()))
+            .map(|(name, n)| format!("{name} (pid {})", n.pid_now()))
             .collect()
     };
     let pool = GuestPool::new(record);
@@ -192,10 +192,12 @@ fn check_cluster(
             record,
             guests: &pool,
             current_image: current.as_deref(),
+            artifacts: Some(dir),
         };
         let run = engine::RunOptions::new(opts.keep_going);
         rep.layers = engine::run(&opts.lane, &ctx, run, started);
     }
+    rep.fabric = crate::fault::fabric_status(record).ok();
     let t = Instant::now();
     rep.findings = evidence::collect(dir, state, Some(record), Some(&pool), &nodes);
     rep.layers

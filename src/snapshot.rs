@@ -254,7 +254,7 @@ pub fn save(
     fs::create_dir_all(&work)?;
     let mut qmps: BTreeMap<&String, Qmp> = BTreeMap::new();
     for (node, n) in &record.nodes {
-        if !crate::machine::is_running(n.pid) {
+        if !crate::machine::is_running(n.pid_now()) {
             bail!(
                 "{node}: QEMU (pid {}) is not running; nothing to save",
                 n.pid
@@ -354,7 +354,7 @@ pub fn resume(record: &RunningCluster, timeout: Duration) -> Result<()> {
     let mut qmps = Vec::new();
     for (node, n) in &record.nodes {
         let stop = || {
-            (!crate::machine::is_running(n.pid)).then(|| {
+            (!crate::machine::is_running(n.pid_now())).then(|| {
                 anyhow::anyhow!(
                     "{node}: QEMU exited while restoring; qemu.log: {}",
                     fs::read_to_string(n.dir.join("qemu.log"))

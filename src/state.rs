@@ -174,6 +174,10 @@ pub struct RunningCluster {
     /// reaps them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<Owner>,
+    /// The L2 segment the guests share (absent in records of older drivers:
+    /// a multicast hub).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fabric: Option<crate::fabric::Segment>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -259,6 +263,20 @@ pub struct RunningNode {
     pub booted_unix: i64,
     /// Seconds from launch to ready, once the node was ready.
     pub ready_after_s: Option<f64>,
+    /// QEMU's arguments as launched, so `restart` boots the same machine.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub qemu_args: Vec<String>,
+}
+
+impl RunningNode {
+    /// The node's QEMU pid now: the pidfile QEMU wrote, which a `restart`
+    /// renews, else the pid recorded at start.
+    pub fn pid_now(&self) -> i32 {
+        fs::read_to_string(self.dir.join("qemu.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(self.pid)
+    }
 }
 
 #[cfg(test)]

@@ -52,14 +52,14 @@ pub fn collect(record: &RunningCluster) -> ClusterStatus {
                         name: name.clone(),
                         role: n.role,
                         state: "stopped".into(),
-                        pid: n.pid,
+                        pid: n.pid_now(),
                         ssh_port: n.ssh_port,
                         forwards: n.forwards.clone(),
                         uptime_s: now - n.booted_unix,
                         ready_after_s: n.ready_after_s,
                         units: BTreeMap::new(),
                     };
-                    if !machine::is_running(n.pid) {
+                    if !machine::is_running(n.pid_now()) {
                         st.uptime_s = 0;
                         return st;
                     }

@@ -248,7 +248,7 @@ fn lanes_on_the_running_cluster(state: &Path) {
         "vm-hosting/migration.json"
     );
 
-    let (result, _) = lane(state, "matrix", "matrix");
+    let (result, dir) = lane(state, "matrix", "matrix");
     for layer in ["boot", "network", "state", "gateway"] {
         let l = result["layers"]
             .as_array()
@@ -258,6 +258,7 @@ fn lanes_on_the_running_cluster(state: &Path) {
         assert_eq!(l.unwrap()["outcome"], "pass", "{layer}");
     }
     pass_or_tcg_degraded(&result, "hosting");
+    matrix_faults_layer(&result, &dir);
 
     let (result, dir) = lane(state, "bench-storage", "bench-storage");
     let bench = common::check(&result, "remote-vs-local-export@node04");
@@ -313,6 +314,126 @@ fn lanes_on_the_running_cluster(state: &Path) {
             .contains("does not hold the source's write"),
         "{c}"
     );
+}
+
+/// The matrix's faults layer: etcd under a partition and a crash loses no
+/// acknowledged write; the load balancer routes around a cut backend; the
+/// pcap and the history are kept, and result.json has the switch counters.
+fn matrix_faults_layer(result: &Value, dir: &Path) {
+    let etcd = common::check(result, "etcd-partition-and-crash@node06");
+    assert_eq!(etcd["outcome"], "pass", "{etcd}");
+    let ev = &etcd["evidence"];
+    eprintln!("etcd under faults: {}", etcd["message"]);
+    assert_eq!(ev["tally"]["lost"], 0, "{ev}");
+    assert!(ev["tally"]["acknowledged"].as_u64().unwrap() > 10, "{ev}");
+    assert_eq!(
+        ev["partition"]["isolated_member"]["linearizable_read_refused"],
+        true
+    );
+    assert!(ev["partition"]["majority_acknowledged"].as_u64().unwrap() > 0);
+    assert!(ev["partition"]["isolated_caught_up_s"].is_number(), "{ev}");
+    assert!(ev["crash"]["caught_up_s"].is_number(), "{ev}");
+    let history = std::fs::read_to_string(dir.join("faults/etcd-node06-history.jsonl")).unwrap();
+    assert!(history.lines().count() as u64 >= ev["tally"]["acknowledged"].as_u64().unwrap());
+    assert!(history.contains("\"phase\":\"partitioned\""));
+    let pcap = std::fs::metadata(dir.join("faults/etcd-node06.pcap")).unwrap();
+    assert!(pcap.len() > 1000, "the pcap holds frames");
+    let lb = common::check(result, "lb-backend-cut@node06");
+    eprintln!("load balancer under a cut: {}", lb["message"]);
+    assert_eq!(lb["outcome"], "pass", "{lb}");
+    let ports = result["fabric"]["ports"].as_array().unwrap();
+    assert_eq!(ports.len(), 6);
+    assert!(
+        ports
+            .iter()
+            .any(|p| p["dropped_partition"].as_u64().unwrap() > 0)
+    );
+    let faults = result["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "faults");
+    assert!(
+        faults.unwrap().get("restored").is_none(),
+        "the scenarios healed themselves"
+    );
+}
+
+/// `photon-cluster fault ...` by hand: refusals change nothing (exit 2); a
+/// partition cuts traffic between two guests and a heal restores it; and a
+/// checker broken on purpose (one member's reads discarded) reports lost
+/// writes by key.
+fn faults_by_hand(state: &Path) {
+    for bad in [
+        vec!["fault", "partition", "node99", "node01"],
+        vec!["fault", "link", "node05", "--loss", "130%"],
+        vec!["fault", "crash", "node99"],
+        vec!["restart", "node99"],
+    ] {
+        let out = common::run(state, &bad);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {out:?}");
+    }
+    let ping = "ping -c 1 -W 2 10.77.0.15";
+    let out = common::run(state, &["fault", "partition", "node04", "node05"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(stdout(&out).contains("node04 | node05"));
+    assert_eq!(
+        common::run(state, &["ssh", "node04", ping]).status.code(),
+        Some(1)
+    );
+    let out = common::run(state, &["fault", "status", "--json"]);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(status["partition"].is_array(), "{status}");
+    assert_eq!(
+        common::run(state, &["fault", "heal"]).status.code(),
+        Some(0)
+    );
+    assert_eq!(
+        common::run(state, &["ssh", "node04", ping]).status.code(),
+        Some(0)
+    );
+    let out = common::run(state, &["fault", "pause", "node05"]);
+    assert!(stdout(&out).contains("paused"), "{out:?}");
+    assert_ne!(
+        common::run(state, &["ssh", "node04", ping]).status.code(),
+        Some(0)
+    );
+    assert_eq!(
+        common::run(state, &["fault", "resume", "node05"])
+            .status
+            .code(),
+        Some(0)
+    );
+    assert_eq!(
+        common::run(state, &["ssh", "node04", ping]).status.code(),
+        Some(0)
+    );
+
+    let root = artifacts_dir().join("lanes");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lost-writes.toml");
+    let out = common::run(
+        state,
+        &[
+            "smoke",
+            "--lane-file",
+            fixture.to_str().unwrap(),
+            "--artifacts",
+            root.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "discarded reads must fail the check"
+    );
+    let result = read_json(&root.join("lost-writes/latest/result.json"));
+    let c = common::check(&result, "etcd-reads-skip-node03@node06");
+    let msg = c["message"].as_str().unwrap();
+    assert!(
+        msg.contains("lost") && msg.contains("node03 lacks photon/faults/"),
+        "{msg}"
+    );
+    assert!(c["evidence"]["tally"]["lost"].as_u64().unwrap() > 0);
 }
 
 /// fresh-smoke from nothing: clean, build, start, every layer, stop. Exit 0
@@ -604,6 +725,7 @@ fn reference_cluster_end_to_end() {
     );
 
     snapshot_the_ready_cluster(&state);
+    faults_by_hand(&state);
     smoke_fails_at_the_broken_unit(&state);
     lanes_on_the_running_cluster(&state);
 

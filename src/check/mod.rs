@@ -57,6 +57,9 @@ kinds! {
     lb_drain::LbDrain,
     vm_migration::VmMigration,
     volume_bench::VolumeBench,
+    fault::Fault,
+    etcd_faults::EtcdFaults,
+    lb_failover::LbFailover,
 }
 
 /// What a check kind is: how it binds to targets, whether it is retried,
@@ -189,6 +192,9 @@ pub struct Ctx<'a> {
     pub guests: &'a GuestPool,
     /// The id of the image the cluster's recipe builds now, if known.
     pub current_image: Option<&'a str>,
+    /// The lane's artifact directory, for checks that keep files of their
+    /// own (a pcap, a workload history). None when there is none (tests).
+    pub artifacts: Option<&'a std::path::Path>,
 }
 
 impl Ctx<'_> {
@@ -200,6 +206,22 @@ impl Ctx<'_> {
     /// A session to the target node.
     pub fn guest(&self, target: Option<&str>) -> Result<Arc<Guest>> {
         self.guests.get(self.node(target)?)
+    }
+
+    /// Writes `bytes` to `rel` under the artifact directory; returns `rel`
+    /// for the evidence's `files` list (report.rs lists them in result.json).
+    pub fn keep_file(&self, rel: &str, bytes: &[u8]) -> Result<Option<String>> {
+        let Some(dir) = self.artifacts else {
+            return Ok(None);
+        };
+        crate::files::write_atomic(&dir.join(rel), bytes)?;
+        Ok(Some(rel.to_string()))
+    }
+
+    /// Where a file of this check goes under the artifact directory (for
+    /// files written by someone else, like the switch's pcap).
+    pub fn artifact_path(&self, rel: &str) -> Option<std::path::PathBuf> {
+        self.artifacts.map(|d| d.join(rel))
     }
 
     /// The host side of `node`'s forward called `name`.

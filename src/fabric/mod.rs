@@ -1,9 +1,15 @@
-//! The virtual network: one L2 segment shared by every guest of a cluster,
-//! and the host's 127.0.0.1 forwards into each guest.
+//! The virtual network: one L2 segment shared by every guest of a cluster
+//! (segment.rs: the driver's switch, or QEMU's multicast hub), and the
+//! host's 127.0.0.1 forwards into each guest.
 //!
-//! The segment is QEMU's multicast socket netdev: no root, no helper process.
-//! Each cluster gets its own group and port, derived from its state
-//! directory, so two clusters on one host never see each other's frames.
+//! Neither needs root. A switch binds its own UDP ports per cluster; a hub
+//! gets a group and port derived from the state directory. Either way two
+//! clusters on one host never see each other's frames.
+
+pub mod segment;
+pub mod switch;
+
+pub use segment::{Kind, Link, Segment};
 
 use crate::error::bad_input;
 use crate::spec::{Cluster, Node, Proto};

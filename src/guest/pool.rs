@@ -50,10 +50,10 @@ pub fn connect(record: &RunningCluster, node: &str) -> Result<Guest> {
             node: node.to_string(),
             nodes: record.nodes.keys().cloned().collect::<Vec<_>>().join(", "),
         })?;
-    if !crate::machine::is_running(n.pid) {
+    if !crate::machine::is_running(n.pid_now()) {
         return Err(GuestError::NotRunning {
             node: node.to_string(),
-            pid: n.pid,
+            pid: n.pid_now(),
             console: n.dir.join("vm.log").display().to_string(),
         }
         .into());

@@ -1,6 +1,6 @@
 //! The QEMU command line for one node, as a pure function of its settings.
 
-use crate::fabric::PortForward;
+use crate::fabric::{Link, PortForward};
 use std::path::PathBuf;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -39,8 +39,8 @@ pub struct MachineConfig {
     pub forwards: Vec<PortForward>,
     pub host_mac: String,
     pub fabric_mac: String,
-    /// The multicast group and port of the cluster's L2 segment.
-    pub fabric_mcast: (String, u16),
+    /// How the fabric NIC reaches the cluster's L2 segment.
+    pub fabric: Link,
     pub machine_id: String,
     /// Restore the guest's state from this file (a snapshot) instead of booting.
     pub incoming: Option<PathBuf>,
@@ -120,10 +120,7 @@ pub fn qemu_args(c: &MachineConfig) -> Vec<String> {
     ]);
     arg(&[
         "-netdev",
-        &format!(
-            "socket,id=fabric,mcast={}:{},localaddr=127.0.0.1",
-            c.fabric_mcast.0, c.fabric_mcast.1
-        ),
+        &c.fabric.netdev(),
         "-device",
         &format!("virtio-net-pci,netdev=fabric,mac={}", c.fabric_mac),
     ]);
@@ -188,7 +185,10 @@ mod tests {
             ],
             host_mac: "52:54:00:00:00:04".into(),
             fabric_mac: "52:54:00:4d:00:04".into(),
-            fabric_mcast: ("230.0.77.1".into(), 21000),
+            fabric: Link::Hub {
+                group: "230.0.77.1".into(),
+                port: 21000,
+            },
             machine_id: "0123".into(),
             incoming: None,
         }

@@ -22,16 +22,20 @@ pub const QEMU: &str = "qemu-system-x86_64";
 /// in the terminal reaches the driver (which tears down in order) and not
 /// the guests directly; it outlives `start` on purpose.
 pub fn launch(config: &MachineConfig, qemu_log: &Path) -> Result<Child> {
+    launch_args(&config.name, &qemu_args(config), qemu_log)
+}
+
+/// Launches QEMU with a command line built earlier (a node's restart).
+pub fn launch_args(name: &str, args: &[String], qemu_log: &Path) -> Result<Child> {
     let log = File::create(qemu_log).with_context(|| format!("creating {}", qemu_log.display()))?;
-    let args = qemu_args(config);
     let child = Command::new(QEMU)
-        .args(&args)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .process_group(0)
         .spawn()
-        .with_context(|| format!("{}: spawning {QEMU} {}", config.name, args.join(" ")))?;
+        .with_context(|| format!("{name}: spawning {QEMU} {}", args.join(" ")))?;
     Ok(child)
 }
 

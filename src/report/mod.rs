@@ -52,6 +52,9 @@ pub struct RunReport {
     /// `run` only: the store paths checked, and the impure ones allowed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hermetic: Option<crate::hermetic::Hermetic>,
+    /// The fabric switch at the end of the lane: frames and drops per port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fabric: Option<crate::fabric::switch::Status>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -106,6 +109,7 @@ impl RunReport {
             error: None,
             artifacts: BTreeMap::new(),
             hermetic: None,
+            fabric: None,
         }
     }
 
@@ -245,6 +249,23 @@ pub fn write_check_artifacts(dir: &Path, report: &mut RunReport) -> Result<()> {
         .filter_map(|c| Some((format!("check:{}", c.id), c.artifact.clone()?)))
         .collect();
     report.artifacts.extend(listed);
+    // Files a check kept itself (pcaps, histories): `evidence.files`.
+    let kept: Vec<(String, String)> = report
+        .layers
+        .iter()
+        .flat_map(|l| &l.checks)
+        .flat_map(|c| {
+            let files = c.evidence.get("files").and_then(|f| f.as_object());
+            files
+                .into_iter()
+                .flatten()
+                .filter_map(|(name, rel)| {
+                    Some((format!("check:{}:{name}", c.id), rel.as_str()?.to_string()))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    report.artifacts.extend(kept);
     Ok(())
 }
 

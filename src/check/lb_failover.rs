@@ -1,0 +1,150 @@
+//! `lb_failover`: the load balancer loses a backend to the network. The
+//! check cuts `backend`'s link on the fabric (every frame to and from it
+//! lost), keeps sending requests through the listener from the target node,
+//! and measures:
+//!
+//! - the time until HAProxy's health checks take the backend out: from the
+//!   cut until `streak` requests in a row are all answered by another
+//!   backend (requests that hit the dead backend before that fail or time
+//!   out; they are counted);
+//! - the time until it comes back after the heal: until the backend answers
+//!   a request again.
+//!
+//! The link is restored whatever happens.
+
+use super::{Check, Ctx, Verdict};
+use crate::fabric::switch::LinkFault;
+use crate::fault;
+use crate::guest::Guest;
+use crate::spec::Cluster;
+use crate::text::shell_quote;
+use anyhow::Result;
+use serde::Deserialize;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LbFailover {
+    /// The listener's URL, as the target node reaches it.
+    listener: String,
+    /// The backend node whose link is cut; its answers end with its name.
+    backend: String,
+    /// Requests in a row that must avoid the cut backend.
+    #[serde(default = "default_streak")]
+    streak: u32,
+}
+
+fn default_streak() -> u32 {
+    8
+}
+
+impl Check for LbFailover {
+    fn retried(&self) -> bool {
+        false
+    }
+
+    fn bind(&mut self, target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
+        if cluster.node(&self.backend).is_none() {
+            return Err(format!("no node {:?} in the cluster", self.backend));
+        }
+        if target == Some(self.backend.as_str()) {
+            return Err("the client must not be the backend whose link is cut".into());
+        }
+        Ok(())
+    }
+
+    fn attempt(&self, ctx: &Ctx, target: Option<&str>, budget: Duration) -> Result<Verdict> {
+        let guest = ctx.guest(target)?;
+        let half = budget / 2;
+        let mut ev = json!({ "listener": self.listener, "backend": self.backend });
+        let before = self.request(&guest)?;
+        ev["before"] = json!(before);
+        let cut = LinkFault {
+            loss: 1.0,
+            ..LinkFault::default()
+        };
+        ev["cut"] = json!(fault::link(ctx.record, &self.backend, cut)?);
+        let dropped = self.until(&guest, half, |run, who| {
+            *run = if who.as_deref().is_some_and(|w| w != self.backend) {
+                *run + 1
+            } else {
+                0
+            };
+            *run >= self.streak
+        });
+        let restored = fault::link(ctx.record, &self.backend, LinkFault::default());
+        let (drop_s, drop_answers) = dropped?;
+        restored?;
+        ev["dropped"] = json!({ "seconds": drop_s, "answers": drop_answers });
+        let (back_s, back_answers) = self.until(&guest, half, |_, who| {
+            who.as_deref() == Some(self.backend.as_str())
+        })?;
+        ev["returned"] = json!({ "seconds": back_s, "answers": back_answers });
+        let (Some(drop_s), Some(back_s)) = (drop_s, back_s) else {
+            let what = if drop_s.is_none() {
+                format!(
+                    "{} requests in a row never avoided the cut {} within {:.0} s",
+                    self.streak,
+                    self.backend,
+                    half.as_secs_f64()
+                )
+            } else {
+                format!(
+                    "{} did not come back within {:.0} s of the heal",
+                    self.backend,
+                    half.as_secs_f64()
+                )
+            };
+            return Ok(Verdict::fail(what, ev));
+        };
+        Ok(Verdict::pass(
+            format!(
+                "{} cut: traffic avoided it after {drop_s:.1} s ({} failed requests); \
+                 back {back_s:.1} s after the heal",
+                self.backend,
+                drop_answers.get("(failed)").copied().unwrap_or(0)
+            ),
+            ev,
+        ))
+    }
+}
+
+impl LbFailover {
+    /// One request through the listener: the answering backend's name, or
+    /// None when the request failed.
+    fn request(&self, guest: &Guest) -> Result<Option<String>> {
+        let out = guest.exec(
+            &format!("curl -s -m 2 {}", shell_quote(&self.listener)),
+            Duration::from_secs(10),
+        )?;
+        Ok(out
+            .ok()
+            .then(|| out.stdout.split_whitespace().last().map(String::from))
+            .flatten())
+    }
+
+    /// Sends requests until `done` says so or `within` passes; returns the
+    /// seconds it took (None: never) and who answered how often.
+    fn until(
+        &self,
+        guest: &Guest,
+        within: Duration,
+        mut done: impl FnMut(&mut u32, &Option<String>) -> bool,
+    ) -> Result<(Option<f64>, BTreeMap<String, u32>)> {
+        let t = Instant::now();
+        let mut answers = BTreeMap::new();
+        let mut run = 0;
+        while t.elapsed() < within && !crate::interrupted() {
+            let who = self.request(guest)?;
+            let name = who.clone().unwrap_or_else(|| "(failed)".into());
+            *answers.entry(name).or_insert(0) += 1;
+            if done(&mut run, &who) {
+                return Ok((Some(t.elapsed().as_secs_f64()), answers));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok((None, answers))
+    }
+}
