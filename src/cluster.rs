@@ -135,6 +135,11 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
         state.root.as_std_path(),
         &names,
         restore.as_ref().and_then(|m| m.record.fabric.as_ref()),
+        &ports
+            .values()
+            .flat_map(|p| p.all())
+            .map(|f| f.host)
+            .collect(),
     )?;
 
     // Prepare every node's disks before launching any, so bad input or a

@@ -2,6 +2,15 @@ use clap::Parser;
 use photon_cluster::{cli, error};
 
 fn main() {
+    // `photon-cluster status | head` ends quietly, like any Unix tool,
+    // instead of panicking on the closed pipe.
+    // SAFETY: set once at start, before any thread exists.
+    let _ = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        )
+    };
     photon_cluster::install_interrupt_handler();
     let parsed = cli::Cli::parse();
     match cli::run(parsed) {

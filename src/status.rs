@@ -15,6 +15,9 @@ pub struct ClusterStatus {
     pub accel: crate::machine::accel::AccelChoice,
     pub image: crate::state::ImageRecord,
     pub nodes: Vec<NodeStatus>,
+    /// The L2 segment: `switch` (with its pid, whether it runs, the
+    /// partition and link faults in place) or `hub`.
+    pub fabric: serde_json::Value,
 }
 
 #[derive(Debug, Serialize)]
@@ -94,7 +97,23 @@ pub fn collect(record: &RunningCluster) -> ClusterStatus {
         accel: record.accel.clone(),
         image: record.image.clone(),
         nodes,
+        fabric: fabric(record),
     }
+}
+
+/// What the fabric is and which faults are in place.
+fn fabric(record: &RunningCluster) -> serde_json::Value {
+    let Some(seg) = &record.fabric else {
+        return serde_json::json!({ "kind": "hub" });
+    };
+    let faults = crate::fault::fabric_status(record).ok();
+    serde_json::json!({
+        "kind": seg.kind,
+        "switch_pid": seg.switch_pid,
+        "switch_running": seg.switch_pid.is_some() && seg.switch_running(),
+        "partition": faults.as_ref().and_then(|f| f.partition.clone()),
+        "links": faults.as_ref().map(|f| f.links.clone()),
+    })
 }
 
 pub fn print(status: &ClusterStatus, json: bool) -> Result<()> {
@@ -144,6 +163,20 @@ pub fn print(status: &ClusterStatus, json: bool) -> Result<()> {
             units.trim_end()
         );
     }
+    let f = &status.fabric;
+    println!(
+        "fabric: {}{}{}",
+        f["kind"].as_str().unwrap_or("hub"),
+        match f["switch_pid"].as_i64() {
+            Some(pid) if f["switch_running"] == true => format!(" (pid {pid})"),
+            Some(pid) => format!(" (pid {pid}, NOT RUNNING)"),
+            None => String::new(),
+        },
+        match f["partition"].as_array() {
+            Some(groups) => format!(", partitioned: {}", serde_json::to_string(groups)?),
+            None => String::new(),
+        }
+    );
     // Per-node images: which path (and, if Nix built it, derivation) each node booted.
     for (node, i) in &status.image.nodes {
         if i.drv_path.is_empty() {

@@ -320,7 +320,7 @@ fn lanes_on_the_running_cluster(state: &Path) {
 /// acknowledged write; the load balancer routes around a cut backend; the
 /// pcap and the history are kept, and result.json has the switch counters.
 fn matrix_faults_layer(result: &Value, dir: &Path) {
-    let etcd = common::check(result, "etcd-partition-and-crash@node06");
+    let etcd = common::check(result, "etcd-partition-and-crash");
     assert_eq!(etcd["outcome"], "pass", "{etcd}");
     let ev = &etcd["evidence"];
     eprintln!("etcd under faults: {}", etcd["message"]);
@@ -333,12 +333,12 @@ fn matrix_faults_layer(result: &Value, dir: &Path) {
     assert!(ev["partition"]["majority_acknowledged"].as_u64().unwrap() > 0);
     assert!(ev["partition"]["isolated_caught_up_s"].is_number(), "{ev}");
     assert!(ev["crash"]["caught_up_s"].is_number(), "{ev}");
-    let history = std::fs::read_to_string(dir.join("faults/etcd-node06-history.jsonl")).unwrap();
+    let history = std::fs::read_to_string(dir.join("faults/etcd-history.jsonl")).unwrap();
     assert!(history.lines().count() as u64 >= ev["tally"]["acknowledged"].as_u64().unwrap());
     assert!(history.contains("\"phase\":\"partitioned\""));
-    let pcap = std::fs::metadata(dir.join("faults/etcd-node06.pcap")).unwrap();
+    let pcap = std::fs::metadata(dir.join("faults/etcd.pcap")).unwrap();
     assert!(pcap.len() > 1000, "the pcap holds frames");
-    let lb = common::check(result, "lb-backend-cut@node06");
+    let lb = common::check(result, "lb-backend-cut");
     eprintln!("load balancer under a cut: {}", lb["message"]);
     assert_eq!(lb["outcome"], "pass", "{lb}");
     let ports = result["fabric"]["ports"].as_array().unwrap();
@@ -427,7 +427,7 @@ fn faults_by_hand(state: &Path) {
         "discarded reads must fail the check"
     );
     let result = read_json(&root.join("lost-writes/latest/result.json"));
-    let c = common::check(&result, "etcd-reads-skip-node03@node06");
+    let c = common::check(&result, "etcd-reads-skip-node03");
     let msg = c["message"].as_str().unwrap();
     assert!(
         msg.contains("lost") && msg.contains("node03 lacks photon/faults/"),

@@ -1,7 +1,8 @@
 //! `etcd_faults`: replicated state under faults, Jepsen-style. A client on
-//! the target node writes distinct keys at a steady rate for the whole
-//! scenario, round-robin over the members, and records what each write
-//! learned (history.rs). Meanwhile:
+//! the host writes distinct keys at a steady rate for the whole scenario,
+//! round-robin over the members through each member's forward to etcd's
+//! JSON gateway (etcd_gateway.rs), and records what each write learned
+//! (history.rs). Meanwhile:
 //!
 //! 1. healthy for `phase_s`;
 //! 2. `isolate` is partitioned away from every other node: the majority
@@ -19,12 +20,11 @@
 //! `discard_reads_of = "node03"` throws that member's final read away, so
 //! the check is seen to fail on lost writes (tests/cluster_e2e.rs).
 
+use super::etcd_gateway::Gateway;
 use super::{Check, Ctx, Verdict};
 use crate::fault;
-use crate::guest::{self, Guest};
 use crate::history::{self, Ack, Op, Tally};
-use crate::spec::Cluster;
-use crate::text::shell_quote;
+use crate::spec::{Cluster, Proto};
 use crate::wait::{Pause, Probe, Wait};
 use anyhow::Result;
 use serde::Deserialize;
@@ -39,6 +39,9 @@ use std::time::{Duration, Instant};
 pub struct EtcdFaults {
     /// The etcd members (selections like `role:control` work).
     members: Vec<String>,
+    /// The forward to each member's etcd client port.
+    #[serde(default = "default_forward")]
+    forward: String,
     /// The member partitioned away from every other node.
     isolate: String,
     /// The member crashed and restarted (none: no crash phase).
@@ -61,8 +64,11 @@ pub struct EtcdFaults {
 /// As long as `start` gives a node to become ready.
 const RESTART_TIMEOUT: Duration = Duration::from_secs(600);
 
+fn default_forward() -> String {
+    "etcd".into()
+}
 fn default_rate() -> f64 {
-    4.0
+    10.0
 }
 fn default_phase() -> u64 {
     12
@@ -72,11 +78,15 @@ fn default_catch_up() -> u64 {
 }
 
 impl Check for EtcdFaults {
+    fn needs_target(&self) -> bool {
+        false
+    }
+
     fn retried(&self) -> bool {
         false
     }
 
-    fn bind(&mut self, target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
+    fn bind(&mut self, _target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
         self.members = cluster.select(&self.members)?;
         let named = [("isolate", Some(&self.isolate)), ("crash", self.crash.as_ref())];
         for (what, m) in named.into_iter().filter_map(|(w, m)| Some((w, m?))) {
@@ -84,26 +94,21 @@ impl Check for EtcdFaults {
                 return Err(format!("{what} = {m:?} is not one of the members"));
             }
         }
-        if let Some(t) = target
-            && (t == self.isolate || self.crash.as_deref() == Some(t))
-        {
-            return Err(format!(
-                "the client ({t}) must not be the node the scenario isolates or crashes"
-            ));
+        for m in &self.members {
+            super::require_forward(Some(m), cluster, &self.forward, Proto::Tcp)?;
         }
-        if !(self.rate > 0.0 && self.rate <= 50.0) {
-            return Err("rate must be between 0 and 50 writes per second".into());
+        if !(self.rate > 0.0 && self.rate <= 100.0) {
+            return Err("rate must be between 0 and 100 writes per second".into());
         }
         Ok(())
     }
 
-    fn attempt(&self, ctx: &Ctx, target: Option<&str>, _budget: Duration) -> Result<Verdict> {
-        let client = ctx.node(target)?;
-        let pcap = format!("faults/etcd-{client}.pcap");
-        if let Some(path) = ctx.artifact_path(&pcap) {
+    fn attempt(&self, ctx: &Ctx, _target: Option<&str>, _budget: Duration) -> Result<Verdict> {
+        let pcap = "faults/etcd.pcap";
+        if let Some(path) = ctx.artifact_path(pcap) {
             fault::capture_start(ctx.record, &path)?;
         }
-        let outcome = self.scenario(ctx, client);
+        let outcome = self.scenario(ctx);
         // Whatever happened, leave the fabric whole for the next check.
         let healed = fault::heal(ctx.record);
         let captured = fault::capture_stop(ctx.record);
@@ -114,8 +119,8 @@ impl Check for EtcdFaults {
             files.insert("pcap".into(), json!(pcap));
             verdict.evidence["captured_frames"] = json!(frames);
         }
-        let rel = format!("faults/etcd-{client}-history.jsonl");
-        if let Some(kept) = ctx.keep_file(&rel, history::to_jsonl(&ops).as_bytes())? {
+        let rel = "faults/etcd-history.jsonl";
+        if let Some(kept) = ctx.keep_file(rel, history::to_jsonl(&ops).as_bytes())? {
             files.insert("history".into(), json!(kept));
         }
         verdict.evidence["files"] = json!(files);
@@ -146,29 +151,36 @@ impl Workload {
 }
 
 impl EtcdFaults {
-    fn scenario(&self, ctx: &Ctx, client: &str) -> Result<(Verdict, Vec<Op>)> {
+    /// A gateway client for `member`, with requests cut at `timeout`.
+    fn gateway(&self, ctx: &Ctx, member: &str, timeout: Duration) -> Result<Gateway> {
+        Ok(Gateway::new(ctx.forward(member, &self.forward)?.host, timeout))
+    }
+
+    fn scenario(&self, ctx: &Ctx) -> Result<(Verdict, Vec<Op>)> {
         let nanos = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
         let prefix = format!("photon/faults/{nanos}/");
-        let addrs: Vec<(String, String)> = self
+        let gateways: Vec<(String, Gateway)> = self
             .members
             .iter()
-            .map(|m| {
-                let a = ctx.cluster.node(m).map(|n| n.address.to_string());
-                (m.clone(), a.unwrap_or_default())
-            })
-            .collect();
+            .map(|m| Ok((m.clone(), self.gateway(ctx, m, Duration::from_secs(2))?)))
+            .collect::<Result<_>>()?;
+        let readers: BTreeMap<String, Gateway> = self
+            .members
+            .iter()
+            .map(|m| Ok((m.clone(), self.gateway(ctx, m, Duration::from_secs(5))?)))
+            .collect::<Result<_>>()?;
         let w = Workload {
             started: Instant::now(),
             phase: Mutex::new("healthy"),
             ops: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
         };
-        let mut ev = json!({ "client": client, "members": self.members, "prefix": prefix,
+        let mut ev = json!({ "client": "host", "members": self.members, "prefix": prefix,
                              "isolate": self.isolate, "crash": self.crash, "rate": self.rate });
         let phase = Duration::from_secs(self.phase_s);
         let catch_up = Duration::from_secs(self.catch_up_s);
         let steps = std::thread::scope(|s| -> Result<Vec<String>> {
-            let writer = s.spawn(|| write_loop(ctx, client, &addrs, &prefix, self.rate, &w));
+            let writer = s.spawn(|| write_loop(&gateways, &prefix, self.rate, &w));
             let steps = (|| -> Result<Vec<String>> {
                 let mut problems = Vec::new();
                 std::thread::sleep(phase);
@@ -187,7 +199,7 @@ impl EtcdFaults {
                 let cut_at = Instant::now();
                 // Past the election timeout (5 s), the isolated member knows.
                 std::thread::sleep(Duration::from_secs(6));
-                let probe = isolated_probe(ctx, &self.isolate, &prefix)?;
+                let probe = isolated_probe(&readers[&self.isolate], &prefix);
                 let refused = probe["linearizable_read_refused"] == json!(true)
                     && probe["write_refused"] == json!(true);
                 if !refused {
@@ -212,7 +224,7 @@ impl EtcdFaults {
                 }
                 fault::heal(ctx.record)?;
                 w.set_phase("healed");
-                let caught = catch_up_time(ctx, &self.isolate, &prefix, &w.acked(), catch_up);
+                let caught = catch_up_time(&readers[&self.isolate], &self.isolate, &prefix, &w.acked(), catch_up);
                 ev["partition"]["isolated_caught_up_s"] = json!(caught.as_ref().ok());
                 if let Err(e) = caught {
                     problems.push(format!("after the heal, {e}"));
@@ -228,7 +240,7 @@ impl EtcdFaults {
                     ctx.guests.forget(crash);
                     ev["crash"]["restart"] = json!({ "said": said, "ready_after_s": ready_s });
                     w.set_phase("recovered");
-                    let caught = catch_up_time(ctx, crash, &prefix, &w.acked(), catch_up);
+                    let caught = catch_up_time(&readers[crash], crash, &prefix, &w.acked(), catch_up);
                     ev["crash"]["caught_up_s"] = json!(caught.as_ref().ok());
                     if let Err(e) = caught {
                         problems.push(format!("after the restart, {e}"));
@@ -255,11 +267,11 @@ impl EtcdFaults {
             .collect();
         let mut held = BTreeMap::new();
         for m in &self.members {
-            let _ = catch_up_time(ctx, m, &prefix, &acked, Duration::from_secs(30));
+            let _ = catch_up_time(&readers[m], m, &prefix, &acked, Duration::from_secs(30));
             let keys = if self.discard_reads_of.as_deref() == Some(m) {
                 BTreeSet::new()
             } else {
-                member_keys(&guest::connect(ctx.record, m)?, &prefix)?
+                readers[m].keys(&prefix, true)?
             };
             held.insert(m.clone(), keys);
         }
@@ -311,40 +323,16 @@ impl EtcdFaults {
 
 /// The client: one write at a time at `rate`, round-robin over the members,
 /// each recorded with what it learned. It never stops on an error.
-fn write_loop(
-    ctx: &Ctx,
-    client: &str,
-    members: &[(String, String)],
-    prefix: &str,
-    rate: f64,
-    w: &Workload,
-) {
+fn write_loop(members: &[(String, Gateway)], prefix: &str, rate: f64, w: &Workload) {
     let every = Duration::from_secs_f64(1.0 / rate);
-    let mut session: Option<Guest> = None;
     let mut seq = 0u64;
     while !w.stop.load(Ordering::SeqCst) && !crate::interrupted() {
         let tick = Instant::now();
-        let (member, addr) = &members[seq as usize % members.len()];
+        let (member, gateway) = &members[seq as usize % members.len()];
         let key = format!("{prefix}{seq:06}");
-        let cmd = format!(
-            "ETCDCTL_API=3 etcdctl --endpoints=http://{addr}:2379 --dial-timeout=1s \
-             --command-timeout=2s put {} {seq}",
-            shell_quote(&key)
-        );
         let phase = *w.phase.lock().expect("phase");
         let start_ms = w.started.elapsed().as_millis() as u64;
-        if session.is_none() {
-            session = guest::connect(ctx.record, client).ok();
-        }
-        let (result, error) = match session.as_ref().map(|g| g.exec(&cmd, Duration::from_secs(6))) {
-            Some(Ok(out)) if out.ok() && out.stdout.trim() == "OK" => (Ack::Acknowledged, String::new()),
-            Some(Ok(out)) => (classify(&out.stderr), out.stderr.trim().to_string()),
-            Some(Err(e)) => {
-                session = None;
-                (Ack::Indeterminate, format!("client session: {e:#}"))
-            }
-            None => (Ack::Indeterminate, "no session to the client node".into()),
-        };
+        let (result, error) = gateway.put(&key, &seq.to_string());
         w.ops.lock().expect("ops").push(Op {
             seq,
             key,
@@ -360,105 +348,54 @@ fn write_loop(
     }
 }
 
-/// What a failed etcdctl write means. Only answers given before the write
-/// was proposed are refusals; a timeout may have been applied.
-fn classify(stderr: &str) -> Ack {
-    const REFUSED: [&str; 3] = ["connection refused", "etcdserver: no leader", "not capable"];
-    if REFUSED.iter().any(|r| stderr.contains(r)) {
-        Ack::Refused
-    } else {
-        Ack::Indeterminate
-    }
+/// Asks the isolated member itself for a linearizable read and a write;
+/// both must fail while it cannot reach a quorum.
+fn isolated_probe(member: &Gateway, prefix: &str) -> serde_json::Value {
+    let key = format!("{prefix}isolated-probe");
+    let read = member.linearizable_read(&key);
+    let (write, write_error) = member.put(&key, "x");
+    json!({
+        "linearizable_read_refused": read.is_err(),
+        "linearizable_read": match &read { Ok(()) => "served".to_string(), Err(e) => format!("{e:#}") },
+        "write_refused": write != Ack::Acknowledged,
+        "write": if write_error.is_empty() { "acknowledged".to_string() } else { write_error },
+    })
 }
 
-/// Asks the isolated member itself for a linearizable read and a write; both
-/// must fail while it cannot reach a quorum.
-fn isolated_probe(ctx: &Ctx, member: &str, prefix: &str) -> Result<serde_json::Value> {
-    let g = guest::connect(ctx.record, member)?;
-    let base = "ETCDCTL_API=3 etcdctl --endpoints=http://127.0.0.1:2379 --command-timeout=3s";
-    let key = shell_quote(&format!("{prefix}isolated-probe"));
-    let read = g.exec(&format!("{base} get --consistency=l {key}"), Duration::from_secs(10))?;
-    let write = g.exec(&format!("{base} put {key} x"), Duration::from_secs(10))?;
-    Ok(json!({
-        "linearizable_read_refused": !read.ok(),
-        "linearizable_read": format!("{}{}", read.stdout, read.stderr).trim(),
-        "write_refused": !write.ok(),
-        "write": format!("{}{}", write.stdout, write.stderr).trim(),
-    }))
-}
-
-/// The keys under `prefix` in the member's own copy (a serializable read).
-fn member_keys(g: &Guest, prefix: &str) -> Result<BTreeSet<String>> {
-    let out = g.succeed(
-        &format!(
-            "ETCDCTL_API=3 etcdctl --endpoints=http://127.0.0.1:2379 --command-timeout=10s \
-             get --prefix --keys-only --consistency=s {}",
-            shell_quote(prefix)
-        ),
-        Duration::from_secs(20),
-    )?;
-    Ok(out
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(String::from)
-        .collect())
-}
-
-/// Seconds until `member` holds every key of `acked`, or what it lacked.
+/// Seconds until `member` holds every key of `acked` in its own copy, or
+/// what it lacked.
 fn catch_up_time(
-    ctx: &Ctx,
+    gateway: &Gateway,
     member: &str,
     prefix: &str,
     acked: &[Op],
     within: Duration,
 ) -> Result<f64, String> {
     let t = Instant::now();
-    let mut session: Option<Guest> = None;
     let mut last = String::from("never read");
     Wait::new(format!("{member} serves every acknowledged key"), within)
-        .pause(Pause::Every(Duration::from_millis(250)))
+        .pause(Pause::Every(Duration::from_millis(100)))
         .run(|| {
-            if session.is_none() {
-                session = guest::connect(ctx.record, member).ok();
-            }
-            let Some(g) = &session else {
-                last = "no SSH session".into();
-                return Ok(Probe::Pending(last.clone()));
-            };
-            match member_keys(g, prefix) {
+            match gateway.keys(prefix, true) {
                 Ok(keys) => {
                     let absent = history::absent(acked, &keys);
                     if absent.is_empty() {
                         return Ok(Probe::Done(t.elapsed().as_secs_f64()));
                     }
-                    last = format!("{} acknowledged key(s) absent, e.g. {}", absent.len(), absent[0]);
+                    last = format!(
+                        "{} acknowledged key(s) absent, e.g. {}",
+                        absent.len(),
+                        absent[0]
+                    );
                 }
-                Err(e) => {
-                    session = None;
-                    last = format!("{e:#}");
-                }
+                Err(e) => last = format!("{e:#}"),
             }
             Ok(Probe::Pending(last.clone()))
         })
-        .map_err(|_| format!("{member} did not serve every acknowledged key within {} s: {last}", within.as_secs()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_answers_before_the_proposal_are_refusals() {
-        assert_eq!(classify("Error: etcdserver: no leader"), Ack::Refused);
-        assert_eq!(
-            classify("dial tcp 10.77.0.13:2379: connect: connection refused"),
-            Ack::Refused
-        );
-        assert_eq!(
-            classify("Error: context deadline exceeded"),
-            Ack::Indeterminate
-        );
-        assert_eq!(classify("etcdserver: request timed out"), Ack::Indeterminate);
-    }
+        .map_err(|_| {
+            format!(
+                "{member} did not serve every acknowledged key within {} s: {last}",
+                within.as_secs()
+            )
+        })
 }

@@ -1,7 +1,7 @@
 //! `lb_failover`: the load balancer loses a backend to the network. The
 //! check cuts `backend`'s link on the fabric (every frame to and from it
-//! lost), keeps sending requests through the listener from the target node,
-//! and measures:
+//! lost), keeps sending requests from the host through the listener (the
+//! `forward` of `node`, where HAProxy runs), and measures:
 //!
 //! - the time until HAProxy's health checks take the backend out: from the
 //!   cut until `streak` requests in a row are all answered by another
@@ -15,9 +15,7 @@
 use super::{Check, Ctx, Verdict};
 use crate::fabric::switch::LinkFault;
 use crate::fault;
-use crate::guest::Guest;
-use crate::spec::Cluster;
-use crate::text::shell_quote;
+use crate::spec::{Cluster, Proto};
 use anyhow::Result;
 use serde::Deserialize;
 use serde_json::json;
@@ -27,8 +25,13 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LbFailover {
-    /// The listener's URL, as the target node reaches it.
-    listener: String,
+    /// The node whose load balancer is tested, and the forward to its listener.
+    node: String,
+    #[serde(default = "default_forward")]
+    forward: String,
+    /// The path requested through the listener.
+    #[serde(default = "default_path")]
+    path: String,
     /// The backend node whose link is cut; its answers end with its name.
     backend: String,
     /// Requests in a row that must avoid the cut backend.
@@ -36,37 +39,52 @@ pub struct LbFailover {
     streak: u32,
 }
 
+fn default_forward() -> String {
+    "haproxy".into()
+}
+fn default_path() -> String {
+    "/".into()
+}
 fn default_streak() -> u32 {
     8
 }
 
 impl Check for LbFailover {
+    fn needs_target(&self) -> bool {
+        false
+    }
+
     fn retried(&self) -> bool {
         false
     }
 
-    fn bind(&mut self, target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
+    fn bind(&mut self, _target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
         if cluster.node(&self.backend).is_none() {
             return Err(format!("no node {:?} in the cluster", self.backend));
         }
-        if target == Some(self.backend.as_str()) {
-            return Err("the client must not be the backend whose link is cut".into());
+        if self.node == self.backend {
+            return Err("the load balancer's node must not be the backend whose link is cut".into());
         }
-        Ok(())
+        super::require_forward(Some(&self.node), cluster, &self.forward, Proto::Tcp)
     }
 
-    fn attempt(&self, ctx: &Ctx, target: Option<&str>, budget: Duration) -> Result<Verdict> {
-        let guest = ctx.guest(target)?;
+    fn attempt(&self, ctx: &Ctx, _target: Option<&str>, budget: Duration) -> Result<Verdict> {
+        let port = ctx.forward(&self.node, &self.forward)?.host;
+        let listener = format!("http://127.0.0.1:{port}{}", self.path);
+        let listener_client = Listener {
+            url: listener.clone(),
+            agent: super::http::host_agent(Duration::from_secs(2)),
+        };
         let half = budget / 2;
-        let mut ev = json!({ "listener": self.listener, "backend": self.backend });
-        let before = self.request(&guest)?;
+        let mut ev = json!({ "listener": listener, "node": self.node, "backend": self.backend });
+        let before = self.request(&listener_client)?;
         ev["before"] = json!(before);
         let cut = LinkFault {
             loss: 1.0,
             ..LinkFault::default()
         };
         ev["cut"] = json!(fault::link(ctx.record, &self.backend, cut)?);
-        let dropped = self.until(&guest, half, |run, who| {
+        let dropped = self.until(&listener_client, half, |run, who| {
             *run = if who.as_deref().is_some_and(|w| w != self.backend) {
                 *run + 1
             } else {
@@ -78,7 +96,7 @@ impl Check for LbFailover {
         let (drop_s, drop_answers) = dropped?;
         restored?;
         ev["dropped"] = json!({ "seconds": drop_s, "answers": drop_answers });
-        let (back_s, back_answers) = self.until(&guest, half, |_, who| {
+        let (back_s, back_answers) = self.until(&listener_client, half, |_, who| {
             who.as_deref() == Some(self.backend.as_str())
         })?;
         ev["returned"] = json!({ "seconds": back_s, "answers": back_answers });
@@ -111,25 +129,29 @@ impl Check for LbFailover {
     }
 }
 
+/// The listener as the host reaches it.
+struct Listener {
+    url: String,
+    agent: ureq::Agent,
+}
+
 impl LbFailover {
-    /// One request through the listener: the answering backend's name, or
-    /// None when the request failed.
-    fn request(&self, guest: &Guest) -> Result<Option<String>> {
-        let out = guest.exec(
-            &format!("curl -s -m 2 {}", shell_quote(&self.listener)),
-            Duration::from_secs(10),
-        )?;
-        Ok(out
-            .ok()
-            .then(|| out.stdout.split_whitespace().last().map(String::from))
-            .flatten())
+    /// One request through the listener: the answering backend's name (the
+    /// last word of its page), or None when the request failed.
+    fn request(&self, l: &Listener) -> Result<Option<String>> {
+        let answer = l.agent.get(&l.url).call().ok().and_then(|mut r| {
+            (r.status().as_u16() == 200)
+                .then(|| r.body_mut().read_to_string().ok())
+                .flatten()
+        });
+        Ok(answer.and_then(|text| text.split_whitespace().last().map(String::from)))
     }
 
     /// Sends requests until `done` says so or `within` passes; returns the
     /// seconds it took (None: never) and who answered how often.
     fn until(
         &self,
-        guest: &Guest,
+        l: &Listener,
         within: Duration,
         mut done: impl FnMut(&mut u32, &Option<String>) -> bool,
     ) -> Result<(Option<f64>, BTreeMap<String, u32>)> {
@@ -137,7 +159,7 @@ impl LbFailover {
         let mut answers = BTreeMap::new();
         let mut run = 0;
         while t.elapsed() < within && !crate::interrupted() {
-            let who = self.request(guest)?;
+            let who = self.request(l)?;
             let name = who.clone().unwrap_or_else(|| "(failed)".into());
             *answers.entry(name).or_insert(0) += 1;
             if done(&mut run, &who) {

@@ -27,6 +27,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use http::HttpExpect;
+
+mod etcd_gateway;
 pub use nested_guest::{multiboot, print_to_com1};
 
 /// Registers each kind with one line: `module::Struct`. The module is the

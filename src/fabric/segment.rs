@@ -72,12 +72,15 @@ pub struct Segment {
 
 impl Segment {
     /// Chooses every node's link. A restored cluster (`saved`) keeps its
-    /// links, since they are part of each guest's saved command line.
+    /// links, since they are part of each guest's saved command line. New
+    /// ports are never one of `avoid` (the host forwards just chosen, whose
+    /// sockets are closed again until QEMU binds them).
     pub fn plan(
         kind: Kind,
         state_root: &Path,
         nodes: &[String],
         saved: Option<&Segment>,
+        avoid: &std::collections::BTreeSet<u16>,
     ) -> Result<Segment> {
         if let Some(saved) = saved {
             for link in saved.links.values() {
@@ -118,14 +121,17 @@ impl Segment {
             }
             Kind::Switch => {
                 // Every socket stays bound until all are chosen: no port twice.
-                let held: Vec<UdpSocket> = (0..nodes.len() * 2)
-                    .map(|_| UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)))
-                    .collect::<std::io::Result<_>>()
-                    .context("choosing the fabric's UDP ports")?;
-                let ports: Vec<u16> = held
-                    .iter()
-                    .map(|s| s.local_addr().map(|a| a.port()))
-                    .collect::<std::io::Result<_>>()?;
+                let mut held = Vec::new();
+                let mut ports = Vec::new();
+                while ports.len() < nodes.len() * 2 {
+                    let s = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+                        .context("choosing the fabric's UDP ports")?;
+                    let port = s.local_addr()?.port();
+                    if !avoid.contains(&port) {
+                        ports.push(port);
+                    }
+                    held.push(s);
+                }
                 nodes
                     .iter()
                     .zip(ports.chunks(2))
@@ -271,7 +277,14 @@ mod tests {
     #[test]
     fn a_switched_segment_gives_every_node_its_own_pair_of_ports() {
         let nodes: Vec<String> = ["node01", "node02", "node03"].map(String::from).to_vec();
-        let s = Segment::plan(Kind::Switch, Path::new("/tmp/x"), &nodes, None).unwrap();
+        let s = Segment::plan(
+            Kind::Switch,
+            Path::new("/tmp/x"),
+            &nodes,
+            None,
+            &Default::default(),
+        )
+        .unwrap();
         let mut ports: Vec<u16> = s
             .links
             .values()
@@ -297,7 +310,14 @@ mod tests {
     #[test]
     fn a_hub_segment_shares_one_group() {
         let nodes: Vec<String> = ["a", "b"].map(String::from).to_vec();
-        let s = Segment::plan(Kind::Hub, Path::new("/tmp/x"), &nodes, None).unwrap();
+        let s = Segment::plan(
+            Kind::Hub,
+            Path::new("/tmp/x"),
+            &nodes,
+            None,
+            &Default::default(),
+        )
+        .unwrap();
         assert_eq!(s.links["a"], s.links["b"]);
         assert!(s.links["a"].netdev().contains("mcast=230."));
         let e = s.request(&Request::Heal).unwrap_err();

@@ -28,7 +28,7 @@ pub fn launch(config: &MachineConfig, qemu_log: &Path) -> Result<Child> {
 /// Launches QEMU with a command line built earlier (a node's restart).
 pub fn launch_args(name: &str, args: &[String], qemu_log: &Path) -> Result<Child> {
     let log = File::create(qemu_log).with_context(|| format!("creating {}", qemu_log.display()))?;
-    let child = Command::new(QEMU)
+    let mut child = Command::new(QEMU)
         .args(args)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -36,6 +36,17 @@ pub fn launch_args(name: &str, args: &[String], qemu_log: &Path) -> Result<Child
         .process_group(0)
         .spawn()
         .with_context(|| format!("{name}: spawning {QEMU} {}", args.join(" ")))?;
+    // Until the child has exec'd, its /proc cmdline is still ours, and
+    // `is_running` would call a starting QEMU dead (the "QEMU exited during
+    // boot" at 0.0 s with empty logs, seen now and then).
+    let pid = child.id() as i32;
+    let t = std::time::Instant::now();
+    while !is_running(pid) && t.elapsed() < Duration::from_secs(5) {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
     Ok(child)
 }
 
