@@ -317,6 +317,74 @@ pub fn boot(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result<
     Ok(())
 }
 
+/// `photon-cluster bench-fabric`: TCP throughput between two guests over
+/// the driver's switch against QEMU's multicast hub. Boots the cluster on
+/// each in turn (same images, same guests), and times `transfers` 32 MiB
+/// transfers from `from` to `to` with socat, timed inside the sender.
+pub fn fabric(
+    cluster: &Cluster,
+    state: &StateDir,
+    opts: &StartOptions,
+    (from, to): (&str, &str),
+    transfers: usize,
+) -> Result<Pair> {
+    if state.load_running()?.is_some() {
+        bail!("bench-fabric boots its own cluster; stop the running one first");
+    }
+    let to_addr = cluster
+        .node(to)
+        .map(|n| n.address.to_string())
+        .with_context(|| format!("no node {to} in the cluster"))?;
+    cluster.node(from).with_context(|| format!("no node {from} in the cluster"))?;
+    let mut rates = Vec::new();
+    for kind in [crate::fabric::Kind::Switch, crate::fabric::Kind::Hub] {
+        tracing::info!("bench-fabric: starting on the {kind:?} fabric");
+        let o = StartOptions {
+            fabric: kind,
+            ..opts.clone()
+        };
+        let record = cluster::start(cluster, state, &o)?;
+        let measured = (|| -> Result<Vec<f64>> {
+            let rx = guest::connect(&record, to)?;
+            rx.succeed(
+                "pkill -f 'TCP-LISTEN:5001' ; (setsid socat -u TCP-LISTEN:5001,reuseaddr,fork \
+                 OPEN:/dev/null,wronly >/dev/null 2>&1 &) ; sleep 1",
+                Duration::from_secs(20),
+            )?;
+            let tx = guest::connect(&record, from)?;
+            (0..transfers)
+                .map(|_| {
+                    let out = tx.succeed(
+                        &format!(
+                            "a=$(date +%s%N); dd if=/dev/zero bs=64k count=512 2>/dev/null | \
+                             socat -u - TCP:{to_addr}:5001; b=$(date +%s%N); echo $(( (b-a)/1000 ))"
+                        ),
+                        Duration::from_secs(300),
+                    )?;
+                    let micros: f64 = out.trim().parse().context("transfer time")?;
+                    Ok(32.0 / (micros / 1e6))
+                })
+                .collect()
+        })();
+        cluster::stop(state, Duration::from_secs(20))?;
+        let mb_s = measured?;
+        tracing::info!("bench-fabric: {kind:?}: {mb_s:?} MiB/s");
+        rates.push(mb_s);
+    }
+    let hub = rates.pop().expect("hub");
+    let switch = rates.pop().expect("switch");
+    // The pair's "seconds" are MiB/s here: ratio > 1 means the switch is faster.
+    let pair = Pair::new(
+        &format!("TCP throughput {from} -> {to}, MiB/s (32 MiB per transfer)"),
+        "the driver's switch",
+        "QEMU's multicast hub",
+        switch,
+        hub,
+    );
+    pair.print();
+    Ok(pair)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -202,6 +202,21 @@ pub enum Cmd {
         #[arg(long, default_value = "bench.json")]
         out: PathBuf,
     },
+    /// Measure TCP throughput between two guests over the driver's fabric
+    /// switch against QEMU's multicast hub: boots the cluster on each in
+    /// turn and times 32 MiB transfers (median, min, max, ratio).
+    BenchFabric {
+        #[command(flatten)]
+        start: StartArgs,
+        /// Sender and receiver.
+        #[arg(long, default_value = "node04")]
+        from: String,
+        #[arg(long, default_value = "node05")]
+        to: String,
+        /// Transfers on each fabric.
+        #[arg(long, default_value_t = 5)]
+        transfers: usize,
+    },
     /// Inject a fault into the running cluster: cut the fabric into groups,
     /// degrade a node's link, crash, pause or resume a node. Each prints what
     /// it did; an unknown node is refused (exit 2) and nothing changes.
@@ -628,6 +643,16 @@ pub fn run(cli: Cli) -> Result<i32> {
             }
         }
         Cmd::Snapshot(cmd) => snapshot_command(&cluster, &state, cmd)?,
+        Cmd::BenchFabric {
+            start,
+            from,
+            to,
+            transfers,
+        } => {
+            let _lock = state.lock("bench-fabric")?;
+            let opts = start.options("bench-fabric", true);
+            crate::bench::fabric(&cluster, &state, &opts, (&from, &to), transfers)?;
+        }
         Cmd::Fault(cmd) => fault_command(&require_running(&state)?, cmd)?,
         Cmd::Restart {
             node,
