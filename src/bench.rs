@@ -335,7 +335,9 @@ pub fn fabric(
         .node(to)
         .map(|n| n.address.to_string())
         .with_context(|| format!("no node {to} in the cluster"))?;
-    cluster.node(from).with_context(|| format!("no node {from} in the cluster"))?;
+    cluster
+        .node(from)
+        .with_context(|| format!("no node {from} in the cluster"))?;
     let mut rates = Vec::new();
     for kind in [crate::fabric::Kind::Switch, crate::fabric::Kind::Hub] {
         tracing::info!("bench-fabric: starting on the {kind:?} fabric");

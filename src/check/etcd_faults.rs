@@ -286,7 +286,10 @@ impl EtcdFaults {
                     tally
                         .missing
                         .iter()
-                        .map(|(m, k)| format!("{m} lacks {}", k.join(" ")))
+                        .map(|(m, k)| {
+                            let more = if k.len() > 5 { " ..." } else { "" };
+                            format!("{m} lacks {}{more}", k[..k.len().min(5)].join(" "))
+                        })
                         .collect::<Vec<_>>()
                         .join("; ")
                 ),
