@@ -99,6 +99,14 @@ fn sigkill_during_start_is_reaped_by_the_next_command(state: &Path) {
     assert!(err.contains("reaped 6 QEMU"), "{err}");
     assert_eq!(out.status.code(), Some(2), "no cluster is left running");
     assert_eq!(common::qemu_pids_mentioning(needle), Vec::<i32>::new());
+    let t = Instant::now();
+    while !common::pids_mentioning("fabric-switch", needle).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the fabric switch outlived its cluster"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn artifacts_dir() -> std::path::PathBuf {
@@ -338,6 +346,24 @@ fn matrix_faults_layer(result: &Value, dir: &Path) {
     assert!(history.contains("\"phase\":\"partitioned\""));
     let pcap = std::fs::metadata(dir.join("faults/etcd.pcap")).unwrap();
     assert!(pcap.len() > 1000, "the pcap holds frames");
+    let redis = common::check(result, "redis-primary-partitioned");
+    eprintln!("redis under a partition: {}", redis["message"]);
+    assert_ne!(redis["outcome"], "fail", "{redis}");
+    if redis["outcome"] == "degraded" {
+        assert!(
+            redis["message"]
+                .as_str()
+                .unwrap()
+                .contains("acknowledged-then-lost")
+        );
+    }
+    for r in ["node02", "node03"] {
+        assert!(
+            redis["evidence"]["converged_after_heal_s"][r].is_number(),
+            "{redis}"
+        );
+    }
+    assert!(dir.join("faults/redis-history.jsonl").is_file());
     let lb = common::check(result, "lb-backend-cut");
     eprintln!("load balancer under a cut: {}", lb["message"]);
     assert_eq!(lb["outcome"], "pass", "{lb}");

@@ -21,6 +21,7 @@
 //! the check is seen to fail on lost writes (tests/cluster_e2e.rs).
 
 use super::etcd_gateway::Gateway;
+use super::scenario::{self, Workload};
 use super::{Check, Ctx, Verdict};
 use crate::fault;
 use crate::history::{self, Ack, Op, Tally};
@@ -30,8 +31,6 @@ use anyhow::Result;
 use serde::Deserialize;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Deserialize)]
@@ -104,49 +103,7 @@ impl Check for EtcdFaults {
     }
 
     fn attempt(&self, ctx: &Ctx, _target: Option<&str>, _budget: Duration) -> Result<Verdict> {
-        let pcap = "faults/etcd.pcap";
-        if let Some(path) = ctx.artifact_path(pcap) {
-            fault::capture_start(ctx.record, &path)?;
-        }
-        let outcome = self.scenario(ctx);
-        // Whatever happened, leave the fabric whole for the next check.
-        let healed = fault::heal(ctx.record);
-        let captured = fault::capture_stop(ctx.record);
-        let (mut verdict, ops) = outcome?;
-        healed?;
-        let mut files = serde_json::Map::new();
-        if let Ok((Some(_), frames)) = captured {
-            files.insert("pcap".into(), json!(pcap));
-            verdict.evidence["captured_frames"] = json!(frames);
-        }
-        let rel = "faults/etcd-history.jsonl";
-        if let Some(kept) = ctx.keep_file(rel, history::to_jsonl(&ops).as_bytes())? {
-            files.insert("history".into(), json!(kept));
-        }
-        verdict.evidence["files"] = json!(files);
-        Ok(verdict)
-    }
-}
-
-/// What the workload shares with the scenario driving the faults.
-struct Workload {
-    started: Instant,
-    phase: Mutex<&'static str>,
-    ops: Mutex<Vec<Op>>,
-    stop: AtomicBool,
-}
-
-impl Workload {
-    fn set_phase(&self, p: &'static str) {
-        *self.phase.lock().expect("phase") = p;
-        tracing::info!("etcd_faults: phase {p}");
-    }
-    fn acked(&self) -> Vec<Op> {
-        let ops = self.ops.lock().expect("ops");
-        ops.iter()
-            .filter(|o| o.result == Ack::Acknowledged)
-            .cloned()
-            .collect()
+        scenario::framed(ctx, "etcd", || self.scenario(ctx))
     }
 }
 
@@ -169,31 +126,25 @@ impl EtcdFaults {
             .iter()
             .map(|m| Ok((m.clone(), self.gateway(ctx, m, Duration::from_secs(5))?)))
             .collect::<Result<_>>()?;
-        let w = Workload {
-            started: Instant::now(),
-            phase: Mutex::new("healthy"),
-            ops: Mutex::new(Vec::new()),
-            stop: AtomicBool::new(false),
-        };
+        let w = Workload::new();
         let mut ev = json!({ "client": "host", "members": self.members, "prefix": prefix,
                              "isolate": self.isolate, "crash": self.crash, "rate": self.rate });
         let phase = Duration::from_secs(self.phase_s);
         let catch_up = Duration::from_secs(self.catch_up_s);
         let steps = std::thread::scope(|s| -> Result<Vec<String>> {
-            let writer = s.spawn(|| write_loop(&gateways, &prefix, self.rate, &w));
+            let writer = s.spawn(|| {
+                w.write_loop(&prefix, self.rate, |seq, key| {
+                    let (member, gateway) = &gateways[seq as usize % gateways.len()];
+                    let (result, error) = gateway.put(key, &seq.to_string());
+                    (member.clone(), result, error)
+                })
+            });
             let steps = (|| -> Result<Vec<String>> {
                 let mut problems = Vec::new();
                 std::thread::sleep(phase);
 
                 // Partition one member away from every other node.
-                let rest: Vec<String> = ctx
-                    .record
-                    .nodes
-                    .keys()
-                    .filter(|n| **n != self.isolate)
-                    .cloned()
-                    .collect();
-                let cut = vec![vec![self.isolate.clone()], rest];
+                let cut = vec![vec![self.isolate.clone()], scenario::all_but(ctx, &self.isolate)];
                 ev["partition"] = json!({ "said": fault::partition(ctx.record, &cut)? });
                 w.set_phase("partitioned");
                 let cut_at = Instant::now();
@@ -210,14 +161,7 @@ impl EtcdFaults {
                 }
                 ev["partition"]["isolated_member"] = probe;
                 std::thread::sleep(phase.saturating_sub(cut_at.elapsed()));
-                let majority_acks = w
-                    .ops
-                    .lock()
-                    .expect("ops")
-                    .iter()
-                    .filter(|o| o.phase == "partitioned" && o.member != self.isolate)
-                    .filter(|o| o.result == Ack::Acknowledged)
-                    .count();
+                let majority_acks = w.acked_in("partitioned", &self.isolate);
                 ev["partition"]["majority_acknowledged"] = json!(majority_acks);
                 if majority_acks == 0 {
                     problems.push("the majority acknowledged no write while partitioned".into());
@@ -249,7 +193,7 @@ impl EtcdFaults {
                 std::thread::sleep(Duration::from_secs(3));
                 Ok(problems)
             })();
-            w.stop.store(true, Ordering::SeqCst);
+            w.stop();
             writer.join().expect("workload thread");
             steps
         });
@@ -259,7 +203,7 @@ impl EtcdFaults {
         };
 
         // The final reads: every member's own copy, once it has had time.
-        let ops = w.ops.into_inner().expect("ops");
+        let ops = w.into_ops();
         let acked: Vec<Op> = ops
             .iter()
             .filter(|o| o.result == Ack::Acknowledged)
@@ -321,33 +265,6 @@ impl EtcdFaults {
             Verdict::fail(format!("{}; {counts}", problems.join("; ")), ev)
         };
         Ok((verdict, ops))
-    }
-}
-
-/// The client: one write at a time at `rate`, round-robin over the members,
-/// each recorded with what it learned. It never stops on an error.
-fn write_loop(members: &[(String, Gateway)], prefix: &str, rate: f64, w: &Workload) {
-    let every = Duration::from_secs_f64(1.0 / rate);
-    let mut seq = 0u64;
-    while !w.stop.load(Ordering::SeqCst) && !crate::interrupted() {
-        let tick = Instant::now();
-        let (member, gateway) = &members[seq as usize % members.len()];
-        let key = format!("{prefix}{seq:06}");
-        let phase = *w.phase.lock().expect("phase");
-        let start_ms = w.started.elapsed().as_millis() as u64;
-        let (result, error) = gateway.put(&key, &seq.to_string());
-        w.ops.lock().expect("ops").push(Op {
-            seq,
-            key,
-            member: member.clone(),
-            start_ms,
-            end_ms: w.started.elapsed().as_millis() as u64,
-            result,
-            phase: phase.into(),
-            error,
-        });
-        seq += 1;
-        std::thread::sleep(every.saturating_sub(tick.elapsed()));
     }
 }
 

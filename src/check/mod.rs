@@ -29,6 +29,7 @@ use std::time::Duration;
 pub use http::HttpExpect;
 
 mod etcd_gateway;
+mod scenario;
 pub use nested_guest::{multiboot, print_to_com1};
 
 /// Registers each kind with one line: `module::Struct`. The module is the
@@ -61,6 +62,7 @@ kinds! {
     volume_bench::VolumeBench,
     fault::Fault,
     etcd_faults::EtcdFaults,
+    redis_faults::RedisFaults,
     lb_failover::LbFailover,
 }
 

@@ -43,6 +43,11 @@ pub fn echo(args: &[&str], out: Output) -> Output {
 
 /// Pids of QEMU processes whose command line mentions `needle`.
 pub fn qemu_pids_mentioning(needle: &str) -> Vec<i32> {
+    pids_mentioning("qemu-system", needle)
+}
+
+/// Live processes whose command line contains both `program` and `needle`.
+pub fn pids_mentioning(program: &str, needle: &str) -> Vec<i32> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
@@ -54,7 +59,7 @@ pub fn qemu_pids_mentioning(needle: &str) -> Vec<i32> {
         let zombie = stat
             .rsplit_once(')')
             .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
-        if cmd.contains("qemu-system") && cmd.contains(needle) && !zombie {
+        if cmd.contains(program) && cmd.contains(needle) && !zombie {
             pids.push(pid);
         }
     }
