@@ -51,6 +51,8 @@ pub struct Pair {
     pub driver_s: Stats,
     pub baseline_s: Stats,
     pub ratio: f64,
+    /// What the figures count: seconds, unless said otherwise.
+    pub unit: String,
 }
 
 impl Pair {
@@ -63,6 +65,7 @@ impl Pair {
             ratio: driver_s.median / baseline_s.median.max(1e-9),
             driver_s,
             baseline_s,
+            unit: "s".into(),
         }
     }
 
@@ -73,8 +76,12 @@ impl Pair {
             (&self.baseline, &self.baseline_s),
         ] {
             println!(
-                "  {who:<44} n={:<3} min {:>9.4} s  median {:>9.4} s  max {:>9.4} s",
-                s.n, s.min, s.median, s.max
+                "  {who:<44} n={:<3} min {:>9.4} {u}  median {:>9.4} {u}  max {:>9.4} {u}",
+                s.n,
+                s.min,
+                s.median,
+                s.max,
+                u = self.unit
             );
         }
         println!(
@@ -375,14 +382,15 @@ pub fn fabric(
     }
     let hub = rates.pop().expect("hub");
     let switch = rates.pop().expect("switch");
-    // The pair's "seconds" are MiB/s here: ratio > 1 means the switch is faster.
-    let pair = Pair::new(
+    // Throughput, not time: a ratio above 1 means the switch is faster.
+    let mut pair = Pair::new(
         &format!("TCP throughput {from} -> {to}, MiB/s (32 MiB per transfer)"),
         "the driver's switch",
         "QEMU's multicast hub",
         switch,
         hub,
     );
+    pair.unit = "MiB/s".into();
     pair.print();
     Ok(pair)
 }
