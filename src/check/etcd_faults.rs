@@ -24,9 +24,8 @@ use super::etcd_gateway::Gateway;
 use super::scenario::{self, Workload};
 use super::{Check, Ctx, Verdict};
 use crate::fault;
-use crate::history::{self, Ack, Op, Tally};
+use crate::history::{Ack, Op, Tally};
 use crate::spec::{Cluster, Proto};
-use crate::wait::{Pause, Probe, Wait};
 use anyhow::Result;
 use serde::Deserialize;
 use serde_json::json;
@@ -282,8 +281,8 @@ fn isolated_probe(member: &Gateway, prefix: &str) -> serde_json::Value {
     })
 }
 
-/// Seconds until `member` holds every key of `acked` in its own copy, or
-/// what it lacked.
+/// Seconds until `member` holds every key of `acked` in its own copy (a
+/// serializable read), or what it lacked.
 fn catch_up_time(
     gateway: &Gateway,
     member: &str,
@@ -291,31 +290,7 @@ fn catch_up_time(
     acked: &[Op],
     within: Duration,
 ) -> Result<f64, String> {
-    let t = Instant::now();
-    let mut last = String::from("never read");
-    Wait::new(format!("{member} serves every acknowledged key"), within)
-        .pause(Pause::Every(Duration::from_millis(100)))
-        .run(|| {
-            match gateway.keys(prefix, true) {
-                Ok(keys) => {
-                    let absent = history::absent(acked, &keys);
-                    if absent.is_empty() {
-                        return Ok(Probe::Done(t.elapsed().as_secs_f64()));
-                    }
-                    last = format!(
-                        "{} acknowledged key(s) absent, e.g. {}",
-                        absent.len(),
-                        absent[0]
-                    );
-                }
-                Err(e) => last = format!("{e:#}"),
-            }
-            Ok(Probe::Pending(last.clone()))
-        })
-        .map_err(|_| {
-            format!(
-                "{member} did not serve every acknowledged key within {} s: {last}",
-                within.as_secs()
-            )
-        })
+    scenario::until_holds(member, acked, within, Duration::from_millis(100), || {
+        gateway.keys(prefix, true)
+    })
 }

@@ -16,12 +16,11 @@ use crate::guest::{self, Guest};
 use crate::history::{Ack, Op, Tally};
 use crate::spec::Cluster;
 use crate::text::shell_quote;
-use crate::wait::{Pause, Probe, Wait};
 use anyhow::Result;
 use serde::Deserialize;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -236,31 +235,25 @@ fn keys(g: &Guest, prefix: &str) -> Result<BTreeSet<String>> {
 }
 
 /// Seconds until `member` holds every acknowledged key, or why not.
-fn converge_time(ctx: &Ctx, member: &str, prefix: &str, acked: &[Op], within: Duration) -> Result<f64, String> {
-    let t = Instant::now();
+fn converge_time(
+    ctx: &Ctx,
+    member: &str,
+    prefix: &str,
+    acked: &[Op],
+    within: Duration,
+) -> Result<f64, String> {
     let mut session: Option<Guest> = None;
-    let mut last = String::from("never read");
-    Wait::new(format!("{member} holds every acknowledged key"), within)
-        .pause(Pause::Every(Duration::from_millis(250)))
-        .run(|| {
-            if session.is_none() {
-                session = guest::connect(ctx.record, member).ok();
-            }
-            match session.as_ref().map(|g| keys(g, prefix)) {
-                Some(Ok(k)) => {
-                    let absent = crate::history::absent(acked, &k);
-                    if absent.is_empty() {
-                        return Ok(Probe::Done(t.elapsed().as_secs_f64()));
-                    }
-                    last = format!("{} acknowledged key(s) absent, e.g. {}", absent.len(), absent[0]);
-                }
-                Some(Err(e)) => {
-                    session = None;
-                    last = format!("{e:#}");
-                }
-                None => last = "no SSH session".into(),
-            }
-            Ok(Probe::Pending(last.clone()))
-        })
-        .map_err(|_| format!("{member} did not converge within {} s: {last}", within.as_secs()))
+    scenario::until_holds(member, acked, within, Duration::from_millis(250), || {
+        if session.is_none() {
+            session = guest::connect(ctx.record, member).ok();
+        }
+        let read = match &session {
+            Some(g) => keys(g, prefix),
+            None => Err(anyhow::anyhow!("no SSH session")),
+        };
+        if read.is_err() {
+            session = None;
+        }
+        read
+    })
 }

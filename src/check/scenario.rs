@@ -6,8 +6,10 @@
 use super::{Ctx, Verdict};
 use crate::fault;
 use crate::history::{self, Ack, Op};
+use crate::wait::{Pause, Probe, Wait};
 use anyhow::Result;
 use serde_json::json;
+use std::collections::BTreeSet;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -134,4 +136,42 @@ pub fn all_but(ctx: &Ctx, node: &str) -> Vec<String> {
         .filter(|n| *n != node)
         .cloned()
         .collect()
+}
+
+/// Seconds until `member` holds every key of `acked`, reading its keys with
+/// `read` every `every`; or what it still lacked when `within` ran out.
+pub fn until_holds(
+    member: &str,
+    acked: &[Op],
+    within: Duration,
+    every: Duration,
+    mut read: impl FnMut() -> Result<BTreeSet<String>>,
+) -> Result<f64, String> {
+    let t = Instant::now();
+    let mut last = String::from("never read");
+    Wait::new(format!("{member} holds every acknowledged key"), within)
+        .pause(Pause::Every(every))
+        .run(|| {
+            match read() {
+                Ok(keys) => {
+                    let absent = history::absent(acked, &keys);
+                    if absent.is_empty() {
+                        return Ok(Probe::Done(t.elapsed().as_secs_f64()));
+                    }
+                    last = format!(
+                        "{} acknowledged key(s) absent, e.g. {}",
+                        absent.len(),
+                        absent[0]
+                    );
+                }
+                Err(e) => last = format!("{e:#}"),
+            }
+            Ok(Probe::Pending(last.clone()))
+        })
+        .map_err(|_| {
+            format!(
+                "{member} did not hold every acknowledged key within {} s: {last}",
+                within.as_secs()
+            )
+        })
 }
