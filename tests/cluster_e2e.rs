@@ -194,6 +194,27 @@ fn lane(state: &Path, command: &str, lane: &str) -> (Value, std::path::PathBuf) 
     (read_json(&dir.join("result.json")), dir)
 }
 
+/// `smoke` with the lane `tests/fixtures/<name>.toml` (whose lane is called
+/// `<name>`): its exit code and result.json.
+fn fixture_lane(state: &Path, name: &str) -> (Option<i32>, Value) {
+    let root = artifacts_dir().join("lanes");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(format!("{name}.toml"));
+    let out = common::run(
+        state,
+        &[
+            "smoke",
+            "--lane-file",
+            fixture.to_str().unwrap(),
+            "--artifacts",
+            root.to_str().unwrap(),
+        ],
+    );
+    let result = read_json(&root.join(name).join("latest/result.json"));
+    (out.status.code(), result)
+}
+
 /// Under TCG a layer that needs nested KVM is degraded; on KVM it passes.
 fn pass_or_tcg_degraded(result: &Value, layer: &str) {
     let l = result["layers"]
@@ -295,24 +316,12 @@ fn lanes_on_the_running_cluster(state: &Path) {
         ],
     );
     assert_eq!(out.status.code(), Some(0));
-    let root = artifacts_dir().join("lanes");
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/unshared-volume.toml");
-    let out = common::run(
-        state,
-        &[
-            "smoke",
-            "--lane-file",
-            fixture.to_str().unwrap(),
-            "--artifacts",
-            root.to_str().unwrap(),
-        ],
-    );
+    let (code, result) = fixture_lane(state, "unshared-volume");
     assert_eq!(
-        out.status.code(),
+        code,
         Some(1),
         "an unshared volume fails the migration check"
     );
-    let result = read_json(&root.join("unshared-volume/latest/result.json"));
     let c = common::check(&result, "vm-migration@node04");
     assert_eq!(c["outcome"], "fail");
     assert!(
@@ -435,24 +444,8 @@ fn faults_by_hand(state: &Path) {
         Some(0)
     );
 
-    let root = artifacts_dir().join("lanes");
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lost-writes.toml");
-    let out = common::run(
-        state,
-        &[
-            "smoke",
-            "--lane-file",
-            fixture.to_str().unwrap(),
-            "--artifacts",
-            root.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "discarded reads must fail the check"
-    );
-    let result = read_json(&root.join("lost-writes/latest/result.json"));
+    let (code, result) = fixture_lane(state, "lost-writes");
+    assert_eq!(code, Some(1), "discarded reads must fail the check");
     let c = common::check(&result, "etcd-reads-skip-node03");
     let msg = c["message"].as_str().unwrap();
     assert!(
