@@ -6,7 +6,6 @@ use super::{Endpoint, Guest};
 use crate::text::shell_quote;
 use crate::wait::{Probe, Wait};
 use anyhow::{Result, bail};
-use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::Duration;
@@ -14,15 +13,64 @@ use std::time::Duration;
 /// Why a wait should stop early: the VM died, or the user interrupted.
 pub type Stop<'a> = &'a (dyn Fn() -> Option<anyhow::Error> + Sync);
 
-/// Whether sshd itself answers: a forwarded port accepts connections before
-/// the guest listens (slirp), so wait for the SSH banner, which is cheap.
-fn banner_ready(addr: SocketAddr) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
-    let mut buf = [0u8; 4];
-    s.read_exact(&mut buf).is_ok() && &buf == b"SSH-"
+/// Watches for sshd's banner on one forwarded port. A forwarded port
+/// accepts connections before the guest listens (slirp), so the banner is
+/// what says sshd answers.
+///
+/// One connection is kept open and read a second at a time, instead of a
+/// new one per probe: every connection makes the guest's sshd fork and
+/// re-exec a child, which under TCG on a loaded host can take longer than
+/// any short read timeout. Reconnecting on each timeout then feeds the
+/// guest more children than it can finish, and the banner never comes (a
+/// restored six-node cluster in CI waited 600 s that way).
+struct Banner {
+    addr: SocketAddr,
+    conn: Option<(TcpStream, std::time::Instant)>,
+}
+
+impl Banner {
+    /// Past this a connection is given up (sshd's LoginGraceTime is 120 s).
+    const PATIENCE: Duration = Duration::from_secs(90);
+
+    fn new(addr: SocketAddr) -> Self {
+        Banner { addr, conn: None }
+    }
+
+    /// Whether the banner has arrived; waits at most about a second.
+    fn arrived(&mut self) -> bool {
+        if self.conn.is_none() {
+            let Ok(s) = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)) else {
+                return false;
+            };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+            self.conn = Some((s, std::time::Instant::now()));
+        }
+        let (s, since) = self.conn.as_mut().expect("connected above");
+        let mut buf = [0u8; 4];
+        match s.peek(&mut buf) {
+            Ok(4) if &buf == b"SSH-" => {
+                // Free the guest's pre-auth slot before the real session.
+                self.conn = None;
+                true
+            }
+            // Less than the prefix yet: read again next time.
+            Ok(n) if n > 0 && n < 4 && since.elapsed() < Self::PATIENCE => false,
+            // Nothing yet: keep this connection if it is young enough.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) && since.elapsed() < Self::PATIENCE =>
+            {
+                false
+            }
+            // Closed (nothing listens yet), garbage, or too old: start over.
+            _ => {
+                self.conn = None;
+                false
+            }
+        }
+    }
 }
 
 /// Waits until the node's sshd accepts our key.
@@ -33,10 +81,11 @@ pub fn wait_for_ssh(
     stop: Stop,
 ) -> Result<Guest> {
     let what = format!("{}: sshd on 127.0.0.1:{}", endpoint.node, endpoint.port);
+    let mut banner = Banner::new(endpoint.addr());
     Wait::new(what, deadline)
         .stop_when(stop)
         .run(|| {
-            if !banner_ready(endpoint.addr()) {
+            if !banner.arrived() {
                 return Ok(Probe::Pending("no SSH banner yet".into()));
             }
             Ok(match Guest::connect(endpoint, Duration::from_secs(20)) {
@@ -183,5 +232,47 @@ mod tests {
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "active active");
         assert_eq!(std::fs::read_to_string(&count).unwrap().trim(), "3");
         assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    /// A slow sshd answers its first connection late: the watcher waits on
+    /// that one connection instead of opening a new one every few seconds.
+    #[test]
+    fn a_late_banner_is_awaited_on_one_connection() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            use std::io::Write;
+            let (mut s, _) = l.accept().unwrap();
+            std::thread::sleep(Duration::from_millis(3500));
+            s.write_all(b"SSH-2.0-late\r\n").unwrap();
+            // Any second connection within the wait would show here.
+            l.set_nonblocking(true).unwrap();
+            l.accept().is_ok()
+        });
+        let mut b = Banner::new(addr);
+        let t = std::time::Instant::now();
+        while !b.arrived() {
+            assert!(t.elapsed() < Duration::from_secs(10), "banner never seen");
+        }
+        assert!(t.elapsed() >= Duration::from_secs(3));
+        assert!(!server.join().unwrap(), "the watcher reconnected");
+    }
+
+    /// A port that closes at once (nothing listens in the guest yet) is
+    /// never taken for sshd, and the watcher tries again.
+    #[test]
+    fn a_closed_connection_is_not_a_banner() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            for _ in 0..2 {
+                drop(l.accept().unwrap());
+            }
+        });
+        let mut b = Banner::new(addr);
+        assert!(!b.arrived());
+        assert!(!b.arrived());
+        server.join().unwrap();
+        assert!(!b.arrived(), "nothing listens any more");
     }
 }
