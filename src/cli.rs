@@ -39,7 +39,9 @@ use std::time::Duration;
 ///
 /// Exit codes: 0 passed (degraded checks included); 1 a check failed; 2 bad
 /// input (refused before anything started); 3 infrastructure failure
-/// (build, QEMU, boot); 130 interrupted.
+/// (build, QEMU, boot); 124 the global --timeout expired; 130 interrupted.
+/// Errors are printed as `error[KIND]: ...`; the stable kinds are listed in
+/// docs/troubleshooting.md and kept in result.json's `error_kind`.
 #[derive(Parser, Debug)]
 #[command(name = "photon-cluster", version, verbatim_doc_comment)]
 pub struct Cli {
@@ -50,6 +52,12 @@ pub struct Cli {
     /// `RUST_LOG` filters it (default `info`; `RUST_LOG=debug` for more).
     #[arg(long, global = true, value_enum, default_value = "human")]
     pub log_format: crate::log::LogFormat,
+    /// Give up on the whole command after SECS seconds: the lane stops as
+    /// after Ctrl-C, its evidence is collected, the artifacts are written
+    /// with status `timeout`, whatever this command booted is stopped, and
+    /// it exits 124. (A lane on an already running cluster leaves it running.)
+    #[arg(long, global = true, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: Option<u64>,
     #[command(subcommand)]
     pub command: Cmd,
 }
@@ -463,6 +471,9 @@ impl Target {
 
 pub fn run(cli: Cli) -> Result<i32> {
     crate::log::init(cli.log_format);
+    if let Some(secs) = cli.timeout {
+        crate::arm_timeout(Duration::from_secs(secs));
+    }
     if let Cmd::FabricSwitch { config } = &cli.command {
         let text = std::fs::read_to_string(config)?;
         crate::fabric::switch::serve(serde_json::from_str(&text)?)?;

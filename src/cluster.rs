@@ -2,7 +2,7 @@
 //! ready), status, stop and clean. `start` persists what it launched in
 //! `<state>/cluster.json`, so later commands attach without guessing.
 
-use crate::error::{Interrupted, bad_input};
+use crate::error::{ErrorKind, Interrupted, bad_input, named};
 use crate::guest::{self, Endpoint, Guest};
 use crate::machine::{self, MachineConfig, accel::AccelRequest};
 use crate::progress::Progress;
@@ -10,7 +10,7 @@ use crate::spec::Cluster;
 use crate::state::{self, RunningCluster, RunningNode, StateDir};
 use crate::wait::{Probe, Wait};
 use crate::{fabric, image, provision, snapshot};
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs;
@@ -56,15 +56,18 @@ fn refuse_if_running(state: &StateDir) -> Result<()> {
             .map(|(name, _)| name)
             .collect();
         if !alive.is_empty() {
-            return Err(bad_input(format!(
-                "a cluster is already running in {} (nodes {}); run `photon-cluster stop` first",
-                state.root,
-                alive
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
+            return Err(named(
+                ErrorKind::AlreadyRunning,
+                bad_input(format!(
+                    "a cluster is already running in {} (nodes {}); run `photon-cluster stop` first",
+                    state.root,
+                    alive
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+            ));
         }
         if let Some(f) = &running.fabric {
             f.kill();
@@ -243,7 +246,7 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
         if crate::interrupted() {
             teardown(&record);
             let _ = fs::remove_file(state.cluster_file());
-            return Err(Interrupted.into());
+            return Err(crate::stop_error());
         }
         let (node, config, node_ports, _) = prepared
             .iter()
@@ -394,10 +397,9 @@ fn wait_ready(
                     let _node = tracing::info_span!("node", node = %name).entered();
                     let console = node.dir.join("vm.log");
                     let pid = node.pid;
-                    let console_for_abort = console.clone();
                     let abort = move || -> Option<anyhow::Error> {
                         if crate::interrupted() {
-                            return Some(Interrupted.into());
+                            return Some(crate::stop_error());
                         }
                         // A second look before declaring a death: one
                         // unexplained early "exit" with empty logs was seen.
@@ -405,13 +407,7 @@ fn wait_ready(
                             std::thread::sleep(Duration::from_millis(200));
                             !machine::is_running(pid)
                         } {
-                            return Some(anyhow!(
-                                "{name}: QEMU exited during boot; qemu.log: {}; {}",
-                                fs::read_to_string(node.dir.join("qemu.log"))
-                                    .unwrap_or_default()
-                                    .trim(),
-                                machine::console_diagnosis(&console_for_abort)
-                            ));
+                            return Some(machine::boot_death(name, "boot", &node.dir));
                         }
                         None
                     };
@@ -465,7 +461,7 @@ fn wait_ready(
     for r in results {
         match r {
             Ok(x) => ready.push(x),
-            Err(e) if e.is::<Interrupted>() => return Err(e),
+            Err(e) if e.is::<Interrupted>() || e.is::<crate::error::TimedOut>() => return Err(e),
             Err(e) => errors.push(e),
         }
     }
@@ -486,7 +482,7 @@ fn wait_console_login(
     let started = Instant::now();
     let mut pending: BTreeMap<&String, &RunningNode> = record.nodes.iter().collect();
     let mut ready = Vec::new();
-    let stop = || crate::interrupted().then(|| Interrupted.into());
+    let stop = || crate::interrupted().then(crate::stop_error);
     Wait::new("login prompt on every console", deadline)
         .stop_when(&stop)
         .run(|| {

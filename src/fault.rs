@@ -7,7 +7,7 @@
 //! does not exist before changing anything (exit 2), and returns a sentence
 //! saying what it did.
 
-use crate::error::{Interrupted, bad_input};
+use crate::error::bad_input;
 use crate::fabric::Segment;
 use crate::fabric::switch::{LinkFault, Request, Status};
 use crate::guest;
@@ -181,14 +181,9 @@ pub fn restart(
     let endpoint = guest::endpoint(record, node)?;
     let abort = || -> Option<anyhow::Error> {
         if crate::interrupted() {
-            return Some(Interrupted.into());
+            return Some(crate::stop_error());
         }
-        (!machine::is_running(pid)).then(|| {
-            anyhow!(
-                "{node}: QEMU exited during the restart; {}",
-                machine::console_diagnosis(&console)
-            )
-        })
+        (!machine::is_running(pid)).then(|| machine::boot_death(node, "the restart", &n.dir))
     };
     let g = guest::wait_for_ssh(&endpoint, ready_timeout, &console, &abort)?;
     let left = ready_timeout.saturating_sub(t.elapsed());

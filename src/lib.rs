@@ -36,7 +36,7 @@ pub mod validate;
 pub mod wait;
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -58,6 +58,50 @@ pub fn release_owned() {
 /// wait polls this and unwinds, so the caller can tear down what it started.
 pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// Seconds of the global `--timeout` once it has expired (0: not expired).
+static TIMED_OUT: AtomicU64 = AtomicU64::new(0);
+
+/// Arms the command's global `--timeout`. When it expires the command
+/// unwinds exactly as after Ctrl-C (every wait polls [`interrupted`]):
+/// evidence is collected, artifacts are written with status `timeout`,
+/// and what the command started is stopped. It then exits 124.
+pub fn arm_timeout(after: std::time::Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(after);
+        let secs = after.as_secs().max(1);
+        TIMED_OUT.store(secs, Ordering::SeqCst);
+        INTERRUPTED.store(true, Ordering::SeqCst);
+        tracing::error!(
+            "timeout: --timeout {secs} s expired; collecting evidence and stopping what was started"
+        );
+    });
+}
+
+/// The `--timeout` that expired, in seconds, if it did.
+pub fn timed_out() -> Option<u64> {
+    match TIMED_OUT.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
+/// The error for work stopped early: the timeout's, else Ctrl-C's.
+pub fn stop_error() -> anyhow::Error {
+    match timed_out() {
+        Some(secs) => error::TimedOut { secs }.into(),
+        None => error::Interrupted.into(),
+    }
+}
+
+/// How a run stopped early, if it did: `timeout` or `interrupted`.
+pub fn stopped_as() -> Option<error::RunStatus> {
+    match (timed_out(), interrupted()) {
+        (Some(_), _) => Some(error::RunStatus::Timeout),
+        (None, true) => Some(error::RunStatus::Interrupted),
+        _ => None,
+    }
 }
 
 /// Installs the Ctrl-C / SIGTERM handler that sets [`interrupted`].

@@ -43,16 +43,48 @@ where
 {
     fn format_event(
         &self,
-        ctx: &FmtContext<'_, S, N>,
+        _ctx: &FmtContext<'_, S, N>,
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        match *event.metadata().level() {
-            Level::ERROR => write!(writer, "error: ")?,
-            Level::WARN => write!(writer, "warning: ")?,
+        // An error's stable kind goes into its prefix: `error[disk_full]: ...`.
+        let mut f = Fields::default();
+        event.record(&mut f);
+        match (*event.metadata().level(), &f.kind) {
+            (Level::ERROR, Some(k)) => write!(writer, "error[{k}]: ")?,
+            (Level::ERROR, None) => write!(writer, "error: ")?,
+            (Level::WARN, _) => write!(writer, "warning: ")?,
             _ => {}
         }
-        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        write!(writer, "{}", f.message)?;
+        for (k, v) in &f.rest {
+            write!(writer, " {k}={v}")?;
+        }
         writeln!(writer)
+    }
+}
+
+/// An event's message, its `kind` (if any) and its other fields.
+#[derive(Default)]
+struct Fields {
+    message: String,
+    kind: Option<String>,
+    rest: Vec<(&'static str, String)>,
+}
+
+impl tracing::field::Visit for Fields {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        match field.name() {
+            "message" => self.message = value.to_string(),
+            "kind" => self.kind = Some(value.to_string()),
+            name => self.rest.push((name, value.to_string())),
+        }
+    }
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+        match field.name() {
+            "message" => self.message = format!("{value:?}"),
+            "kind" => self.kind = Some(format!("{value:?}")),
+            name => self.rest.push((name, format!("{value:?}"))),
+        }
     }
 }

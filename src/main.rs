@@ -16,8 +16,9 @@ fn main() {
     match cli::run(parsed) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            // Through the log, so that `--log-format json` keeps it a JSON line.
-            tracing::error!("{e:#}");
+            // Through the log, so that `--log-format json` keeps it a JSON
+            // line; the stable kind first, for people and CI to search for.
+            tracing::error!(kind = error::kind_of(&e).name(), "{e:#}");
             std::process::exit(error::exit_code(&e) as i32);
         }
     }

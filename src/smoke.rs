@@ -84,13 +84,13 @@ pub fn hermetic(
     let mut rep = RunReport::new(&opts.command, &opts.lane.name, &opts.lane.source, cluster);
     rep.hermetic = Some(paths);
     boot_check_stop(&mut rep, cluster, state, opts, start, out, started);
-    rep.finish(started, crate::interrupted());
+    rep.finish(started, crate::stopped_as());
     let failed = rep.exit_code != 0;
     report::write(out, &mut rep)?;
     write_nix_support(out, failed && keep_failed)?;
     report::print_summary(&rep, out);
-    if rep.status == RunStatus::Interrupted {
-        return Err(crate::error::Interrupted.into());
+    if matches!(rep.status, RunStatus::Interrupted | RunStatus::Timeout) {
+        return Err(crate::stop_error());
     }
     Ok(if keep_failed { 0 } else { rep.exit_code })
 }
@@ -150,8 +150,11 @@ fn step(rep: &mut RunReport, name: &str, f: impl FnOnce() -> Result<String>) -> 
         Ok(m) => (Outcome::Pass, m.clone()),
         Err(e) => (Outcome::Fail, format!("{e:#}")),
     };
-    if result.is_err() && rep.error.is_none() {
+    if let Err(e) = &result
+        && rep.error.is_none()
+    {
         rep.error = Some(format!("{name}: {message}"));
+        rep.error_kind = Some(crate::error::kind_of(e));
     }
     rep.steps.push(Step {
         name: name.into(),
@@ -205,15 +208,16 @@ fn check_cluster(
     let gone = dead(record);
     if !gone.is_empty() && rep.error.is_none() {
         rep.error = Some(format!("QEMU is not running for {}", gone.join(", ")));
+        rep.error_kind = Some(crate::error::ErrorKind::NodeGone);
     }
 }
 
 fn conclude(mut rep: RunReport, dir: &Path, started: Instant) -> Result<u8> {
-    rep.finish(started, crate::interrupted());
+    rep.finish(started, crate::stopped_as());
     report::write(dir, &mut rep)?;
     report::print_summary(&rep, dir);
-    if rep.status == RunStatus::Interrupted {
-        return Err(crate::error::Interrupted.into());
+    if matches!(rep.status, RunStatus::Interrupted | RunStatus::Timeout) {
+        return Err(crate::stop_error());
     }
     Ok(rep.exit_code)
 }

@@ -168,15 +168,18 @@ pub fn open(state: &StateDir, name: &str, key: &Key) -> Result<Manifest> {
     let path = dir(state, name).join("manifest.json");
     let Ok(bytes) = fs::read(&path) else {
         let saved: Vec<String> = list(state)?.into_iter().map(|m| m.name).collect();
-        return Err(BadInput::wrap(SnapshotError::Missing {
-            name: name.into(),
-            dir: state.snapshots().to_string(),
-            saved: if saved.is_empty() {
-                "none".into()
-            } else {
-                saved.join(", ")
-            },
-        }));
+        return Err(crate::error::named(
+            crate::error::ErrorKind::SnapshotMissing,
+            BadInput::wrap(SnapshotError::Missing {
+                name: name.into(),
+                dir: state.snapshots().to_string(),
+                saved: if saved.is_empty() {
+                    "none".into()
+                } else {
+                    saved.join(", ")
+                },
+            }),
+        ));
     };
     let m: Manifest =
         serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?;
@@ -192,10 +195,13 @@ pub fn open(state: &StateDir, name: &str, key: &Key) -> Result<Manifest> {
         }
     }
     if !differs.is_empty() {
-        return Err(BadInput::wrap(SnapshotError::Stale {
-            name: name.into(),
-            what: differs.join("; "),
-        }));
+        return Err(crate::error::named(
+            crate::error::ErrorKind::SnapshotStale,
+            BadInput::wrap(SnapshotError::Stale {
+                name: name.into(),
+                what: differs.join("; "),
+            }),
+        ));
     }
     Ok(m)
 }
@@ -210,10 +216,13 @@ impl Manifest {
         let now = machine_hash(args);
         match self.machines.get(node) {
             Some(saved) if *saved == now => Ok(()),
-            _ => Err(BadInput::wrap(SnapshotError::Stale {
-                name: self.name.clone(),
-                what: format!("{node}'s QEMU command line changed"),
-            })),
+            _ => Err(crate::error::named(
+                crate::error::ErrorKind::SnapshotStale,
+                BadInput::wrap(SnapshotError::Stale {
+                    name: self.name.clone(),
+                    what: format!("{node}'s QEMU command line changed"),
+                }),
+            )),
         }
     }
 

@@ -107,10 +107,13 @@ impl StateDir {
             }
             Err(fs::TryLockError::WouldBlock) => {
                 let owner = fs::read_to_string(self.root.join("lock.owner")).unwrap_or_default();
-                Err(BadInput::wrap(StateError::Busy {
-                    dir: self.root.clone().into(),
-                    owner: owner.trim().to_string(),
-                }))
+                Err(crate::error::named(
+                    crate::error::ErrorKind::StateBusy,
+                    BadInput::wrap(StateError::Busy {
+                        dir: self.root.clone().into(),
+                        owner: owner.trim().to_string(),
+                    }),
+                ))
             }
             Err(fs::TryLockError::Error(e)) => Err(e).context("locking the state directory"),
         }

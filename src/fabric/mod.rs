@@ -96,12 +96,15 @@ pub fn reserve_ports(saved: BTreeMap<String, NodePorts>) -> Result<BTreeMap<Stri
                 Proto::Udp => UdpSocket::bind(addr).is_ok(),
             };
             if !free {
-                return Err(bad_input(format!(
-                    "port clash: host port 127.0.0.1:{}/{} that {name} had when the snapshot \
+                return Err(crate::error::named(
+                    crate::error::ErrorKind::PortTaken,
+                    bad_input(format!(
+                        "port clash: host port 127.0.0.1:{}/{} that {name} had when the snapshot \
                      was saved is not free; stop what uses it",
-                    f.host,
-                    f.proto.name()
-                )));
+                        f.host,
+                        f.proto.name()
+                    )),
+                ));
             }
         }
     }
@@ -117,13 +120,16 @@ pub fn allocate_ports(cluster: &Cluster) -> Result<BTreeMap<String, NodePorts>> 
             Proto::Udp => UdpSocket::bind(addr).map(Held::Udp),
         };
         let h = bound.map_err(|e| {
-            bad_input(format!(
-                "port clash: host port 127.0.0.1:{}/{} for {what} is not free ({e}); \
+            crate::error::named(
+                crate::error::ErrorKind::PortTaken,
+                bad_input(format!(
+                    "port clash: host port 127.0.0.1:{}/{} for {what} is not free ({e}); \
                  change or drop `host` in {}",
-                pinned.unwrap_or(0),
-                proto.name(),
-                cluster.source.display()
-            ))
+                    pinned.unwrap_or(0),
+                    proto.name(),
+                    cluster.source.display()
+                )),
+            )
         })?;
         let port = match &h {
             Held::Tcp(l) => l.local_addr()?.port(),

@@ -12,7 +12,7 @@
 
 use super::switch::{self, PortSpec, Request, Status, SwitchConfig};
 use crate::error::bad_input;
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs;
@@ -91,10 +91,13 @@ impl Segment {
                 {
                     for port in [switch_port, qemu_port] {
                         UdpSocket::bind((Ipv4Addr::LOCALHOST, *port)).map_err(|e| {
-                            bad_input(format!(
-                                "port clash: fabric port 127.0.0.1:{port}/udp saved with the \
+                            crate::error::named(
+                                crate::error::ErrorKind::PortTaken,
+                                bad_input(format!(
+                                    "port clash: fabric port 127.0.0.1:{port}/udp saved with the \
                                  snapshot is not free ({e})"
-                            ))
+                                )),
+                            )
                         })?;
                     }
                 }
@@ -207,10 +210,13 @@ impl Segment {
         .pause(crate::wait::Pause::Every(Duration::from_millis(20)))
         .run(|| {
             if let Ok(Some(status)) = child.try_wait() {
-                bail!(
-                    "the fabric switch exited at start ({status}): {}",
-                    fs::read_to_string(&log_file).unwrap_or_default().trim()
-                );
+                return Err(crate::error::named(
+                    crate::error::ErrorKind::FabricFailed,
+                    anyhow!(
+                        "the fabric switch exited at start ({status}): {}",
+                        fs::read_to_string(&log_file).unwrap_or_default().trim()
+                    ),
+                ));
             }
             Ok(if control.exists() {
                 crate::wait::Probe::Done(())
@@ -249,10 +255,13 @@ impl Segment {
             )
         })?;
         if !self.switch_running() {
-            return Err(anyhow!(
-                "the fabric switch (pid {}) is not running; see {}",
-                self.switch_pid.unwrap_or_default(),
-                control.with_file_name("switch.log").display()
+            return Err(crate::error::named(
+                crate::error::ErrorKind::FabricFailed,
+                anyhow!(
+                    "the fabric switch (pid {}) is not running; see {}",
+                    self.switch_pid.unwrap_or_default(),
+                    control.with_file_name("switch.log").display()
+                ),
             ));
         }
         switch::request(control, req, Duration::from_secs(10))

@@ -3,9 +3,10 @@
 //! that QEMU exited or the user pressed Ctrl-C.
 
 use super::{Endpoint, Guest};
+use crate::error::{ErrorKind, named};
 use crate::text::shell_quote;
 use crate::wait::{Probe, Wait};
-use anyhow::{Result, bail};
+use anyhow::Result;
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::Duration;
@@ -94,10 +95,13 @@ pub fn wait_for_ssh(
             })
         })
         .map_err(|e| match e.downcast::<crate::wait::WaitError>() {
-            Ok(crate::wait::WaitError::TimedOut { what, after, last }) => anyhow::anyhow!(
-                "{what}: not reachable after {} s ({last}); last console lines:\n{}",
-                after.as_secs(),
-                crate::machine::console_tail(console, 8)
+            Ok(crate::wait::WaitError::TimedOut { what, after, last }) => named(
+                ErrorKind::SshUnreachable,
+                anyhow::anyhow!(
+                    "{what}: not reachable after {} s ({last}); last console lines:\n{}",
+                    after.as_secs(),
+                    crate::machine::console_tail(console, 8)
+                ),
             ),
             Ok(other) => crate::wait::unwrap_stopped(other.into()),
             Err(e) => e,
@@ -160,11 +164,14 @@ pub fn wait_for_units(
                     )
                     .map(|o| o.stdout)
                     .unwrap_or_default();
-                bail!(
-                    "{}: unit {unit} failed; its journal ends:\n{}",
-                    guest.endpoint.node,
-                    journal.trim_end()
-                );
+                return Err(named(
+                    ErrorKind::UnitFailed,
+                    anyhow::anyhow!(
+                        "{}: unit {unit} failed; its journal ends:\n{}",
+                        guest.endpoint.node,
+                        journal.trim_end()
+                    ),
+                ));
             }
             let waiting: Vec<String> = states
                 .iter()
@@ -177,7 +184,11 @@ pub fn wait_for_units(
                 Probe::Pending(waiting.join(", "))
             })
         })
-        .map_err(crate::wait::unwrap_stopped)
+        .map_err(|e| match e.downcast::<crate::wait::WaitError>() {
+            Ok(t @ crate::wait::WaitError::TimedOut { .. }) => named(ErrorKind::UnitsTimeout, t),
+            Ok(other) => crate::wait::unwrap_stopped(other.into()),
+            Err(e) => e,
+        })
 }
 
 /// A bash loop, run in the guest, that prints the units' states (one word

@@ -22,12 +22,15 @@ pub fn resolve(cluster: &Cluster, state: &StateDir) -> Result<ImageRecord> {
         ImageSource::Debian { suite } => {
             let recipe = debian::Recipe::new(&suite);
             recipe.find(state.images().as_std_path()).ok_or_else(|| {
-                bad_input(format!(
-                    "missing image: the {suite} image for recipe {} is not built in {}; \
+                crate::error::named(
+                    crate::error::ErrorKind::ImageMissing,
+                    bad_input(format!(
+                        "missing image: the {suite} image for recipe {} is not built in {}; \
                      run `photon-cluster build` first",
-                    recipe.hash(),
-                    state.images()
-                ))
+                        recipe.hash(),
+                        state.images()
+                    )),
+                )
             })
         }
         ImageSource::Prebuilt {

@@ -113,11 +113,14 @@ pub fn find(
     attribute: &str,
 ) -> Result<ImageRecord> {
     let missing = || {
-        bad_input(format!(
-            "missing image: no nix build of {flake}#{attribute} is recorded in {}; \
+        crate::error::named(
+            crate::error::ErrorKind::ImageMissing,
+            bad_input(format!(
+                "missing image: no nix build of {flake}#{attribute} is recorded in {}; \
              run `photon-cluster build` first",
-            state.images()
-        ))
+                state.images()
+            )),
+        )
     };
     let bytes = std::fs::read(record_file(cluster, state)).map_err(|_| missing())?;
     let record: ImageRecord = serde_json::from_slice(&bytes).map_err(|_| missing())?;

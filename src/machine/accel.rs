@@ -80,10 +80,13 @@ pub fn choose(
     let probe = probe_cached(kernel, cache, work)?;
     match (request, probe.kvm_usable) {
         (_, true) => Ok(choice(Accel::Kvm, None)),
-        (AccelRequest::Kvm, false) => Err(bad_input(format!(
-            "--accel kvm: KVM is not usable here: {}; use --accel auto or tcg",
-            probe.reason.unwrap_or_default()
-        ))),
+        (AccelRequest::Kvm, false) => Err(crate::error::named(
+            crate::error::ErrorKind::KvmUnavailable,
+            bad_input(format!(
+                "--accel kvm: KVM is not usable here: {}; use --accel auto or tcg",
+                probe.reason.unwrap_or_default()
+            )),
+        )),
         _ => Ok(choice(Accel::Tcg, probe.reason)),
     }
 }

@@ -7,6 +7,7 @@ pub mod qmp;
 
 pub use cmdline::{Accel, MachineConfig, qemu_args};
 
+use crate::error::ErrorKind;
 use anyhow::{Context, Result};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -122,6 +123,27 @@ pub fn console_tail(log: &Path, n: usize) -> String {
         .filter(|l| !l.trim().is_empty())
         .collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The error for a guest whose QEMU ended while it booted (`during` says
+/// when: "boot", "the restart"), named `kernel_panic` when the console
+/// shows one and `qemu_exited` otherwise, with qemu.log and the console
+/// diagnosis in its message.
+pub fn boot_death(node: &str, during: &str, dir: &Path) -> anyhow::Error {
+    let qemu_log = fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
+    let console = console_diagnosis(&dir.join("vm.log"));
+    let kind = if console.starts_with("kernel panic") {
+        ErrorKind::KernelPanic
+    } else {
+        ErrorKind::QemuExited
+    };
+    crate::error::named(
+        kind,
+        anyhow::anyhow!(
+            "{node}: QEMU exited during {during}; qemu.log: {}; {console}",
+            qemu_log.trim()
+        ),
+    )
 }
 
 /// Why a guest's console says it died: the kernel panic line and the

@@ -47,6 +47,10 @@ pub struct RunReport {
     pub findings: Vec<Finding>,
     /// The infrastructure error that ended the run early, if any.
     pub error: Option<String>,
+    /// Its stable name (docs/troubleshooting.md): `kernel_panic`,
+    /// `ssh_unreachable`, `disk_full`, `timeout`, ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<crate::error::ErrorKind>,
     /// Artifact name -> path relative to the artifact root.
     pub artifacts: BTreeMap<String, String>,
     /// `run` only: the store paths checked, and the impure ones allowed.
@@ -107,6 +111,7 @@ impl RunReport {
             layers: Vec::new(),
             findings: Vec::new(),
             error: None,
+            error_kind: None,
             artifacts: BTreeMap::new(),
             hermetic: None,
             fabric: None,
@@ -142,7 +147,9 @@ impl RunReport {
 
     /// Decides status and exit code from what was recorded; `interrupted`
     /// says whether the user stopped the run.
-    pub fn finish(&mut self, started: std::time::Instant, interrupted: bool) {
+    /// Decides the status; `stopped` says how the run was cut short, if it
+    /// was (`timeout` or `interrupted`), which wins over what it found.
+    pub fn finish(&mut self, started: std::time::Instant, stopped: Option<RunStatus>) {
         self.finished = chrono::Utc::now().to_rfc3339();
         self.duration_s = started.elapsed().as_secs_f64();
         let outcomes = self
@@ -150,8 +157,8 @@ impl RunReport {
             .iter()
             .map(|l| l.outcome)
             .chain(self.steps.iter().map(|s| s.outcome));
-        self.status = if interrupted {
-            RunStatus::Interrupted
+        self.status = if let Some(s) = stopped {
+            s
         } else if self.error.is_some() {
             RunStatus::Error
         } else {
