@@ -397,9 +397,19 @@ fn wait_ready(
                     let _node = tracing::info_span!("node", node = %name).entered();
                     let console = node.dir.join("vm.log");
                     let pid = node.pid;
+                    // A QMP look for a guest paused on a full disk, every 5 s.
+                    let looked = std::sync::Mutex::new(Instant::now());
                     let abort = move || -> Option<anyhow::Error> {
                         if crate::interrupted() {
                             return Some(crate::stop_error());
+                        }
+                        if let Ok(mut at) = looked.lock()
+                            && at.elapsed() >= Duration::from_secs(5)
+                        {
+                            *at = Instant::now();
+                            if let Some(e) = machine::disk_stall(name, &node.dir) {
+                                return Some(e);
+                            }
                         }
                         // A second look before declaring a death: one
                         // unexplained early "exit" with empty logs was seen.

@@ -20,10 +20,18 @@ fn image_dir_with_cmdline(dir: &Path, cmdline: &str) {
 }
 
 fn one_node_cluster(dir: &Path, images: &Path) -> std::path::PathBuf {
-    let text = include_str!("fixtures/one-node.toml").replace(
+    one_node_cluster_with(dir, images, "")
+}
+
+/// The one-node cluster with `node` lines replacing its node's `units`.
+fn one_node_cluster_with(dir: &Path, images: &Path, node: &str) -> std::path::PathBuf {
+    let mut text = include_str!("fixtures/one-node.toml").replace(
         "provider = \"debian\"\nsuite = \"bookworm\"",
         &format!("provider = \"prebuilt\"\ndir = \"{}\"", images.display()),
     );
+    if !node.is_empty() {
+        text = text.replace("units = [\"ssh.service\"]", node);
+    }
     let file = dir.join("cluster.toml");
     fs::write(&file, text).unwrap();
     file
@@ -72,4 +80,167 @@ fn a_guest_kernel_panic_is_reported_with_its_panic_line() {
     assert!(err.contains("Call Trace:"), "{err}");
     let needle = state.to_str().unwrap();
     assert_eq!(common::qemu_pids_mentioning(needle), Vec::<i32>::new());
+}
+
+/// Starts the one-node cluster of `tmp` with extra kernel arguments, node
+/// lines, and extra arguments before and after `start`. Returns the output,
+/// the seconds it took, and the state directory; a failed start must leave
+/// no QEMU behind.
+fn start_one(
+    tmp: &Path,
+    cmdline: &str,
+    node: &str,
+    before: &[&str],
+    after: &[&str],
+) -> (std::process::Output, f64, std::path::PathBuf) {
+    let images = tmp.join("images");
+    image_dir_with_cmdline(&images, cmdline);
+    let cluster = one_node_cluster_with(tmp, &images, node);
+    let state = tmp.join("state");
+    let _stop = StopOnDrop(&state, &cluster);
+    let mut args = vec!["--cluster", cluster.to_str().unwrap()];
+    args.extend_from_slice(before);
+    args.extend_from_slice(&["start", "--accel", "tcg"]);
+    args.extend_from_slice(after);
+    let t = std::time::Instant::now();
+    let out = common::run(&state, &args);
+    let secs = t.elapsed().as_secs_f64();
+    if out.status.code() != Some(0) {
+        assert_eq!(
+            common::qemu_pids_mentioning(state.to_str().unwrap()),
+            Vec::<i32>::new(),
+            "a failed start leaves no QEMU"
+        );
+    }
+    drop(_stop);
+    (out, secs, state.clone())
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// sshd masked: the guest boots but never answers SSH. `start` ends at
+/// its ready timeout with `error[ssh_unreachable]` and the console tail.
+#[test]
+fn sshd_that_never_comes_up_is_named_at_the_ready_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cmdline = "systemd.mask=ssh.service systemd.mask=ssh.socket";
+    let (out, secs, _) = start_one(tmp.path(), cmdline, "", &[], &["--ready-timeout", "150"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("error[ssh_unreachable]"), "{err}");
+    assert!(err.contains("not reachable after 15"), "{err}");
+    assert!(err.contains("last console lines"), "{err}");
+    assert!(secs < 150.0 + 60.0, "reported {secs:.0} s after start");
+    eprintln!("sshd never up: reported after {secs:.1} s");
+}
+
+/// An expected unit that fails while the node boots: `start` fails at
+/// once (not at the ready timeout) with `error[unit_failed]`, the unit's
+/// name and its journal tail. The unit is systemd's own
+/// kernel-command-line.service, made to run `/bin/false` by the kernel
+/// arguments (systemd-run-generator).
+#[test]
+fn a_unit_that_fails_at_boot_is_named_with_its_journal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cmdline = "systemd.run=/bin/false systemd.run_success_action=none \
+                   systemd.run_failure_action=none";
+    let units = "units = [\"ssh.service\", \"kernel-command-line.service\"]";
+    let (out, secs, _) = start_one(tmp.path(), cmdline, units, &[], &["--ready-timeout", "600"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("error[unit_failed]"), "{err}");
+    assert!(
+        err.contains("unit kernel-command-line.service failed; its journal ends"),
+        "{err}"
+    );
+    assert!(
+        secs < 400.0,
+        "a failed unit ends the wait at once ({secs:.0} s)"
+    );
+    eprintln!("unit failed at boot: reported after {secs:.1} s");
+}
+
+/// A pinned host port that another process holds: refused before any
+/// QEMU starts, exit 2, `error[port_taken]`, naming the port.
+#[test]
+fn a_host_port_taken_at_start_is_refused_before_anything_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let units = format!(
+        "units = [\"ssh.service\"]\nforward = [{{ name = \"web\", guest = 80, host = {port} }}]"
+    );
+    let (out, secs, _) = start_one(tmp.path(), "", &units, &[], &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("error[port_taken]"), "{err}");
+    assert!(err.contains(&format!("127.0.0.1:{port}/tcp")), "{err}");
+    assert!(secs < 30.0, "refused at once ({secs:.1} s)");
+    drop(holder);
+}
+
+/// The global --timeout expiring during `start`: the boot is given up,
+/// every QEMU stopped, `error[timeout]`, exit 124.
+#[test]
+fn the_global_timeout_ends_a_start_with_exit_124() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, secs, _) = start_one(tmp.path(), "", "", &["--timeout", "15"], &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(124), "{err}");
+    assert!(err.contains("error[timeout]"), "{err}");
+    assert!(secs < 15.0 + 45.0, "stopped {secs:.0} s after start");
+    eprintln!("--timeout 15 during start: exited after {secs:.1} s");
+}
+
+/// The state directory's disk full at start (a 1 MiB tmpfs): `start`
+/// fails with `error[disk_full]`, names what it could not write, and
+/// leaves no QEMU. Needs root for the mount, as CI has.
+#[test]
+fn a_full_state_disk_at_start_is_named() {
+    if !nix_is_root() {
+        eprintln!("SKIPPED: mounting a tmpfs needs root");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // The one-node profile's state suffix: the driver uses `state-one-node`.
+    let state = tmp.path().join("state-one-node");
+    fs::create_dir_all(&state).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=1m",
+            "photon-full",
+            state.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs");
+    struct Umount<'a>(&'a Path);
+    impl Drop for Umount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _umount = Umount(&state);
+    let (out, secs, _) = start_one(tmp.path(), "", "", &[], &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("error[disk_full]"), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(
+        err.contains(state.to_str().unwrap()),
+        "names the path: {err}"
+    );
+    eprintln!("disk full at start: reported after {secs:.1} s");
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
 }

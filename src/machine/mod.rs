@@ -146,6 +146,37 @@ pub fn boot_death(node: &str, during: &str, dir: &Path) -> anyhow::Error {
     )
 }
 
+/// A guest that QEMU paused because a disk write failed (QEMU's default
+/// for ENOSPC is to stop the VM, so a full state disk shows as a guest
+/// that hangs): the error, named `disk_full` when the overlay's disk has
+/// no room left. None while the guest runs or QMP does not answer.
+pub fn disk_stall(node: &str, dir: &Path) -> Option<anyhow::Error> {
+    let mut q = qmp::Qmp::connect(&dir.join("qmp.sock"), Duration::from_secs(2)).ok()?;
+    if q.status().ok()? != "io-error" {
+        return None;
+    }
+    let overlay = dir.join("overlay.qcow2");
+    let free = nix::sys::statvfs::statvfs(dir)
+        .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+        .unwrap_or(0);
+    let full = free < 64 << 20;
+    let e = anyhow::anyhow!(
+        "{node}: QEMU paused the guest on a disk write error{}: {} ({free} bytes free there); \
+         free space on that disk and start again",
+        if full {
+            " (No space left on device)"
+        } else {
+            ""
+        },
+        overlay.display()
+    );
+    Some(if full {
+        crate::error::named(ErrorKind::DiskFull, e)
+    } else {
+        e
+    })
+}
+
 /// Why a guest's console says it died: the kernel panic line and the
 /// first lines of the call trace after it, found by scanning the whole
 /// console (its last lines are usually a register dump). Falls back to the
