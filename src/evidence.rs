@@ -7,6 +7,7 @@
 use crate::check::Outcome;
 use crate::engine::{CheckResult, LayerResult};
 use crate::guest::GuestPool;
+use crate::secrets::Secrets;
 use crate::state::{RunningCluster, StateDir};
 use crate::text::shell_quote;
 use serde::{Deserialize, Serialize};
@@ -67,10 +68,11 @@ pub fn collect(
     guests: Option<&GuestPool>,
     nodes: &[String],
 ) -> Vec<Finding> {
+    let secrets = &Secrets::load(state);
     std::thread::scope(|s| {
         let handles: Vec<_> = nodes
             .iter()
-            .map(|node| s.spawn(move || collect_node(root, state, record, guests, node)))
+            .map(|node| s.spawn(move || collect_node(root, state, record, guests, secrets, node)))
             .collect();
         handles
             .into_iter()
@@ -84,6 +86,7 @@ fn collect_node(
     state: &StateDir,
     record: Option<&RunningCluster>,
     guests: Option<&GuestPool>,
+    secrets: &Secrets,
     node: &str,
 ) -> Vec<Finding> {
     let dir = root.join("nodes").join(node);
@@ -94,7 +97,7 @@ fn collect_node(
         .map(|n| n.dir.join("vm.log"))
         .unwrap_or_else(|| state.node(node).join("vm.log").into());
     if let Ok(bytes) = std::fs::read(&console_src) {
-        let _ = std::fs::write(dir.join("vm.log"), &bytes);
+        let _ = std::fs::write(dir.join("vm.log"), secrets.redact_bytes(&bytes));
         let rel = format!("nodes/{node}/vm.log");
         findings.extend(scan(node, &rel, &String::from_utf8_lossy(&bytes)));
     }
@@ -121,12 +124,15 @@ fn collect_node(
         let cmd = format!("journalctl -b {selector} --no-pager -o short-precise");
         if let Ok(out) = guest.exec(&cmd, t) {
             let file = format!("journal/{name}.log");
-            let _ = std::fs::write(dir.join(&file), &out.stdout);
+            let _ = std::fs::write(dir.join(&file), secrets.redact(&out.stdout).as_bytes());
             findings.extend(scan(node, &format!("nodes/{node}/{file}"), &out.stdout));
         }
     }
     if let Ok(out) = guest.exec("systemctl --failed --plain --no-legend --no-pager", t) {
-        let _ = std::fs::write(dir.join("failed-units.txt"), &out.stdout);
+        let _ = std::fs::write(
+            dir.join("failed-units.txt"),
+            secrets.redact(&out.stdout).as_bytes(),
+        );
         for (i, line) in out
             .stdout
             .lines()

@@ -14,8 +14,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    // The message names the file a reader wanted, not the temporary one.
     tmp.write_all(bytes)
-        .with_context(|| format!("writing {}", tmp.path().display()))?;
+        .with_context(|| format!("writing {}", path.display()))?;
+    // Readable by others (CI pages publish artifacts), writable by us only;
+    // the state directory around private files is itself 0700.
+    use std::os::unix::fs::PermissionsExt;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o644))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
     tmp.persist(path)
         .with_context(|| format!("renaming to {}", path.display()))?;
     Ok(())

@@ -26,6 +26,7 @@ pub mod machine;
 pub mod progress;
 pub mod provision;
 pub mod report;
+pub mod secrets;
 pub mod smoke;
 pub mod snapshot;
 pub mod spec;

@@ -70,7 +70,13 @@ pub fn cluster_keys(ssh_dir: &Path) -> Result<ClusterKeys> {
     }
     let secret_file = ssh_dir.join("iam-secret");
     if !secret_file.exists() {
-        fs::write(&secret_file, random_hex(16))?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&secret_file)?;
+        std::io::Write::write_all(&mut f, random_hex(16).as_bytes())?;
     }
     Ok(ClusterKeys {
         public_key: fs::read_to_string(private_key.with_extension("pub"))?

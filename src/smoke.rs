@@ -9,6 +9,7 @@ use crate::guest::GuestPool;
 use crate::hermetic::{Hermetic, write_nix_support};
 use crate::lane::Lane;
 use crate::report::{self, RunReport, Step};
+use crate::secrets::Secrets;
 use crate::spec::Cluster;
 use crate::state::{RunningCluster, StateDir};
 use crate::{engine, evidence, image};
@@ -41,7 +42,7 @@ pub fn smoke(cluster: &Cluster, state: &StateDir, opts: &LaneOptions) -> Result<
     let started = Instant::now();
     let mut rep = RunReport::new(&opts.command, &opts.lane.name, &opts.lane.source, cluster);
     check_cluster(&mut rep, cluster, state, &record, opts, &dir, started);
-    conclude(rep, &dir, started)
+    conclude(rep, &dir, state, started)
 }
 
 /// clean, build, start, smoke, stop; the cluster is stopped even when
@@ -63,7 +64,7 @@ pub fn fresh_smoke(
     if ok {
         boot_check_stop(&mut rep, cluster, state, opts, start, &dir, started);
     }
-    conclude(rep, &dir, started)
+    conclude(rep, &dir, state, started)
 }
 
 /// `run`: the hermetic form for Nix builders. The images are given, so
@@ -86,7 +87,7 @@ pub fn hermetic(
     boot_check_stop(&mut rep, cluster, state, opts, start, out, started);
     rep.finish(started, crate::stopped_as());
     let failed = rep.exit_code != 0;
-    report::write(out, &mut rep)?;
+    report::write(out, &mut rep, &Secrets::load(state))?;
     write_nix_support(out, failed && keep_failed)?;
     report::print_summary(&rep, out);
     if matches!(rep.status, RunStatus::Interrupted | RunStatus::Timeout) {
@@ -212,9 +213,9 @@ fn check_cluster(
     }
 }
 
-fn conclude(mut rep: RunReport, dir: &Path, started: Instant) -> Result<u8> {
+fn conclude(mut rep: RunReport, dir: &Path, state: &StateDir, started: Instant) -> Result<u8> {
     rep.finish(started, crate::stopped_as());
-    report::write(dir, &mut rep)?;
+    report::write(dir, &mut rep, &Secrets::load(state))?;
     report::print_summary(&rep, dir);
     if matches!(rep.status, RunStatus::Interrupted | RunStatus::Timeout) {
         return Err(crate::stop_error());

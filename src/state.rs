@@ -22,6 +22,7 @@ use camino::Utf8PathBuf;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// The state directory for a profile: `${PHOTON_VM_DIR:-$HOME/.photoncloud-test-cluster}`
@@ -89,6 +90,18 @@ impl StateDir {
     pub fn lock(&self, command: &str) -> Result<StateLock> {
         fs::create_dir_all(&self.root)
             .with_context(|| format!("creating state directory {}", self.root))?;
+        // Private: it holds the cluster's keys and secrets. A shared
+        // directory given by mistake (sticky like /tmp, or someone else's)
+        // is left as it is.
+        let meta = fs::metadata(&self.root)?;
+        let sticky = meta.permissions().mode() & 0o1000 != 0;
+        if !sticky
+            && std::os::unix::fs::MetadataExt::uid(&meta) == nix::unistd::geteuid().as_raw()
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("making {} private (0700)", self.root))?;
+        }
         let path = self.root.join("lock");
         let file = OpenOptions::new()
             .create(true)

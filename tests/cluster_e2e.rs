@@ -659,6 +659,143 @@ impl Drop for StopOnPanic {
     }
 }
 
+/// Issue 13 on the running cluster: every host socket on 127.0.0.1, no
+/// password login, a private state directory, a secret planted in a
+/// guest's kernel log redacted from the artifacts, the global --timeout of
+/// a lane, and a full artifact disk.
+fn guards_and_limits_on_the_running_cluster(state: &Path) {
+    let out = common::run(state, &["status", "--json"]);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut pids: Vec<(String, i64)> = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["name"].as_str().unwrap().to_string(),
+                n["pid"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    pids.push((
+        "fabric switch".into(),
+        status["fabric"]["switch_pid"].as_i64().unwrap(),
+    ));
+    for (what, pid) in &pids {
+        let sockets = common::bound_sockets(*pid as i32);
+        assert!(!sockets.is_empty(), "{what} (pid {pid}) has no sockets");
+        let open: Vec<&String> = sockets
+            .iter()
+            .filter(|s| !s.split(' ').nth(1).unwrap().starts_with("127.0.0.1:"))
+            .collect();
+        assert!(open.is_empty(), "{what} listens beyond 127.0.0.1: {open:?}");
+    }
+
+    // No password login: sshd offers only keys, and a password is refused.
+    let port = status["nodes"][0]["ssh_port"].as_u64().unwrap();
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port as u16)).unwrap();
+    let mut s = ssh2::Session::new().unwrap();
+    s.set_tcp_stream(tcp);
+    s.set_timeout(30_000);
+    s.handshake().unwrap();
+    let methods = s.auth_methods("root").unwrap_or_default().to_string();
+    assert!(!methods.contains("password"), "sshd offers {methods}");
+    assert!(s.userauth_password("root", "root").is_err());
+    assert!(!s.authenticated());
+
+    // Private state: the directory 0700, the keys and the secret 0600.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(state), 0o700, "state directory");
+    assert_eq!(mode(&state.join("ssh/id_ed25519")), 0o600);
+    assert_eq!(mode(&state.join("ssh/iam-secret")), 0o600);
+
+    // A service that logs a secret: it reaches the kernel log and console.
+    let out = common::run(
+        state,
+        &[
+            "ssh",
+            "node06",
+            "echo \"photon-leak-test $(cat /etc/prometheus/iam-secret)\" > /dev/kmsg",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0));
+
+    // The lane's global timeout: it stops mid-lane, collects the evidence,
+    // writes the artifacts with status timeout and exits 124; the cluster
+    // it did not start keeps running.
+    let root = artifacts_dir().join("timeout");
+    let t = Instant::now();
+    let out = common::run(
+        state,
+        &[
+            "--timeout",
+            "20",
+            "smoke",
+            "--artifacts",
+            root.to_str().unwrap(),
+        ],
+    );
+    eprintln!(
+        "smoke --timeout 20: exited after {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(out.status.code(), Some(124), "lane timeout");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("error[timeout]"));
+    let dir = root.join("smoke/latest");
+    let result = read_json(&dir.join("result.json"));
+    assert_eq!(result["status"], "timeout");
+    assert_eq!(result["exit_code"], 124);
+    assert_eq!(result["error_kind"], "timeout");
+    let out = common::run(state, &["status", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "the cluster still runs");
+
+    // The planted secret was redacted, and no secret is anywhere in them.
+    let needles = common::secret_needles(state);
+    assert!(needles.len() >= 7, "secrets found: {}", needles.len());
+    assert_eq!(
+        common::files_containing(&root, &needles),
+        Vec::<String>::new()
+    );
+    let kernel = std::fs::read_to_string(dir.join("nodes/node06/journal/kernel.log")).unwrap();
+    assert!(
+        kernel.contains("photon-leak-test [redacted]"),
+        "planted line not found redacted"
+    );
+    assert_eq!(common::world_writable(&root), Vec::<String>::new());
+
+    // The artifact disk full during a lane: a clear error naming the file,
+    // exit 3, and no half-written result.json.
+    let full = artifacts_dir().join("full");
+    std::fs::create_dir_all(&full).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=256k",
+            "photon-full",
+            full.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a 256 KiB tmpfs (CI runs as root)");
+    let out = common::run(state, &["smoke", "--artifacts", full.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    let result = std::fs::read(full.join("smoke/latest/result.json"));
+    let _ = std::process::Command::new("umount").arg(&full).status();
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("error[disk_full]"), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(
+        err.contains("result.json"),
+        "names what it could not write: {err}"
+    );
+    if let Ok(bytes) = result {
+        serde_json::from_slice::<Value>(&bytes).expect("result.json is whole or absent");
+    }
+}
+
 #[test]
 fn reference_cluster_end_to_end() {
     let state = common::state_dir();
@@ -744,6 +881,7 @@ fn reference_cluster_end_to_end() {
     );
 
     snapshot_the_ready_cluster(&state);
+    guards_and_limits_on_the_running_cluster(&state);
     faults_by_hand(&state);
     smoke_fails_at_the_broken_unit(&state);
     lanes_on_the_running_cluster(&state);

@@ -140,12 +140,15 @@ fn sshd_that_never_comes_up_is_named_at_the_ready_timeout() {
 /// once (not at the ready timeout) with `error[unit_failed]`, the unit's
 /// name and its journal tail. The unit is systemd's own
 /// kernel-command-line.service, made to run `/bin/false` by the kernel
-/// arguments (systemd-run-generator).
+/// arguments (systemd-run-generator, systemd-debug-generator).
 #[test]
 fn a_unit_that_fails_at_boot_is_named_with_its_journal() {
     let tmp = tempfile::tempdir().unwrap();
+    // systemd.run makes its unit the default target; systemd.unit puts
+    // the normal boot back, and systemd.wants pulls the unit in beside it.
     let cmdline = "systemd.run=/bin/false systemd.run_success_action=none \
-                   systemd.run_failure_action=none";
+                   systemd.run_failure_action=none systemd.unit=multi-user.target \
+                   systemd.wants=kernel-command-line.service";
     let units = "units = [\"ssh.service\", \"kernel-command-line.service\"]";
     let (out, secs, _) = start_one(tmp.path(), cmdline, units, &[], &["--ready-timeout", "600"]);
     let err = stderr(&out);

@@ -194,8 +194,10 @@ fn ci_check_instantiates_to_a_drv_with_the_run_contract() {
         "CI's documented impure coreutils"
     );
     assert!(
-        args[1].contains(r#""$coreutils/timeout" -s TERM -k "$killAfter" "$timeout" "$exe" run"#),
-        "the driver runs under coreutils' timeout: {}",
+        args[1].contains(
+            r#""$coreutils/timeout" -s TERM -k "$killAfter" "$((timeout + killAfter))" "$exe" --timeout "$timeout" run"#
+        ),
+        "the driver enforces the timeout, coreutils' timeout backs it up: {}",
         args[1]
     );
     assert!(

@@ -19,18 +19,24 @@ let
   # What the builder runs: shell builtins, the driver, and coreutils'
   # timeout, date and mkdir by absolute path ($coreutils is their directory).
   #   $0 = check name, "$@" = the arguments of `photon-cluster run` minus --out.
-  # The driver runs under `timeout -s TERM -k $killAfter $timeout` (the
-  # short forms of --signal and --kill-after, which busybox accepts too):
-  # on TERM it tears the cluster down and writes its artifacts (status
-  # "interrupted"); what has not stopped killAfter seconds later is killed.
-  # GNU timeout exits 124 (stopped by TERM) or 137 (needed KILL); busybox's
-  # passes the driver's own status on, so only GNU's is read as a timeout.
+  # The driver enforces the timeout itself (`--timeout $timeout`): when it
+  # expires it collects the evidence, writes the artifacts with status
+  # "timeout", stops every VM and exits 124. Behind it, as a backstop for a
+  # driver that hangs, coreutils' `timeout -s TERM -k $killAfter` fires
+  # killAfter seconds later (the short forms of --signal and --kill-after,
+  # which busybox accepts too); what has not stopped killAfter seconds
+  # after TERM is killed. GNU timeout exits 124 (stopped by TERM) or 137
+  # (needed KILL); busybox's passes the driver's own status on.
   builderScript = ''
     set -u
     if [ -d "$driver" ]; then exe="$driver/bin/photon-cluster"; else exe="$driver"; fi
     echo "photon-cluster check $0: $exe run --out $out $* (timeout ''${timeout}s, then KILL ''${killAfter}s after TERM)"
     started=$("$coreutils/date" +%s)
-    "$coreutils/timeout" -s TERM -k "$killAfter" "$timeout" "$exe" run --out "$out" "$@"
+    if [ "$timeout" = 0 ]; then
+      "$exe" run --out "$out" "$@"
+    else
+      "$coreutils/timeout" -s TERM -k "$killAfter" "$((timeout + killAfter))" "$exe" --timeout "$timeout" run --out "$out" "$@"
+    fi
     rc=$?
     finished=$("$coreutils/date" +%s)
 

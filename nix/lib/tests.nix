@@ -270,7 +270,7 @@ let
 
     # --- the enforced timeout, sandbox-clean builders, substitution
     check-timeout-wrapper = {
-      expr = builtins.match ".*\"\\$coreutils/timeout\" -s TERM -k \"\\$killAfter\" \"\\$timeout\" \"\\$exe\" run --out \"\\$out\" \"\\$@\".*" (builtins.elemAt check.args 1) != null;
+      expr = builtins.match ".*\"\\$coreutils/timeout\" -s TERM -k \"\\$killAfter\" \"\\$\\(\\(timeout \\+ killAfter\\)\\)\" \"\\$exe\" --timeout \"\\$timeout\" run --out \"\\$out\" \"\\$@\".*" (builtins.elemAt check.args 1) != null;
       expected = true;
     };
     check-timeout-exit-codes = {

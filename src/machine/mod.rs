@@ -157,7 +157,7 @@ pub fn disk_stall(node: &str, dir: &Path) -> Option<anyhow::Error> {
     }
     let overlay = dir.join("overlay.qcow2");
     let free = nix::sys::statvfs::statvfs(dir)
-        .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+        .map(|s| s.blocks_available() * s.fragment_size())
         .unwrap_or(0);
     let full = free < 64 << 20;
     let e = anyhow::anyhow!(

@@ -11,6 +11,7 @@ use crate::error::{RunStatus, for_status};
 use crate::evidence::Finding;
 use crate::files::write_atomic;
 use crate::machine::accel::AccelChoice;
+use crate::secrets::Secrets;
 use crate::state::{ImageRecord, RunningCluster};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -157,6 +158,11 @@ impl RunReport {
             .iter()
             .map(|l| l.outcome)
             .chain(self.steps.iter().map(|s| s.outcome));
+        if stopped.is_some() && self.error.is_none() {
+            let err = crate::stop_error();
+            self.error = Some(format!("{err:#}"));
+            self.error_kind = Some(crate::error::kind_of(&err));
+        }
         self.status = if let Some(s) = stopped {
             s
         } else if self.error.is_some() {
@@ -200,7 +206,9 @@ pub fn create_dir(root: &Path, lane: &str) -> Result<PathBuf> {
 }
 
 /// Writes result.json (atomically), junit.xml and report.md into `dir`.
-pub fn write(dir: &Path, report: &mut RunReport) -> Result<()> {
+/// Writes result.json, junit.xml and report.md (and the checks' evidence
+/// files), each with the cluster's secrets redacted.
+pub fn write(dir: &Path, report: &mut RunReport, secrets: &Secrets) -> Result<()> {
     for (name, file) in [
         ("result", "result.json"),
         ("junit", "junit.xml"),
@@ -210,15 +218,16 @@ pub fn write(dir: &Path, report: &mut RunReport) -> Result<()> {
         report.artifacts.insert(name.into(), file.into());
     }
     // Evidence files must not cost the report itself.
-    if let Err(e) = write_check_artifacts(dir, report) {
+    if let Err(e) = write_check_artifacts(dir, report, secrets) {
         tracing::warn!("check artifacts: {e:#}");
     }
-    write_atomic(&dir.join("junit.xml"), junit::render(report)?.as_bytes())?;
-    write_atomic(&dir.join("report.md"), markdown::render(report).as_bytes())?;
-    write_atomic(
-        &dir.join("result.json"),
-        serde_json::to_string_pretty(report)?.as_bytes(),
-    )?;
+    // result.json first: on a disk that fills up it is the one to keep.
+    let json = serde_json::to_string_pretty(report)?;
+    write_atomic(&dir.join("result.json"), secrets.redact(&json).as_bytes())?;
+    let junit = junit::render(report)?;
+    write_atomic(&dir.join("junit.xml"), secrets.redact(&junit).as_bytes())?;
+    let md = markdown::render(report);
+    write_atomic(&dir.join("report.md"), secrets.redact(&md).as_bytes())?;
     Ok(())
 }
 
@@ -226,7 +235,7 @@ pub fn write(dir: &Path, report: &mut RunReport) -> Result<()> {
 /// and lists the files in `report.artifacts` under `check:<id>`. JSON
 /// files get the whole evidence; other files get its `stdout` or `body`
 /// text when it has one (journals, captured answers).
-pub fn write_check_artifacts(dir: &Path, report: &mut RunReport) -> Result<()> {
+pub fn write_check_artifacts(dir: &Path, report: &mut RunReport, secrets: &Secrets) -> Result<()> {
     for c in report.layers.iter().flat_map(|l| &l.checks) {
         let Some(rel) = &c.artifact else { continue };
         let path = dir.join(rel);
@@ -247,7 +256,7 @@ pub fn write_check_artifacts(dir: &Path, report: &mut RunReport) -> Result<()> {
                 "evidence": c.evidence,
             }))?,
         };
-        write_atomic(&path, &bytes)?;
+        write_atomic(&path, &secrets.redact_bytes(&bytes))?;
     }
     let listed: Vec<(String, String)> = report
         .layers

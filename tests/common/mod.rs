@@ -90,3 +90,124 @@ pub fn check<'a>(result: &'a serde_json::Value, id: &str) -> &'a serde_json::Val
         .find(|c| c["id"] == id)
         .unwrap_or_else(|| panic!("no check {id} in result.json"))
 }
+
+/// The sockets process `pid` listens on (TCP) or has bound (UDP), as
+/// `tcp 127.0.0.1:2222`, read from /proc: its fds' socket inodes matched
+/// against its network namespace's socket tables.
+pub fn bound_sockets(pid: i32) -> Vec<String> {
+    let mut inodes = std::collections::HashSet::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if let Ok(target) = std::fs::read_link(fd.path()) {
+            let t = target.to_string_lossy().to_string();
+            if let Some(i) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                inodes.insert(i.to_string());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for table in ["tcp", "tcp6", "udp", "udp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 || !inodes.contains(f[9]) {
+                continue;
+            }
+            // TCP: only listening sockets (state 0A); UDP: every bound one.
+            if table.starts_with("tcp") && f[3] != "0A" {
+                continue;
+            }
+            out.push(format!("{} {}", &table[..3], decode_addr(f[1])));
+        }
+    }
+    out
+}
+
+/// `0100007F:08AE` -> `127.0.0.1:2222`; IPv6 addresses in their hex form.
+fn decode_addr(hex: &str) -> String {
+    let (ip, port) = hex.split_once(':').unwrap_or((hex, "0"));
+    let port = u16::from_str_radix(port, 16).unwrap_or(0);
+    if ip.len() == 8 {
+        let n = u32::from_str_radix(ip, 16).unwrap_or(0);
+        let b = n.to_le_bytes();
+        format!("{}.{}.{}.{}:{port}", b[0], b[1], b[2], b[3])
+    } else {
+        format!("[{ip}]:{port}")
+    }
+}
+
+/// The secrets of the cluster in `state`, read here independently of the
+/// driver: the IAM secret, and every base64 line of the client key and
+/// of each node's host key.
+pub fn secret_needles(state: &Path) -> Vec<String> {
+    let mut needles = Vec::new();
+    if let Ok(s) = std::fs::read_to_string(state.join("ssh/iam-secret")) {
+        needles.push(s.trim().to_string());
+    }
+    let mut keys = vec![state.join("ssh/id_ed25519")];
+    for n in std::fs::read_dir(state.join("nodes"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        keys.push(n.path().join("config/ssh_host_ed25519_key"));
+    }
+    for k in keys {
+        let text = std::fs::read_to_string(&k).unwrap_or_default();
+        needles.extend(
+            text.lines()
+                .filter(|l| !l.starts_with("-----") && l.len() >= 12)
+                .map(String::from),
+        );
+    }
+    needles
+}
+
+/// Every file under `dir` (following no links) that contains one of
+/// `needles`, as `path: needle`.
+pub fn files_containing(dir: &Path, needles: &[String]) -> Vec<String> {
+    let mut hits = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                todo.push(e.path());
+            } else if ft.is_file() {
+                let bytes = std::fs::read(e.path()).unwrap_or_default();
+                let text = String::from_utf8_lossy(&bytes);
+                for n in needles.iter().filter(|n| text.contains(n.as_str())) {
+                    hits.push(format!("{}: {}", e.path().display(), &n[..8.min(n.len())]));
+                }
+            }
+        }
+    }
+    hits
+}
+
+/// Files under `dir` that others may write (mode o+w).
+pub fn world_writable(dir: &Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut bad = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(m) = std::fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            if m.file_type().is_symlink() {
+                continue;
+            }
+            if m.permissions().mode() & 0o002 != 0 {
+                bad.push(e.path().display().to_string());
+            }
+            if m.is_dir() {
+                todo.push(e.path());
+            }
+        }
+    }
+    bad
+}
