@@ -57,8 +57,13 @@ pub struct StateDir {
 }
 
 impl StateDir {
-    /// Refuses a state directory whose path is not UTF-8 (exit 2).
+    /// Refuses a state directory whose path is not UTF-8 (exit 2). A
+    /// relative path is made absolute: overlays name their backing image
+    /// by path, and QEMU resolves a relative one against the overlay's
+    /// own directory, not ours.
     pub fn new(root: PathBuf) -> Result<Self> {
+        let root = std::path::absolute(&root)
+            .with_context(|| format!("state directory {}", root.display()))?;
         let root = Utf8PathBuf::from_path_buf(root).map_err(|p| {
             crate::error::bad_input(format!(
                 "state directory {}: the path must be UTF-8",
@@ -298,6 +303,13 @@ impl RunningNode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relative_state_dir_is_made_absolute() {
+        let s = StateDir::new(PathBuf::from("some/state")).unwrap();
+        assert!(s.root.is_absolute(), "{}", s.root);
+        assert!(s.root.ends_with("some/state"));
+    }
 
     #[test]
     fn suffix_makes_a_sibling_directory() {

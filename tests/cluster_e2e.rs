@@ -796,6 +796,56 @@ fn guards_and_limits_on_the_running_cluster(state: &Path) {
     }
 }
 
+/// Two clusters of different profiles side by side: a one-node cluster
+/// (its own file, state directory, ports and fabric) boots and answers
+/// while the reference cluster runs, and neither touches the other.
+fn a_second_profile_runs_beside_it(state: &Path) {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    common::image_dir_with_cmdline(&images, "");
+    let file = common::one_node_cluster(tmp.path(), &images);
+    let other = tmp.path().join("state");
+    let cluster = ["--cluster", file.to_str().unwrap()];
+    let t = Instant::now();
+    let out = common::run(&other, &[&cluster[..], &["start"]].concat());
+    assert_eq!(out.status.code(), Some(0), "the second cluster starts");
+    eprintln!(
+        "second cluster beside the first: ready after {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let status = |s: &Path, extra: &[&str]| -> Value {
+        let out = common::run(s, &[extra, &["status", "--json"]].concat());
+        assert_eq!(out.status.code(), Some(0));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (a, b) = (status(state, &[]), status(&other, &cluster));
+    let ports = |v: &Value| -> Vec<u64> {
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["ssh_port"].as_u64().unwrap())
+            .collect()
+    };
+    assert!(
+        ports(&b).iter().all(|p| !ports(&a).contains(p)),
+        "ports shared"
+    );
+    assert_ne!(a["fabric"]["switch_pid"], b["fabric"]["switch_pid"]);
+    assert_eq!(b["nodes"][0]["state"], "ready");
+    let out = common::run(
+        &other,
+        &[&cluster[..], &["ssh", "solo", "hostname"]].concat(),
+    );
+    assert_eq!(stdout(&out).trim(), "solo");
+    // Its stop leaves the reference cluster as it was.
+    let out = common::run(&other, &[&cluster[..], &["stop", "--grace", "1"]].concat());
+    assert_eq!(out.status.code(), Some(0));
+    for n in status(state, &[])["nodes"].as_array().unwrap() {
+        assert_eq!(n["state"], "ready", "{n}");
+    }
+}
+
 #[test]
 fn reference_cluster_end_to_end() {
     let state = common::state_dir();
@@ -882,6 +932,7 @@ fn reference_cluster_end_to_end() {
 
     snapshot_the_ready_cluster(&state);
     guards_and_limits_on_the_running_cluster(&state);
+    a_second_profile_runs_beside_it(&state);
     faults_by_hand(&state);
     smoke_fails_at_the_broken_unit(&state);
     lanes_on_the_running_cluster(&state);

@@ -6,37 +6,6 @@ mod common;
 use std::fs;
 use std::path::Path;
 
-/// An image directory whose node `solo` boots the reference image with
-/// extra kernel arguments (image::dir: `<dir>/<node>/` with a `cmdline`).
-fn image_dir_with_cmdline(dir: &Path, cmdline: &str) {
-    let images = common::reference_images();
-    fs::create_dir_all(dir.join("solo")).unwrap();
-    for f in ["vmlinuz", "initrd.img", "rootfs.img"] {
-        let to = dir.join("solo").join(f);
-        let _ = fs::remove_file(&to);
-        std::os::unix::fs::symlink(images.join(f), &to).unwrap();
-    }
-    fs::write(dir.join("solo/cmdline"), cmdline).unwrap();
-}
-
-fn one_node_cluster(dir: &Path, images: &Path) -> std::path::PathBuf {
-    one_node_cluster_with(dir, images, "")
-}
-
-/// The one-node cluster with `node` lines replacing its node's `units`.
-fn one_node_cluster_with(dir: &Path, images: &Path, node: &str) -> std::path::PathBuf {
-    let mut text = include_str!("fixtures/one-node.toml").replace(
-        "provider = \"debian\"\nsuite = \"bookworm\"",
-        &format!("provider = \"prebuilt\"\ndir = \"{}\"", images.display()),
-    );
-    if !node.is_empty() {
-        text = text.replace("units = [\"ssh.service\"]", node);
-    }
-    let file = dir.join("cluster.toml");
-    fs::write(&file, text).unwrap();
-    file
-}
-
 /// Stops whatever a test started, also when an assertion fails first.
 struct StopOnDrop<'a>(&'a Path, &'a Path);
 
@@ -57,8 +26,8 @@ fn a_guest_kernel_panic_is_reported_with_its_panic_line() {
     // No init in the initramfs: the kernel mounts the root itself, has no
     // virtio driver for it (a module), and panics ("VFS: Unable to mount
     // root fs").
-    image_dir_with_cmdline(&images, "rdinit=/nonexistent root=/dev/vdz");
-    let cluster = one_node_cluster(tmp.path(), &images);
+    common::image_dir_with_cmdline(&images, "rdinit=/nonexistent root=/dev/vdz");
+    let cluster = common::one_node_cluster(tmp.path(), &images);
     let state = tmp.path().join("state");
     let _stop = StopOnDrop(&state, &cluster);
     let out = common::run(
@@ -94,8 +63,8 @@ fn start_one(
     after: &[&str],
 ) -> (std::process::Output, f64, std::path::PathBuf) {
     let images = tmp.join("images");
-    image_dir_with_cmdline(&images, cmdline);
-    let cluster = one_node_cluster_with(tmp, &images, node);
+    common::image_dir_with_cmdline(&images, cmdline);
+    let cluster = common::one_node_cluster_with(tmp, &images, node);
     let state = tmp.join("state");
     let _stop = StopOnDrop(&state, &cluster);
     let mut args = vec!["--cluster", cluster.to_str().unwrap()];
@@ -126,13 +95,13 @@ fn stderr(out: &std::process::Output) -> String {
 fn sshd_that_never_comes_up_is_named_at_the_ready_timeout() {
     let tmp = tempfile::tempdir().unwrap();
     let cmdline = "systemd.mask=ssh.service systemd.mask=ssh.socket";
-    let (out, secs, _) = start_one(tmp.path(), cmdline, "", &[], &["--ready-timeout", "150"]);
+    let (out, secs, _) = start_one(tmp.path(), cmdline, "", &[], &["--ready-timeout", "90"]);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(err.contains("error[ssh_unreachable]"), "{err}");
-    assert!(err.contains("not reachable after 15"), "{err}");
+    assert!(err.contains("not reachable after 9"), "{err}");
     assert!(err.contains("last console lines"), "{err}");
-    assert!(secs < 150.0 + 60.0, "reported {secs:.0} s after start");
+    assert!(secs < 90.0 + 60.0, "reported {secs:.0} s after start");
     eprintln!("sshd never up: reported after {secs:.1} s");
 }
 

@@ -203,4 +203,42 @@ fn check_derivations_build_with_real_nix() {
             .len()
             > 0
     );
+
+    // A lane that runs past the check's timeout: the driver's own
+    // --timeout (from `timeout`) stops it during the boot, keeps the
+    // evidence with status `timeout`, stops the VM, and exits 124; with
+    // keepFailed the output is kept and marked failed.
+    let mut late = kept.clone();
+    late.extend(["--arg", "timeout", "20"]);
+    let t = std::time::Instant::now();
+    let (out, path) = nix_build("timeout-kept", &late);
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "timeout 20: the build ended after {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    assert!(
+        out.status.success(),
+        "keepFailed keeps a timed-out lane: {err}"
+    );
+    assert!(err.contains("TIMED OUT after 20s (exit 124)"), "{err}");
+    let out_dir = path.expect("out link");
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("nix-support/failed"))
+            .unwrap()
+            .trim(),
+        "timeout"
+    );
+    let result = json(&out_dir.join("result.json"));
+    assert_eq!(result["status"], "timeout", "{result}");
+    assert_eq!(result["exit_code"], 124);
+    assert_eq!(result["error_kind"], "timeout");
+    assert!(
+        out_dir.join("nodes/solo/vm.log").is_file(),
+        "the console is kept"
+    );
+    assert_eq!(
+        common::qemu_pids_mentioning("solo/vmlinuz"),
+        Vec::<i32>::new()
+    );
 }

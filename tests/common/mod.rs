@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -210,4 +211,35 @@ pub fn world_writable(dir: &Path) -> Vec<String> {
         }
     }
     bad
+}
+
+/// An image directory whose node `solo` boots the reference image with
+/// extra kernel arguments (image::dir: `<dir>/<node>/` with a `cmdline`).
+pub fn image_dir_with_cmdline(dir: &Path, cmdline: &str) {
+    let images = reference_images();
+    fs::create_dir_all(dir.join("solo")).unwrap();
+    for f in ["vmlinuz", "initrd.img", "rootfs.img"] {
+        let to = dir.join("solo").join(f);
+        let _ = fs::remove_file(&to);
+        std::os::unix::fs::symlink(images.join(f), &to).unwrap();
+    }
+    fs::write(dir.join("solo/cmdline"), cmdline).unwrap();
+}
+
+pub fn one_node_cluster(dir: &Path, images: &Path) -> std::path::PathBuf {
+    one_node_cluster_with(dir, images, "")
+}
+
+/// The one-node cluster with `node` lines replacing its node's `units`.
+pub fn one_node_cluster_with(dir: &Path, images: &Path, node: &str) -> std::path::PathBuf {
+    let mut text = include_str!("../fixtures/one-node.toml").replace(
+        "provider = \"debian\"\nsuite = \"bookworm\"",
+        &format!("provider = \"prebuilt\"\ndir = \"{}\"", images.display()),
+    );
+    if !node.is_empty() {
+        text = text.replace("units = [\"ssh.service\"]", node);
+    }
+    let file = dir.join("cluster.toml");
+    fs::write(&file, text).unwrap();
+    file
 }
