@@ -74,8 +74,8 @@ pub fn arm_timeout(after: std::time::Duration) {
         let secs = after.as_secs().max(1);
         TIMED_OUT.store(secs, Ordering::SeqCst);
         INTERRUPTED.store(true, Ordering::SeqCst);
-        tracing::error!(
-            "timeout: --timeout {secs} s expired; collecting evidence and stopping what was started"
+        tracing::warn!(
+            "--timeout {secs} s expired; collecting evidence and stopping what was started"
         );
     });
 }

@@ -78,6 +78,9 @@ pub fn cluster_keys(ssh_dir: &Path) -> Result<ClusterKeys> {
             .open(&secret_file)?;
         std::io::Write::write_all(&mut f, random_hex(16).as_bytes())?;
     }
+    // Also for a secret made by an older version with the default mode.
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&secret_file, fs::Permissions::from_mode(0o600))?;
     Ok(ClusterKeys {
         public_key: fs::read_to_string(private_key.with_extension("pub"))?
             .trim()
