@@ -132,10 +132,25 @@ pub fn crash(record: &RunningCluster, node: &str) -> Result<String> {
             "{node}: QEMU (pid {pid}) is not running; nothing to crash"
         ));
     }
+    // Marks the death as ours, so that `restore` repairs this one and
+    // never a node that died on its own (that is a finding, not a fault).
+    let _ = fs::write(crash_marker(record, node), pid.to_string());
     machine::kill_now(pid);
     Ok(format!(
         "crashed {node}: QEMU (pid {pid}) killed, no shutdown"
     ))
+}
+
+/// `<node dir>/crashed-by-fault`: the pid `crash` killed.
+fn crash_marker(record: &RunningCluster, node: &str) -> std::path::PathBuf {
+    record.nodes[node].dir.join("crashed-by-fault")
+}
+
+/// Whether `node` is down because `crash` killed it (and nothing since).
+fn crashed_by_fault(record: &RunningCluster, node: &str) -> bool {
+    let pid = record.nodes[node].pid_now();
+    fs::read_to_string(crash_marker(record, node))
+        .is_ok_and(|s| s.trim() == pid.to_string() && !machine::is_running(pid))
 }
 
 /// Stops (`pause`) or continues (`resume`) a node's vCPUs over QMP: a
@@ -174,6 +189,7 @@ pub fn restart(
     let console = n.dir.join("vm.log");
     keep_old_console(&console);
     let _ = fs::remove_file(n.dir.join("qemu.pid"));
+    let _ = fs::remove_file(crash_marker(record, node));
     let t = Instant::now();
     let child = machine::launch_args(node, &args, &n.dir.join("qemu.log"))?;
     let pid = child.id() as i32;
@@ -196,8 +212,10 @@ pub fn restart(
 }
 
 /// Undoes what faults left in place: heals a cut or degraded fabric,
-/// resumes paused nodes and restarts crashed ones. Says what it did, or
-/// nothing when everything was whole. Run after every layer of a lane.
+/// resumes paused nodes and restarts the nodes `crash` killed. A node that
+/// died on its own stays down: its checks fail at once, and the run ends
+/// `node_gone`. Says what it did, or nothing when everything was whole.
+/// Run after every layer of a lane.
 pub fn restore(record: &RunningCluster) -> Option<String> {
     let mut done = Vec::new();
     if let Some(seg) = record.fabric.as_ref().filter(|s| s.control.is_some())
@@ -211,6 +229,9 @@ pub fn restore(record: &RunningCluster) -> Option<String> {
     }
     for (name, n) in &record.nodes {
         if !machine::is_running(n.pid_now()) {
+            if !crashed_by_fault(record, name) {
+                continue;
+            }
             match restart(record, name, Duration::from_secs(600)) {
                 Ok((said, _)) => done.push(said),
                 Err(e) => done.push(format!("could not restart {name}: {e:#}")),
@@ -309,5 +330,35 @@ mod tests {
             .map(String::from)
             .to_vec();
         assert_eq!(without_incoming(&args), ["-m", "512", "-pidfile", "p"]);
+    }
+
+    /// Only a death `crash` caused is repaired by `restore`: a node that
+    /// died on its own is a finding and stays down.
+    #[test]
+    fn only_a_crash_we_caused_counts_as_ours() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id() as i32;
+        child.wait().unwrap();
+        let record: RunningCluster = serde_json::from_value(serde_json::json!({
+            "name": "t", "source": "t.toml", "started_unix": 0,
+            "accel": { "used": "tcg", "requested": "tcg", "fallback_reason": null },
+            "ssh_key": "/k", "known_hosts": "/h",
+            "image": { "provider": "debian", "kernel": "k", "initrd": "i", "rootfs": "r", "id": "i" },
+            "nodes": { "node01": {
+                "role": "worker", "address": "10.0.0.1", "pid": dead, "ssh_port": 1,
+                "forwards": {}, "units": [], "dir": tmp.path(), "booted_unix": 0,
+                "ready_after_s": null
+            } }
+        }))
+        .unwrap();
+        assert!(!crashed_by_fault(&record, "node01"), "died on its own");
+        fs::write(crash_marker(&record, "node01"), dead.to_string()).unwrap();
+        assert!(crashed_by_fault(&record, "node01"));
+        fs::write(crash_marker(&record, "node01"), "1").unwrap();
+        assert!(
+            !crashed_by_fault(&record, "node01"),
+            "a marker of another run"
+        );
     }
 }

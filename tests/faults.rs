@@ -216,3 +216,76 @@ fn nix_is_root() -> bool {
         .lines()
         .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
 }
+
+/// QEMU killed in the middle of a lane: the check in progress and every
+/// later check on that node fail at once (not at their 300 s deadlines),
+/// each naming the dead QEMU, and the run ends `error[node_gone]`, exit 3,
+/// with its artifacts.
+#[test]
+fn qemu_killed_mid_lane_fails_its_checks_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    common::image_dir_with_cmdline(&images, "");
+    let cluster = common::one_node_cluster(tmp.path(), &images);
+    let state = tmp.path().join("state");
+    let _stop = StopOnDrop(&state, &cluster);
+    let c = cluster.to_str().unwrap();
+    let out = common::run(&state, &["--cluster", c, "start", "--accel", "tcg"]);
+    assert_eq!(out.status.code(), Some(0), "start");
+    let lane = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dies-mid-lane.toml");
+    let root = tmp.path().join("artifacts");
+    let t = std::time::Instant::now();
+    let child = common::bin()
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--cluster", c, "smoke", "--keep-going", "--lane-file"])
+        .arg(&lane)
+        .arg("--artifacts")
+        .arg(&root)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(10));
+    let pid: i32 = fs::read_to_string(tmp.path().join("state-one-node/nodes/solo/qemu.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let killed = t.elapsed().as_secs_f64();
+    let out = common::echo(
+        &["smoke", "--lane-file", "dies-mid-lane.toml"],
+        child.wait_with_output().unwrap(),
+    );
+    let secs = t.elapsed().as_secs_f64() - killed;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("error[node_gone]") || err.contains("QEMU is not running"),
+        "{err}"
+    );
+    let result: serde_json::Value =
+        serde_json::from_slice(&fs::read(root.join("dies-mid-lane/latest/result.json")).unwrap())
+            .unwrap();
+    assert_eq!(result["error_kind"], "node_gone", "{}", result["error"]);
+    for id in ["sleeper@solo", "still-there@solo", "units@solo"] {
+        let c = common::check(&result, id);
+        assert_eq!(c["outcome"], "fail", "{c}");
+        assert!(c["duration_s"].as_f64().unwrap() < 60.0, "{c}");
+    }
+    let later = common::check(&result, "still-there@solo");
+    assert!(
+        later["message"]
+            .as_str()
+            .unwrap()
+            .contains("is not running"),
+        "{later}"
+    );
+    assert!(secs < 60.0, "the lane ended {secs:.0} s after the kill");
+    eprintln!("QEMU killed mid-lane: the lane ended {secs:.1} s after the kill");
+}

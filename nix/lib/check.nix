@@ -70,9 +70,9 @@ let
         exit 0 ;;
       124|137)
         if [ $rc = 124 ]; then
-          echo "photon-cluster check $0: lane $lane TIMED OUT after ''${timeout}s (exit 124); the driver was sent TERM and stopped" >&2
+          echo "photon-cluster check $0: lane $lane TIMED OUT after ''${timeout}s (exit 124); the cluster was stopped and its evidence written (result.json status \"timeout\")" >&2
         else
-          echo "photon-cluster check $0: lane $lane TIMED OUT after ''${timeout}s and did not stop within ''${killAfter}s of TERM: killed (exit 137)" >&2
+          echo "photon-cluster check $0: lane $lane TIMED OUT after ''${timeout}s; the driver hung and did not stop within ''${killAfter}s of coreutils' TERM: killed (exit 137)" >&2
         fi
         if [ -n "$keepFailed" ] && [ -d "$out" ]; then
           annotate 1
