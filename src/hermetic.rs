@@ -97,8 +97,10 @@ pub fn use_image_dir(cluster: &mut Cluster, dir: &Path) -> Result<Vec<(String, P
     Ok(record.files())
 }
 
-/// Hydra's build products, and the marker of a failed build kept on purpose.
-pub fn write_nix_support(out: &Path, failed: bool) -> Result<()> {
+/// Hydra's build products, its metrics (`name value unit` lines; the check's
+/// builder appends its own wall time), and the marker of a failed build
+/// kept on purpose.
+pub fn write_nix_support(out: &Path, failed: bool, metrics: &[(String, f64, &str)]) -> Result<()> {
     let dir = out.join("nix-support");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let products = format!(
@@ -106,15 +108,46 @@ pub fn write_nix_support(out: &Path, failed: bool) -> Result<()> {
         o = out.display()
     );
     std::fs::write(dir.join("hydra-build-products"), products)?;
+    std::fs::write(dir.join("hydra-metrics"), hydra_metrics(metrics))?;
     if failed {
         std::fs::write(dir.join("failed"), "")?;
     }
     Ok(())
 }
 
+/// Hydra's metrics format: one `name value [unit]` line each; names and
+/// units must not contain spaces.
+fn hydra_metrics(metrics: &[(String, f64, &str)]) -> String {
+    let mut s = String::new();
+    for (name, value, unit) in metrics.iter().filter(|m| m.1.is_finite()) {
+        let name = name.replace(char::is_whitespace, "_");
+        s.push_str(&format!("{name} {value}"));
+        if !unit.is_empty() {
+            s.push(' ');
+            s.push_str(unit);
+        }
+        s.push('\n');
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hydra_metrics_are_one_line_each_without_spaces_in_names() {
+        let m = vec![
+            ("boot-to-ready".to_string(), 61.5, "s"),
+            ("checks-pass".to_string(), 12.0, ""),
+            ("bench volume.read.ratio".to_string(), 0.63, "x"),
+            ("nan".to_string(), f64::NAN, "s"),
+        ];
+        assert_eq!(
+            hydra_metrics(&m),
+            "boot-to-ready 61.5 s\nchecks-pass 12\nbench_volume.read.ratio 0.63 x\n"
+        );
+    }
 
     #[test]
     fn paths_outside_the_store_are_refused_unless_allowed() {

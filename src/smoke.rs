@@ -88,7 +88,7 @@ pub fn hermetic(
     rep.finish(started, crate::stopped_as());
     let failed = rep.exit_code != 0;
     report::write(out, &mut rep, &Secrets::load(state))?;
-    write_nix_support(out, failed && keep_failed)?;
+    write_nix_support(out, failed && keep_failed, &rep.metrics())?;
     report::print_summary(&rep, out);
     if matches!(rep.status, RunStatus::Interrupted | RunStatus::Timeout) {
         return Err(crate::stop_error());

@@ -158,6 +158,26 @@ fn check_derivations_build_with_real_nix() {
         assert!(products.contains(&line), "{line} in {products}");
     }
     assert!(!out_dir.join("nix-support/failed").exists());
+    // Hydra's metrics: the driver's figures, then the builder's wall time.
+    let metrics = std::fs::read_to_string(out_dir.join("nix-support/hydra-metrics")).unwrap();
+    for prefix in [
+        "boot-to-ready ",
+        "lane-duration ",
+        "checks-pass ",
+        "checks-fail 0",
+        "lane-wall-time ",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(prefix)),
+            "{prefix} in {metrics}"
+        );
+    }
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("vm-live-migration.node04.") && l.contains(".downtime ")),
+        "the migration's downtime in {metrics}"
+    );
 
     // A failing lane fails the derivation. Its one node boots from its own
     // subdirectory of a per-node image directory, with a cmdline (the layout

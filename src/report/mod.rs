@@ -177,12 +177,70 @@ impl RunReport {
         self.exit_code = for_status(self.status);
     }
 
+    /// The run's figures, for Hydra's `nix-support/hydra-metrics`: name,
+    /// value, unit. Boot-to-ready (the slowest node), the lane's duration,
+    /// the checks by outcome, and every benchmark figure in the checks'
+    /// evidence (numbers under keys ending in `_mb_s` or `_ms`, QEMU's
+    /// migration `downtime`, and `ratio`s), named `<check id>.<path>`.
+    pub fn metrics(&self) -> Vec<(String, f64, &'static str)> {
+        let mut out = Vec::new();
+        let ready = self.nodes.values().filter_map(|n| n.ready_after_s);
+        if let Some(slowest) = ready.reduce(f64::max) {
+            out.push(("boot-to-ready".into(), slowest, "s"));
+        }
+        out.push(("lane-duration".into(), self.duration_s, "s"));
+        let checks: Vec<_> = self.layers.iter().flat_map(|l| &l.checks).collect();
+        for o in [
+            Outcome::Pass,
+            Outcome::Fail,
+            Outcome::Degraded,
+            Outcome::Skipped,
+        ] {
+            let n = checks.iter().filter(|c| c.outcome == o).count();
+            out.push((format!("checks-{}", o.name()), n as f64, ""));
+        }
+        for c in checks {
+            let id = c.id.replace(['@', ' '], ".");
+            figures(&id, &c.evidence, 0, &mut out);
+        }
+        out
+    }
+
     pub fn failed_checks(&self) -> Vec<&crate::engine::CheckResult> {
         self.layers
             .iter()
             .flat_map(|l| &l.checks)
             .filter(|c| c.outcome == Outcome::Fail)
             .collect()
+    }
+}
+
+/// The benchmark figures in one check's evidence (see `RunReport::metrics`).
+fn figures(
+    prefix: &str,
+    v: &serde_json::Value,
+    depth: usize,
+    out: &mut Vec<(String, f64, &'static str)>,
+) {
+    let Some(map) = v.as_object().filter(|_| depth < 3) else {
+        return;
+    };
+    for (k, v) in map {
+        let name = format!("{prefix}.{k}");
+        let unit = if k.ends_with("_mb_s") {
+            Some("MB/s")
+        } else if (k.ends_with("_ms") && !k.starts_with("timestamp")) || k == "downtime" {
+            // `downtime` is QEMU's migration statistic, in ms.
+            Some("ms")
+        } else if k == "ratio" {
+            Some("x")
+        } else {
+            None
+        };
+        match (unit, v.as_f64()) {
+            (Some(u), Some(x)) => out.push((name, x, u)),
+            _ => figures(&name, v, depth + 1, out),
+        }
     }
 }
 
@@ -325,4 +383,54 @@ pub fn print_summary(report: &RunReport, dir: &Path) {
         report.exit_code,
         dir.display()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_carry_boot_duration_counts_and_benchmark_figures() {
+        let node = |ready: f64| NodeSummary {
+            role: crate::spec::Role::Worker,
+            address: "10.0.0.1".into(),
+            ready_after_s: Some(ready),
+        };
+        let evidence = json!({
+            "read": { "subject_median_mb_s": 9.5, "ratio": 0.63, "subject_mb_s": [9.0, 9.5] },
+            "timestamp_ms": 1_700_000_000_000u64,
+            "migration": { "stats": { "downtime": 82 } }
+        });
+        let check: crate::engine::CheckResult = serde_json::from_value(json!({
+            "id": "bench@b", "kind": "volume_bench", "target": "b", "outcome": "pass",
+            "message": "", "started_s": 0.0, "duration_s": 1.0, "attempts": 1,
+            "origin": "l.toml:3", "evidence": evidence
+        }))
+        .unwrap();
+        let mut r: RunReport = serde_json::from_value(json!({
+            "schema": SCHEMA, "command": "run", "lane": "l", "lane_source": "l",
+            "cluster": "c", "cluster_source": "c", "status": "pass", "exit_code": 0,
+            "started": "", "finished": "", "duration_s": 42.5, "accel": null,
+            "image": null, "nodes": {}, "steps": [], "layers": [], "findings": [],
+            "error": null, "artifacts": {}
+        }))
+        .unwrap();
+        r.nodes.insert("a".into(), node(50.0));
+        r.nodes.insert("b".into(), node(61.5));
+        r.layers.push(LayerResult::new("x", "", vec![check], 1.0));
+        let m = r.metrics();
+        let get = |n: &str| m.iter().find(|x| x.0 == n).map(|x| (x.1, x.2));
+        assert_eq!(get("boot-to-ready"), Some((61.5, "s")));
+        assert_eq!(get("lane-duration"), Some((42.5, "s")));
+        assert_eq!(get("checks-pass"), Some((1.0, "")));
+        assert_eq!(get("checks-fail"), Some((0.0, "")));
+        assert_eq!(get("bench.b.read.subject_median_mb_s"), Some((9.5, "MB/s")));
+        assert_eq!(get("bench.b.read.ratio"), Some((0.63, "x")));
+        assert_eq!(get("bench.b.migration.stats.downtime"), Some((82.0, "ms")));
+        assert_eq!(
+            get("bench.b.timestamp_ms"),
+            None,
+            "a timestamp is not a figure"
+        );
+    }
 }
