@@ -99,7 +99,7 @@ fn sshd_that_never_comes_up_is_named_at_the_ready_timeout() {
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(err.contains("error[ssh_unreachable]"), "{err}");
-    assert!(err.contains("not reachable after 9"), "{err}");
+    assert!(err.contains("not reachable after"), "{err}");
     assert!(err.contains("last console lines"), "{err}");
     assert!(secs < 90.0 + 60.0, "reported {secs:.0} s after start");
     eprintln!("sshd never up: reported after {secs:.1} s");
