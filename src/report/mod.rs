@@ -373,7 +373,10 @@ pub fn print_summary(report: &RunReport, dir: &Path) {
         }
     }
     if let Some(e) = &report.error {
-        println!("error: {e}");
+        match report.error_kind {
+            Some(k) => println!("error[{}]: {e}", k.name()),
+            None => println!("error: {e}"),
+        }
     }
     println!(
         "{}: {} in {:.0} s (exit {}); artifacts in {}",
