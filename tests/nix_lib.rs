@@ -650,7 +650,7 @@ fn check_builder_enforces_the_timeout_and_annotates_for_hydra() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("did not stop within 3s of TERM: killed (exit 137)"),
+        err.contains("did not stop within 3s of coreutils' TERM: killed (exit 137)"),
         "{err}"
     );
     assert_eq!(
