@@ -767,23 +767,11 @@ fn guards_and_limits_on_the_running_cluster(state: &Path) {
     // The artifact disk full during a lane: a clear error naming the file,
     // exit 3, and no half-written result.json.
     let full = artifacts_dir().join("full");
-    std::fs::create_dir_all(&full).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=256k",
-            "photon-full",
-            full.to_str().unwrap(),
-        ])
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "mount a 256 KiB tmpfs (CI runs as root)");
+    let tmpfs = common::Tmpfs::mount(&full, "256k");
     let out = common::run(state, &["smoke", "--artifacts", full.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     let result = std::fs::read(full.join("smoke/latest/result.json"));
-    let _ = std::process::Command::new("umount").arg(&full).status();
+    drop(tmpfs);
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(err.contains("error[disk_full]"), "{err}");
     assert!(err.contains("No space left on device"), "{err}");

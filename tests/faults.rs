@@ -178,26 +178,7 @@ fn a_full_state_disk_at_start_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     // The one-node profile's state suffix: the driver uses `state-one-node`.
     let state = tmp.path().join("state-one-node");
-    fs::create_dir_all(&state).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=1m",
-            "photon-full",
-            state.to_str().unwrap(),
-        ])
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "mount tmpfs");
-    struct Umount<'a>(&'a Path);
-    impl Drop for Umount<'_> {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _umount = Umount(&state);
+    let _full = common::Tmpfs::mount(&state, "1m");
     let (out, secs, _) = start_one(tmp.path(), "", "", &[], &[]);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(3), "{err}");

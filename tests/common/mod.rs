@@ -243,3 +243,30 @@ pub fn one_node_cluster_with(dir: &Path, images: &Path, node: &str) -> std::path
     fs::write(&file, text).unwrap();
     file
 }
+
+/// A small tmpfs mounted at a directory (created if missing) for as long
+/// as it lives: a disk that fills up on purpose. Needs root, as CI has.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(dir).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "photon-full"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(
+            mounted.success(),
+            "mount a {size} tmpfs at {}",
+            dir.display()
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
