@@ -58,6 +58,13 @@ pub struct Cli {
     /// it exits 124. (A lane on an already running cluster leaves it running.)
     #[arg(long, global = true, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: Option<u64>,
+    /// Only warnings and errors on stderr, and no live progress display.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// More on stderr: -v debug, -vv trace (unless `RUST_LOG` is set).
+    /// Every lane run keeps its full debug log in driver.log either way.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
     #[command(subcommand)]
     pub command: Cmd,
 }
@@ -95,8 +102,15 @@ pub enum Cmd {
         json: bool,
     },
     /// Open a shell on a node, or run one command there and pass on its exit code.
+    ///   photon-cluster ssh node04                            # a shell
+    ///   photon-cluster ssh node04 'journalctl -u etcd | tail'  # one shell command line
+    ///   photon-cluster ssh node04 -- printf '%s\n' 'a b' c    # a program and its arguments
+    /// One argument is a command line for the guest's shell; several are a
+    /// program and its arguments, each passed with its quoting intact.
+    #[command(verbatim_doc_comment)]
     Ssh {
         /// The node, e.g. node04.
+        #[arg(add = node_names())]
         node: String,
         /// A command to run instead of an interactive shell.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -119,9 +133,34 @@ pub enum Cmd {
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
     /// Check a cluster definition and exit: 0 if valid, 2 with file:line:field if not.
-    Check,
+    Check {
+        /// Print JSON: {"valid", "source", "nodes"} or {"valid": false, "error", "kind"}.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the embedded lanes, their layers and check counts for this cluster.
-    Lanes,
+    Lanes {
+        /// Print JSON: [{"name", "valid", "checks", "layers", "description"}].
+        #[arg(long)]
+        json: bool,
+    },
+    /// Render report.md and report.html again from a run's result.json, with
+    /// this driver (DIR is an artifact root, e.g. work/smoke/latest).
+    Report {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Print a shell's completion script (subcommands, options, node names):
+    ///   source <(photon-cluster completions bash)
+    ///   photon-cluster completions fish > ~/.config/fish/completions/photon-cluster.fish
+    ///   photon-cluster completions zsh > ~/.zfunc/_photon-cluster
+    #[command(verbatim_doc_comment)]
+    Completions {
+        #[arg(value_parser = ["bash", "zsh", "fish", "elvish", "powershell"])]
+        shell: String,
+    },
+    /// Print the man page (roff): photon-cluster man > photon-cluster.1
+    Man,
     /// Print a lane's plan for this cluster without booting anything: every
     /// check on every target, with its id (`name@node`), layer, kind and
     /// origin (`file:line`). The Nix library's check ids are tested against it.
@@ -236,6 +275,7 @@ pub enum Cmd {
     /// Boot a node again from its own overlay and config disk (after `fault
     /// crash`, or as a power cycle), and wait until it is ready.
     Restart {
+        #[arg(add = node_names())]
         node: String,
         /// Seconds the node may take to become ready.
         #[arg(long, default_value_t = 600)]
@@ -264,6 +304,7 @@ pub enum FaultCmd {
     Heal,
     /// Degrade one node's link, in both directions (all zero: restore it).
     Link {
+        #[arg(add = node_names())]
         node: String,
         /// Frames lost, e.g. 30%.
         #[arg(long, default_value = "0%", value_parser = crate::fault::parse_fraction)]
@@ -276,11 +317,20 @@ pub enum FaultCmd {
         duplicate: f64,
     },
     /// Kill a node's QEMU with no clean shutdown (`restart NODE` boots it again).
-    Crash { node: String },
+    Crash {
+        #[arg(add = node_names())]
+        node: String,
+    },
     /// Stop a node's vCPUs (QMP `stop`): a stalled machine.
-    Pause { node: String },
+    Pause {
+        #[arg(add = node_names())]
+        node: String,
+    },
     /// Continue a paused node (QMP `cont`).
-    Resume { node: String },
+    Resume {
+        #[arg(add = node_names())]
+        node: String,
+    },
     /// The switch's per-port frame counters, partition and link faults.
     Status {
         #[arg(long)]
@@ -376,6 +426,9 @@ pub struct LaneRun {
     /// Seconds `stop` waits for a clean powerdown before killing (fresh-* commands).
     #[arg(long, default_value_t = 30)]
     pub grace: u64,
+    /// Print the run's result.json document on stdout (the summary goes to stderr).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -402,6 +455,9 @@ pub struct RunArgs {
     /// Seconds `stop` waits for a clean powerdown before killing.
     #[arg(long, default_value_t = 30)]
     pub grace: u64,
+    /// Print the run's result.json document on stdout (the summary goes to stderr).
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub start: StartArgs,
 }
@@ -429,6 +485,7 @@ impl LaneRun {
             artifacts: self.artifacts.clone(),
             keep_going: self.keep_going,
             grace: Duration::from_secs(self.grace),
+            json: self.json,
         }
     }
 }
@@ -470,14 +527,44 @@ impl Target {
 }
 
 pub fn run(cli: Cli) -> Result<i32> {
-    crate::log::init(cli.log_format);
+    crate::log::init(
+        cli.log_format,
+        crate::log::default_level(cli.quiet, cli.verbose),
+    );
+    crate::progress::set_quiet(cli.quiet);
     if let Some(secs) = cli.timeout {
         crate::arm_timeout(Duration::from_secs(secs));
     }
-    if let Cmd::FabricSwitch { config } = &cli.command {
-        let text = std::fs::read_to_string(config)?;
-        crate::fabric::switch::serve(serde_json::from_str(&text)?)?;
-        return Ok(0);
+    // Commands that need no cluster definition.
+    match &cli.command {
+        Cmd::FabricSwitch { config } => {
+            let text = std::fs::read_to_string(config)?;
+            crate::fabric::switch::serve(serde_json::from_str(&text)?)?;
+            return Ok(0);
+        }
+        Cmd::Report { dir } => {
+            let written = crate::report::rerender(dir)?;
+            for f in written {
+                println!("{}", f.display());
+            }
+            return Ok(0);
+        }
+        Cmd::Completions { shell } => {
+            let shells = clap_complete::env::Shells::builtins();
+            let shell = shells
+                .completer(shell)
+                .expect("clap checked the shell name");
+            let name = "photon-cluster";
+            shell.write_registration("COMPLETE", name, name, name, &mut std::io::stdout())?;
+            return Ok(0);
+        }
+        Cmd::Man => {
+            let man = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
+            man.render(&mut std::io::stdout())?;
+            return Ok(0);
+        }
+        Cmd::Check { json: true } => return check_json(&cli.target),
+        _ => {}
     }
     let name = format!("{:?}", cli.command);
     let name = name
@@ -498,7 +585,8 @@ pub fn run(cli: Cli) -> Result<i32> {
     }
     match cli.command {
         Cmd::Run(_) => unreachable!("handled above"),
-        Cmd::Check => {
+        Cmd::Report { .. } | Cmd::Completions { .. } | Cmd::Man => unreachable!("handled above"),
+        Cmd::Check { .. } => {
             println!(
                 "{}: valid ({} nodes)",
                 cluster.source.display(),
@@ -525,7 +613,23 @@ pub fn run(cli: Cli) -> Result<i32> {
                 }
             }
         }
-        Cmd::Lanes => {
+        Cmd::Lanes { json: true } => {
+            let lanes: Vec<serde_json::Value> = crate::lane::LANES
+                .iter()
+                .map(|(name, _)| match Lane::embedded(name, &cluster) {
+                    Ok(l) => serde_json::json!({
+                        "name": name, "valid": true, "checks": l.check_count(),
+                        "layers": l.layers.iter().map(|l| &l.name).collect::<Vec<_>>(),
+                        "description": l.description,
+                    }),
+                    Err(e) => {
+                        serde_json::json!({ "name": name, "valid": false, "error": e.message })
+                    }
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&lanes)?);
+        }
+        Cmd::Lanes { json: false } => {
             for (name, _) in crate::lane::LANES {
                 match Lane::embedded(name, &cluster) {
                     Ok(l) => {
@@ -630,7 +734,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                 return interactive_ssh(&record, &node);
             }
             let guest = crate::guest::connect(&record, &node)?;
-            let out = guest.exec(&command.join(" "), Duration::from_secs(600))?;
+            let out = guest.exec(&remote_command(&command)?, Duration::from_secs(600))?;
             print!("{}", out.stdout);
             eprint!("{}", out.stderr);
             return Ok(out.code);
@@ -836,6 +940,7 @@ fn hermetic_run(mut cluster: Cluster, target: &Target, args: &RunArgs) -> Result
         artifacts: args.out.clone(),
         keep_going: args.keep_going,
         grace: Duration::from_secs(args.grace),
+        json: args.json,
     };
     let _lock = state.lock("run")?;
     let code = smoke::hermetic(
@@ -870,6 +975,58 @@ fn fresh_lane(
     let opts = run.options(Lane::embedded(lane, cluster)?, command);
     let _lock = state.lock(&format!("fresh-{lane}"))?;
     Ok(smoke::fresh_smoke(cluster, state, &opts, &start.options(command, true))? as i32)
+}
+
+/// `check --json`: the verdict as JSON on stdout, also when it is invalid
+/// (exit 2, as without --json).
+fn check_json(target: &Target) -> Result<i32> {
+    let (doc, code) = match target.load() {
+        Ok(c) => (
+            serde_json::json!({
+                "valid": true, "source": c.source, "name": c.name,
+                "nodes": c.node_names().collect::<Vec<_>>(),
+            }),
+            0,
+        ),
+        Err(e) => (
+            serde_json::json!({
+                "valid": false, "error": format!("{e:#}"),
+                "kind": crate::error::kind_of(&e).name(),
+            }),
+            crate::error::exit_code(&e) as i32,
+        ),
+    };
+    println!("{}", serde_json::to_string_pretty(&doc)?);
+    Ok(code)
+}
+
+/// What `ssh NODE CMD...` runs: one argument is a shell command line as
+/// typed; several are a program and its arguments, each quoted for the
+/// guest's shell so that spaces and quotes arrive as they were given.
+fn remote_command(args: &[String]) -> Result<String> {
+    match args {
+        [line] => Ok(line.clone()),
+        _ => shlex::try_join(args.iter().map(String::as_str))
+            .map_err(|e| bad_input(format!("ssh: cannot quote the command: {e}"))),
+    }
+}
+
+/// Node names for shell completion: the running cluster's in the default
+/// state directory, else the embedded reference profile's.
+fn node_names() -> clap_complete::engine::ArgValueCandidates {
+    clap_complete::engine::ArgValueCandidates::new(|| {
+        let running = Cluster::profile("reference").ok().and_then(|c| {
+            let state = StateDir::new(state::state_dir(None, &c.state_suffix).ok()?).ok()?;
+            let record = state.load_running().ok()??;
+            Some(record.nodes.keys().cloned().collect::<Vec<_>>())
+        });
+        let names = running.unwrap_or_else(|| {
+            Cluster::profile("reference")
+                .map(|c| c.node_names().map(String::from).collect())
+                .unwrap_or_default()
+        });
+        names.into_iter().map(Into::into).collect()
+    })
 }
 
 fn require_running(state: &StateDir) -> Result<RunningCluster> {

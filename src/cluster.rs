@@ -273,6 +273,10 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
                 dir: dir.clone().into(),
                 booted_unix: chrono::Utc::now().timestamp(),
                 ready_after_s: None,
+                phases: Some(state::BootPhases {
+                    launched_s: t0.elapsed().as_secs_f64(),
+                    ..Default::default()
+                }),
                 qemu_args: machine::qemu_args(config),
             },
         );
@@ -296,17 +300,29 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
             cluster,
             &record,
             &prepared_endpoints(&record, &prepared),
-            opts,
+            (opts, t0),
             &progress,
         ),
-        Readiness::ConsoleLogin => wait_console_login(&record, opts.ready_timeout, &progress),
+        Readiness::ConsoleLogin => {
+            wait_console_login(&record, opts.ready_timeout, &progress).map(|ready| {
+                let phases = |name: &String, secs| state::BootPhases {
+                    ready_s: Some(secs),
+                    ..record.nodes[name].phases.clone().unwrap_or_default()
+                };
+                ready
+                    .into_iter()
+                    .map(|(n, s)| (n.clone(), phases(&n, s)))
+                    .collect()
+            })
+        }
     };
     progress.finish();
     match result {
         Ok(ready) => {
-            for (name, secs) in ready {
+            for (name, phases) in ready {
                 if let Some(n) = record.nodes.get_mut(&name) {
-                    n.ready_after_s = Some(secs);
+                    n.ready_after_s = phases.ready_s;
+                    n.phases = Some(phases);
                 }
             }
             record.owner = opts
@@ -365,15 +381,16 @@ enum Phase {
 }
 
 /// One thread per node. A node's readiness is judged only after its
-/// dependencies are ready; if one of them fails, it stops waiting.
+/// dependencies are ready; if one of them fails, it stops waiting. Each
+/// node's phases are timed from `t0`, the first launch.
 fn wait_ready(
     cluster: &Cluster,
     record: &RunningCluster,
     endpoints: &BTreeMap<String, Endpoint>,
-    opts: &StartOptions,
+    (opts, t0): (&StartOptions, Instant),
     progress: &Progress,
-) -> Result<Vec<(String, f64)>> {
-    let phases: Arc<(Mutex<BTreeMap<String, Phase>>, Condvar)> = Arc::new((
+) -> Result<Vec<(String, state::BootPhases)>> {
+    let readiness: Arc<(Mutex<BTreeMap<String, Phase>>, Condvar)> = Arc::new((
         Mutex::new(
             record
                 .nodes
@@ -384,12 +401,12 @@ fn wait_ready(
         Condvar::new(),
     ));
     let started = Instant::now();
-    let results: Vec<Result<(String, f64)>> = std::thread::scope(|s| {
+    let results: Vec<Result<(String, state::BootPhases)>> = std::thread::scope(|s| {
         let handles: Vec<_> = record
             .nodes
             .iter()
             .map(|(name, node)| {
-                let phases = phases.clone();
+                let readiness = readiness.clone();
                 let spec = cluster.node(name).expect("node in spec");
                 let deps: Vec<String> = spec.depends_on.clone();
                 let endpoint = endpoints[name].clone();
@@ -397,9 +414,20 @@ fn wait_ready(
                     let _node = tracing::info_span!("node", node = %name).entered();
                     let console = node.dir.join("vm.log");
                     let pid = node.pid;
+                    let mut phases = node.phases.clone().unwrap_or_default();
+                    // The kernel's banner, looked for on the console while sshd is awaited.
+                    let kernel_at: Mutex<Option<f64>> = Mutex::new(None);
+                    let kernel_ref = &kernel_at;
+                    let console_ref = &console;
                     // A QMP look for a guest paused on a full disk, every 5 s.
                     let looked = std::sync::Mutex::new(Instant::now());
                     let abort = move || -> Option<anyhow::Error> {
+                        if let Ok(mut k) = kernel_ref.lock()
+                            && k.is_none()
+                            && shows_kernel_banner(&fs::read(console_ref).unwrap_or_default())
+                        {
+                            *k = Some(t0.elapsed().as_secs_f64());
+                        }
                         if crate::interrupted() {
                             return Some(crate::stop_error());
                         }
@@ -421,17 +449,19 @@ fn wait_ready(
                         }
                         None
                     };
-                    let outcome = (|| -> Result<(String, f64)> {
+                    let outcome = (|| -> Result<(String, state::BootPhases)> {
                         progress.set(name, "booting");
                         let guest: Guest =
                             guest::wait_for_ssh(&endpoint, opts.ready_timeout, &console, &abort)?;
+                        phases.sshd_s = Some(t0.elapsed().as_secs_f64());
                         if record.restored_from.is_some() {
                             // Restored guests wake with the clock of the save.
                             guest
                                 .succeed(&snapshot::set_clock_command(), Duration::from_secs(20))?;
                         }
                         progress.set(name, "sshd up; waiting for dependencies");
-                        wait_for_deps(&phases, name, &deps, &abort)?;
+                        wait_for_deps(&readiness, name, &deps, &abort)?;
+                        phases.units_s = Some(t0.elapsed().as_secs_f64());
                         progress.set(name, &format!("waiting for {} units", node.units.len()));
                         let left = opts.ready_timeout.saturating_sub(started.elapsed());
                         guest::wait_for_units(
@@ -440,11 +470,13 @@ fn wait_ready(
                             left.max(Duration::from_secs(30)),
                             &abort,
                         )?;
-                        let secs = started.elapsed().as_secs_f64();
+                        let secs = t0.elapsed().as_secs_f64();
                         progress.done(name, &format!("ready in {secs:.1} s"));
-                        Ok((name.clone(), secs))
+                        phases.ready_s = Some(secs);
+                        phases.kernel_s = *kernel_at.lock().expect("kernel banner");
+                        Ok((name.clone(), phases))
                     })();
-                    let (lock, cvar) = &*phases;
+                    let (lock, cvar) = &*readiness;
                     lock.lock().expect("phases").insert(
                         name.clone(),
                         if outcome.is_ok() {
@@ -520,6 +552,10 @@ fn wait_console_login(
         })
         .map_err(crate::wait::unwrap_stopped)?;
     Ok(ready)
+}
+
+fn shows_kernel_banner(console: &[u8]) -> bool {
+    console.windows(14).any(|w| w == b"Linux version ")
 }
 
 fn shows_login_prompt(console: &[u8]) -> bool {

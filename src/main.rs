@@ -11,6 +11,10 @@ fn main() {
             nix::sys::signal::SigHandler::SigDfl,
         )
     };
+    // A shell asking for completions (`COMPLETE=bash photon-cluster -- ...`,
+    // set up by `photon-cluster completions bash`) is answered here.
+    clap_complete::CompleteEnv::with_factory(<cli::Cli as clap::CommandFactory>::command)
+        .complete();
     photon_cluster::install_interrupt_handler();
     let parsed = cli::Cli::parse();
     match cli::run(parsed) {

@@ -1,10 +1,20 @@
 //! Progress on long waits: one live line per node on a terminal, and plain
-//! timestamped lines when stderr is not a terminal (CI logs).
+//! timestamped lines when stderr is not a terminal (CI logs). The plain
+//! lines are log events (so `--log-format json` and `-q` apply to them);
+//! on a terminal the same events go to driver.log at debug level.
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// `-q`: no live display at all.
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::Relaxed);
+}
 
 pub struct Progress {
     bars: BTreeMap<String, ProgressBar>,
@@ -16,7 +26,7 @@ pub struct Progress {
 impl Progress {
     pub fn new(names: &[String]) -> Progress {
         let plain = plain_output();
-        let multi = MultiProgress::with_draw_target(if plain {
+        let multi = MultiProgress::with_draw_target(if plain || QUIET.load(Ordering::Relaxed) {
             ProgressDrawTarget::hidden()
         } else {
             ProgressDrawTarget::stderr()
@@ -47,23 +57,22 @@ impl Progress {
         if let Some(b) = self.bars.get(name) {
             b.set_message(msg.to_string());
         }
-        if self.plain {
-            eprintln!(
-                "[{:>6.1}s] {name}: {msg}",
-                self.started.elapsed().as_secs_f64()
-            );
-        }
+        self.event(name, msg);
     }
 
     pub fn done(&self, name: &str, msg: &str) {
         if let Some(b) = self.bars.get(name) {
             b.finish_with_message(msg.to_string());
         }
+        self.event(name, msg);
+    }
+
+    fn event(&self, name: &str, msg: &str) {
+        let t = self.started.elapsed().as_secs_f64();
         if self.plain {
-            eprintln!(
-                "[{:>6.1}s] {name}: {msg}",
-                self.started.elapsed().as_secs_f64()
-            );
+            tracing::info!("[{t:>6.1}s] {name}: {msg}");
+        } else {
+            tracing::debug!("[{t:>6.1}s] {name}: {msg}");
         }
     }
 

@@ -27,6 +27,8 @@ pub struct LaneOptions {
     pub keep_going: bool,
     /// Seconds `stop` waits for a clean powerdown (fresh-smoke).
     pub grace: Duration,
+    /// Print result.json on stdout, and the summary on stderr.
+    pub json: bool,
 }
 
 /// Runs the lane against the cluster that is running in `state`.
@@ -42,7 +44,7 @@ pub fn smoke(cluster: &Cluster, state: &StateDir, opts: &LaneOptions) -> Result<
     let started = Instant::now();
     let mut rep = RunReport::new(&opts.command, &opts.lane.name, &opts.lane.source, cluster);
     check_cluster(&mut rep, cluster, state, &record, opts, &dir, started);
-    conclude(rep, &dir, state, started)
+    conclude(rep, &dir, state, started, opts.json)
 }
 
 /// clean, build, start, smoke, stop; the cluster is stopped even when
@@ -64,7 +66,7 @@ pub fn fresh_smoke(
     if ok {
         boot_check_stop(&mut rep, cluster, state, opts, start, &dir, started);
     }
-    conclude(rep, &dir, state, started)
+    conclude(rep, &dir, state, started, opts.json)
 }
 
 /// `run`: the hermetic form for Nix builders. The images are given, so
@@ -89,7 +91,7 @@ pub fn hermetic(
     let failed = rep.exit_code != 0;
     report::write(out, &mut rep, &Secrets::load(state))?;
     write_nix_support(out, failed && keep_failed, &rep.metrics())?;
-    report::print_summary(&rep, out);
+    report::print_summary(&rep, out, opts.json)?;
     if matches!(rep.status, RunStatus::Interrupted | RunStatus::Timeout) {
         return Err(crate::stop_error());
     }
@@ -213,10 +215,16 @@ fn check_cluster(
     }
 }
 
-fn conclude(mut rep: RunReport, dir: &Path, state: &StateDir, started: Instant) -> Result<u8> {
+fn conclude(
+    mut rep: RunReport,
+    dir: &Path,
+    state: &StateDir,
+    started: Instant,
+    json: bool,
+) -> Result<u8> {
     rep.finish(started, crate::stopped_as());
     report::write(dir, &mut rep, &Secrets::load(state))?;
-    report::print_summary(&rep, dir);
+    report::print_summary(&rep, dir, json)?;
     if matches!(rep.status, RunStatus::Interrupted | RunStatus::Timeout) {
         return Err(crate::stop_error());
     }

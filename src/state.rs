@@ -284,9 +284,33 @@ pub struct RunningNode {
     pub booted_unix: i64,
     /// Seconds from launch to ready, once the node was ready.
     pub ready_after_s: Option<f64>,
+    /// When each boot phase was seen (the report's timeline draws them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phases: Option<BootPhases>,
     /// QEMU's arguments as launched, so `restart` boots the same machine.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub qemu_args: Vec<String>,
+}
+
+/// When each phase of a node's boot was first seen, in seconds from the
+/// cluster's first QEMU launch. A phase never reached stays `None`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct BootPhases {
+    /// QEMU launched.
+    pub launched_s: f64,
+    /// The kernel's banner (`Linux version`) on the console; a restored
+    /// guest has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_s: Option<f64>,
+    /// sshd answered with its banner and the driver logged in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sshd_s: Option<f64>,
+    /// The node's dependencies were ready; its units were waited on from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub units_s: Option<f64>,
+    /// Every expected unit active: the node is ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_s: Option<f64>,
 }
 
 impl RunningNode {

@@ -2,8 +2,10 @@
 //! docs/result-schema.md), `junit.xml` and `report.md`, plus the per-layer
 //! table printed at the end.
 
+mod html;
 mod junit;
 mod markdown;
+mod timeline;
 
 use crate::check::Outcome;
 use crate::engine::LayerResult;
@@ -75,6 +77,9 @@ pub struct NodeSummary {
     pub role: crate::spec::Role,
     pub address: String,
     pub ready_after_s: Option<f64>,
+    /// When each boot phase was seen, from the first QEMU launch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phases: Option<crate::state::BootPhases>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -140,6 +145,7 @@ impl RunReport {
                     role: n.role,
                     address: n.address.clone(),
                     ready_after_s: n.ready_after_s,
+                    phases: n.phases.clone(),
                 };
                 (name.clone(), summary)
             })
@@ -263,14 +269,15 @@ pub fn create_dir(root: &Path, lane: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Writes result.json (atomically), junit.xml and report.md into `dir`.
-/// Writes result.json, junit.xml and report.md (and the checks' evidence
-/// files), each with the cluster's secrets redacted.
+/// Writes result.json, junit.xml, report.md, report.html and driver.log
+/// (and the checks' evidence files), each with the cluster's secrets redacted.
 pub fn write(dir: &Path, report: &mut RunReport, secrets: &Secrets) -> Result<()> {
     for (name, file) in [
         ("result", "result.json"),
         ("junit", "junit.xml"),
         ("report", "report.md"),
+        ("report-html", "report.html"),
+        ("driver-log", "driver.log"),
         ("nodes", "nodes/"),
     ] {
         report.artifacts.insert(name.into(), file.into());
@@ -284,8 +291,22 @@ pub fn write(dir: &Path, report: &mut RunReport, secrets: &Secrets) -> Result<()
     write_atomic(&dir.join("result.json"), secrets.redact(&json).as_bytes())?;
     let junit = junit::render(report)?;
     write_atomic(&dir.join("junit.xml"), secrets.redact(&junit).as_bytes())?;
+    render(dir, report, secrets)?;
+    // The driver's own debug log of this run, so far; best effort.
+    let log = crate::log::captured();
+    if let Err(e) = write_atomic(&dir.join("driver.log"), &secrets.redact_bytes(&log)) {
+        tracing::warn!("driver.log: {e:#}");
+    }
+    Ok(())
+}
+
+/// Writes report.md and report.html from the report (also `report DIR`,
+/// which re-renders an old run with this driver).
+pub fn render(dir: &Path, report: &RunReport, secrets: &Secrets) -> Result<()> {
     let md = markdown::render(report);
     write_atomic(&dir.join("report.md"), secrets.redact(&md).as_bytes())?;
+    let page = html::render(report, dir);
+    write_atomic(&dir.join("report.html"), secrets.redact(&page).as_bytes())?;
     Ok(())
 }
 
@@ -343,8 +364,54 @@ pub fn write_check_artifacts(dir: &Path, report: &mut RunReport, secrets: &Secre
     Ok(())
 }
 
+/// Prints the summary on stdout; with `json`, prints the result.json just
+/// written (redacted) on stdout and the summary on stderr instead.
+pub fn print_summary(report: &RunReport, dir: &Path, json: bool) -> Result<()> {
+    let text = summary(report, dir);
+    if json {
+        let path = dir.join("result.json");
+        let doc = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        eprint!("{text}");
+        println!("{}", doc.trim_end());
+    } else {
+        print!("{text}");
+    }
+    Ok(())
+}
+
+/// `report DIR`: reads DIR/result.json and writes report.md and
+/// report.html beside it; returns the files written. A missing or
+/// unreadable result.json is bad input.
+pub fn rerender(dir: &Path) -> Result<Vec<PathBuf>> {
+    let path = dir.join("result.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        crate::error::bad_input(format!(
+            "{}: {e}; `report` needs an artifact root of a run",
+            path.display()
+        ))
+    })?;
+    let report: RunReport = serde_json::from_str(&text).map_err(|e| {
+        crate::error::bad_input(format!(
+            "{}:{}:{}: not a result.json this driver reads: {e}",
+            path.display(),
+            e.line(),
+            e.column()
+        ))
+    })?;
+    // The result.json was redacted when it was written.
+    render(dir, &report, &Secrets::default())?;
+    Ok(vec![dir.join("report.md"), dir.join("report.html")])
+}
+
 /// The per-layer table and the checks that did not pass, for the terminal.
-pub fn print_summary(report: &RunReport, dir: &Path) {
+fn summary(report: &RunReport, dir: &Path) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    macro_rules! println {
+        () => { out.push('\n') };
+        ($($t:tt)*) => {{ let _ = writeln!(out, $($t)*); }};
+    }
     println!();
     println!(
         "{:<18} {:<9} {:>6} {:>5} {:>5} {:>8} {:>7} {:>8}",
@@ -386,6 +453,7 @@ pub fn print_summary(report: &RunReport, dir: &Path) {
         report.exit_code,
         dir.display()
     );
+    out
 }
 
 #[cfg(test)]
@@ -398,6 +466,7 @@ mod tests {
             role: crate::spec::Role::Worker,
             address: "10.0.0.1".into(),
             ready_after_s: Some(ready),
+            phases: None,
         };
         let evidence = json!({
             "read": { "subject_median_mb_s": 9.5, "ratio": 0.63, "subject_mb_s": [9.0, 9.5] },
