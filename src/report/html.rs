@@ -109,9 +109,9 @@ fn failures(s: &mut String, r: &RunReport) {
     }
     s.push_str("<section id=\"failures\"><h2>What did not pass</h2>\n");
     for st in steps {
-        let _ = write!(
+        let _ = writeln!(
             s,
-            "<article class=\"check fail\"><h3>step {}</h3><pre class=\"evidence\">{}</pre></article>\n",
+            "<article class=\"check fail\"><h3>step {}</h3><pre class=\"evidence\">{}</pre></article>",
             text(&st.name),
             text(&st.message)
         );

@@ -23,9 +23,12 @@ pub const PHASES: [(&str, &str); 5] = [
     ("launched until ready (phases not recorded)", "ph-whole"),
 ];
 
+/// A node's name, its phases as (from, to, index in PHASES), and its ready time.
+type NodeRow<'a> = (&'a String, Vec<(f64, f64, usize)>, Option<f64>);
+
 /// The picture, or `None` when the run has neither boot phases nor checks.
 pub fn render(r: &RunReport) -> Option<String> {
-    let boot: Vec<(&String, Vec<(f64, f64, usize)>, Option<f64>)> = r
+    let boot: Vec<NodeRow> = r
         .nodes
         .iter()
         .filter_map(|(name, n)| {
