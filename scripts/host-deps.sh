@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Installs the Debian packages photon-cluster needs on the host. Idempotent:
-# installs only what is missing. Needs root (or sudo).
+# installs only what is missing. Needs root (or sudo). With --test, also
+# what only the test suite needs (chromium, for the report's browser test).
 set -euo pipefail
 need=()
+if [ "${1:-}" = --test ]; then
+    command -v chromium >/dev/null 2>&1 || need+=(chromium)
+fi
 have() { command -v "$1" >/dev/null 2>&1; }
 have qemu-system-x86_64 || need+=(qemu-system-x86)
 # Debian's qemu-system-x86 (7.2) conflicts with a backported qemu-utils:

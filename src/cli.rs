@@ -182,7 +182,7 @@ pub enum Cmd {
     /// Exit 1 if an item fails; each item that is not a pass has a hint.
     Validate {
         #[command(flatten)]
-        lane: LaneArgs,
+        select: LaneSelect,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -645,8 +645,8 @@ pub fn run(cli: Cli) -> Result<i32> {
                 }
             }
         }
-        Cmd::Validate { lane, json } => {
-            let lane = lane.options(&cluster, "validate")?.lane;
+        Cmd::Validate { select, json } => {
+            let lane = select.load(&cluster)?;
             let items = crate::validate::run(&cluster, &state, &lane);
             if json {
                 println!("{}", serde_json::to_string_pretty(&items)?);
@@ -1056,6 +1056,26 @@ fn interactive_ssh(record: &RunningCluster, node: &str) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        // Duplicate names, bad defaults, conflicts naming missing arguments.
+        <Cli as clap::CommandFactory>::command().debug_assert();
+    }
+
+    #[test]
+    fn ssh_keeps_one_command_line_and_quotes_several_arguments() {
+        let one = vec!["journalctl -u etcd | tail".to_string()];
+        assert_eq!(remote_command(&one).unwrap(), "journalctl -u etcd | tail");
+        let argv: Vec<String> = ["printf", "%s|", "a b", "it's", ""]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            remote_command(&argv).unwrap(),
+            r#"printf '%s|' 'a b' "it's" ''"#
+        );
+    }
 
     #[test]
     fn lane_commands_name_their_lane_and_keep_the_seed_aliases() {
