@@ -159,7 +159,7 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
             Some(m) => saved_host_key(&m.record, &name)?,
             None => {
                 let _ = fs::remove_dir_all(&dir);
-                fs::create_dir_all(&dir)?;
+                state.create_node(&name)?;
                 run(Command::new("qemu-img")
                     .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
                     .arg(&rootfs)
@@ -684,6 +684,9 @@ pub fn stop(state: &StateDir, grace: Duration) -> Result<Vec<(String, String)>> 
 pub fn clean(state: &StateDir, all: bool) -> Result<()> {
     if state.load_running()?.is_some() {
         stop(state, Duration::from_secs(30))?;
+    }
+    for dir in state.node_dirs() {
+        let _ = fs::remove_dir_all(dir);
     }
     for dir in [
         state.root.join("nodes"),

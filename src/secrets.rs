@@ -30,10 +30,8 @@ impl Secrets {
             s.add(secret.trim());
         }
         s.add_private_key(ssh.join("id_ed25519").as_std_path());
-        if let Ok(nodes) = fs::read_dir(state.root.join("nodes")) {
-            for n in nodes.flatten() {
-                s.add_private_key(&n.path().join("config").join("ssh_host_ed25519_key"));
-            }
+        for dir in state.node_dirs() {
+            s.add_private_key(&dir.join("config").join("ssh_host_ed25519_key"));
         }
         s
     }
@@ -97,7 +95,7 @@ mod tests {
         fs::create_dir_all(state.ssh()).unwrap();
         fs::write(state.ssh().join("iam-secret"), "0123456789abcdef0123\n").unwrap();
         crate::provision::keygen(state.ssh().join("id_ed25519").as_std_path(), "t").unwrap();
-        let host = state.node("node01").join("config");
+        let host = state.create_node("node01").unwrap().join("config");
         fs::create_dir_all(&host).unwrap();
         crate::provision::keygen(host.join("ssh_host_ed25519_key").as_std_path(), "h").unwrap();
         let s = Secrets::load(&state);

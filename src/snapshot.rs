@@ -233,7 +233,7 @@ impl Manifest {
         for node in self.record.nodes.keys() {
             let to = state.node(node);
             let _ = fs::remove_dir_all(&to);
-            fs::create_dir_all(&to)?;
+            state.create_node(node)?;
             for f in ["overlay.qcow2", "config.img"] {
                 copy(&src.join(node).join(f), to.join(f).as_std_path())?;
             }

@@ -9,9 +9,11 @@
 //! <state>/accel-probe.json     cached KVM probe verdict for this host boot
 //! <state>/images/<hash>/       built images, keyed by recipe hash
 //! <state>/ssh/                 the per-cluster client key and known_hosts
-//! <state>/nodes/<node>/        overlay.qcow2, config.img, vm.log, qmp.sock
+//! <state>/<node>/              vm.log (where the seed says), overlay.qcow2,
+//!                              config.img, qmp.sock, qemu.pid, .photon-node
 //! <state>/snapshots/<name>/    saved clusters (snapshot.rs)
 //! ```
+//! A node may not take the name of one of the other entries (`RESERVED`).
 
 use crate::error::BadInput;
 use crate::fabric::PortForward;
@@ -24,6 +26,21 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+
+/// The file that marks a directory of the state directory as a node's.
+const NODE_MARK: &str = ".photon-node";
+
+/// Names the state directory uses itself, so no node may have them.
+pub const RESERVED: [&str; 8] = [
+    "images",
+    "ssh",
+    "snapshots",
+    "fabric",
+    "probe",
+    "nodes",
+    "lock",
+    "cluster",
+];
 
 /// The state directory for a profile: `${PHOTON_VM_DIR:-$HOME/.photoncloud-test-cluster}`
 /// with `-<suffix>` appended for non-default profiles.
@@ -81,8 +98,34 @@ impl StateDir {
     pub fn ssh(&self) -> Utf8PathBuf {
         self.root.join("ssh")
     }
+    /// A node's runtime files; `vm.log` there is its console.
     pub fn node(&self, name: &str) -> Utf8PathBuf {
-        self.root.join("nodes").join(name)
+        self.root.join(name)
+    }
+    /// Creates a node's directory, marked as one so that `clean` and the
+    /// secrets scan find it without knowing the cluster.
+    pub fn create_node(&self, name: &str) -> Result<Utf8PathBuf> {
+        let dir = self.node(name);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {dir}"))?;
+        fs::write(dir.join(NODE_MARK), name).with_context(|| format!("writing into {dir}"))?;
+        Ok(dir)
+    }
+    /// Every node directory in the state directory, and the `nodes/` ones an
+    /// older driver left.
+    pub fn node_dirs(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for base in [
+            self.root.as_std_path().to_path_buf(),
+            self.root.join("nodes").into(),
+        ] {
+            for e in fs::read_dir(&base).into_iter().flatten().flatten() {
+                let legacy = base.ends_with("nodes");
+                if e.path().is_dir() && (legacy || e.path().join(NODE_MARK).is_file()) {
+                    out.push(e.path());
+                }
+            }
+        }
+        out
     }
     pub fn snapshots(&self) -> Utf8PathBuf {
         self.root.join("snapshots")

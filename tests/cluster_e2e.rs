@@ -182,16 +182,54 @@ fn smoke_fails_at_the_broken_unit(state: &Path) {
         dir.join("nodes/node03/journal/redis-server.service.log")
             .is_file()
     );
+    // What a person sees: the failure and its journal above the fold in a
+    // real browser, the timeline with each node's boot phases.
+    let seen = common::browser::assert_readable(&dir, &screenshots(), "e2e-failing");
+    assert_eq!(seen["failures"][0]["name"], "units@node03");
+    boot_phases_in_order(&result);
+    let log = std::fs::read_to_string(dir.join("driver.log")).unwrap();
+    assert!(
+        log.contains("DEBUG") && log.contains("units@node03"),
+        "driver.log keeps the debug log of the run"
+    );
     common::run(state, &["ssh", "node03", "systemctl start redis-server"]);
 }
 
-/// Runs a lane command on the running cluster; its result.json and directory.
+fn screenshots() -> std::path::PathBuf {
+    artifacts_dir().join("screenshots")
+}
+
+/// Each node's boot phases were seen in order: launched, kernel banner,
+/// sshd, dependencies, ready.
+fn boot_phases_in_order(result: &Value) {
+    for (name, n) in result["nodes"].as_object().unwrap() {
+        let p = &n["phases"];
+        let at = |k: &str| {
+            p[k].as_f64()
+                .unwrap_or_else(|| panic!("{name}: no {k}: {p}"))
+        };
+        assert!(at("launched_s") < at("kernel_s"), "{name}: {p}");
+        assert!(at("kernel_s") < at("sshd_s"), "{name}: {p}");
+        assert!(at("sshd_s") <= at("units_s"), "{name}: {p}");
+        assert!(at("units_s") <= at("ready_s"), "{name}: {p}");
+        assert_eq!(n["ready_after_s"], p["ready_s"]);
+    }
+}
+
+/// Runs a lane command on the running cluster with `--json`; the document
+/// on stdout is its result.json. Returns it and the directory.
 fn lane(state: &Path, command: &str, lane: &str) -> (Value, std::path::PathBuf) {
     let root = artifacts_dir().join("lanes");
-    let out = common::run(state, &[command, "--artifacts", root.to_str().unwrap()]);
+    let out = common::run(
+        state,
+        &[command, "--json", "--artifacts", root.to_str().unwrap()],
+    );
     assert_eq!(out.status.code(), Some(0), "{command}");
     let dir = root.join(lane).join("latest");
-    (read_json(&dir.join("result.json")), dir)
+    let result = read_json(&dir.join("result.json"));
+    let printed: Value = serde_json::from_slice(&out.stdout).expect("--json prints JSON");
+    assert_eq!(printed, result, "{command} --json prints its result.json");
+    (result, dir)
 }
 
 /// `smoke` with the lane `tests/fixtures/<name>.toml` (whose lane is called
@@ -552,6 +590,9 @@ fn fresh_smoke_passes_with_evidence(state: &Path) {
     );
     assert!(junit.contains(r#"failures="0""#));
     assert!(dir.join("report.md").is_file());
+    let seen = common::browser::assert_readable(&dir, &screenshots(), "e2e-fresh-smoke");
+    assert_eq!(seen["failures"], serde_json::json!([]));
+    boot_phases_in_order(&result);
     for node in ["node01", "node02", "node03", "node04", "node05", "node06"] {
         let log = dir.join("nodes").join(node).join("vm.log");
         assert!(
@@ -917,6 +958,12 @@ fn reference_cluster_end_to_end() {
         Some(7),
         "ssh passes on the remote exit code"
     );
+    // Several arguments keep their quoting: spaces, quotes, an empty one.
+    let out = common::run(
+        &state,
+        &["ssh", "node01", "--", "printf", "[%s]", "a b", "it's", ""],
+    );
+    assert_eq!(stdout(&out), "[a b][it's][]");
 
     snapshot_the_ready_cluster(&state);
     guards_and_limits_on_the_running_cluster(&state);
@@ -933,11 +980,9 @@ fn reference_cluster_end_to_end() {
         "no QEMU may remain after stop"
     );
     assert!(!state.join("cluster.json").exists());
+    // Each console is where the seed documents it: <state-dir>/<node>/vm.log.
     for n in nodes {
-        let log = state
-            .join("nodes")
-            .join(n["name"].as_str().unwrap())
-            .join("vm.log");
+        let log = state.join(n["name"].as_str().unwrap()).join("vm.log");
         assert!(
             std::fs::metadata(&log).unwrap().len() > 0,
             "{} kept",

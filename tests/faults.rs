@@ -228,7 +228,7 @@ fn qemu_killed_mid_lane_fails_its_checks_at_once() {
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_secs(10));
-    let pid: i32 = fs::read_to_string(tmp.path().join("state-one-node/nodes/solo/qemu.pid"))
+    let pid: i32 = fs::read_to_string(tmp.path().join("state-one-node/solo/qemu.pid"))
         .unwrap()
         .trim()
         .parse()

@@ -246,6 +246,17 @@ fn validate(spec: &ClusterSpec, at: &At) -> Result<Subnet, SpecError> {
                 format!("{name:?} is not a valid host name (letters, digits and '-')"),
             ));
         }
+        if crate::state::RESERVED.contains(&name) {
+            return Err(at(
+                Some(node.name.span()),
+                &field("name"),
+                format!(
+                    "{name:?} is a name the state directory uses itself ({}); \
+                     choose another node name",
+                    crate::state::RESERVED.join(", ")
+                ),
+            ));
+        }
         if let Some(first) = names.insert(name, i) {
             return Err(at(
                 Some(node.name.span()),
@@ -513,6 +524,14 @@ domain = "t.test"
         let e = refuse(&text);
         assert_eq!(e.field, "node[1].name");
         assert!(e.message.contains("duplicate node"), "{e}");
+    }
+
+    #[test]
+    fn a_node_named_like_a_state_entry_is_refused() {
+        let text = format!("{HEAD}{}", node("snapshots", "control", "10.9.0.1", ""));
+        let e = refuse(&text);
+        assert_eq!(e.field, "node[0].name");
+        assert!(e.message.contains("state directory uses itself"), "{e}");
     }
 
     #[test]

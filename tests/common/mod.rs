@@ -151,11 +151,8 @@ pub fn secret_needles(state: &Path) -> Vec<String> {
         needles.push(s.trim().to_string());
     }
     let mut keys = vec![state.join("ssh/id_ed25519")];
-    for n in std::fs::read_dir(state.join("nodes"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
+    // Node directories sit in the state directory itself (<state>/<node>/).
+    for n in std::fs::read_dir(state).into_iter().flatten().flatten() {
         keys.push(n.path().join("config/ssh_host_ed25519_key"));
     }
     for k in keys {
