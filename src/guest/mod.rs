@@ -192,7 +192,19 @@ impl Guest {
                 stderr: out.stderr,
             })
         };
+        let t = std::time::Instant::now();
         let result = run();
+        let secs = t.elapsed().as_secs_f64();
+        match &result {
+            Ok(o) => tracing::debug!(
+                "{}: `{command}` exited {} in {secs:.2} s ({} bytes out, {} err)",
+                self.endpoint.node,
+                o.code,
+                o.stdout.len(),
+                o.stderr.len()
+            ),
+            Err(e) => tracing::debug!("{}: `{command}` failed after {secs:.2} s: {e}", self.endpoint.node),
+        }
         if result.is_err() {
             conn.shell = None;
         }

@@ -28,6 +28,7 @@ pub fn launch(config: &MachineConfig, qemu_log: &Path) -> Result<Child> {
 
 /// Launches QEMU with a command line built earlier (a node's restart).
 pub fn launch_args(name: &str, args: &[String], qemu_log: &Path) -> Result<Child> {
+    tracing::debug!("{name}: {QEMU} {}", args.join(" "));
     let log = File::create(qemu_log).with_context(|| format!("creating {}", qemu_log.display()))?;
     let mut child = Command::new(QEMU)
         .args(args)

@@ -92,10 +92,11 @@ fn verdict_section(s: &mut String, r: &RunReport, title: &str) {
 /// Failed steps and checks first, then degraded checks, each with its
 /// evidence and the log findings of its node.
 fn failures(s: &mut String, r: &RunReport) {
+    // The `smoke` step only sums up the checks, which are shown themselves.
     let steps: Vec<_> = r
         .steps
         .iter()
-        .filter(|x| x.outcome == Outcome::Fail)
+        .filter(|x| x.outcome == Outcome::Fail && x.name != "smoke")
         .collect();
     let mut notable: Vec<&CheckResult> = r
         .layers
