@@ -105,7 +105,11 @@ impl<'a> Wait<'a> {
                 Probe::Done(t) => return Ok(t),
                 Probe::Pending(why) => why,
             };
-            tracing::debug!("{}: pending after {:.1} s: {last}", self.what, started.elapsed().as_secs_f64());
+            tracing::debug!(
+                "{}: pending after {:.1} s: {last}",
+                self.what,
+                started.elapsed().as_secs_f64()
+            );
             let pause = self.pause.nth(attempt);
             attempt += 1;
             if Instant::now() + pause > self.deadline {

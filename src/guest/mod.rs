@@ -203,7 +203,10 @@ impl Guest {
                 o.stdout.len(),
                 o.stderr.len()
             ),
-            Err(e) => tracing::debug!("{}: `{command}` failed after {secs:.2} s: {e}", self.endpoint.node),
+            Err(e) => tracing::debug!(
+                "{}: `{command}` failed after {secs:.2} s: {e}",
+                self.endpoint.node
+            ),
         }
         if result.is_err() {
             conn.shell = None;
