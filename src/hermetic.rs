@@ -104,7 +104,8 @@ pub fn write_nix_support(out: &Path, failed: bool, metrics: &[(String, f64, &str
     let dir = out.join("nix-support");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let products = format!(
-        "report markdown {o}/report.md\nfile result-json {o}/result.json\nfile junit {o}/junit.xml\n",
+        "report html {o}/report.html\nreport markdown {o}/report.md\n\
+         file result-json {o}/result.json\nfile junit {o}/junit.xml\nfile driver-log {o}/driver.log\n",
         o = out.display()
     );
     std::fs::write(dir.join("hydra-build-products"), products)?;

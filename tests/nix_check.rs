@@ -153,10 +153,19 @@ fn check_derivations_build_with_real_nix() {
     );
     let products =
         std::fs::read_to_string(out_dir.join("nix-support/hydra-build-products")).unwrap();
-    for file in ["report.md", "result.json", "junit.xml"] {
+    for file in [
+        "report.html",
+        "report.md",
+        "result.json",
+        "junit.xml",
+        "driver.log",
+    ] {
         let line = format!("{}/{file}", out_dir.display());
         assert!(products.contains(&line), "{line} in {products}");
+        assert!(out_dir.join(file).is_file(), "{file} in $out");
     }
+    let browsable = format!("report artifacts {} report.html", out_dir.display());
+    assert!(products.contains(&browsable), "{products}");
     assert!(!out_dir.join("nix-support/failed").exists());
     // Hydra's metrics: the driver's figures, then the builder's wall time.
     let metrics = std::fs::read_to_string(out_dir.join("nix-support/hydra-metrics")).unwrap();

@@ -51,7 +51,10 @@ let
         done < "$out/nix-support/hydra-build-products"
       fi
       if [ -z "$listed" ]; then
-        echo "report artifacts $out report.md" >> "$out/nix-support/hydra-build-products"
+        # The tree opens at report.html (the driver writes it), else report.md.
+        default=report.md
+        if [ -e "$out/report.html" ]; then default=report.html; fi
+        echo "report artifacts $out $default" >> "$out/nix-support/hydra-build-products"
       fi
       echo "lane-wall-time $((finished - started)) s" >> "$out/nix-support/hydra-metrics"
       echo "lane-timed-out $1" >> "$out/nix-support/hydra-metrics"

@@ -375,7 +375,7 @@ let
     };
     hydra-script-products-and-metrics = {
       expr = map (re: builtins.match re (builtins.elemAt check.args 1) != null) [
-        ".*report artifacts \\$out report.md.*nix-support/hydra-build-products.*"
+        ".*default=report.html.*report artifacts \\$out \\$default.*nix-support/hydra-build-products.*"
         ".*lane-wall-time .* s.*nix-support/hydra-metrics.*"
       ];
       expected = [ true true ];
