@@ -3,12 +3,18 @@
 # nix/lib), configured by nix/roles/<role>.nix. `all` builds them all with
 # one `nix build`.
 #
+# Nodes boot the way nixpkgs' qemu-vm.nix boots a test VM: the system's
+# kernel and initrd, the host's /nix/store shared read-only over 9p (tag
+# `nix-store`), and a small blank disk for the node's state that the driver
+# creates and NixOS formats at first boot (nix/roles/common.nix). No disk
+# image is built per node.
+#
 # Output layout (`all`):
-#   <node>/vmlinuz, <node>/initrd.img, <node>/rootfs.img (raw ext4, root=/dev/vda),
-#   <node>/cmdline (init=<toplevel>/init ...), <node>/toplevel
-#   vmlinuz, initrd.img, rootfs.img: the first node's (the driver's KVM probe
-#   boots them). `run --image-dir` boots each node from <node>/ and appends
-#   <node>/cmdline (src/image/dir.rs).
+#   <node>/vmlinuz, <node>/initrd.img, <node>/cmdline (init=<toplevel>/init ...),
+#   <node>/toplevel (the system's store path: its presence, with no
+#   rootfs.img, makes the driver boot the node from the store, src/image/dir.rs)
+#   vmlinuz, initrd.img: the first node's (the driver's KVM probe boots them).
+#   `run --image-dir` boots each node from <node>/ and appends <node>/cmdline.
 #
 # UNVERIFIED: needs nixpkgs, which CI cannot fetch (docs/nix.md, "Open items").
 { nixpkgs
@@ -19,7 +25,6 @@
   # A node's modules; the default is the reference roles (nix/roles). The
   # PhotonCloud test cluster passes its own (nix/test-cluster/nodeXX.nix).
 , modulesFor ? null
-, diskSize ? "auto"
 }:
 let
   inherit (nixpkgs) lib;
@@ -37,25 +42,12 @@ let
 
   configurations = lib.listToAttrs (map (n: { name = n.name; value = nixosFor n; }) cluster.nodes);
 
-  rootfsFor = cfg: import "${nixpkgs}/nixos/lib/make-disk-image.nix" {
-    inherit pkgs lib;
-    config = cfg;
-    format = "raw";
-    partitionTableType = "none";
-    label = "nixos";
-    inherit diskSize;
-    additionalSpace = "1024M";
-    installBootLoader = false;
-    copyChannel = false;
-  };
-
   imageFor = name: nixos:
     let cfg = nixos.config; in
     pkgs.runCommand "photon-image-${name}" { } ''
       mkdir -p $out
       ln -s ${cfg.system.build.kernel}/${cfg.system.boot.loader.kernelFile} $out/vmlinuz
       ln -s ${cfg.system.build.initialRamdisk}/${cfg.system.boot.loader.initrdFile} $out/initrd.img
-      ln -s ${rootfsFor cfg}/nixos.img $out/rootfs.img
       echo "init=${cfg.system.build.toplevel}/init ${toString cfg.boot.kernelParams}" > $out/cmdline
       echo ${cfg.system.build.toplevel} > $out/toplevel
     '';

@@ -695,7 +695,11 @@ pub fn run(cli: Cli) -> Result<i32> {
             let img = image::build(&cluster, &state)?;
             println!("kernel  {}", img.kernel.display());
             println!("initrd  {}", img.initrd.display());
-            println!("rootfs  {}", img.rootfs.display());
+            if img.rootfs.as_os_str().is_empty() {
+                println!("rootfs  (none: the nodes boot from the store)");
+            } else {
+                println!("rootfs  {}", img.rootfs.display());
+            }
         }
         Cmd::Start(args) => {
             let _lock = state.lock("start")?;

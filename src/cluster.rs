@@ -153,6 +153,7 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
         let dir = state.node(&name);
         let overlay = dir.join("overlay.qcow2");
         let (kernel, initrd, rootfs, extra_append) = image.for_node(&name);
+        let store = image.store_for(&name);
         // A pidfile from an earlier run must not stand for the new QEMU.
         let _ = fs::remove_file(dir.join("qemu.pid"));
         let host_key = match &restore {
@@ -160,10 +161,18 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
             None => {
                 let _ = fs::remove_dir_all(&dir);
                 state.create_node(&name)?;
-                run(Command::new("qemu-img")
-                    .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-                    .arg(&rootfs)
-                    .arg(&overlay))
+                match &store {
+                    // A store-booted NixOS node: a blank state disk, which
+                    // NixOS formats at first boot (nix/roles/common.nix).
+                    Some(_) => run(Command::new("qemu-img")
+                        .args(["create", "-q", "-f", "qcow2"])
+                        .arg(&overlay)
+                        .arg(STATE_DISK)),
+                    None => run(Command::new("qemu-img")
+                        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+                        .arg(&rootfs)
+                        .arg(&overlay)),
+                }
                 .with_context(|| format!("{name}: creating the copy-on-write overlay"))?;
                 provision::config_disk(cluster, index, node, &keys, dir.as_std_path())?
             }
@@ -191,6 +200,7 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
                 &Sha256::digest(format!("{}/{name}", state.root).as_bytes())[..16],
             ),
             incoming: None,
+            store,
         };
         if let Some(m) = &restore {
             m.check_machine(&name, &machine::qemu_args(&config))?;
@@ -372,6 +382,9 @@ fn prepared_endpoints(
         })
         .collect()
 }
+
+/// The size of a store-booted node's blank state disk (sparse qcow2).
+const STATE_DISK: &str = "8G";
 
 #[derive(Clone, PartialEq)]
 enum Phase {

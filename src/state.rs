@@ -289,12 +289,30 @@ pub struct NodeImage {
     pub system: String,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// The root file system image; empty for a node booted from the store.
     pub rootfs: PathBuf,
     /// Extra kernel command line from the image (`cmdline`), e.g. NixOS' `init=`.
     pub cmdline: Option<String>,
+    /// A NixOS system booted from the host's store instead of a disk image
+    /// (`<node>/toplevel` with no `rootfs.img`, nix/images.nix): the store
+    /// holding it is shared read-only, and the node gets a blank state disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub toplevel: Option<PathBuf>,
+}
+
+impl NodeImage {
+    /// The store directory a store-booted node shares (`/nix/store`).
+    pub fn store(&self) -> Option<PathBuf> {
+        self.toplevel.as_ref()?.parent().map(Path::to_path_buf)
+    }
 }
 
 impl ImageRecord {
+    /// The store directory `node` boots from, when it boots from a store.
+    pub fn store_for(&self, node: &str) -> Option<PathBuf> {
+        self.nodes.get(node)?.store()
+    }
+
     /// kernel, initrd, rootfs and extra kernel arguments for `node`.
     pub fn for_node(&self, node: &str) -> (PathBuf, PathBuf, PathBuf, Option<String>) {
         match self.nodes.get(node) {

@@ -1,5 +1,6 @@
 #!/bin/sh
-# Turns the freshly installed Debian tree at $1 into the shared base image.
+# Turns the freshly installed Debian tree at $1 into the shared base image;
+# $2 is the nested-guest kit's init (images/nested/init).
 # Runs on the host as mmdebstrap's customize hook; part of the recipe hash.
 #
 # The image is identical for every node and every cluster. Node identity
@@ -130,19 +131,14 @@ mkdir -p "$root/etc/systemd/journald.conf.d"
 printf '[Journal]\nStorage=volatile\nRuntimeMaxUse=32M\n' \
     > "$root/etc/systemd/journald.conf.d/photon.conf"
 
-# The nested-guest kit: the image's own kernel plus a busybox initramfs that
-# prints a marker, for workers to boot with qemu inside the guest.
+# The nested-guest kit: the image's own kernel plus a busybox initramfs whose
+# init ($2, images/nested/init, shared with the NixOS worker role) prints a
+# marker, for workers to boot with qemu inside the guest.
 kit="$root/usr/local/share/photon/nested"
 mkdir -p "$kit/initramfs/bin"
 cp "$root"/boot/vmlinuz-* "$kit/vmlinuz"
 cp "$root/bin/busybox" "$kit/initramfs/bin/busybox"
-cat > "$kit/initramfs/init" <<'EOF'
-#!/bin/busybox sh
-/bin/busybox mkdir -p /proc
-/bin/busybox mount -t proc proc /proc
-echo "PHOTON-NESTED-GUEST-OK $(/bin/busybox cat /proc/cpuinfo | /bin/busybox grep -c ^processor) cpu"
-/bin/busybox poweroff -f
-EOF
+cp "$2" "$kit/initramfs/init"
 chmod 755 "$kit/initramfs/init"
 (cd "$kit/initramfs" && find . | cpio -o -H newc 2>/dev/null | gzip -1 > "$kit/initramfs.gz")
 rm -rf "$kit/initramfs"

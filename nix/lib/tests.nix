@@ -90,10 +90,35 @@ let
   };
   pinnedRust = builtins.fromJSON (builtins.readFile ../nixpkgs-rust.json);
 
+  # The NixOS worker role as a plain function of stand-in config and pkgs:
+  # its nested-guest kit (a builtins derivation, instantiated, not built).
+  worker = import ../roles/worker.nix {
+    config = {
+      photon = { cluster = reference; nodeName = "node04"; };
+      boot.kernelPackages.kernel = fakePkg "linux";
+      system.boot.loader.kernelFile = "bzImage";
+    };
+    pkgs = stubPkgs // { pkgsStatic.busybox = fakePkg "busybox"; stdenv.hostPlatform.system = system; };
+  };
+  workerKit = builtins.head (builtins.match "L\\+ /usr/local/share/photon/nested - - - - (.*)"
+    (builtins.head worker.systemd.tmpfiles.rules));
+
   tests = {
     # --- nix/package.nix refuses a nixpkgs whose Rust is older than Cargo.toml's rust-version
     package-pinned-rust = { expr = (packageWith pinnedRust.rustc).pname; expected = "photon-cluster"; };
     package-old-rust-refused = { expr = throws (packageWith "1.79.0").pname; expected = true; };
+
+    # --- the NixOS worker role carries the nested-guest kit, from the Debian image's init
+    worker-nested-kit-linked = { expr = hasSuffix "-photon-nested-kit" workerKit; expected = true; };
+    worker-nested-kit-inputs = {
+      expr = let k = import ../nested-kit.nix { busybox = fakePkg "busybox"; kernel = "${fakeStorePath "linux"}/bzImage"; }; in
+        [ k.outPath (builtins.baseNameOf k.init) k.kernel k.busybox ];
+      expected = [ workerKit "init" "${fakeStorePath "linux"}/bzImage" "${fakeStorePath "busybox"}/bin/busybox" ];
+    };
+    worker-nested-kit-same-init = {
+      expr = builtins.readFile (import ../nested-kit.nix { busybox = "/x"; kernel = "/k"; }).init;
+      expected = builtins.readFile ../../images/nested/init;
+    };
 
     # --- clusterFromToml on profiles/reference.toml
     reference-name = { expr = reference.name; expected = "reference"; };

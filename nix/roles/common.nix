@@ -21,12 +21,24 @@ in
 
   system.stateVersion = "24.05";
 
-  # Booted by QEMU -kernel/-initrd with root=/dev/vda (src/machine/cmdline.rs):
-  # no bootloader; the images add init=<toplevel>/init (nix/images.nix).
+  # Booted by QEMU -kernel/-initrd (src/machine/cmdline.rs): no bootloader;
+  # the images add init=<toplevel>/init (nix/images.nix). As nixpkgs'
+  # qemu-vm.nix: the system is the host's /nix/store, shared read-only over
+  # 9p (the driver's `-virtfs ... mount_tag=nix-store,readonly=on`), and
+  # /dev/vda is a blank disk the driver makes for this node's state, given a
+  # file system here at first boot. No disk image per node.
   boot.loader.grub.enable = false;
-  boot.initrd.availableKernelModules = [ "virtio_pci" "virtio_blk" "virtio_net" "ext4" ];
+  boot.initrd.availableKernelModules = [ "virtio_pci" "virtio_blk" "virtio_net" "ext4" "9p" "9pnet_virtio" ];
   boot.kernelParams = [ "console=ttyS0,115200" "net.ifnames=0" "panic=-1" ];
-  fileSystems."/" = { device = "/dev/vda"; fsType = "ext4"; options = [ "noatime" ]; };
+  fileSystems."/" = { device = "/dev/vda"; fsType = "ext4"; autoFormat = true; options = [ "noatime" ]; };
+  fileSystems."/nix/store" = {
+    device = "nix-store";
+    fsType = "9p";
+    neededForBoot = true;
+    options = [ "trans=virtio" "version=9p2000.L" "msize=1048576" "cache=loose" "ro" ];
+  };
+  # The store is read-only and never registered: no Nix daemon in the guests.
+  nix.enable = false;
   fileSystems."/photon" = { device = "/dev/vdb"; fsType = "ext4"; options = [ "ro" "nofail" "x-systemd.device-timeout=0" ]; };
 
   networking.hostName = nodeName;

@@ -7,6 +7,13 @@
 let
   inherit (config.photon) cluster nodeName;
   svc = import ./services.nix { inherit cluster nodeName; };
+  # The nested-guest kit, from the same init as the Debian image's: this
+  # node's own kernel and a static busybox initramfs.
+  nestedKit = import ../nested-kit.nix {
+    inherit (pkgs.stdenv.hostPlatform) system;
+    busybox = pkgs.pkgsStatic.busybox;
+    kernel = "${config.boot.kernelPackages.kernel}/${config.system.boot.loader.kernelFile}";
+  };
 in
 {
   imports = [ ./volume-export.nix ];
@@ -20,4 +27,6 @@ in
   boot.kernelModules = [ "kvm-intel" "kvm-amd" ];
   virtualisation.libvirtd.enable = false;
   environment.systemPackages = [ pkgs.qemu_kvm ];
+  # Where src/check/nested_guest.rs looks for the kit, as on Debian.
+  systemd.tmpfiles.rules = [ "L+ /usr/local/share/photon/nested - - - - ${nestedKit}" ];
 }

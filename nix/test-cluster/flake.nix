@@ -78,7 +78,8 @@
       nixosConfigurations = main.configurations // storage.configurations;
 
       # What the driver's Nix image provider builds, all nodes in one
-      # `nix build --json`: nodeImages.<node> = { vmlinuz, initrd.img, rootfs.img, cmdline }.
+      # `nix build --json`: nodeImages.<node> = { vmlinuz, initrd.img, cmdline, toplevel }
+      # (booted from the store: nix/images.nix).
       nodeImages = main.nodeImages // storage.nodeImages;
 
       packages.${system} = {

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 const PACKAGES: &str = include_str!("../../images/debian/packages.txt");
 const CUSTOMIZE: &str = include_str!("../../images/debian/customize.sh");
+/// The nested-guest kit's init, shared with the NixOS worker role.
+const NESTED_INIT: &str = include_str!("../../images/nested/init");
 /// Bump when the build steps in this file change in a way the hash must see.
 const BUILDER_VERSION: &str = "debian-provider/1";
 
@@ -47,6 +49,7 @@ impl Recipe {
             &self.suite,
             &self.packages.join(","),
             CUSTOMIZE,
+            NESTED_INIT,
         ] {
             h.update(part.as_bytes());
             h.update([0]);
@@ -121,6 +124,8 @@ impl Recipe {
         let root = work.join("root");
         let customize = work.join("customize.sh");
         fs::write(&customize, CUSTOMIZE)?;
+        let nested_init = work.join("nested-init");
+        fs::write(&nested_init, NESTED_INIT)?;
         let log = work.join("build.log");
         bar.set_message(format!(
             "mmdebstrap {} with {} packages",
@@ -137,8 +142,9 @@ impl Recipe {
                  chmod +x \"$1/usr/sbin/policy-rc.d\"",
             )
             .arg(format!(
-                "--customize-hook=sh {} \"$1\"",
-                customize.display()
+                "--customize-hook=sh {} \"$1\" {}",
+                customize.display(),
+                nested_init.display()
             ))
             .arg(&self.suite)
             .arg(&root)

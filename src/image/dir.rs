@@ -2,10 +2,14 @@
 //! `run --image-dir` (or `[image] provider = "prebuilt"`, `dir = ...`) boots.
 //!
 //!   <dir>/<node>/{vmlinuz,initrd.img,rootfs.img}[,cmdline]   one node's image
+//!   <dir>/<node>/{vmlinuz,initrd.img,toplevel,cmdline}       a NixOS system booted
+//!                                                            from the host's store
 //!   <dir>/{vmlinuz,initrd.img,rootfs.img}                    every other node
 //!
 //! A node's own subdirectory wins; its `cmdline` (NixOS' `init=...`) is
-//! appended to the kernel command line at start.
+//! appended to the kernel command line at start. A node directory with a
+//! `toplevel` (the system's store path) and no `rootfs.img` boots as
+//! nixpkgs' qemu-vm.nix boots: the store shared read-only, a blank disk.
 
 use crate::error::bad_input;
 use crate::state::{ImageRecord, NodeImage};
@@ -21,6 +25,24 @@ fn files_in(dir: &Path) -> Option<[PathBuf; 3]> {
     files.iter().all(|p| p.is_file()).then_some(files)
 }
 
+/// A store-booted node's kernel, initrd and system (`toplevel`), if `dir`
+/// is one: no rootfs.img, and a toplevel naming an existing directory.
+fn store_boot_in(dir: &Path) -> Option<(PathBuf, PathBuf, PathBuf)> {
+    let [kernel, initrd] = ["vmlinuz", "initrd.img"].map(|f| dir.join(f));
+    if dir.join("rootfs.img").exists() || !kernel.is_file() || !initrd.is_file() {
+        return None;
+    }
+    let toplevel = PathBuf::from(std::fs::read_to_string(dir.join("toplevel")).ok()?.trim());
+    toplevel.is_absolute().then_some((kernel, initrd, toplevel))
+}
+
+fn cmdline_in(dir: &Path) -> Option<String> {
+    std::fs::read_to_string(dir.join("cmdline"))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
 /// Reads `dir` for `nodes`; a node with no image is bad input (exit 2).
 pub fn scan<'a>(dir: &Path, nodes: impl IntoIterator<Item = &'a str>) -> Result<ImageRecord> {
     let shared = files_in(dir);
@@ -28,11 +50,15 @@ pub fn scan<'a>(dir: &Path, nodes: impl IntoIterator<Item = &'a str>) -> Result<
     let mut missing = Vec::new();
     for node in nodes {
         let sub = dir.join(node);
-        let Some([kernel, initrd, rootfs]) = files_in(&sub) else {
-            if shared.is_none() {
-                missing.push(node.to_string());
+        let (kernel, initrd, rootfs, toplevel) = match (files_in(&sub), store_boot_in(&sub)) {
+            (Some([k, i, r]), _) => (k, i, r, None),
+            (None, Some((k, i, t))) => (k, i, PathBuf::new(), Some(t)),
+            (None, None) => {
+                if shared.is_none() {
+                    missing.push(node.to_string());
+                }
+                continue;
             }
-            continue;
         };
         let real = std::fs::canonicalize(&sub).unwrap_or(sub.clone());
         per_node.insert(
@@ -44,10 +70,8 @@ pub fn scan<'a>(dir: &Path, nodes: impl IntoIterator<Item = &'a str>) -> Result<
                 kernel,
                 initrd,
                 rootfs,
-                cmdline: std::fs::read_to_string(sub.join("cmdline"))
-                    .ok()
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty()),
+                cmdline: cmdline_in(&sub),
+                toplevel,
             },
         );
     }
@@ -59,7 +83,8 @@ pub fn scan<'a>(dir: &Path, nodes: impl IntoIterator<Item = &'a str>) -> Result<
             .collect();
         return Err(bad_input(format!(
             "image directory {}: no image for {}: neither <node>/ nor the top level \
-             holds {} (the top level lacks {})",
+             holds {} (or, for a store-booted NixOS node, <node>/ vmlinuz, initrd.img \
+             and toplevel); the top level lacks {}",
             dir.display(),
             missing.join(", "),
             FILES.join(", "),
@@ -100,8 +125,13 @@ impl ImageRecord {
         for (node, i) in &self.nodes {
             out.push((format!("{node} kernel"), i.kernel.clone()));
             out.push((format!("{node} initrd"), i.initrd.clone()));
-            out.push((format!("{node} rootfs"), i.rootfs.clone()));
+            match &i.toplevel {
+                Some(t) => out.push((format!("{node} system"), t.clone())),
+                None => out.push((format!("{node} rootfs"), i.rootfs.clone())),
+            }
         }
+        // A cluster of store-booted nodes has no shared root image.
+        out.retain(|(_, p)| !p.as_os_str().is_empty());
         out
     }
 }
@@ -134,6 +164,36 @@ mod tests {
         assert_eq!(k, dir.join("vmlinuz"));
         assert_eq!(cmdline, None);
         assert_eq!(rec.files().len(), 6);
+
+        // A NixOS node booted from the store: kernel, initrd and toplevel.
+        let nixos = dir.join("node03");
+        std::fs::create_dir_all(&nixos).unwrap();
+        for f in ["vmlinuz", "initrd.img"] {
+            std::fs::write(nixos.join(f), f).unwrap();
+        }
+        std::fs::write(
+            nixos.join("toplevel"),
+            "/nix/store/abc-nixos-system-node03\n",
+        )
+        .unwrap();
+        let rec = scan(&dir, ["node01", "node02", "node03"]).unwrap();
+        assert_eq!(rec.store_for("node03"), Some("/nix/store".into()));
+        assert_eq!(
+            rec.store_for("node02"),
+            None,
+            "a disk image is not store-booted"
+        );
+        let files = rec.files();
+        assert!(files.contains(&(
+            "node03 system".to_string(),
+            "/nix/store/abc-nixos-system-node03".into()
+        )));
+        assert!(!files.iter().any(|f| f.0 == "node03 rootfs"));
+        // A rootfs.img beside the toplevel wins: the node boots its disk.
+        std::fs::write(nixos.join("rootfs.img"), "r").unwrap();
+        let rec = scan(&dir, ["node03"]).unwrap();
+        assert_eq!(rec.store_for("node03"), None);
+        std::fs::remove_dir_all(&nixos).unwrap();
 
         // Without the shared image, node01 has nothing to boot.
         std::fs::remove_file(dir.join("rootfs.img")).unwrap();

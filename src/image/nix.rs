@@ -125,10 +125,11 @@ pub fn find(
     let bytes = std::fs::read(record_file(cluster, state)).map_err(|_| missing())?;
     let record: ImageRecord = serde_json::from_slice(&bytes).map_err(|_| missing())?;
     let complete = nodes(cluster).iter().all(|n| {
-        record
-            .nodes
-            .get(n)
-            .is_some_and(|i| i.kernel.is_file() && i.initrd.is_file() && i.rootfs.is_file())
+        record.nodes.get(n).is_some_and(|i| {
+            i.kernel.is_file()
+                && i.initrd.is_file()
+                && (i.rootfs.is_file() || i.toplevel.as_ref().is_some_and(|t| t.exists()))
+        })
     });
     if !complete {
         return Err(missing());
@@ -165,21 +166,31 @@ fn node_image(node: &str, drv_path: &str, out: &str) -> Result<NodeImage> {
             Ok(p)
         } else {
             bail!(
-                "{node}: {out} has no {f} (an image output needs vmlinuz, initrd.img, rootfs.img)"
+                "{node}: {out} has no {f} (an image output needs vmlinuz, initrd.img, and \
+                 rootfs.img or toplevel)"
             )
         }
     };
+    // nix/images.nix boots NixOS from the store: a toplevel, no rootfs.img.
+    let toplevel = std::fs::read_to_string(dir.join("toplevel"))
+        .ok()
+        .map(|t| PathBuf::from(t.trim()))
+        .filter(|_| !dir.join("rootfs.img").exists());
     Ok(NodeImage {
         store_path: out.to_string(),
         drv_path: drv_path.to_string(),
         system: drv.system().to_string(),
         kernel: file("vmlinuz")?,
         initrd: file("initrd.img")?,
-        rootfs: file("rootfs.img")?,
+        rootfs: match toplevel {
+            Some(_) => PathBuf::new(),
+            None => file("rootfs.img")?,
+        },
         cmdline: std::fs::read_to_string(dir.join("cmdline"))
             .ok()
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty()),
+        toplevel,
     })
 }
 

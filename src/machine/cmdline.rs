@@ -44,6 +44,20 @@ pub struct MachineConfig {
     pub machine_id: String,
     /// Restore the guest's state from this file (a snapshot) instead of booting.
     pub incoming: Option<PathBuf>,
+    /// A store shared read-only with the guest over 9p (tag `nix-store`):
+    /// a NixOS node booted from the host's store, as qemu-vm.nix does.
+    pub store: Option<PathBuf>,
+}
+
+/// The `-virtfs` value that shares a store read-only with the guest over
+/// 9p (tag `nix-store`), as nixpkgs' qemu-vm.nix shares the host store.
+/// QEMU cannot migrate a guest with a mounted 9p share, so such nodes
+/// cannot be snapshotted.
+pub fn store_share(store: &std::path::Path) -> String {
+    format!(
+        "local,path={},security_model=none,mount_tag=nix-store,readonly=on",
+        path(store)
+    )
 }
 
 /// Builds the argument list (without the program name).
@@ -100,6 +114,9 @@ pub fn qemu_args(c: &MachineConfig) -> Vec<String> {
         "-device",
         "virtio-blk-pci,drive=config",
     ]);
+    if let Some(store) = &c.store {
+        arg(&["-virtfs", &store_share(store)]);
+    }
     let hostfwd: String = c
         .forwards
         .iter()
@@ -191,6 +208,7 @@ mod tests {
             },
             machine_id: "0123".into(),
             incoming: None,
+            store: None,
         }
     }
 
@@ -213,6 +231,20 @@ mod tests {
             .filter(|w| w[0] == flag)
             .map(|w| w[1].as_str())
             .collect()
+    }
+
+    #[test]
+    fn a_store_booted_node_gets_the_store_read_only_and_nothing_else_changes() {
+        let disk = qemu_args(&config(Accel::Tcg));
+        assert!(after(&disk, "-virtfs").is_empty());
+        let mut c = config(Accel::Tcg);
+        c.store = Some("/nix/store".into());
+        let store = qemu_args(&c);
+        assert_eq!(
+            after(&store, "-virtfs"),
+            ["local,path=/nix/store,security_model=none,mount_tag=nix-store,readonly=on"]
+        );
+        assert_eq!(store.len(), disk.len() + 2);
     }
 
     #[test]
