@@ -57,28 +57,25 @@ fn a_degraded_run_draws_its_timeline_without_failures() {
     assert_eq!(seen["node_rows"].as_array().unwrap().len(), 6);
 }
 
+/// `report DIR`: its exit code and stderr.
+fn report_of(dir: &Path) -> (Option<i32>, String) {
+    let out = common::bin().arg("report").arg(dir).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code(), err)
+}
+
 #[test]
 fn report_refuses_what_is_not_a_run() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = common::bin()
-        .arg("report")
-        .arg(tmp.path())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = report_of(tmp.path());
+    assert_eq!(code, Some(2));
     assert!(
         err.contains("result.json") && err.contains("error[bad_input]"),
         "{err}"
     );
     std::fs::write(tmp.path().join("result.json"), "{\n  \"schema\": 3\n}\n").unwrap();
-    let out = common::bin()
-        .arg("report")
-        .arg(tmp.path())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = report_of(tmp.path());
+    assert_eq!(code, Some(2));
     assert!(err.contains("result.json:2:"), "names the line: {err}");
     assert!(!tmp.path().join("report.html").exists(), "nothing written");
 }
