@@ -34,6 +34,9 @@ pub struct NodeStatus {
     pub ready_after_s: Option<f64>,
     /// unit -> `systemctl is-active` answer
     pub units: BTreeMap<String, String>,
+    /// Why the node is `unreachable`: the SSH or command error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl NodeStatus {
@@ -61,6 +64,7 @@ pub fn collect(record: &RunningCluster) -> ClusterStatus {
                         uptime_s: now - n.booted_unix,
                         ready_after_s: n.ready_after_s,
                         units: BTreeMap::new(),
+                        error: None,
                     };
                     if !machine::is_running(n.pid_now()) {
                         st.uptime_s = 0;
@@ -81,7 +85,10 @@ pub fn collect(record: &RunningCluster) -> ClusterStatus {
                             st.units = units.into_iter().collect();
                             st.state = if all_active { "ready" } else { "degraded" }.into();
                         }
-                        Err(_) => st.state = "unreachable".into(),
+                        Err(e) => {
+                            st.state = "unreachable".into();
+                            st.error = Some(format!("{e:#}"));
+                        }
                     }
                     st
                 })
@@ -162,6 +169,11 @@ pub fn print(status: &ClusterStatus, json: bool) -> Result<()> {
             ports,
             units.trim_end()
         );
+    }
+    for n in &status.nodes {
+        if let Some(e) = &n.error {
+            println!("{}: {}", n.name, e.lines().next().unwrap_or_default());
+        }
     }
     let f = &status.fabric;
     println!(

@@ -611,14 +611,36 @@ fn fresh_smoke_passes_with_evidence(state: &Path) {
     );
 }
 
+/// `status --json` once every node is ready. `status` asks each node over
+/// SSH; right after a slow boot or a restore a starved guest may miss its
+/// 20 s and be `unreachable` (with its `error`): it is asked again, up to
+/// three times, 15 s apart. The last answer is returned either way.
+fn status_when_ready(state: &Path, extra: &[&str]) -> Value {
+    let mut status = Value::Null;
+    for attempt in 1..=3 {
+        let out = common::run(state, &[extra, &["status", "--json"]].concat());
+        assert_eq!(out.status.code(), Some(0));
+        status = serde_json::from_slice(&out.stdout).unwrap();
+        let nodes = status["nodes"].as_array().unwrap();
+        if nodes.iter().all(|n| n["state"] == "ready") {
+            break;
+        }
+        for n in nodes.iter().filter(|n| n["state"] == "unreachable") {
+            assert!(n["error"].is_string(), "unreachable says why: {n}");
+        }
+        eprintln!("status attempt {attempt}: not every node is ready yet");
+        std::thread::sleep(std::time::Duration::from_secs(15));
+    }
+    status
+}
+
 /// Saves the ready cluster as the `default` snapshot; it keeps running.
 fn snapshot_the_ready_cluster(state: &Path) {
     let t = Instant::now();
     let out = common::run(state, &["snapshot", "save"]);
     assert_eq!(out.status.code(), Some(0), "snapshot save");
     eprintln!("snapshot save: {:.1} s", t.elapsed().as_secs_f64());
-    let out = common::run(state, &["status", "--json"]);
-    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let status = status_when_ready(state, &[]);
     for n in status["nodes"].as_array().unwrap() {
         assert_eq!(n["state"], "ready", "resumed after the save: {n}");
     }
@@ -842,12 +864,10 @@ fn a_second_profile_runs_beside_it(state: &Path) {
         "second cluster beside the first: ready after {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    let status = |s: &Path, extra: &[&str]| -> Value {
-        let out = common::run(s, &[extra, &["status", "--json"]].concat());
-        assert_eq!(out.status.code(), Some(0));
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
-    let (a, b) = (status(state, &[]), status(&other, &cluster));
+    let (a, b) = (
+        status_when_ready(state, &[]),
+        status_when_ready(&other, &cluster),
+    );
     let ports = |v: &Value| -> Vec<u64> {
         v["nodes"]
             .as_array()
@@ -870,7 +890,7 @@ fn a_second_profile_runs_beside_it(state: &Path) {
     // Its stop leaves the reference cluster as it was.
     let out = common::run(&other, &[&cluster[..], &["stop", "--grace", "1"]].concat());
     assert_eq!(out.status.code(), Some(0));
-    for n in status(state, &[])["nodes"].as_array().unwrap() {
+    for n in status_when_ready(state, &[])["nodes"].as_array().unwrap() {
         assert_eq!(n["state"], "ready", "{n}");
     }
 }
@@ -896,9 +916,7 @@ fn reference_cluster_end_to_end() {
     assert_eq!(out.status.code(), Some(0), "start");
     eprintln!("boot-to-ready: {:.1} s", t.elapsed().as_secs_f64());
 
-    let out = common::run(&state, &["status", "--json"]);
-    assert_eq!(out.status.code(), Some(0));
-    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let status = status_when_ready(&state, &[]);
     let nodes = status["nodes"].as_array().unwrap();
     assert_eq!(nodes.len(), 6);
     for n in nodes {
