@@ -29,6 +29,7 @@ use std::time::Duration;
 pub use http::HttpExpect;
 
 mod etcd_gateway;
+pub mod figures;
 mod scenario;
 pub use nested_guest::{multiboot, print_to_com1};
 
