@@ -367,6 +367,7 @@ mod tests {
             name: "t".into(),
             description: String::new(),
             source: "test.toml".into(),
+            cluster: "t".into(),
             layers: layers
                 .into_iter()
                 .enumerate()

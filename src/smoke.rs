@@ -29,6 +29,8 @@ pub struct LaneOptions {
     pub grace: Duration,
     /// Print result.json on stdout, and the summary on stderr.
     pub json: bool,
+    /// Also copy the benchmark report and its charts here (`--publish`).
+    pub publish: Option<std::path::PathBuf>,
 }
 
 /// Runs the lane against the cluster that is running in `state`.
@@ -44,7 +46,7 @@ pub fn smoke(cluster: &Cluster, state: &StateDir, opts: &LaneOptions) -> Result<
     let started = Instant::now();
     let mut rep = RunReport::new(&opts.command, &opts.lane.name, &opts.lane.source, cluster);
     check_cluster(&mut rep, cluster, state, &record, opts, &dir, started);
-    conclude(rep, &dir, state, started, opts.json)
+    conclude(rep, &dir, state, started, opts)
 }
 
 /// clean, build, start, smoke, stop; the cluster is stopped even when
@@ -66,7 +68,7 @@ pub fn fresh_smoke(
     if ok {
         boot_check_stop(&mut rep, cluster, state, opts, start, &dir, started);
     }
-    conclude(rep, &dir, state, started, opts.json)
+    conclude(rep, &dir, state, started, opts)
 }
 
 /// `run`: the hermetic form for Nix builders. The images are given, so
@@ -220,11 +222,17 @@ fn conclude(
     dir: &Path,
     state: &StateDir,
     started: Instant,
-    json: bool,
+    opts: &LaneOptions,
 ) -> Result<u8> {
     rep.finish(started, crate::stopped_as());
     report::write(dir, &mut rep, &Secrets::load(state))?;
-    report::print_summary(&rep, dir, json)?;
+    if let Some(to) = &opts.publish {
+        match report::bench::publish(dir, &rep.lane, to)? {
+            Some(p) => tracing::info!("benchmark report published to {}", p.display()),
+            None => tracing::warn!("--publish: this run measured no benchmark figures"),
+        }
+    }
+    report::print_summary(&rep, dir, opts.json)?;
     if matches!(rep.status, RunStatus::Interrupted | RunStatus::Timeout) {
         return Err(crate::stop_error());
     }

@@ -73,14 +73,11 @@ pub struct Cli {
 
 #[derive(Args, Debug, Clone)]
 pub struct Target {
-    /// An embedded profile: `reference` (six nodes) or `reference-storage` (five).
-    #[arg(
-        long,
-        global = true,
-        default_value = "reference",
-        conflicts_with = "cluster"
-    )]
-    pub profile: String,
+    /// An embedded profile: `reference` (six nodes) or `reference-storage`
+    /// (five storage nodes) [default: reference-storage for the storage
+    /// benchmarks, else reference].
+    #[arg(long, global = true, conflicts_with = "cluster")]
+    pub profile: Option<String>,
     /// A cluster definition file (TOML) instead of an embedded profile.
     #[arg(long, global = true, value_name = "FILE")]
     pub cluster: Option<PathBuf>,
@@ -211,12 +208,28 @@ pub enum Cmd {
         #[command(flatten)]
         start: StartArgs,
     },
-    /// The bench-storage lane against the running cluster: NBD volume I/O of
-    /// a remote export against the node-local export, side by side, with ratios.
+    /// The bench-storage lane against the running storage cluster
+    /// (reference-storage unless --profile/--cluster says otherwise): fio on
+    /// a remote export against the node-local one, side by side, with
+    /// ratios; volume materialization latency; S3 object throughput. Writes
+    /// storage-benchmarks.md (and its charts) into the run directory, and
+    /// with --publish DIR also there (the repository keeps one in docs/).
     BenchStorage(LaneRun),
-    /// clean, build, start, bench-storage, stop.
+    /// clean, build, start, bench-storage, stop (on reference-storage by default).
     #[command(alias = "fresh-storage-bench")]
     FreshBenchStorage {
+        #[command(flatten)]
+        lane: LaneRun,
+        #[command(flatten)]
+        start: StartArgs,
+    },
+    /// The local export matrix on the running storage cluster: one
+    /// qemu-storage-daemon export on one node for every cache mode x aio
+    /// mode, measured with fio over NBD on 127.0.0.1, so software-path
+    /// regressions can be told from network limits. Names the strongest
+    /// profile; combinations the node refuses are `unsupported`, not failed.
+    /// Against a fresh cluster (clean, build, start, lane, stop) when none runs.
+    BenchCoronafsLocalMatrix {
         #[command(flatten)]
         lane: LaneRun,
         #[command(flatten)]
@@ -431,6 +444,10 @@ pub struct LaneRun {
     /// Print the run's result.json document on stdout (the summary goes to stderr).
     #[arg(long)]
     pub json: bool,
+    /// Also copy the benchmark report (storage-benchmarks.md) and its charts
+    /// into DIR, e.g. `--publish docs` in a checkout.
+    #[arg(long, value_name = "DIR")]
+    pub publish: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -488,6 +505,7 @@ impl LaneRun {
             keep_going: self.keep_going,
             grace: Duration::from_secs(self.grace),
             json: self.json,
+            publish: self.publish.clone(),
         }
     }
 }
@@ -512,11 +530,26 @@ impl StartArgs {
     }
 }
 
+impl Cmd {
+    /// The profile a command runs on when none is named: the storage
+    /// benchmarks need the storage nodes, everything else the reference cluster.
+    pub fn default_profile(&self) -> &'static str {
+        crate::lane::default_profile(match self {
+            Cmd::BenchStorage(_) | Cmd::FreshBenchStorage { .. } => "bench-storage",
+            Cmd::BenchCoronafsLocalMatrix { .. } => "bench-coronafs-local-matrix",
+            _ => "",
+        })
+    }
+}
+
 impl Target {
-    pub fn load(&self) -> Result<Cluster> {
-        Ok(match &self.cluster {
-            Some(path) => Cluster::load(path)?,
-            None => Cluster::profile(&self.profile)?,
+    /// The cluster named on the command line, else `default_profile`
+    /// (the command's own: see `Cmd::default_profile`).
+    pub fn load(&self, default_profile: &str) -> Result<Cluster> {
+        Ok(match (&self.cluster, &self.profile) {
+            (Some(path), _) => Cluster::load(path)?,
+            (None, Some(profile)) => Cluster::profile(profile)?,
+            (None, None) => Cluster::profile(default_profile)?,
         })
     }
 

@@ -60,7 +60,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         .unwrap_or_default()
         .to_lowercase();
     let _command = tracing::info_span!("command", name).entered();
-    let cluster = cli.target.load()?;
+    let cluster = cli.target.load(cli.command.default_profile())?;
     if let Cmd::Run(args) = &cli.command {
         return hermetic_run(cluster, &cli.target, args);
     }
@@ -103,14 +103,15 @@ pub fn run(cli: Cli) -> Result<i32> {
         Cmd::Lanes { json: true } => {
             let lanes: Vec<serde_json::Value> = crate::lane::LANES
                 .iter()
-                .map(|(name, _)| match Lane::embedded(name, &cluster) {
+                .map(|(name, _)| match lane_for(&cli.target, &cluster, name) {
                     Ok(l) => serde_json::json!({
                         "name": name, "valid": true, "checks": l.check_count(),
+                        "cluster": l.cluster,
                         "layers": l.layers.iter().map(|l| &l.name).collect::<Vec<_>>(),
                         "description": l.description,
                     }),
                     Err(e) => {
-                        serde_json::json!({ "name": name, "valid": false, "error": e.message })
+                        serde_json::json!({ "name": name, "valid": false, "error": e })
                     }
                 })
                 .collect();
@@ -118,17 +119,18 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Lanes { json: false } => {
             for (name, _) in crate::lane::LANES {
-                match Lane::embedded(name, &cluster) {
+                match lane_for(&cli.target, &cluster, name) {
                     Ok(l) => {
                         println!(
-                            "{name:<28} {:>3} checks  {}",
+                            "{name:<28} {:>3} checks  {} (on {})",
                             l.check_count(),
-                            l.description
+                            l.description,
+                            l.cluster
                         );
                         let layers: Vec<&str> = l.layers.iter().map(|l| l.name.as_str()).collect();
                         println!("{:<28} layers: {}", "", layers.join(", "));
                     }
-                    Err(e) => println!("{name:<28} not valid for this cluster: {}", e.message),
+                    Err(e) => println!("{name:<28} not valid for this cluster: {e}"),
                 }
             }
         }
@@ -168,6 +170,14 @@ pub fn run(cli: Cli) -> Result<i32> {
         Cmd::FreshBenchStorage { lane, start } => {
             let cmd = "fresh-bench-storage";
             return fresh_lane(&cluster, &state, "bench-storage", &lane, &start, cmd);
+        }
+        Cmd::BenchCoronafsLocalMatrix { lane, start } => {
+            let name = "bench-coronafs-local-matrix";
+            return if state.load_running()?.is_some() {
+                lane_on_running(&cluster, &state, name, &lane)
+            } else {
+                fresh_lane(&cluster, &state, name, &lane, &start, name)
+            };
         }
         Cmd::ProviderVmRealityProof { lane, start } => {
             let name = "provider-vm-reality-proof";
@@ -432,6 +442,7 @@ fn hermetic_run(mut cluster: Cluster, target: &Target, args: &RunArgs) -> Result
         keep_going: args.keep_going,
         grace: Duration::from_secs(args.grace),
         json: args.json,
+        publish: None,
     };
     let _lock = state.lock("run")?;
     let code = smoke::hermetic(
@@ -468,10 +479,20 @@ fn fresh_lane(
     Ok(smoke::fresh_smoke(cluster, state, &opts, &start.options(command, true))? as i32)
 }
 
+/// An embedded lane, expanded against the cluster the command line names,
+/// else against the lane's own default profile (`lanes`).
+fn lane_for(target: &Target, cluster: &Cluster, name: &str) -> Result<Lane, String> {
+    if target.cluster.is_some() || target.profile.is_some() {
+        return Lane::embedded(name, cluster).map_err(|e| e.message);
+    }
+    let own = Cluster::profile(crate::lane::default_profile(name)).map_err(|e| format!("{e:#}"))?;
+    Lane::embedded(name, &own).map_err(|e| e.message)
+}
+
 /// `check --json`: the verdict as JSON on stdout, also when it is invalid
 /// (exit 2, as without --json).
 fn check_json(target: &Target) -> Result<i32> {
-    let (doc, code) = match target.load() {
+    let (doc, code) = match target.load("reference") {
         Ok(c) => (
             serde_json::json!({
                 "valid": true, "source": c.source, "name": c.name,

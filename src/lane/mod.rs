@@ -27,10 +27,32 @@ pub const LANES: &[(&str, &str)] = &[
         include_str!("../../checks/bench-storage.toml"),
     ),
     (
+        "bench-coronafs-local-matrix",
+        include_str!("../../checks/bench-coronafs-local-matrix.toml"),
+    ),
+    (
         "provider-vm-reality-proof",
         include_str!("../../checks/provider-vm-reality-proof.toml"),
     ),
 ];
+
+/// Lanes written for one profile in another form: (lane, cluster name,
+/// text). `bench-storage` on the six-node reference cluster has no storage
+/// nodes, so there it measures the workers' exports as it always did.
+const PROFILE_LANES: &[(&str, &str, &str)] = &[(
+    "bench-storage",
+    "reference",
+    include_str!("../../checks/bench-storage.reference.toml"),
+)];
+
+/// The profile an embedded lane runs on when the command line names none:
+/// the storage benchmarks need the storage nodes.
+pub fn default_profile(lane: &str) -> &'static str {
+    match lane {
+        "bench-storage" | "bench-coronafs-local-matrix" => "reference-storage",
+        _ => "reference",
+    }
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -72,6 +94,8 @@ pub struct Lane {
     pub name: String,
     pub description: String,
     pub source: PathBuf,
+    /// The cluster it was expanded against.
+    pub cluster: String,
     pub layers: Vec<Layer>,
 }
 
@@ -108,10 +132,17 @@ impl Lane {
 
     /// Loads an embedded lane by name.
     pub fn embedded(name: &str, cluster: &Cluster) -> Result<Lane, SpecError> {
-        let text = LANES
+        let variant = PROFILE_LANES
             .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, t)| *t)
+            .find(|(n, c, _)| *n == name && *c == cluster.name)
+            .map(|(_, c, t)| (format!("{name}.{c}"), *t));
+        let (file, text) = variant
+            .or_else(|| {
+                LANES
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, t)| (name.to_string(), *t))
+            })
             .ok_or_else(|| {
                 SpecError::at(
                     Path::new("--lane"),
@@ -125,7 +156,7 @@ impl Lane {
                 )
             })?;
         parse(
-            Path::new(&format!("<embedded>/checks/{name}.toml")),
+            Path::new(&format!("<embedded>/checks/{file}.toml")),
             text,
             cluster,
         )
@@ -295,6 +326,7 @@ pub fn parse(file: &Path, text: &str, cluster: &Cluster) -> Result<Lane, SpecErr
         name: def.lane.name,
         description: def.lane.description,
         source: file.to_path_buf(),
+        cluster: cluster.name.clone(),
         layers,
     })
 }
@@ -321,11 +353,16 @@ mod tests {
     }
 
     #[test]
-    fn embedded_lanes_expand_against_the_reference_cluster() {
+    fn embedded_lanes_expand_against_their_profiles() {
         for (name, _) in LANES {
-            let lane = Lane::embedded(name, &reference()).unwrap();
+            let cluster = Cluster::profile(default_profile(name)).unwrap();
+            let lane = Lane::embedded(name, &cluster).unwrap_or_else(|e| panic!("{e}"));
             assert!(lane.check_count() > 0, "{name}");
         }
+        // bench-storage also runs on the reference cluster, in its own form.
+        let lane = Lane::embedded("bench-storage", &reference()).unwrap();
+        assert!(lane.source.ends_with("bench-storage.reference.toml"));
+        assert!(lane.checks().any(|c| c.kind == "volume_bench"));
     }
 
     /// The PhotonCloud lanes cannot run here (no PhotonCloud), but they must

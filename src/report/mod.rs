@@ -2,6 +2,7 @@
 //! docs/result-schema.md), `junit.xml` and `report.md`, plus the per-layer
 //! table printed at the end.
 
+pub mod bench;
 mod html;
 mod junit;
 mod markdown;
@@ -208,6 +209,14 @@ impl RunReport {
         for c in checks {
             let id = c.id.replace(['@', ' '], ".");
             figures(&id, &c.evidence, 0, &mut out);
+            // The benchmark kinds' figures (check::figures): median and ratio.
+            for f in crate::check::figures::from_evidence(&c.evidence) {
+                let unit = bench::metric_unit(&f.unit);
+                out.push((format!("{id}.{}", f.name), f.subject.median, unit));
+                if let Some(r) = f.ratio {
+                    out.push((format!("{id}.{}.ratio", f.name), r, "x"));
+                }
+            }
         }
         out
     }
@@ -285,6 +294,16 @@ pub fn write(dir: &Path, report: &mut RunReport, secrets: &Secrets) -> Result<()
     // Evidence files must not cost the report itself.
     if let Err(e) = write_check_artifacts(dir, report, secrets) {
         tracing::warn!("check artifacts: {e:#}");
+    }
+    // The benchmark report, when the run measured figures: small, and listed
+    // in result.json, so before it; best effort, like the evidence files.
+    match bench::write(dir, report) {
+        Ok(Some(p)) => {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            report.artifacts.insert("benchmarks".into(), name.into());
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!("benchmark report: {e:#}"),
     }
     // result.json first: on a disk that fills up it is the one to keep.
     let json = serde_json::to_string_pretty(report)?;
