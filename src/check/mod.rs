@@ -63,6 +63,7 @@ kinds! {
     vm_migration::VmMigration,
     volume_bench::VolumeBench,
     fio_bench::FioBench,
+    export_matrix::ExportMatrix,
     fault::Fault,
     etcd_faults::EtcdFaults,
     redis_faults::RedisFaults,
