@@ -30,6 +30,7 @@ pub use http::HttpExpect;
 
 mod etcd_gateway;
 pub mod figures;
+mod fio;
 mod scenario;
 pub use nested_guest::{multiboot, print_to_com1};
 
@@ -61,6 +62,8 @@ kinds! {
     lb_drain::LbDrain,
     vm_migration::VmMigration,
     volume_bench::VolumeBench,
+    fio_bench::FioBench,
+    export_matrix::ExportMatrix,
     materialize::Materialize,
     fault::Fault,
     etcd_faults::EtcdFaults,

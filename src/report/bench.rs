@@ -206,6 +206,7 @@ fn commit() -> String {
 pub fn metric_unit(unit: &str) -> &'static str {
     match unit {
         "MB/s" => "MB/s",
+        "MiB/s" => "MiB/s",
         "ms" => "ms",
         "IOPS" => "IOPS",
         "ops/s" => "ops/s",
