@@ -61,6 +61,7 @@ kinds! {
     lb_drain::LbDrain,
     vm_migration::VmMigration,
     volume_bench::VolumeBench,
+    s3_bench::S3Bench,
     fault::Fault,
     etcd_faults::EtcdFaults,
     redis_faults::RedisFaults,
