@@ -1,8 +1,30 @@
 #!/usr/bin/env bash
-# Installs the Debian packages photon-cluster needs on the host. Idempotent:
-# installs only what is missing. Needs root (or sudo). With --test, also
-# what only the test suite needs (chromium, for the report's browser test).
+# Installs the Debian packages photon-cluster needs on the host, and builds
+# the S3 server the Debian image carries (s3s-fs, from crates.io: Debian
+# packages no S3 server). Idempotent: installs and builds only what is
+# missing. Needs root (or sudo) for the packages, and cargo. With --test,
+# also what only the test suite needs (chromium, for the report's browser
+# test).
 set -euo pipefail
+
+# s3s-fs, pinned: 0.17 needs a newer rustc than this project's. The driver
+# looks for it at the same path (src/image/debian.rs; PHOTON_S3_SERVER
+# overrides it there).
+S3S_VERSION=0.14.1
+S3S_ROOT="${PHOTON_TOOLS_DIR:-$HOME/.cache/photon-cluster}/s3s-fs-$S3S_VERSION"
+s3_server() {
+    if [ -x "$S3S_ROOT/bin/s3s-fs" ]; then
+        echo "host-deps: s3s-fs $S3S_VERSION present in $S3S_ROOT/bin"
+        return
+    fi
+    if ! command -v cargo >/dev/null 2>&1; then
+        echo "host-deps: cargo is needed to build s3s-fs (install Rust: https://rustup.rs)" >&2
+        exit 1
+    fi
+    echo "host-deps: building s3s-fs $S3S_VERSION into $S3S_ROOT (cargo install, a few minutes)"
+    cargo install s3s-fs --version "$S3S_VERSION" --locked --features binary --root "$S3S_ROOT"
+    echo "host-deps: built $S3S_ROOT/bin/s3s-fs"
+}
 need=()
 if [ "${1:-}" = --test ]; then
     command -v chromium >/dev/null 2>&1 || need+=(chromium)
@@ -21,7 +43,8 @@ have nix-instantiate || need+=(nix-bin)
 [ -x /bin/busybox ] || [ -x /usr/bin/busybox ] || need+=(busybox-static)
 [ -e /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
 if [ ${#need[@]} -eq 0 ]; then
-    echo "host-deps: everything present"
+    echo "host-deps: every Debian package present"
+    s3_server
     exit 0
 fi
 SUDO=""
@@ -38,3 +61,4 @@ echo "host-deps: installing ${need[*]}"
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -q
 $SUDO apt-get install -y -q --no-install-recommends --allow-downgrades "${need[@]}"
+s3_server

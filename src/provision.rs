@@ -55,11 +55,35 @@ fn role_script(name: &str) -> &'static str {
         .unwrap_or("")
 }
 
-/// The cluster's client key pair and shared secret, made once per cluster.
+/// The S3 service of storage nodes (the LightningStor part):
+/// `photon-s3.service` runs s3s-fs on [`PORT`](s3::PORT)
+/// (images/debian/customize.sh), with what node.env tells it.
+pub mod s3 {
+    /// The unit that serves S3: a node serves S3 when the cluster file
+    /// expects this unit on it.
+    pub const UNIT: &str = "photon-s3.service";
+    pub const PORT: u16 = 9000;
+    /// The access key id, the same in every cluster: it is a name, not a
+    /// secret. The secret key is per cluster (`<state>/ssh/s3-secret`,
+    /// redacted from the artifacts like the IAM secret).
+    pub const ACCESS_KEY: &str = "photon";
+    /// The buckets every S3 server of every cluster has. This list is the
+    /// one place they are named: node.env carries it to the guests
+    /// (`S3_BUCKETS`), where photon-s3.service creates each as a directory
+    /// before the server starts, and the `s3_bench` check refuses, when the
+    /// lane is read, a bucket that is not in it. A fixed list rather than a
+    /// cluster-file field: the benchmark is the only client, and two checks
+    /// sharing a bucket stay apart by key prefix (`s3-bench/<node>/`).
+    pub const BUCKETS: &[&str] = &["photon-bench"];
+}
+
+/// The cluster's client key pair and shared secrets, made once per cluster.
 pub struct ClusterKeys {
     pub private_key: PathBuf,
     pub public_key: String,
     pub iam_secret: String,
+    /// The S3 servers' secret key (photon-s3.service, [`s3`]).
+    pub s3_secret: String,
 }
 
 pub fn cluster_keys(ssh_dir: &Path) -> Result<ClusterKeys> {
@@ -68,26 +92,32 @@ pub fn cluster_keys(ssh_dir: &Path) -> Result<ClusterKeys> {
     if !private_key.exists() {
         keygen(&private_key, "photon-cluster")?;
     }
-    let secret_file = ssh_dir.join("iam-secret");
-    if !secret_file.exists() {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&secret_file)?;
-        std::io::Write::write_all(&mut f, random_hex(16).as_bytes())?;
-    }
-    // Also for a secret made by an older version with the default mode.
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(&secret_file, fs::Permissions::from_mode(0o600))?;
     Ok(ClusterKeys {
         public_key: fs::read_to_string(private_key.with_extension("pub"))?
             .trim()
             .to_string(),
         private_key,
-        iam_secret: fs::read_to_string(secret_file)?.trim().to_string(),
+        iam_secret: secret(&ssh_dir.join("iam-secret"))?,
+        s3_secret: secret(&ssh_dir.join("s3-secret"))?,
     })
+}
+
+/// The random secret kept in `file` (mode 0600), made on first use.
+/// [`crate::secrets::Secrets::load`] redacts each from the artifacts.
+fn secret(file: &Path) -> Result<String> {
+    if !file.exists() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(file)?;
+        std::io::Write::write_all(&mut f, random_hex(16).as_bytes())?;
+    }
+    // Also for a secret made by an older version with the default mode.
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(file, fs::Permissions::from_mode(0o600))?;
+    Ok(fs::read_to_string(file)?.trim().to_string())
 }
 
 fn random_hex(n: usize) -> String {
@@ -140,6 +170,9 @@ pub fn node_env(cluster: &Cluster, node: &Node, keys: &ClusterKeys) -> String {
         ("GATEWAY_NODES", names_with_role(cluster, Role::Gateway)),
         ("STORAGE_NODES", names_with_role(cluster, Role::Storage)),
         ("IAM_SECRET", keys.iam_secret.clone()),
+        ("S3_ACCESS_KEY", s3::ACCESS_KEY.to_string()),
+        ("S3_SECRET", keys.s3_secret.clone()),
+        ("S3_BUCKETS", s3::BUCKETS.join(" ")),
     ];
     vars.iter()
         .map(|(k, v)| format!("{k}='{}'\n", v.replace('\'', "")))
@@ -214,12 +247,48 @@ mod tests {
             private_key: "/k".into(),
             public_key: "ssh-ed25519 AAA".into(),
             iam_secret: "s3cret".into(),
+            s3_secret: "0123456789abcdef".into(),
         };
         let env = node_env(&c, c.node("node04").unwrap(), &keys);
         assert!(env.contains("NODE_NAME='node04'\n"));
+        assert!(env.contains("S3_SECRET='0123456789abcdef'\n"));
+        assert!(env.contains("S3_ACCESS_KEY='photon'\n"));
+        assert!(env.contains("S3_BUCKETS='photon-bench'\n"));
         assert!(env.contains("NODE_ROLE='worker'\n"));
         assert!(env.contains("CONTROL_NODES='node01 node02 node03'\n"));
         assert!(env.contains("GATEWAY_NODES='node06'\n"));
+    }
+
+    #[test]
+    fn cluster_secrets_are_made_once_private_and_distinct() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = cluster_keys(tmp.path()).unwrap();
+        let b = cluster_keys(tmp.path()).unwrap();
+        assert_eq!((&a.iam_secret, &a.s3_secret), (&b.iam_secret, &b.s3_secret));
+        assert_eq!(a.s3_secret.len(), 32);
+        assert_ne!(a.iam_secret, a.s3_secret);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(tmp.path().join("s3-secret"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    /// A bucket name must be a directory name s3s-fs serves and a word the
+    /// unit's shell loop splits on.
+    #[test]
+    fn s3_buckets_are_valid_bucket_names() {
+        for b in s3::BUCKETS {
+            assert!((3..=63).contains(&b.len()), "{b}");
+            assert!(
+                b.bytes()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-'),
+                "{b}"
+            );
+        }
+        assert!(include_str!("../images/debian/customize.sh").contains(s3::UNIT));
+        assert!(include_str!("../images/debian/roles/storage.sh").contains(s3::UNIT));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The cluster's secrets, and their redaction from everything the
 //! artifacts keep. The secrets are the IAM secret (the gateway's basic-auth
-//! password), the cluster's SSH client key, and each node's SSH host key.
+//! password), the S3 secret key (the storage nodes' S3 servers), the
+//! cluster's SSH client key, and each node's SSH host key.
 //! Consoles, journals, check evidence, result.json, junit.xml and
 //! report.md pass through [`Secrets::redact`] on their way into the
 //! artifacts, so a secret a service happens to log never leaves the state
@@ -26,8 +27,10 @@ impl Secrets {
     pub fn load(state: &StateDir) -> Secrets {
         let mut s = Secrets::default();
         let ssh = state.ssh();
-        if let Ok(secret) = fs::read_to_string(ssh.join("iam-secret")) {
-            s.add(secret.trim());
+        for file in ["iam-secret", "s3-secret"] {
+            if let Ok(secret) = fs::read_to_string(ssh.join(file)) {
+                s.add(secret.trim());
+            }
         }
         s.add_private_key(ssh.join("id_ed25519").as_std_path());
         for dir in state.node_dirs() {
@@ -94,6 +97,7 @@ mod tests {
         let state = StateDir::new(tmp.path().to_path_buf()).unwrap();
         fs::create_dir_all(state.ssh()).unwrap();
         fs::write(state.ssh().join("iam-secret"), "0123456789abcdef0123\n").unwrap();
+        fs::write(state.ssh().join("s3-secret"), "fedcba9876543210fedc\n").unwrap();
         crate::provision::keygen(state.ssh().join("id_ed25519").as_std_path(), "t").unwrap();
         let host = state.create_node("node01").unwrap().join("config");
         fs::create_dir_all(&host).unwrap();
@@ -102,10 +106,11 @@ mod tests {
         let key = fs::read_to_string(state.ssh().join("id_ed25519")).unwrap();
         let host_key = fs::read_to_string(host.join("ssh_host_ed25519_key")).unwrap();
         let leaky = format!(
-            "login with 0123456789abcdef0123 ok\n{key}\nhost:\n{host_key}\nplain words stay"
+            "login with 0123456789abcdef0123 ok\ns3 fedcba9876543210fedc\n{key}\nhost:\n{host_key}\nplain words stay"
         );
         let clean = s.redact(&leaky);
         assert!(!clean.contains("0123456789abcdef0123"), "{clean}");
+        assert!(!clean.contains("fedcba9876543210fedc"), "{clean}");
         for line in key.lines().chain(host_key.lines()) {
             if !line.starts_with("-----") && line.len() >= 12 {
                 assert!(!clean.contains(line), "{line} kept in {clean}");

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Turns the freshly installed Debian tree at $1 into the shared base image;
-# $2 is the nested-guest kit's init (images/nested/init).
+# $2 is the nested-guest kit's init (images/nested/init), $3 the S3 server
+# binary (s3s-fs, built by scripts/host-deps.sh; src/image/debian.rs).
 # Runs on the host as mmdebstrap's customize hook; part of the recipe hash.
 #
 # The image is identical for every node and every cluster. Node identity
@@ -157,6 +158,27 @@ ExecStart=/usr/bin/qemu-storage-daemon \
     --blockdev driver=qcow2,node-name=vol0,file=file0 \
     --nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809 \
     --export type=nbd,id=exp0,node-name=vol0,name=vol0,writable=on
+Restart=on-failure
+EOF
+
+# The LightningStor part: an S3 server (s3s-fs) over a directory, one
+# subdirectory per bucket. Credentials and the bucket list come from the
+# config disk's node.env (S3_ACCESS_KEY, S3_SECRET: per cluster, redacted
+# from the artifacts; S3_BUCKETS: src/provision.rs). Started by roles that
+# list it (roles/storage.sh).
+install -m 755 "$3" "$root/usr/local/bin/s3s-fs"
+cat > "$root/etc/systemd/system/photon-s3.service" <<'EOF'
+[Unit]
+Description=S3 object storage over a directory (s3s-fs, LightningStor part)
+After=network-online.target
+RequiresMountsFor=/photon
+
+[Service]
+StateDirectory=photon/s3
+EnvironmentFile=/photon/node.env
+ExecStartPre=/bin/sh -c 'for b in $$S3_BUCKETS; do mkdir -p "/var/lib/photon/s3/$$b"; done'
+ExecStart=/usr/local/bin/s3s-fs --host 0.0.0.0 --port 9000 \
+    --access-key ${S3_ACCESS_KEY} --secret-key ${S3_SECRET} /var/lib/photon/s3
 Restart=on-failure
 EOF
 

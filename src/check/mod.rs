@@ -65,6 +65,7 @@ kinds! {
     fio_bench::FioBench,
     export_matrix::ExportMatrix,
     materialize::Materialize,
+    s3_bench::S3Bench,
     fault::Fault,
     etcd_faults::EtcdFaults,
     redis_faults::RedisFaults,

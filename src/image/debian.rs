@@ -1,6 +1,10 @@
 //! The Debian image provider: one shared base image with every role's
 //! servers installed, built with mmdebstrap and `mkfs.ext4 -d` (no loop
 //! devices), cached under `<state>/images/<recipe hash>/`.
+//!
+//! One server is not a Debian package: the S3 server (s3s-fs, see
+//! docs/architecture.md), built from crates.io by `scripts/host-deps.sh`
+//! and copied into the image; its bytes are part of the recipe hash.
 
 use crate::state::ImageRecord;
 use anyhow::{Context, Result, bail};
@@ -18,15 +22,54 @@ const CUSTOMIZE: &str = include_str!("../../images/debian/customize.sh");
 const NESTED_INIT: &str = include_str!("../../images/nested/init");
 /// Bump when the build steps in this file change in a way the hash must see.
 const BUILDER_VERSION: &str = "debian-provider/1";
+/// The s3s-fs release `scripts/host-deps.sh` builds (0.17 needs a newer
+/// rustc than this project's).
+pub const S3_SERVER_VERSION: &str = "0.14.1";
+
+/// Where the image's S3 server binary is taken from: `$PHOTON_S3_SERVER`,
+/// else where `scripts/host-deps.sh` builds it,
+/// `${PHOTON_TOOLS_DIR:-$HOME/.cache/photon-cluster}/s3s-fs-<version>/bin/s3s-fs`.
+pub fn s3_server_path() -> PathBuf {
+    s3_server_path_in(|k| std::env::var_os(k))
+}
+
+/// [`s3_server_path`] with the environment read through `env`.
+fn s3_server_path_in(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> PathBuf {
+    let set = |k: &str| env(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(p) = set("PHOTON_S3_SERVER") {
+        return p;
+    }
+    set("PHOTON_TOOLS_DIR")
+        .unwrap_or_else(|| {
+            set("HOME")
+                .unwrap_or_else(|| "/root".into())
+                .join(".cache/photon-cluster")
+        })
+        .join(format!("s3s-fs-{S3_SERVER_VERSION}"))
+        .join("bin/s3s-fs")
+}
 
 pub struct Recipe {
     pub suite: String,
     pub mirror: String,
     pub packages: Vec<String>,
+    /// The S3 server binary copied into the image (/usr/local/bin/s3s-fs).
+    pub s3_server: PathBuf,
+    /// Its sha256, part of the hash; None when the file is missing (the
+    /// hash then differs from any built image, and `build` refuses).
+    s3_server_sha256: Option<String>,
 }
 
 impl Recipe {
     pub fn new(suite: &str) -> Recipe {
+        Recipe::with_s3_server(suite, s3_server_path())
+    }
+
+    /// The recipe with the S3 server binary taken from `s3_server`.
+    pub fn with_s3_server(suite: &str, s3_server: PathBuf) -> Recipe {
+        let s3_server_sha256 = fs::read(&s3_server)
+            .ok()
+            .map(|bytes| hex::encode(Sha256::digest(&bytes)));
         Recipe {
             suite: suite.to_string(),
             mirror: std::env::var("PHOTON_DEBIAN_MIRROR")
@@ -37,7 +80,26 @@ impl Recipe {
                 .filter(|l| !l.is_empty() && !l.starts_with('#'))
                 .map(str::to_string)
                 .collect(),
+            s3_server,
+            s3_server_sha256,
         }
+    }
+
+    /// Refuses (exit 2, before anything is built) when the S3 server binary
+    /// is missing, naming the path and how to get it.
+    fn require_s3_server(&self) -> Result<()> {
+        if self.s3_server_sha256.is_some() {
+            return Ok(());
+        }
+        Err(crate::error::named(
+            crate::error::ErrorKind::BadInput,
+            crate::error::bad_input(format!(
+                "the debian image needs the S3 server s3s-fs {S3_SERVER_VERSION}, and {} is \
+                 missing; run `bash scripts/host-deps.sh` to build it there (or set \
+                 PHOTON_S3_SERVER to an s3s-fs binary)",
+                self.s3_server.display()
+            )),
+        ))
     }
 
     /// The cache key: everything that decides the image's content. The
@@ -50,6 +112,7 @@ impl Recipe {
             &self.packages.join(","),
             CUSTOMIZE,
             NESTED_INIT,
+            self.s3_server_sha256.as_deref().unwrap_or("s3s-fs missing"),
         ] {
             h.update(part.as_bytes());
             h.update([0]);
@@ -85,6 +148,7 @@ impl Recipe {
             );
             return Ok(found);
         }
+        self.require_s3_server()?;
         require_tools()?;
         let final_dir = images.join(self.hash());
         let work = images.join(format!("{}.building", self.hash()));
@@ -126,6 +190,9 @@ impl Recipe {
         fs::write(&customize, CUSTOMIZE)?;
         let nested_init = work.join("nested-init");
         fs::write(&nested_init, NESTED_INIT)?;
+        let s3_server = work.join("s3s-fs");
+        fs::copy(&self.s3_server, &s3_server)
+            .with_context(|| format!("copying {}", self.s3_server.display()))?;
         let log = work.join("build.log");
         bar.set_message(format!(
             "mmdebstrap {} with {} packages",
@@ -142,9 +209,10 @@ impl Recipe {
                  chmod +x \"$1/usr/sbin/policy-rc.d\"",
             )
             .arg(format!(
-                "--customize-hook=sh {} \"$1\" {}",
+                "--customize-hook=sh {} \"$1\" {} {}",
                 customize.display(),
-                nested_init.display()
+                nested_init.display(),
+                s3_server.display()
             ))
             .arg(&self.suite)
             .arg(&root)
@@ -174,6 +242,7 @@ impl Recipe {
             "mirror": self.mirror,
             "hash": self.hash(),
             "packages": self.packages,
+            "s3_server": { "path": self.s3_server, "sha256": self.s3_server_sha256 },
             "built": chrono::Utc::now().to_rfc3339(),
         });
         fs::write(work.join("recipe.json"), serde_json::to_vec_pretty(&meta)?)?;
@@ -266,21 +335,88 @@ fn dir_size(dir: &Path) -> Result<u64> {
 mod tests {
     use super::*;
 
+    /// A recipe whose S3 server is a small file with `bytes` in `dir`.
+    fn recipe(suite: &str, dir: &Path, bytes: &[u8]) -> Recipe {
+        let bin = dir.join(format!("s3s-fs-{}", hex::encode(Sha256::digest(bytes))));
+        fs::write(&bin, bytes).unwrap();
+        Recipe::with_s3_server(suite, bin)
+    }
+
     #[test]
     fn recipe_hash_is_stable_and_sees_the_suite() {
-        let a = Recipe::new("bookworm");
-        assert_eq!(a.hash(), Recipe::new("bookworm").hash());
-        assert_ne!(a.hash(), Recipe::new("trixie").hash());
+        let tmp = tempfile::tempdir().unwrap();
+        let a = recipe("bookworm", tmp.path(), b"server");
+        assert_eq!(a.hash(), recipe("bookworm", tmp.path(), b"server").hash());
+        assert_ne!(a.hash(), recipe("trixie", tmp.path(), b"server").hash());
         assert_eq!(a.hash().len(), 16);
         assert!(a.packages.contains(&"etcd-server".to_string()));
+        assert!(a.packages.contains(&"python3-boto3".to_string()));
         assert!(!a.packages.iter().any(|p| p.starts_with('#')));
+    }
+
+    #[test]
+    fn recipe_hash_sees_the_s3_server_bytes_not_its_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = recipe("bookworm", tmp.path(), b"server v1");
+        assert_ne!(
+            a.hash(),
+            recipe("bookworm", tmp.path(), b"server v2").hash()
+        );
+        let copy = tmp.path().join("elsewhere");
+        fs::copy(&a.s3_server, &copy).unwrap();
+        assert_eq!(a.hash(), Recipe::with_s3_server("bookworm", copy).hash());
+        let missing = Recipe::with_s3_server("bookworm", tmp.path().join("nope"));
+        assert_ne!(a.hash(), missing.hash());
+        assert!(a.require_s3_server().is_ok());
+    }
+
+    #[test]
+    fn building_without_the_s3_server_is_refused_with_the_path_and_the_fix() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("tools/s3s-fs-0.14.1/bin/s3s-fs");
+        let r = Recipe::with_s3_server("bookworm", path.clone());
+        let e = r.build(&tmp.path().join("images")).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.contains("bash scripts/host-deps.sh"), "{msg}");
+        assert_eq!(crate::error::kind_of(&e), crate::error::ErrorKind::BadInput);
+        assert!(
+            !tmp.path().join("images").exists(),
+            "refused before anything was made"
+        );
+    }
+
+    #[test]
+    fn the_s3_server_path_is_where_host_deps_builds_it_unless_overridden() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| std::ffi::OsString::from(v))
+            }
+        };
+        let home = s3_server_path_in(env(&[("HOME", "/home/u")]));
+        assert_eq!(
+            home,
+            PathBuf::from("/home/u/.cache/photon-cluster/s3s-fs-0.14.1/bin/s3s-fs")
+        );
+        let tools = s3_server_path_in(env(&[("HOME", "/home/u"), ("PHOTON_TOOLS_DIR", "/t")]));
+        assert_eq!(tools, PathBuf::from("/t/s3s-fs-0.14.1/bin/s3s-fs"));
+        let pinned = s3_server_path_in(env(&[
+            ("PHOTON_TOOLS_DIR", "/t"),
+            ("PHOTON_S3_SERVER", "/x/s3s-fs"),
+        ]));
+        assert_eq!(pinned, PathBuf::from("/x/s3s-fs"));
+        let script = include_str!("../../scripts/host-deps.sh");
+        assert!(script.contains(&format!("S3S_VERSION={S3_SERVER_VERSION}\n")));
+        assert!(script.contains("${PHOTON_TOOLS_DIR:-$HOME/.cache/photon-cluster}/s3s-fs-"));
     }
 
     #[test]
     fn find_needs_a_finished_build() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
-        let r = Recipe::new("bookworm");
+        let r = recipe("bookworm", tmp.path(), b"server");
         assert!(r.find(&dir).is_none());
         fs::create_dir_all(dir.join(r.hash())).unwrap();
         assert!(

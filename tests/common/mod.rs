@@ -143,12 +143,14 @@ fn decode_addr(hex: &str) -> String {
 }
 
 /// The secrets of the cluster in `state`, read here independently of the
-/// driver: the IAM secret, and every base64 line of the client key and
-/// of each node's host key.
+/// driver: the IAM and S3 secrets, and every base64 line of the client key
+/// and of each node's host key.
 pub fn secret_needles(state: &Path) -> Vec<String> {
     let mut needles = Vec::new();
-    if let Ok(s) = std::fs::read_to_string(state.join("ssh/iam-secret")) {
-        needles.push(s.trim().to_string());
+    for file in ["ssh/iam-secret", "ssh/s3-secret"] {
+        if let Ok(s) = std::fs::read_to_string(state.join(file)) {
+            needles.push(s.trim().to_string());
+        }
     }
     let mut keys = vec![state.join("ssh/id_ed25519")];
     // Node directories sit in the state directory itself (<state>/<node>/).
