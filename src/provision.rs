@@ -77,6 +77,86 @@ pub mod s3 {
     pub const BUCKETS: &[&str] = &["photon-bench"];
 }
 
+/// The volume every node with the export unit serves over NBD (the
+/// coronafs part; photon-volume-export.service in images/debian/customize.sh
+/// and nix/roles/volume-export.nix).
+pub mod volume {
+    use crate::spec::Cluster;
+
+    pub const UNIT: &str = "photon-volume-export.service";
+    pub const PORT: u16 = 10809;
+    /// The export names the unit serves.
+    pub const NAMES: &[&str] = &["vol0"];
+
+    /// Refuses, when a lane is read, an `nbd://HOST:PORT/NAME` that names no
+    /// volume of the cluster: HOST a node (or 127.0.0.1, the target itself)
+    /// whose cluster file expects the export unit, PORT the export's, NAME
+    /// one it serves.
+    pub fn check_uri(uri: &str, target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
+        let bad = |why: String| format!("volume {uri:?}: {why}");
+        let rest = uri
+            .strip_prefix("nbd://")
+            .ok_or_else(|| bad("write nbd://<host>:<port>/<name>".into()))?;
+        let (authority, name) = rest.split_once('/').unwrap_or((rest, ""));
+        let (host, port) = authority.rsplit_once(':').unwrap_or((authority, "10809"));
+        let node = match host {
+            "127.0.0.1" | "localhost" => target.and_then(|t| cluster.node(t)),
+            h => cluster
+                .nodes
+                .iter()
+                .find(|n| n.name == h || n.address.to_string() == h),
+        }
+        .ok_or_else(|| bad(format!("{host} is no node of the cluster")))?;
+        if !node.units.iter().any(|u| u == UNIT) {
+            return Err(bad(format!(
+                "{} exports no volume (it does not run {UNIT})",
+                node.name
+            )));
+        }
+        if port != PORT.to_string() {
+            return Err(bad(format!(
+                "the export listens on port {PORT}, not {port}"
+            )));
+        }
+        if !NAMES.contains(&name) {
+            return Err(bad(format!(
+                "{} has no volume {name:?} (it has: {})",
+                node.name,
+                NAMES.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn only_volumes_the_cluster_serves_are_accepted() {
+            let c = Cluster::profile("reference-storage").unwrap();
+            let t = Some("storage-node02");
+            assert!(check_uri("nbd://127.0.0.1:10809/vol0", t, &c).is_ok());
+            assert!(check_uri("nbd://10.78.0.21:10809/vol0", t, &c).is_ok());
+            let e = check_uri("nbd://10.78.0.21:10809/vol9", t, &c).unwrap_err();
+            assert!(e.contains("has no volume \"vol9\""), "{e}");
+            assert!(
+                check_uri("nbd://10.78.0.99:10809/vol0", t, &c)
+                    .unwrap_err()
+                    .contains("no node")
+            );
+            assert!(
+                check_uri("nbd://10.78.0.21:10810/vol0", t, &c)
+                    .unwrap_err()
+                    .contains("port")
+            );
+            let r = Cluster::profile("reference").unwrap();
+            let e = check_uri("nbd://10.77.0.11:10809/vol0", t, &r).unwrap_err();
+            assert!(e.contains("exports no volume"), "{e}");
+        }
+    }
+}
+
 /// The cluster's client key pair and shared secrets, made once per cluster.
 pub struct ClusterKeys {
     pub private_key: PathBuf,

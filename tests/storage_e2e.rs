@@ -40,20 +40,15 @@ fn run(state: &Path, args: &[&str]) -> Option<i32> {
         .code()
 }
 
-/// A lane file on the running storage cluster: exit code, run directory.
-fn lane(
-    state: &Path,
-    command: &str,
-    file: &str,
-    name: &str,
-    extra: &[&str],
-) -> (Option<i32>, PathBuf) {
+/// A lane file (tests/fixtures/<file>, whose lane is called `name`) run by
+/// `smoke` on the storage cluster: exit code, run directory.
+fn lane(state: &Path, file: &str, name: &str, extra: &[&str]) -> (Option<i32>, PathBuf) {
     let root = artifacts();
     let code = run(
         state,
         &[
             &[
-                command,
+                "smoke",
                 "--lane-file",
                 &fixture(file),
                 "--artifacts",
@@ -102,14 +97,20 @@ fn storage_profile_end_to_end() {
     let _stop = StopOnPanic(state.clone());
 
     // A bucket the cluster does not have is refused before anything starts.
-    let (code, _) = lane(
+    let out = common::run(
         &state,
-        "bench-storage",
-        "no-such-bucket.toml",
-        "bench-storage",
-        &[],
+        &[
+            &PROFILE[..],
+            &["smoke", "--lane-file", &fixture("no-such-bucket.toml")],
+        ]
+        .concat(),
     );
-    assert_eq!(code, Some(2), "an unknown bucket exits 2");
+    assert_eq!(out.status.code(), Some(2), "an unknown bucket exits 2");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no-such-bucket.toml:") && err.contains("\"no-such-bucket\""),
+        "{err}"
+    );
     assert!(!storage.join("cluster.json").exists(), "nothing started");
 
     let t = Instant::now();
@@ -127,7 +128,6 @@ fn storage_profile_end_to_end() {
     let published = tempfile::tempdir().unwrap();
     let (code, dir) = lane(
         &state,
-        "bench-storage",
         "bench-storage-short.toml",
         "bench-storage",
         &["--publish", published.path().to_str().unwrap()],
@@ -193,7 +193,7 @@ fn storage_profile_end_to_end() {
         ssh("mv /var/lib/photon/s3/photon-bench /var/lib/photon/s3-gone"),
         Some(0)
     );
-    let (code, dir) = lane(&state, "bench-storage", "s3-errors.toml", "s3-errors", &[]);
+    let (code, dir) = lane(&state, "s3-errors.toml", "s3-errors", &[]);
     assert_eq!(
         ssh("mv /var/lib/photon/s3-gone /var/lib/photon/s3/photon-bench"),
         Some(0)
@@ -212,7 +212,6 @@ fn storage_profile_end_to_end() {
     // refused as unsupported, and the strongest named.
     let (code, dir) = lane(
         &state,
-        "bench-coronafs-local-matrix",
         "local-matrix-short.toml",
         "bench-coronafs-local-matrix",
         &[],

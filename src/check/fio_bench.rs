@@ -83,7 +83,10 @@ impl Check for FioBench {
         false
     }
 
-    fn bind(&mut self, _target: Option<&str>, _cluster: &Cluster) -> Result<(), String> {
+    fn bind(&mut self, target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
+        for uri in [&self.subject, &self.baseline] {
+            crate::provision::volume::check_uri(uri, target, cluster)?;
+        }
         self.validate()
     }
 

@@ -44,6 +44,13 @@ impl Check for VolumeBench {
         false
     }
 
+    fn bind(&mut self, target: Option<&str>, cluster: &crate::spec::Cluster) -> Result<(), String> {
+        for uri in [&self.subject, &self.baseline] {
+            crate::provision::volume::check_uri(uri, target, cluster)?;
+        }
+        Ok(())
+    }
+
     fn attempt(&self, ctx: &Ctx, target: Option<&str>, budget: Duration) -> Result<Verdict> {
         let b = Bench {
             baseline: &self.baseline,
