@@ -91,7 +91,8 @@ pub mod volume {
     /// Refuses, when a lane is read, an `nbd://HOST:PORT/NAME` that names no
     /// volume of the cluster: HOST a node (or 127.0.0.1, the target itself)
     /// whose cluster file expects the export unit, PORT the export's, NAME
-    /// one it serves.
+    /// one it serves. On a cluster whose nodes export volumes some other way
+    /// (no node runs the unit), only the node is checked.
     pub fn check_uri(uri: &str, target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
         let bad = |why: String| format!("volume {uri:?}: {why}");
         let rest = uri
@@ -107,7 +108,13 @@ pub mod volume {
                 .find(|n| n.name == h || n.address.to_string() == h),
         }
         .ok_or_else(|| bad(format!("{host} is no node of the cluster")))?;
-        if !node.units.iter().any(|u| u == UNIT) {
+        let ours = |n: &crate::spec::Node| n.units.iter().any(|u| u == UNIT);
+        if !cluster.nodes.iter().any(ours) {
+            // Another provider's volumes (PhotonCloud's coronafs): only the
+            // node can be checked.
+            return Ok(());
+        }
+        if !ours(node) {
             return Err(bad(format!(
                 "{} exports no volume (it does not run {UNIT})",
                 node.name
