@@ -220,9 +220,17 @@ fn boot_phases_in_order(result: &Value) {
 /// on stdout is its result.json. Returns it and the directory.
 fn lane(state: &Path, command: &str, lane: &str) -> (Value, std::path::PathBuf) {
     let root = artifacts_dir().join("lanes");
+    // bench-storage runs on reference-storage unless told otherwise.
     let out = common::run(
         state,
-        &[command, "--json", "--artifacts", root.to_str().unwrap()],
+        &[
+            "--profile",
+            "reference",
+            command,
+            "--json",
+            "--artifacts",
+            root.to_str().unwrap(),
+        ],
     );
     assert_eq!(out.status.code(), Some(0), "{command}");
     let dir = root.join(lane).join("latest");

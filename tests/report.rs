@@ -176,6 +176,36 @@ fn lanes_and_check_answer_in_json() {
         .unwrap();
     assert_eq!(smoke["valid"], true);
     assert!(smoke["checks"].as_u64().unwrap() > 10);
+    // Each lane is shown on its own profile: the storage lanes on the storage nodes.
+    for name in ["bench-storage", "bench-coronafs-local-matrix"] {
+        let l = lanes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == name)
+            .unwrap();
+        assert_eq!(
+            (&l["valid"], &l["cluster"]),
+            (&Value::Bool(true), &Value::from("reference-storage")),
+            "{l}"
+        );
+    }
+    // Named explicitly, the reference cluster gets bench-storage's own form.
+    let out = common::bin()
+        .args(["--profile", "reference", "lanes", "--json"])
+        .output()
+        .unwrap();
+    let lanes: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bench = lanes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "bench-storage")
+        .unwrap();
+    assert_eq!(
+        (&bench["valid"], &bench["cluster"]),
+        (&Value::Bool(true), &Value::from("reference"))
+    );
     let out = common::bin().args(["check", "--json"]).output().unwrap();
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["valid"], true);

@@ -1,5 +1,5 @@
 //! The benchmark report: every figure of a run's bench checks (see
-//! `check::figures`) as tables in `benchmarks.md` — `storage-benchmarks.md`
+//! `check::figures`) as tables in `benchmarks.md` — `storage-benchmarks.md` or `coronafs-local-matrix.md`
 //! for the storage lanes, as the seed names it — with one bar chart per
 //! check and unit beside it (`charts/<check>-<unit>.svg`), drawn with
 //! plotters: each bar is a median, its whisker the min..max of the runs.
@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 
 /// The report's file name for a lane.
 pub fn file_name(lane: &str) -> &'static str {
-    if lane.starts_with("bench-storage") || lane.starts_with("bench-coronafs") {
+    if lane.starts_with("bench-coronafs") {
+        "coronafs-local-matrix.md"
+    } else if lane.starts_with("bench-storage") {
         "storage-benchmarks.md"
     } else {
         "benchmarks.md"
@@ -250,7 +252,7 @@ fn draw(c: &Chart) -> Result<String> {
             .flat_map(|f| [Some(f.subject.max), f.baseline.as_ref().map(|b| b.max)])
             .flatten()
             .fold(0.0_f64, f64::max)
-            * 1.15;
+            * 1.35;
         let mut chart = ChartBuilder::on(&root)
             .caption(&c.title, ("sans-serif", 16))
             .margin(10)
@@ -310,7 +312,12 @@ fn draw(c: &Chart) -> Result<String> {
                 .legend(move |(x, y)| {
                     Rectangle::new([(x, y - 5), (x + 10, y + 5)], baseline.filled())
                 });
-            chart.configure_series_labels().border_style(BLACK).draw()?;
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE)
+                .border_style(BLACK)
+                .draw()?;
         }
         root.present()?;
     }
