@@ -594,6 +594,16 @@ mod tests {
         let cli = Cli::try_parse_from(["photon-cluster", "fresh-storage-bench", "--accel", "tcg"])
             .unwrap();
         assert!(matches!(cli.command, Cmd::FreshBenchStorage { .. }));
+        // The storage benchmarks run on the storage nodes unless told otherwise.
+        assert_eq!(cli.command.default_profile(), "reference-storage");
+        let cli = Cli::try_parse_from(["photon-cluster", "bench-coronafs-local-matrix"]).unwrap();
+        assert_eq!(cli.command.default_profile(), "reference-storage");
+        let cli = Cli::try_parse_from(["photon-cluster", "matrix"]).unwrap();
+        assert_eq!(cli.command.default_profile(), "reference");
+        let cli =
+            Cli::try_parse_from(["photon-cluster", "--profile", "reference", "bench-storage"])
+                .unwrap();
+        assert_eq!(cli.target.profile.as_deref(), Some("reference"));
         // The shorthand commands have no --lane: their lane is their name.
         assert!(Cli::try_parse_from(["photon-cluster", "matrix", "--lane", "smoke"]).is_err());
         let cli = Cli::try_parse_from(["photon-cluster", "smoke", "--lane", "matrix"]).unwrap();
