@@ -34,11 +34,10 @@ struct Chart {
 
 /// The report's markdown and its charts (file name -> SVG), or None when
 /// the run measured no figures.
-pub fn render(
-    r: &RunReport,
-    command_line: &str,
-    commit: &str,
-) -> Option<(String, Vec<(String, String)>)> {
+pub fn render(r: &RunReport) -> Option<(String, Vec<(String, String)>)> {
+    let unknown = || "not recorded".to_string();
+    let command_line = r.command_line.clone().unwrap_or_else(unknown);
+    let commit = r.commit.clone().unwrap_or_else(unknown);
     let checks: Vec<(&str, Vec<Figure>)> = r
         .layers
         .iter()
@@ -86,47 +85,10 @@ pub fn render(
         if let Some(c) = check {
             let _ = writeln!(md, "{} ({})\n", c.message, c.outcome.name());
         }
-        let paired = figs.iter().any(|f| f.baseline.is_some());
-        if paired {
-            let _ = writeln!(
-                md,
-                "| figure | unit | subject median | min | max | baseline median | min | max | ratio |"
-            );
-            let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
-        } else {
-            let _ = writeln!(md, "| figure | unit | median | min | max | runs |");
-            let _ = writeln!(md, "|---|---|---:|---:|---:|---:|");
-        }
-        for f in figs {
-            let s = &f.subject;
-            if paired {
-                let (bm, bmin, bmax) = f
-                    .baseline
-                    .as_ref()
-                    .map(|b| (num(b.median), num(b.min), num(b.max)))
-                    .unwrap_or_default();
-                let ratio = f.ratio.map(|r| format!("{r:.2}x")).unwrap_or_default();
-                let _ = writeln!(
-                    md,
-                    "| {} | {} | {} | {} | {} | {bm} | {bmin} | {bmax} | {ratio} |",
-                    f.label,
-                    f.unit,
-                    num(s.median),
-                    num(s.min),
-                    num(s.max)
-                );
-            } else {
-                let _ = writeln!(
-                    md,
-                    "| {} | {} | {} | {} | {} | {} |",
-                    f.label,
-                    f.unit,
-                    num(s.median),
-                    num(s.min),
-                    num(s.max),
-                    s.runs.len()
-                );
-            }
+        let grid = Grid::of(figs);
+        match &grid {
+            Some(g) => g.table(&mut md, check.map(|c| &c.evidence)),
+            None => table(&mut md, figs),
         }
         if let Some(strongest) = check
             .and_then(|c| c.evidence.get("strongest"))
@@ -135,16 +97,11 @@ pub fn render(
             let _ = writeln!(md, "\n**Strongest profile:** {strongest}");
         }
         let _ = writeln!(md);
-        let mut units: Vec<&str> = figs.iter().map(|f| f.unit.as_str()).collect();
-        units.dedup();
-        units.sort();
-        units.dedup();
-        for unit in units {
-            let chart = Chart {
-                file: format!("charts/{}-{}.svg", slug(id), slug(unit)),
-                title: format!("{id}: {unit}"),
-                figures: figs.iter().filter(|f| f.unit == unit).cloned().collect(),
-            };
+        let groups = match &grid {
+            Some(g) => g.charts(id),
+            None => by_unit(id, figs),
+        };
+        for chart in groups {
             let _ = writeln!(md, "![{}]({})\n", chart.title, chart.file);
             charts.push(chart);
         }
@@ -156,10 +113,165 @@ pub fn render(
     Some((md, svgs))
 }
 
+/// One table of figures: each with its spread, and the baseline beside it
+/// when measured side by side.
+fn table(md: &mut String, figs: &[Figure]) {
+    let paired = figs.iter().any(|f| f.baseline.is_some());
+    if paired {
+        let _ = writeln!(
+            md,
+            "| figure | unit | subject median | min | max | baseline median | min | max | ratio |"
+        );
+        let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    } else {
+        let _ = writeln!(md, "| figure | unit | median | min | max | runs |");
+        let _ = writeln!(md, "|---|---|---:|---:|---:|---:|");
+    }
+    for f in figs {
+        let s = &f.subject;
+        let (med, min, max) = (num(s.median), num(s.min), num(s.max));
+        if paired {
+            let (bm, bmin, bmax) = f
+                .baseline
+                .as_ref()
+                .map(|b| (num(b.median), num(b.min), num(b.max)))
+                .unwrap_or_default();
+            let ratio = f.ratio.map(|r| format!("{r:.2}x")).unwrap_or_default();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {med} | {min} | {max} | {bm} | {bmin} | {bmax} | {ratio} |",
+                f.label, f.unit
+            );
+        } else {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {med} | {min} | {max} | {} |",
+                f.label,
+                f.unit,
+                s.runs.len()
+            );
+        }
+    }
+}
+
+/// One chart per unit of a check's figures.
+fn by_unit(id: &str, figs: &[Figure]) -> Vec<Chart> {
+    let mut units: Vec<&str> = figs.iter().map(|f| f.unit.as_str()).collect();
+    units.sort();
+    units.dedup();
+    units
+        .into_iter()
+        .map(|unit| Chart {
+            file: format!("charts/{}-{}.svg", slug(id), slug(unit)),
+            title: format!("{id}: {unit}"),
+            figures: figs.iter().filter(|f| f.unit == unit).cloned().collect(),
+        })
+        .collect()
+}
+
+/// Figures named `<row>.<measure>` (the export matrix's combinations): one
+/// row per combination and one column per measure, and a chart per
+/// measure comparing the rows, which reads better than 40 lines.
+struct Grid<'a> {
+    rows: Vec<&'a str>,
+    /// (measure, a figure of it: its unit and direction).
+    columns: Vec<(&'a str, &'a Figure)>,
+    figs: &'a [Figure],
+}
+
+impl<'a> Grid<'a> {
+    fn of(figs: &'a [Figure]) -> Option<Grid<'a>> {
+        let mut rows = Vec::new();
+        let mut columns: Vec<(&str, &Figure)> = Vec::new();
+        for f in figs {
+            let (row, measure) = f.name.split_once('.')?;
+            if !rows.contains(&row) {
+                rows.push(row);
+            }
+            if !columns.iter().any(|(m, _)| *m == measure) {
+                columns.push((measure, f));
+            }
+        }
+        Some(Grid {
+            rows,
+            columns,
+            figs,
+        })
+    }
+
+    fn get(&self, row: &str, measure: &str) -> Option<&Figure> {
+        self.figs
+            .iter()
+            .find(|f| f.name == format!("{row}.{measure}"))
+    }
+
+    fn table(&self, md: &mut String, evidence: Option<&serde_json::Value>) {
+        let head: Vec<String> = self
+            .columns
+            .iter()
+            .map(|(m, f)| format!("{m} ({})", f.unit))
+            .collect();
+        let _ = writeln!(md, "Medians (min..max) of each combination's runs.\n");
+        let _ = writeln!(md, "| combination | {} |", head.join(" | "));
+        let _ = writeln!(md, "|---|{}", "---:|".repeat(head.len()));
+        for row in &self.rows {
+            let cells: Vec<String> = self
+                .columns
+                .iter()
+                .map(|(m, _)| match self.get(row, m) {
+                    Some(f) => format!(
+                        "{} ({}..{})",
+                        num(f.subject.median),
+                        num(f.subject.min),
+                        num(f.subject.max)
+                    ),
+                    None => String::new(),
+                })
+                .collect();
+            let _ = writeln!(md, "| {row} | {} |", cells.join(" | "));
+        }
+        // What was not measured, and why (the check's own evidence).
+        let others = evidence
+            .and_then(|e| e.get("combinations"))
+            .and_then(|c| c.as_array())
+            .into_iter()
+            .flatten()
+            .filter(|c| c["status"] != "measured");
+        for c in others {
+            let _ = writeln!(
+                md,
+                "\n- cache={} aio={}: **{}**: {}",
+                c["cache"].as_str().unwrap_or("?"),
+                c["aio"].as_str().unwrap_or("?"),
+                c["status"].as_str().unwrap_or("?"),
+                c["reason"].as_str().unwrap_or("")
+            );
+        }
+    }
+
+    fn charts(&self, id: &str) -> Vec<Chart> {
+        self.columns
+            .iter()
+            .map(|(measure, _)| Chart {
+                file: format!("charts/{}-{}.svg", slug(id), slug(measure)),
+                title: format!("{id}: {measure}"),
+                figures: self
+                    .rows
+                    .iter()
+                    .filter_map(|row| {
+                        let mut f = self.get(row, measure)?.clone();
+                        f.label = row.to_string();
+                        Some(f)
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
 /// Writes the report and its charts into `dir`; returns the report's path.
 pub fn write(dir: &Path, r: &RunReport) -> Result<Option<PathBuf>> {
-    let command_line = std::env::args().collect::<Vec<_>>().join(" ");
-    let Some((md, charts)) = render(r, &command_line, &commit()) else {
+    let Some((md, charts)) = render(r) else {
         return Ok(None);
     };
     let path = dir.join(file_name(&r.lane));
@@ -194,7 +306,7 @@ pub fn publish(run_dir: &Path, lane: &str, to: &Path) -> Result<Option<PathBuf>>
 }
 
 /// The checkout's commit, when the driver runs from one.
-fn commit() -> String {
+pub fn commit() -> String {
     std::process::Command::new("git")
         .args(["describe", "--always", "--dirty", "--abbrev=12"])
         .output()
@@ -334,7 +446,9 @@ mod tests {
             "../../tests/fixtures/runs/degraded/result.json"
         ))
         .unwrap();
-        assert!(render(&r, "x", "abc").is_none(), "no figures, no report");
+        assert!(render(&r).is_none(), "no figures, no report");
+        r.command_line = Some("photon-cluster bench-storage".into());
+        r.commit = Some("abc123".into());
         let figs = vec![
             Figure::paired(
                 "seq_read",
@@ -358,7 +472,7 @@ mod tests {
         let c = &mut r.layers[0].checks[0];
         c.evidence = serde_json::json!({ "figures": figs });
         let id = c.id.clone();
-        let (md, charts) = render(&r, "photon-cluster bench-storage", "abc123").unwrap();
+        let (md, charts) = render(&r).unwrap();
         assert!(md.contains("- commit: abc123"), "{md}");
         assert!(
             md.contains(
@@ -381,5 +495,46 @@ mod tests {
             "{svg}"
         );
         assert!(svg.contains("baseline"), "a legend for paired figures");
+    }
+
+    #[test]
+    fn a_matrix_becomes_one_row_per_combination_and_a_chart_per_measure() {
+        let mut r: RunReport = serde_json::from_str(include_str!(
+            "../../tests/fixtures/runs/degraded/result.json"
+        ))
+        .unwrap();
+        let fig = |name: &str, v: f64| Figure::single(name, name, "MiB/s", true, vec![v]).unwrap();
+        let figs = vec![
+            fig("none+threads.seq_read", 10.0),
+            fig("none+threads.seq_write", 11.0),
+            fig("none+io_uring.seq_read", 20.0),
+            fig("none+io_uring.seq_write", 21.0),
+        ];
+        r.layers[0].checks[0].evidence = serde_json::json!({
+            "figures": figs,
+            "strongest": "cache=none aio=io_uring",
+            "combinations": [
+                { "cache": "writeback", "aio": "native", "status": "unsupported", "reason": "aio=native ... requires cache.direct=on" }
+            ],
+        });
+        let (md, charts) = render(&r).unwrap();
+        assert!(
+            md.contains("| combination | seq_read (MiB/s) | seq_write (MiB/s) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| none+io_uring | 20.00 (20.00..20.00) | 21.00 (21.00..21.00) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("cache=writeback aio=native: **unsupported**: aio=native"),
+            "{md}"
+        );
+        assert!(
+            md.contains("**Strongest profile:** cache=none aio=io_uring"),
+            "{md}"
+        );
+        assert_eq!(charts.len(), 2, "one chart per measure");
+        assert!(charts[0].1.contains("none+io_uring"), "rows are the bars");
     }
 }

@@ -30,6 +30,13 @@ pub struct RunReport {
     pub schema: String,
     /// The command that ran the lane: `smoke`, `fresh-smoke`, `run`.
     pub command: String,
+    /// The whole command line, as typed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_line: Option<String>,
+    /// The checkout's commit (`git describe --always --dirty`) when the
+    /// driver ran from one, else its version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
     pub lane: String,
     pub lane_source: String,
     pub cluster: String,
@@ -101,6 +108,8 @@ impl RunReport {
         RunReport {
             schema: SCHEMA.into(),
             command: command.into(),
+            command_line: Some(std::env::args().collect::<Vec<_>>().join(" ")),
+            commit: Some(bench::commit()),
             lane: lane.into(),
             lane_source: lane_source.display().to_string(),
             cluster: cluster.name.clone(),
@@ -420,7 +429,9 @@ pub fn rerender(dir: &Path) -> Result<Vec<PathBuf>> {
     })?;
     // The result.json was redacted when it was written.
     render(dir, &report, &Secrets::default())?;
-    Ok(vec![dir.join("report.md"), dir.join("report.html")])
+    let mut written = vec![dir.join("report.md"), dir.join("report.html")];
+    written.extend(bench::write(dir, &report)?);
+    Ok(written)
 }
 
 /// The per-layer table and the checks that did not pass, for the terminal.
