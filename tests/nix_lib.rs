@@ -782,14 +782,15 @@ in {{ inherit check; interactive = check.driverInteractive; }}
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The check ids (with layer and target) nix/lib gives each embedded lane
-/// (checks/*.toml) against profiles/reference.toml, and the driver's own
-/// plan of the same lane, `photon-cluster plan --cluster ... --lane ...
-/// --json`, must be the same list: `name@node` for each node a check
-/// targets, `name` for a check without targets.
+/// The check ids (with layer and target) nix/lib gives each lane file
+/// (checks/*.toml) against the profile the driver runs it on, and the
+/// driver's own plan of the same lane, `photon-cluster plan --profile ...
+/// --lane ... --json`, must be the same list: `name@node` for each node a
+/// check targets, `name` for a check without targets. A file
+/// `<lane>.<profile>.toml` is the lane's own form for that profile.
 #[test]
 fn lane_check_ids_equal_the_drivers_plan() {
-    let mut lanes: Vec<String> = std::fs::read_dir(repo().join("checks"))
+    let mut files: Vec<String> = std::fs::read_dir(repo().join("checks"))
         .unwrap()
         .filter_map(|e| {
             let p = e.unwrap().path();
@@ -797,9 +798,25 @@ fn lane_check_ids_equal_the_drivers_plan() {
                 .then(|| p.file_stem().unwrap().to_string_lossy().into_owned())
         })
         .collect();
-    lanes.sort();
-    assert!(lanes.len() >= 4, "{lanes:?}");
-    let cluster = repo().join("profiles/reference.toml");
+    files.sort();
+    assert!(files.len() >= 4, "{files:?}");
+    let lanes = photon_cluster::lane::LANES;
+    let plans: Vec<(String, String, &str)> = files
+        .iter()
+        .map(|file| match file.split_once('.') {
+            Some((lane, profile)) => (file.clone(), lane.to_string(), profile),
+            None => {
+                let profile = photon_cluster::lane::default_profile(file);
+                (file.clone(), file.clone(), profile)
+            }
+        })
+        .collect();
+    assert!(
+        plans
+            .iter()
+            .all(|(_, lane, _)| lanes.iter().any(|(n, _)| n == lane)),
+        "{plans:?}"
+    );
     let project = |checks: &Value| -> Vec<(String, String, Value)> {
         checks
             .as_array()
@@ -814,10 +831,10 @@ fn lane_check_ids_equal_the_drivers_plan() {
             })
             .collect()
     };
-    for lane in &lanes {
+    for (file, lane, profile) in &plans {
         let expr = format!(
             "let l = import ./nix/lib {{ }}; in \
-             l.laneChecks (l.clusterFromToml ./profiles/reference.toml) (l.laneFromToml ./checks/{lane}.toml)"
+             l.laneChecks (l.clusterFromToml ./profiles/{profile}.toml) (l.laneFromToml ./checks/{file}.toml)"
         );
         let out = nix(
             "nix-instantiate",
@@ -827,14 +844,13 @@ fn lane_check_ids_equal_the_drivers_plan() {
             serde_json::from_str(&ok(&format!("nix/lib laneChecks {lane}"), &out)).unwrap();
 
         let out = Command::new(env!("CARGO_BIN_EXE_photon-cluster"))
-            .args(["plan", "--cluster"])
-            .arg(&cluster)
+            .args(["plan", "--profile", profile])
             .args(["--lane", lane, "--json"])
             .current_dir(repo())
             .output()
             .unwrap();
         let plan: Value = serde_json::from_str(&ok(
-            &format!("photon-cluster plan --cluster profiles/reference.toml --lane {lane} --json"),
+            &format!("photon-cluster plan --profile {profile} --lane {lane} --json"),
             &out,
         ))
         .unwrap_or_else(|e| panic!("plan --json of {lane} is not JSON: {e}"));

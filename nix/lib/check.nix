@@ -202,8 +202,14 @@ rec {
           (if builtins.pathExists (repo + "/profiles/${profile}.toml") then defs.clusterFromToml (repo + "/profiles/${profile}.toml") else null)
         else if builtins.isPath cluster then defs.clusterFromToml cluster
         else null;
+      # As the driver picks an embedded lane: `checks/<lane>.<cluster name>.toml`
+      # when the lane has a form of its own for that cluster (bench-storage
+      # on the reference cluster), else `checks/<lane>.toml`.
+      clusterName = if clusterDef == null then profile else (if clusterDef.name == null then profile else clusterDef.name);
+      ownForm = repo + "/checks/${lane}.${clusterName}.toml";
       laneDef =
         if laneFile != null then (if builtins.isPath laneFile then defs.laneFromToml laneFile else null)
+        else if builtins.pathExists ownForm then defs.laneFromToml ownForm
         else if builtins.pathExists (repo + "/checks/${lane}.toml") then defs.laneFromToml (repo + "/checks/${lane}.toml")
         else null;
       laneErrors =
