@@ -23,20 +23,14 @@ pub struct Stats {
 }
 
 impl Stats {
-    pub fn of(mut v: Vec<f64>) -> Stats {
-        assert!(!v.is_empty(), "no samples");
-        v.sort_by(f64::total_cmp);
+    pub fn of(v: Vec<f64>) -> Stats {
         let n = v.len();
-        let median = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        };
+        let s = crate::check::figures::Stats::of(v).expect("no samples");
         Stats {
             n,
-            min: v[0],
-            median,
-            max: v[n - 1],
+            min: s.min,
+            median: s.median,
+            max: s.max,
         }
     }
 }

@@ -89,14 +89,9 @@ fn completed_in(out: &str) -> Option<f64> {
         .and_then(|s| s.parse().ok())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+/// The median of at least one run (`check::figures::Stats`).
+fn median(v: Vec<f64>) -> f64 {
+    super::figures::Stats::of(v).expect("at least one run").median
 }
 
 impl Bench<'_> {

@@ -173,19 +173,11 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::BenchCoronafsLocalMatrix { lane, start } => {
             let name = "bench-coronafs-local-matrix";
-            return if state.load_running()?.is_some() {
-                lane_on_running(&cluster, &state, name, &lane)
-            } else {
-                fresh_lane(&cluster, &state, name, &lane, &start, name)
-            };
+            return running_or_fresh(&cluster, &state, name, &lane, &start);
         }
         Cmd::ProviderVmRealityProof { lane, start } => {
             let name = "provider-vm-reality-proof";
-            return if state.load_running()?.is_some() {
-                lane_on_running(&cluster, &state, name, &lane)
-            } else {
-                fresh_lane(&cluster, &state, name, &lane, &start, name)
-            };
+            return running_or_fresh(&cluster, &state, name, &lane, &start);
         }
         Cmd::Build => {
             let _lock = state.lock("build")?;
@@ -487,6 +479,22 @@ fn lane_for(target: &Target, cluster: &Cluster, name: &str) -> Result<Lane, Stri
     }
     let own = Cluster::profile(crate::lane::default_profile(name)).map_err(|e| format!("{e:#}"))?;
     Lane::embedded(name, &own).map_err(|e| e.message)
+}
+
+/// An embedded lane against the running cluster, or on a fresh one (booted
+/// and stopped for it, under the lane's own name) when none runs.
+fn running_or_fresh(
+    cluster: &Cluster,
+    state: &StateDir,
+    lane: &str,
+    run: &LaneRun,
+    start: &StartArgs,
+) -> Result<i32> {
+    if state.load_running()?.is_some() {
+        lane_on_running(cluster, state, lane, run)
+    } else {
+        fresh_lane(cluster, state, lane, run, start, lane)
+    }
 }
 
 /// `check --json`: the verdict as JSON on stdout, also when it is invalid
