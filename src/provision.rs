@@ -77,6 +77,18 @@ pub mod s3 {
     pub const BUCKETS: &[&str] = &["photon-bench"];
 }
 
+/// The FlashDNS part's dynamic updates: the primary accepts RFC 2136
+/// updates of the cluster's zone signed with this TSIG key
+/// (services/bind/primary.conf, images/debian/roles/control.sh).
+pub mod dns {
+    /// The key's name, as bind knows it.
+    pub const TSIG_KEY: &str = "photon-update";
+    /// Where the per-cluster secret lives under `<state>/ssh/` (redacted
+    /// from the artifacts). The guests take its 32 hex digits as the key's
+    /// base64 text as it is, so the key is those digits base64-decoded.
+    pub const TSIG_SECRET_FILE: &str = "dns-tsig-secret";
+}
+
 /// The volume every node with the export unit serves over NBD (the
 /// coronafs part; photon-volume-export.service in images/debian/customize.sh
 /// and nix/roles/volume-export.nix).
@@ -171,6 +183,9 @@ pub struct ClusterKeys {
     pub iam_secret: String,
     /// The S3 servers' secret key (photon-s3.service, [`s3`]).
     pub s3_secret: String,
+    /// The TSIG key that may update the cluster's zone on the primary DNS
+    /// server (RFC 2136, [`dns`]).
+    pub dns_tsig_secret: String,
 }
 
 pub fn cluster_keys(ssh_dir: &Path) -> Result<ClusterKeys> {
@@ -186,6 +201,7 @@ pub fn cluster_keys(ssh_dir: &Path) -> Result<ClusterKeys> {
         private_key,
         iam_secret: secret(&ssh_dir.join("iam-secret"))?,
         s3_secret: secret(&ssh_dir.join("s3-secret"))?,
+        dns_tsig_secret: secret(&ssh_dir.join(dns::TSIG_SECRET_FILE))?,
     })
 }
 
@@ -260,6 +276,7 @@ pub fn node_env(cluster: &Cluster, node: &Node, keys: &ClusterKeys) -> String {
         ("S3_ACCESS_KEY", s3::ACCESS_KEY.to_string()),
         ("S3_SECRET", keys.s3_secret.clone()),
         ("S3_BUCKETS", s3::BUCKETS.join(" ")),
+        ("DNS_TSIG_SECRET", keys.dns_tsig_secret.clone()),
     ];
     vars.iter()
         .map(|(k, v)| format!("{k}='{}'\n", v.replace('\'', "")))
@@ -335,12 +352,14 @@ mod tests {
             public_key: "ssh-ed25519 AAA".into(),
             iam_secret: "s3cret".into(),
             s3_secret: "0123456789abcdef".into(),
+            dns_tsig_secret: "00112233445566778899aabbccddeeff".into(),
         };
         let env = node_env(&c, c.node("node04").unwrap(), &keys);
         assert!(env.contains("NODE_NAME='node04'\n"));
         assert!(env.contains("S3_SECRET='0123456789abcdef'\n"));
         assert!(env.contains("S3_ACCESS_KEY='photon'\n"));
         assert!(env.contains("S3_BUCKETS='photon-bench'\n"));
+        assert!(env.contains("DNS_TSIG_SECRET='00112233445566778899aabbccddeeff'\n"));
         assert!(env.contains("NODE_ROLE='worker'\n"));
         assert!(env.contains("CONTROL_NODES='node01 node02 node03'\n"));
         assert!(env.contains("GATEWAY_NODES='node06'\n"));

@@ -27,7 +27,11 @@ impl Secrets {
     pub fn load(state: &StateDir) -> Secrets {
         let mut s = Secrets::default();
         let ssh = state.ssh();
-        for file in ["iam-secret", "s3-secret"] {
+        for file in [
+            "iam-secret",
+            "s3-secret",
+            crate::provision::dns::TSIG_SECRET_FILE,
+        ] {
             if let Ok(secret) = fs::read_to_string(ssh.join(file)) {
                 s.add(secret.trim());
             }

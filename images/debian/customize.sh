@@ -20,14 +20,17 @@ in_root update-initramfs -u -k all >/dev/null
 
 # Servers start only when a node's role asks for them (see roles/*.sh).
 for unit in etcd redis-server named haproxy nginx prometheus \
-    prometheus-node-exporter; do
+    prometheus-node-exporter openvswitch-switch ovs-vswitchd ovsdb-server \
+    ovs-record-hostname ovn-central ovn-northd ovn-ovsdb-server-nb \
+    ovn-ovsdb-server-sb ovn-host ovn-controller podman podman-restart; do
     in_root systemctl disable "$unit.service" >/dev/null 2>&1 || true
 done
 # Timers and jobs that only steal CPU from a short-lived test guest.
 for unit in apt-daily.timer apt-daily-upgrade.timer man-db.timer e2scrub_all.timer \
     fstrim.timer e2scrub_reap.service prometheus-node-exporter-apt.timer \
     prometheus-node-exporter-smartmon.timer prometheus-node-exporter-nvme.timer \
-    prometheus-node-exporter-ipmitool-sensor.timer prometheus-node-exporter-mellanox-hca-temp.timer; do
+    prometheus-node-exporter-ipmitool-sensor.timer prometheus-node-exporter-mellanox-hca-temp.timer \
+    podman-auto-update.timer podman.socket; do
     in_root systemctl mask "$unit" >/dev/null 2>&1 || true
 done
 
@@ -180,6 +183,26 @@ ExecStartPre=/bin/sh -c 'for b in $$S3_BUCKETS; do mkdir -p "/var/lib/photon/s3/
 ExecStart=/usr/local/bin/s3s-fs --host 0.0.0.0 --port 9000 \
     --access-key ${S3_ACCESS_KEY} --secret-key ${S3_SECRET} /var/lib/photon/s3
 Restart=on-failure
+EOF
+
+# The PrismNet part: a worker joins OVN as a chassis named like the node,
+# tunnelling Geneve from its fabric address to the southbound database on the
+# first control node. roles/worker.sh writes the values; ovn-controller
+# (ovn-host) picks them up from the local Open vSwitch database.
+cat > "$root/etc/systemd/system/photon-ovn-chassis.service" <<'EOF'
+[Unit]
+Description=Register this node as an OVN chassis (PrismNet part)
+After=ovsdb-server.service
+Requires=ovsdb-server.service
+Before=ovn-controller.service
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+EnvironmentFile=/etc/default/photon-ovn-chassis
+ExecStart=/usr/bin/ovs-vsctl --no-wait set open . external_ids:system-id=${OVN_SYSTEM_ID} \
+    external_ids:ovn-remote=${OVN_REMOTE} external_ids:ovn-encap-type=geneve \
+    external_ids:ovn-encap-ip=${OVN_ENCAP_IP}
 EOF
 
 # Every node gets its own id from the kernel command line (systemd.machine_id=);

@@ -70,6 +70,8 @@ kinds! {
     etcd_faults::EtcdFaults,
     redis_faults::RedisFaults,
     lb_failover::LbFailover,
+    lb_listener::LbListener,
+    tenant_network::TenantNetwork,
 }
 
 /// What a check kind is: how it binds to targets, whether it is retried,

@@ -17,7 +17,14 @@ grep -qx 'include /etc/redis/photon.conf' /etc/redis/redis.conf ||
 ZONE_FILE=/var/lib/bind/db.$DOMAIN
 if [ "$NODE_NAME" = "$PRIMARY" ]; then
     render bind/db.zone > "$ZONE_FILE"
+    chown bind:bind "$ZONE_FILE"  # named writes dynamic updates back
     render bind/primary.conf > /etc/bind/named.conf.local
+    # The TSIG key that may update the zone (RFC 2136), per cluster from
+    # node.env; the hex string is used as the key's base64 text as it is.
+    printf 'key "photon-update" { algorithm hmac-sha256; secret "%s"; };\n' "$DNS_TSIG_SECRET" \
+        > /etc/bind/photon-update.key
+    chown root:bind /etc/bind/photon-update.key
+    chmod 640 /etc/bind/photon-update.key
 else
     render bind/secondary.conf > /etc/bind/named.conf.local
 fi
@@ -30,4 +37,18 @@ rm -f /run/photon-named-options
 # haproxy: the load balancer in front of the workers' web backends.
 render haproxy/haproxy.cfg > /etc/haproxy/haproxy.cfg
 
+# haproxy also loads every listener published at runtime
+# (/etc/haproxy/listeners.d/*.cfg, src/check/lb_listener.rs).
+mkdir -p /etc/haproxy/listeners.d
+echo 'EXTRAOPTS="-S /run/haproxy-master.sock -f /etc/haproxy/listeners.d"' >> /etc/default/haproxy
+
 units etcd.service redis-server.service named.service haproxy.service
+
+# prismnet: the OVN northbound and southbound databases and ovn-northd, on
+# the first control node only (docs/lanes.md says why not a raft of three),
+# reachable over TCP from the workers' ovn-controller and the lanes.
+if [ "$NODE_NAME" = "$PRIMARY" ]; then
+    echo 'OVN_CTL_OPTS="--db-nb-create-insecure-remote=yes --db-sb-create-insecure-remote=yes"' \
+        > /etc/default/ovn-central
+    units ovn-central.service
+fi
