@@ -82,20 +82,34 @@ impl Check for LbListener {
         }
         let drain = self.drain.get_or_insert_with(|| self.backends[0].clone());
         if !self.backends.contains(drain) {
-            return Err(format!("drain {drain:?} is not one of the listener's backends"));
+            return Err(format!(
+                "drain {drain:?} is not one of the listener's backends"
+            ));
         }
         if TAKEN.contains(&self.port) || self.port < 1024 {
-            return Err(format!("port {} is taken by the stock listeners or privileged", self.port));
+            return Err(format!(
+                "port {} is taken by the stock listeners or privileged",
+                self.port
+            ));
         }
-        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(format!("listener name {:?}: use letters, digits and '_'", self.name));
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Err(format!(
+                "listener name {:?}: use letters, digits and '_'",
+                self.name
+            ));
         }
         Ok(())
     }
 
     fn attempt(&self, ctx: &Ctx, _target: Option<&str>, budget: Duration) -> Result<Verdict> {
         let deadline = Instant::now() + budget;
-        let mut ev = json!({ "listener": self.name, "port": self.port, "config": self.config(ctx.cluster) });
+        let mut ev =
+            json!({ "listener": self.name, "port": self.port, "config": self.config(ctx.cluster) });
         match self.lifecycle(ctx, deadline, &mut ev) {
             Ok(summary) => Ok(Verdict::pass(summary, ev)),
             Err(e) => {
@@ -139,8 +153,13 @@ impl LbListener {
             pool = self.pool()
         );
         for b in &self.backends {
-            let addr = cluster.node(b).map(|n| n.address.to_string()).unwrap_or_default();
-            s.push_str(&format!("    server {b} {addr}:{BACKEND_PORT} check inter 2s\n"));
+            let addr = cluster
+                .node(b)
+                .map(|n| n.address.to_string())
+                .unwrap_or_default();
+            s.push_str(&format!(
+                "    server {b} {addr}:{BACKEND_PORT} check inter 2s\n"
+            ));
         }
         s
     }
@@ -162,7 +181,11 @@ impl LbListener {
     /// A request from inside `node` to its own published port, by address
     /// (through the fabric-facing socket, as another node would come in).
     fn probe(&self, ctx: &Ctx, node: &str) -> String {
-        let addr = ctx.cluster.node(node).map(|n| n.address.to_string()).unwrap_or_default();
+        let addr = ctx
+            .cluster
+            .node(node)
+            .map(|n| n.address.to_string())
+            .unwrap_or_default();
         format!("curl -sS -m 3 http://{addr}:{}/", self.port)
     }
 
@@ -173,13 +196,17 @@ impl LbListener {
             let out = g.exec(&self.probe(ctx, b), Duration::from_secs(10))?;
             ev["before"][b] = json!(out.stderr.trim());
             if out.ok() {
-                bail!("{b} already answers on port {} before publication", self.port);
+                bail!(
+                    "{b} already answers on port {} before publication",
+                    self.port
+                );
             }
         }
         for b in &self.balancers {
             let g = ctx.guests.get(b)?;
             let out = g.exec(&self.publish_cmd(ctx.cluster), Duration::from_secs(60))?;
-            ev["published"][b] = json!({ "exit": out.code, "output": format!("{}{}", out.stdout, out.stderr) });
+            ev["published"][b] =
+                json!({ "exit": out.code, "output": format!("{}{}", out.stdout, out.stderr) });
             if !out.ok() {
                 bail!("publishing on {b} failed: {}", out.stderr.trim());
             }
@@ -189,7 +216,10 @@ impl LbListener {
             let (seen, secs) = until(&g, &self.probe(ctx, b), true, left())?;
             ev["traffic"][b] = json!({ "answer": seen.trim(), "seconds_after_publication": secs });
             let stat = g.exec(
-                &format!("echo 'show stat {} -1 -1' | socat stdio TCP:127.0.0.1:9999", self.pool()),
+                &format!(
+                    "echo 'show stat {} -1 -1' | socat stdio TCP:127.0.0.1:9999",
+                    self.pool()
+                ),
                 Duration::from_secs(15),
             )?;
             ev["runtime_view"][b] = json!(stat.stdout);
@@ -213,7 +243,8 @@ impl LbListener {
         for b in &self.balancers {
             let g = ctx.guests.get(b)?;
             let out = g.exec(&self.retract_cmd(), Duration::from_secs(60))?;
-            ev["retracted"][b] = json!({ "exit": out.code, "output": format!("{}{}", out.stdout, out.stderr) });
+            ev["retracted"][b] =
+                json!({ "exit": out.code, "output": format!("{}{}", out.stdout, out.stderr) });
             if !out.ok() {
                 bail!("retracting on {b} failed: {}", out.stderr.trim());
             }
@@ -232,7 +263,12 @@ impl LbListener {
 
 /// Repeats `probe` until its success is `want` (or `budget` runs out): what
 /// it printed (stdout on success, stderr otherwise) and the seconds taken.
-fn until(g: &crate::guest::Guest, probe: &str, want: bool, budget: Duration) -> Result<(String, f64)> {
+fn until(
+    g: &crate::guest::Guest,
+    probe: &str,
+    want: bool,
+    budget: Duration,
+) -> Result<(String, f64)> {
     let started = Instant::now();
     loop {
         let out = g.exec(probe, Duration::from_secs(10))?;
@@ -283,7 +319,10 @@ mod tests {
         };
         assert!(err("", &["node04", "node09"]).contains("backend \"node09\" is no node"));
         assert!(err("", &["node01"]).contains("backend node01 does not run nginx.service"));
-        assert!(err("balancers = [\"node04\"]", &["node04"]).contains("balancer node04 does not run haproxy"));
+        assert!(
+            err("balancers = [\"node04\"]", &["node04"])
+                .contains("balancer node04 does not run haproxy")
+        );
         assert!(err("port = 8404", &["node04"]).contains("taken"));
         assert!(err("drain = \"node05\"", &["node04"]).contains("not one of"));
     }

@@ -85,7 +85,10 @@ impl Check for TenantNetwork {
             return Err("a tenant network needs at least two ports to carry traffic".into());
         }
         if !valid_name(&self.network) {
-            return Err(format!("network {:?}: use letters, digits and '-'", self.network));
+            return Err(format!(
+                "network {:?}: use letters, digits and '-'",
+                self.network
+            ));
         }
         let mut seen = Vec::new();
         for p in &self.ports {
@@ -118,6 +121,10 @@ impl Check for TenantNetwork {
             deadline: Instant::now() + budget,
         };
         let outcome = lifecycle(self, &mut run);
+        if outcome.is_err() {
+            // Leave the cluster as it was, whatever failed; kept as steps too.
+            let _ = teardown(self, &mut run);
+        }
         let evidence = json!({
             "central": central,
             "network": self.network,
@@ -142,7 +149,11 @@ fn runs(cluster: &Cluster, node: &str, unit: &str) -> Result<(), String> {
         None => Err(format!("no node {node:?} in the cluster")),
         Some(n) if !n.units.iter().any(|u| u == unit) => Err(format!(
             "{node} does not run {unit}, so it is no OVN {}",
-            if unit == CHASSIS_UNIT { "chassis" } else { "central" }
+            if unit == CHASSIS_UNIT {
+                "chassis"
+            } else {
+                "central"
+            }
         )),
         Some(_) => Ok(()),
     }
@@ -193,7 +204,9 @@ impl Run<'_> {
             None => self.central.clone(),
         };
         let out = guest.exec(command, Duration::from_secs(30))?;
-        let text = format!("{}{}", out.stdout, out.stderr).trim_end().to_string();
+        let text = format!("{}{}", out.stdout, out.stderr)
+            .trim_end()
+            .to_string();
         self.steps.push(json!({
             "step": what,
             "node": guest.endpoint.node,
@@ -215,7 +228,14 @@ impl Run<'_> {
     /// Repeats `command` until its success equals `want`, at most `limit`
     /// (and never past the check's deadline); every try is kept. Returns the
     /// seconds it took.
-    fn until(&mut self, what: &str, node: Option<&str>, command: &str, want: bool, limit: u64) -> Result<f64> {
+    fn until(
+        &mut self,
+        what: &str,
+        node: Option<&str>,
+        command: &str,
+        want: bool,
+        limit: u64,
+    ) -> Result<f64> {
         let started = Instant::now();
         let end = (started + Duration::from_secs(limit)).min(self.deadline);
         loop {
@@ -237,22 +257,40 @@ impl Run<'_> {
 }
 
 fn last_line(s: &str) -> &str {
-    s.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output")
+    s.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("no output")
 }
 
 fn lifecycle(t: &TenantNetwork, run: &mut Run) -> Result<String> {
-    let (ls, lr, sg) = (t.network.as_str(), format!("{}-vpc", t.network), sg(&t.network));
+    let (ls, lr, sg) = (
+        t.network.as_str(),
+        format!("{}-vpc", t.network),
+        sg(&t.network),
+    );
     let prefix = subnet_prefix(&t.subnet).map_err(anyhow::Error::msg)?;
     let gw = format!("{prefix}1");
     let (a, b) = (&t.ports[0], &t.ports[1]);
 
     // Create, through the northbound API; each create is followed by a get.
-    run.must("create router (VPC)", None, &format!("ovn-nbctl --may-exist lr-add {lr}"))?;
-    run.must("get router", None, &format!("ovn-nbctl list logical_router {lr}"))?;
+    run.must(
+        "create router (VPC)",
+        None,
+        &format!("ovn-nbctl --may-exist lr-add {lr}"),
+    )?;
+    run.must(
+        "get router",
+        None,
+        &format!("ovn-nbctl list logical_router {lr}"),
+    )?;
     run.must(
         "create switch with subnet",
         None,
-        &format!("ovn-nbctl --may-exist ls-add {ls} -- set logical_switch {ls} other_config:subnet={}", t.subnet),
+        &format!(
+            "ovn-nbctl --may-exist ls-add {ls} -- set logical_switch {ls} other_config:subnet={}",
+            t.subnet
+        ),
     )?;
     run.must(
         "attach switch to router",
@@ -264,7 +302,11 @@ fn lifecycle(t: &TenantNetwork, run: &mut Run) -> Result<String> {
             mac(&gw)
         ),
     )?;
-    run.must("get switch", None, &format!("ovn-nbctl list logical_switch {ls}"))?;
+    run.must(
+        "get switch",
+        None,
+        &format!("ovn-nbctl list logical_switch {ls}"),
+    )?;
     for p in &t.ports {
         let addr = format!("{} {}", mac(&p.address), p.address);
         run.must(
@@ -276,7 +318,11 @@ fn lifecycle(t: &TenantNetwork, run: &mut Run) -> Result<String> {
                 n = p.name
             ),
         )?;
-        run.must("get port", None, &format!("ovn-nbctl list logical_switch_port {}", p.name))?;
+        run.must(
+            "get port",
+            None,
+            &format!("ovn-nbctl list logical_switch_port {}", p.name),
+        )?;
     }
     let members: Vec<&str> = t.ports.iter().map(|p| p.name.as_str()).collect();
     run.must(
@@ -290,7 +336,11 @@ fn lifecycle(t: &TenantNetwork, run: &mut Run) -> Result<String> {
             m = members.join(" ")
         ),
     )?;
-    run.must("get security group", None, &format!("ovn-nbctl list port_group {sg}; ovn-nbctl acl-list {sg}"))?;
+    run.must(
+        "get security group",
+        None,
+        &format!("ovn-nbctl list port_group {sg}; ovn-nbctl acl-list {sg}"),
+    )?;
 
     // Bind one workload per port on its worker.
     for p in &t.ports {
@@ -300,25 +350,66 @@ fn lifecycle(t: &TenantNetwork, run: &mut Run) -> Result<String> {
         run.until(
             "port bound to its chassis",
             None,
-            &format!("ovn-sbctl --bare --columns=chassis find port_binding logical_port={} | grep .", p.name),
+            &format!(
+                "ovn-sbctl --bare --columns=chassis find port_binding logical_port={} | grep .",
+                p.name
+            ),
             true,
             90,
         )?;
-        run.must("get port binding", None, &format!("ovn-sbctl find port_binding logical_port={}", p.name))?;
+        run.must(
+            "get port binding",
+            None,
+            &format!("ovn-sbctl find port_binding logical_port={}", p.name),
+        )?;
     }
     run.must("southbound view", None, "ovn-sbctl show")?;
-    run.must("tunnels on the first worker", Some(&a.node), "ovs-vsctl show")?;
+    run.must(
+        "tunnels on the first worker",
+        Some(&a.node),
+        "ovs-vsctl show",
+    )?;
 
     // Traffic before, during and after the ACL change.
     let ping = format!("ip netns exec {} ping -c 2 -W 2 {}", a.name, b.address);
-    let before = run.until("traffic before the ACL change", Some(&a.node), &ping, true, 60)?;
+    let before = run.until(
+        "traffic before the ACL change",
+        Some(&a.node),
+        &ping,
+        true,
+        30,
+    )?;
     let block = format!("'outport == @{sg} && icmp4'");
-    run.must("ACL change: drop ICMP into the group", None, &format!("ovn-nbctl acl-add {sg} to-lport 1001 {block} drop"))?;
-    run.must("get ACLs while blocking", None, &format!("ovn-nbctl acl-list {sg}"))?;
-    let blocked = run.until("traffic during the ACL change", Some(&a.node), &ping, false, 60)?;
-    run.must("ACL change undone", None, &format!("ovn-nbctl acl-del {sg} to-lport 1001 {block}"))?;
+    run.must(
+        "ACL change: drop ICMP into the group",
+        None,
+        &format!("ovn-nbctl acl-add {sg} to-lport 1001 {block} drop"),
+    )?;
+    run.must(
+        "get ACLs while blocking",
+        None,
+        &format!("ovn-nbctl acl-list {sg}"),
+    )?;
+    let blocked = run.until(
+        "traffic during the ACL change",
+        Some(&a.node),
+        &ping,
+        false,
+        60,
+    )?;
+    run.must(
+        "ACL change undone",
+        None,
+        &format!("ovn-nbctl acl-del {sg} to-lport 1001 {block}"),
+    )?;
     run.must("get ACLs after", None, &format!("ovn-nbctl acl-list {sg}"))?;
-    let restored = run.until("traffic after the ACL change is undone", Some(&a.node), &ping, true, 60)?;
+    let restored = run.until(
+        "traffic after the ACL change is undone",
+        Some(&a.node),
+        &ping,
+        true,
+        60,
+    )?;
 
     // Delete: workloads first (as a VM's deletion would), then the VPC.
     for p in &t.ports {
@@ -328,7 +419,10 @@ fn lifecycle(t: &TenantNetwork, run: &mut Run) -> Result<String> {
         run.until(
             "port unbound after deletion",
             None,
-            &format!("ovn-sbctl --bare --columns=chassis find port_binding logical_port={} | grep -q .", p.name),
+            &format!(
+                "ovn-sbctl --bare --columns=chassis find port_binding logical_port={} | grep -q .",
+                p.name
+            ),
             false,
             60,
         )?;
@@ -340,11 +434,18 @@ fn lifecycle(t: &TenantNetwork, run: &mut Run) -> Result<String> {
             10,
         )?;
     }
-    let ports: Vec<String> = t.ports.iter().map(|p| format!("-- lsp-del {}", p.name)).collect();
+    let ports: Vec<String> = t
+        .ports
+        .iter()
+        .map(|p| format!("-- lsp-del {}", p.name))
+        .collect();
     run.must(
         "delete security group, ports, switch and router",
         None,
-        &format!("ovn-nbctl pg-del {sg} {} -- lsp-del {ls}-{lr} -- ls-del {ls} -- lr-del {lr}", ports.join(" ")),
+        &format!(
+            "ovn-nbctl pg-del {sg} {} -- lsp-del {ls}-{lr} -- ls-del {ls} -- lr-del {lr}",
+            ports.join(" ")
+        ),
     )?;
     let (_, left) = run.step(
         "nothing left behind",
@@ -359,13 +460,48 @@ fn lifecycle(t: &TenantNetwork, run: &mut Run) -> Result<String> {
         ),
     )?;
     if !left.trim().is_empty() {
-        bail!("left behind after deletion: {}", left.split_whitespace().collect::<Vec<_>>().join(" "));
+        bail!(
+            "left behind after deletion: {}",
+            left.split_whitespace().collect::<Vec<_>>().join(" ")
+        );
     }
     Ok(format!(
         "{} <-> {} across {} and {}: traffic in {before:.0} s, blocked by the ACL in {blocked:.0} s, \
          restored in {restored:.0} s; deletion unbound every port and left nothing",
         a.name, b.name, a.node, b.node
     ))
+}
+
+/// Best-effort removal of everything the lifecycle may have created, after
+/// a failure (the evidence keeps what the failure left as it was).
+fn teardown(t: &TenantNetwork, run: &mut Run) -> Result<()> {
+    for p in &t.ports {
+        run.step(
+            "teardown workload",
+            Some(&p.node),
+            &format!(
+                "ovs-vsctl --if-exists del-port br-int {n}; ip netns del {n} 2>/dev/null; true",
+                n = p.name
+            ),
+        )?;
+    }
+    let ports: Vec<String> = t
+        .ports
+        .iter()
+        .map(|p| format!("-- --if-exists lsp-del {}", p.name))
+        .collect();
+    run.step(
+        "teardown security group, ports, switch and router",
+        None,
+        &format!(
+            "ovn-nbctl --if-exists pg-del {sg}; ovn-nbctl --if-exists lsp-del {ls}-{ls}-vpc {} \
+             -- --if-exists ls-del {ls} -- --if-exists lr-del {ls}-vpc",
+            ports.join(" "),
+            sg = sg(&t.network),
+            ls = t.network
+        ),
+    )?;
+    Ok(())
 }
 
 /// The workload: a namespace named like the port, holding the OVS internal
@@ -386,7 +522,10 @@ fn bind_workload(p: &Port, gw: &str) -> String {
 }
 
 fn unbind_workload(p: &Port) -> String {
-    format!("ovs-vsctl del-port br-int {n} && ip netns del {n}", n = p.name)
+    format!(
+        "ovs-vsctl del-port br-int {n} && ip netns del {n}",
+        n = p.name
+    )
 }
 
 #[cfg(test)]
@@ -414,15 +553,31 @@ mod tests {
         let cluster = crate::spec::Cluster::profile("reference").unwrap();
         let mut t = parse("");
         t.ports[1].node = "node06".into();
-        assert!(t.bind(None, &cluster).unwrap_err().contains("node06 does not run ovn-controller"));
+        assert!(
+            t.bind(None, &cluster)
+                .unwrap_err()
+                .contains("node06 does not run ovn-controller")
+        );
         let mut t = parse("");
         t.ports[1].node = "node99".into();
-        assert!(t.bind(None, &cluster).unwrap_err().contains("no node \"node99\""));
+        assert!(
+            t.bind(None, &cluster)
+                .unwrap_err()
+                .contains("no node \"node99\"")
+        );
         let mut t = parse("");
         t.ports[0].address = "10.99.0.11".into();
-        assert!(t.bind(None, &cluster).unwrap_err().contains("not a host of 10.88.0.0/24"));
+        assert!(
+            t.bind(None, &cluster)
+                .unwrap_err()
+                .contains("not a host of 10.88.0.0/24")
+        );
         let mut t = parse("central = \"node02\"");
-        assert!(t.bind(None, &cluster).unwrap_err().contains("no OVN central"));
+        assert!(
+            t.bind(None, &cluster)
+                .unwrap_err()
+                .contains("no OVN central")
+        );
     }
 
     #[test]
