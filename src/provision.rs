@@ -77,6 +77,18 @@ pub mod s3 {
     pub const BUCKETS: &[&str] = &["photon-bench"];
 }
 
+/// The FlashDNS part's dynamic updates: the primary accepts RFC 2136
+/// updates of the cluster's zone signed with this TSIG key
+/// (services/bind/primary.conf, images/debian/roles/control.sh).
+pub mod dns {
+    /// The key's name, as bind knows it.
+    pub const TSIG_KEY: &str = "photon-update";
+    /// Where the per-cluster secret lives under `<state>/ssh/` (redacted
+    /// from the artifacts). The guests take its 32 hex digits as the key's
+    /// base64 text as it is, so the key is those digits base64-decoded.
+    pub const TSIG_SECRET_FILE: &str = "dns-tsig-secret";
+}
+
 /// The volume every node with the export unit serves over NBD (the
 /// coronafs part; photon-volume-export.service in images/debian/customize.sh
 /// and nix/roles/volume-export.nix).
