@@ -54,6 +54,7 @@ kinds! {
     http::Http,
     host_forward::HostForward,
     dns::Dns,
+    dns_update::DnsUpdate,
     metrics::Metrics,
     replicated_kv::ReplicatedKv,
     nested_guest::NestedGuest,
