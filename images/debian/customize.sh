@@ -30,7 +30,7 @@ for unit in apt-daily.timer apt-daily-upgrade.timer man-db.timer e2scrub_all.tim
     fstrim.timer e2scrub_reap.service prometheus-node-exporter-apt.timer \
     prometheus-node-exporter-smartmon.timer prometheus-node-exporter-nvme.timer \
     prometheus-node-exporter-ipmitool-sensor.timer prometheus-node-exporter-mellanox-hca-temp.timer \
-    podman-auto-update.timer podman.socket; do
+    podman-auto-update.timer podman-auto-update.service podman.socket; do
     in_root systemctl mask "$unit" >/dev/null 2>&1 || true
 done
 

@@ -73,6 +73,7 @@ kinds! {
     lb_failover::LbFailover,
     lb_listener::LbListener,
     tenant_network::TenantNetwork,
+    kube_bundle::KubeBundle,
 }
 
 /// What a check kind is: how it binds to targets, whether it is retried,

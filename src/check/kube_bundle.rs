@@ -1,0 +1,295 @@
+//! The Kubernetes-style hosting bundle (the k8shost part): a Deployment
+//! manifest deployed on a worker by a runtime that reads Kubernetes YAML
+//! (`podman kube play`), from container images built on the node from the
+//! node's own files (no registry), then replaced by a new revision and
+//! removed.
+//!
+//! The pod uses the node's network (`hostNetwork: true`): the image has no
+//! iptables for CNI's port mapping, and a host-network pod is a plain
+//! Kubernetes construct. Its service is reached from another node over the
+//! fabric. The replacement is podman's `--replace` (the old pod goes, then
+//! the new one starts: Kubernetes' Recreate strategy, not a rolling update
+//! with overlap); the evidence records how long the service was away.
+
+use super::{Check, Ctx, Verdict};
+use crate::spec::Cluster;
+use serde::Deserialize;
+
+/// `kube_bundle`: deploy, reach, replace and remove a Deployment on the
+/// target node; its service is probed from `client`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeBundle {
+    client: String,
+    #[serde(default = "default_port")]
+    port: u16,
+}
+
+fn default_port() -> u16 {
+    8088
+}
+
+/// Ports the reference nodes already serve (ssh, nginx, NBD, S3, exporter).
+const TAKEN: &[u16] = &[22, 80, 8080, 9000, 9100, 10809];
+const DIR: &str = "/run/photon-kube";
+const APP: &str = "photon-web";
+
+impl Check for KubeBundle {
+    fn retried(&self) -> bool {
+        false
+    }
+
+    fn bind(&mut self, target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
+        let node = target.and_then(|t| cluster.node(t));
+        if node.is_none_or(|n| n.role != crate::spec::Role::Worker) {
+            return Err(format!(
+                "{} is no worker: the bundle runs on worker nodes",
+                target.unwrap_or("-")
+            ));
+        }
+        if cluster.node(&self.client).is_none() || Some(self.client.as_str()) == target {
+            return Err(format!(
+                "client {:?} must be another node of the cluster",
+                self.client
+            ));
+        }
+        if TAKEN.contains(&self.port) || self.port < 1024 {
+            return Err(format!(
+                "port {} is privileged or served already",
+                self.port
+            ));
+        }
+        Ok(())
+    }
+
+    fn attempt(&self, ctx: &Ctx, target: Option<&str>, budget: Duration) -> Result<Verdict> {
+        let node = ctx.node(target)?;
+        let mut b = Bundle {
+            guest: ctx.guests.get(node)?,
+            client: ctx.guests.get(&self.client)?,
+            url: format!(
+                "http://{}:{}/",
+                ctx.cluster
+                    .node(node)
+                    .map(|n| n.address.to_string())
+                    .unwrap_or_default(),
+                self.port
+            ),
+            port: self.port,
+            node: node.to_string(),
+            ev: json!({ "node": node, "client": self.client }),
+            deadline: Instant::now() + budget,
+        };
+        match b.lifecycle() {
+            Ok(summary) => Ok(Verdict::pass(summary, b.ev)),
+            Err(e) => {
+                let _ = b.guest.exec(
+                    &format!(
+                        "podman kube down {DIR}/{APP}-v2.yaml; podman kube down {DIR}/{APP}-v1.yaml"
+                    ),
+                    Duration::from_secs(60),
+                );
+                Ok(Verdict::fail(e.to_string(), b.ev))
+            }
+        }
+    }
+}
+
+use crate::guest::Guest;
+use anyhow::{Result, bail};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Bundle {
+    guest: Arc<Guest>,
+    client: Arc<Guest>,
+    url: String,
+    port: u16,
+    node: String,
+    ev: Value,
+    deadline: Instant,
+}
+
+impl Bundle {
+    /// Runs `command` on the bundle's node; keeps its output under `key`.
+    fn on_node(&mut self, key: &str, command: &str) -> Result<String> {
+        let out = self.guest.exec(command, Duration::from_secs(120))?;
+        let text = format!("{}{}", out.stdout, out.stderr)
+            .trim_end()
+            .to_string();
+        self.ev[key] = json!({ "command": command, "exit": out.code, "output": text });
+        if !out.ok() {
+            bail!(
+                "{key} on {} failed: {}",
+                self.node,
+                text.lines().last().unwrap_or("")
+            );
+        }
+        Ok(out.stdout)
+    }
+
+    /// Asks the service from the client until `ok` holds for the answer
+    /// (None: the port does not answer); the answer and the seconds taken.
+    fn ask_until(&self, ok: impl Fn(Option<&str>) -> bool) -> Result<(Option<String>, f64)> {
+        let started = Instant::now();
+        loop {
+            let out = self.client.exec(
+                &format!("curl -sS -m 3 {}", self.url),
+                Duration::from_secs(10),
+            )?;
+            let answer = out.ok().then(|| out.stdout.trim().to_string());
+            if ok(answer.as_deref()) {
+                return Ok((answer, started.elapsed().as_secs_f64()));
+            }
+            if Instant::now() >= self.deadline {
+                bail!(
+                    "{} from {}: still {:?} after {:.0} s",
+                    self.url,
+                    self.client.endpoint.node,
+                    answer.unwrap_or_else(|| out.stderr.trim().to_string()),
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    fn lifecycle(&mut self) -> Result<String> {
+        let pods = format!(
+            "podman pod ps --filter name={APP} --format '{{{{.Name}}}} {{{{.Id}}}} {{{{.Status}}}}'"
+        );
+        self.on_node("images_built", &build_images(self.port))?;
+        self.ev["manifest_v1"] = json!(manifest("v1", self.port));
+        self.on_node("play_v1", &format!("podman kube play {DIR}/{APP}-v1.yaml"))?;
+        let v1 = self.on_node("pod_v1", &pods)?;
+        if !v1.contains("Running") {
+            bail!("the pod is not running after kube play: {}", v1.trim());
+        }
+        let (answer, secs) = self.ask_until(|a| a.is_some_and(|a| a.contains("v1")))?;
+        self.ev["service_v1"] = json!({ "answer": answer, "seconds": secs });
+
+        // A new revision: the manifest names the v2 image.
+        self.ev["manifest_v2"] = json!(manifest("v2", self.port));
+        let started = Instant::now();
+        self.on_node(
+            "play_v2_replace",
+            &format!("podman kube play --replace {DIR}/{APP}-v2.yaml"),
+        )?;
+        let (answer, _) = self.ask_until(|a| a.is_some_and(|a| a.contains("v2")))?;
+        let replaced_s = started.elapsed().as_secs_f64();
+        let v2 = self.on_node("pod_v2", &pods)?;
+        let id = |s: &str| s.split_whitespace().nth(1).map(str::to_string);
+        if id(&v1) == id(&v2) || !v2.contains("Running") {
+            bail!(
+                "the replacement did not make a new running pod: {} -> {}",
+                v1.trim(),
+                v2.trim()
+            );
+        }
+        self.ev["service_v2"] = json!({ "answer": answer, "seconds_since_replace": replaced_s });
+
+        // Removal: no pod, no container, and the port is closed.
+        self.on_node("down", &format!("podman kube down {DIR}/{APP}-v2.yaml"))?;
+        let left = self.on_node(
+            "left_after_down",
+            &format!(
+                "podman pod ps -q --filter name={APP}; podman ps -aq --filter label=app={APP}"
+            ),
+        )?;
+        if !left.trim().is_empty() {
+            bail!(
+                "left behind after kube down: {}",
+                left.split_whitespace().collect::<Vec<_>>().join(" ")
+            );
+        }
+        let (_, closed_s) = self.ask_until(|a| a.is_none())?;
+        self.ev["closed_after_s"] = json!(closed_s);
+        Ok(format!(
+            "Deployment {APP} ran on {} and answered {} from {}; replaced by v2 in {replaced_s:.1} s \
+             (Recreate: old pod down first); removed with nothing left",
+            self.node, self.url, self.client.endpoint.node
+        ))
+    }
+}
+
+/// Two images, v1 and v2, from the node's own busybox: a static web server
+/// whose page names the revision and the node. No registry is involved.
+fn build_images(port: u16) -> String {
+    let mut s = format!("set -e; rm -rf {DIR}; mkdir -p {DIR}; ");
+    for v in ["v1", "v2"] {
+        s.push_str(&format!(
+            "mkdir -p {DIR}/{v}/bin {DIR}/{v}/www; cp /bin/busybox {DIR}/{v}/bin/; \
+             echo \"photon k8s {v} $(hostname)\" > {DIR}/{v}/www/index.html; \
+             tar -C {DIR}/{v} -c . | podman import -q --change 'CMD [\"/bin/busybox\",\"httpd\",\"-f\",\"-h\",\"/www\"]' - localhost/{APP}:{v}; \
+             printf '%s' '{m}' > {DIR}/{APP}-{v}.yaml; ",
+            m = manifest(v, port)
+        ));
+    }
+    s.push_str(&format!("podman images --filter reference=localhost/{APP}"));
+    s
+}
+
+/// The Deployment, as a user would write it.
+fn manifest(revision: &str, port: u16) -> String {
+    format!(
+        "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {APP}
+  labels:
+    app: {APP}
+spec:
+  replicas: 1
+  selector:
+    matchLabels:
+      app: {APP}
+  template:
+    metadata:
+      labels:
+        app: {APP}
+        revision: {revision}
+    spec:
+      hostNetwork: true
+      containers:
+      - name: web
+        image: localhost/{APP}:{revision}
+        command: [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"{port}\", \"-h\", \"/www\"]
+"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binds_on_workers_only_with_another_client() {
+        let cluster = Cluster::profile("reference").unwrap();
+        let parse = |s: &str| -> KubeBundle { toml::from_str(s).unwrap() };
+        parse("client = \"node05\"")
+            .bind(Some("node04"), &cluster)
+            .unwrap();
+        let e = parse("client = \"node05\"")
+            .bind(Some("node01"), &cluster)
+            .unwrap_err();
+        assert!(e.contains("node01 is no worker"), "{e}");
+        let e = parse("client = \"node04\"")
+            .bind(Some("node04"), &cluster)
+            .unwrap_err();
+        assert!(e.contains("another node"), "{e}");
+        let e = parse("client = \"node05\"\nport = 8080")
+            .bind(Some("node04"), &cluster)
+            .unwrap_err();
+        assert!(e.contains("served already"), "{e}");
+    }
+
+    #[test]
+    fn the_manifest_is_a_deployment_of_the_local_image() {
+        let m = manifest("v2", 8088);
+        assert!(m.contains("kind: Deployment"));
+        assert!(m.contains("image: localhost/photon-web:v2"));
+        assert!(m.contains("\"-p\", \"8088\""));
+        assert!(!m.contains('\''), "the manifest is passed in single quotes");
+    }
+}
