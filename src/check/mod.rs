@@ -32,6 +32,7 @@ mod etcd_gateway;
 pub mod figures;
 mod fio;
 mod scenario;
+mod vm_port;
 pub use nested_guest::{multiboot, print_to_com1};
 
 /// Registers each kind with one line: `module::Struct`. The module is the

@@ -15,6 +15,7 @@
 //! Under TCG (no nested KVM) the migration is still real, but it is not a
 //! KVM migration, so the outcome is `degraded`, never `pass`.
 
+use super::vm_port::VmPort;
 use super::{Check, Ctx, Verdict, nested_guest as nested};
 use crate::spec::Cluster;
 use crate::text::shell_quote;
@@ -32,6 +33,9 @@ pub struct VmMigration {
     memory_mib: u32,
     #[serde(default = "vm_port")]
     port: u16,
+    /// The VM's NIC on an OVN logical port, moved with the VM.
+    #[serde(default)]
+    nic: Option<VmPort>,
 }
 
 fn vm_memory() -> u32 {
@@ -53,6 +57,9 @@ impl Check for VmMigration {
                 self.to
             ));
         }
+        if let Some(nic) = &self.nic {
+            nic.check(cluster, &[target.unwrap_or("-"), &self.to])?;
+        }
         Ok(())
     }
 
@@ -62,6 +69,7 @@ impl Check for VmMigration {
             volume: &self.volume,
             memory_mib: self.memory_mib,
             port: self.port,
+            nic: self.nic.as_ref(),
         };
         migrate(ctx, ctx.node(target)?, &req, budget)
     }
@@ -272,6 +280,7 @@ pub struct Request<'a> {
     pub volume: &'a str,
     pub memory_mib: u32,
     pub port: u16,
+    pub nic: Option<&'a VmPort>,
 }
 
 pub fn migrate(ctx: &Ctx, source: &str, req: &Request, budget: Duration) -> Result<Verdict> {
@@ -309,11 +318,19 @@ pub fn migrate(ctx: &Ctx, source: &str, req: &Request, budget: Duration) -> Resu
         "qemu-system-x86_64 -name photon-vm -accel {accel} -m {} -nodefaults -no-user-config \
          -display none -kernel {DIR}/ticker.bin -serial file:{DIR}/console.log \
          -drive file={},format=raw,if=none,id=vol0 \
-         -device virtio-blk-pci,drive=vol0 \
+         -device virtio-blk-pci,drive=vol0 {} \
          -qmp unix:{DIR}/qmp.sock,server=on,wait=off",
         req.memory_mib,
         shell_quote(req.volume),
+        req.nic.map(VmPort::qemu_args).unwrap_or_default(),
     );
+    let central = match req.nic {
+        Some(_) => Some(
+            ctx.guests
+                .get(&VmPort::central(ctx.cluster).map_err(anyhow::Error::msg)?)?,
+        ),
+        None => None,
+    };
     let mut evidence = json!({
         "source": source,
         "destination": req.to,
@@ -331,9 +348,28 @@ pub fn migrate(ctx: &Ctx, source: &str, req: &Request, budget: Duration) -> Resu
         &kernel,
         &mut evidence,
         budget,
+        central.as_deref(),
     );
     src.stop();
     dst.stop();
+    // Deleting the VM: its taps go, and its port must be unbound and gone.
+    let result = match (req.nic, central.as_deref()) {
+        (Some(nic), Some(central)) => {
+            let deleted = nic.delete(central, &[&src_guest, &dst_guest]);
+            match deleted {
+                Ok(ev) => {
+                    evidence["port"]["deleted"] = ev;
+                    result.map(|s| {
+                        format!(
+                            "{s}; its port moved by the announcement and was removed with the VM"
+                        )
+                    })
+                }
+                Err(e) => result.and(Err(e)),
+            }
+        }
+        _ => result,
+    };
     evidence["seconds"] = json!(started.elapsed().as_secs_f64());
     match result {
         Err(e) => Ok(Verdict::fail(format!("{e:#}"), evidence)),
@@ -355,11 +391,18 @@ fn run(
     kernel: &str,
     evidence: &mut Value,
     budget: Duration,
+    central: Option<&Guest>,
 ) -> Result<String> {
     let until = Instant::now() + budget;
     let left = || until.saturating_duration_since(Instant::now());
     src.prepare(kernel)?;
     dst.prepare(kernel)?;
+    let nic = req.nic.zip(central);
+    if let Some((nic, central)) = nic {
+        evidence["port"]["create"] = nic.create(central, &src.node, &dst.node)?;
+        evidence["port"]["plug"] =
+            json!({ &src.node: nic.plug(src.guest)?, &dst.node: nic.plug(dst.guest)? });
+    }
 
     // Create: the VM boots on the source and ticks.
     let t = Instant::now();
@@ -395,6 +438,15 @@ fn run(
             "{}: the incoming VM is {waiting:?}, not inmigrate",
             dst.node
         );
+    }
+    if let Some((nic, central)) = nic {
+        let (before, _) = nic.until(
+            central,
+            left().min(Duration::from_secs(60)),
+            "binding on the source",
+            |b| b.chassis == [src.node.clone()] && b.additional == [dst.node.clone()],
+        )?;
+        evidence["port"]["before_migration"] = before;
     }
 
     // Migrate.
@@ -432,6 +484,26 @@ fn run(
     let dst_status = dst.status()?;
     if dst_status != "running" {
         bail!("{}: destination VM is {dst_status:?}", dst.node);
+    }
+    if let Some((nic, central)) = nic {
+        // QEMU's announcement (RARP) from the destination activates it there.
+        let activated = format!("additional-chassis-activated={}", dst.node);
+        let (after, secs) = nic.until(
+            central,
+            left().min(Duration::from_secs(60)),
+            &activated,
+            |b| b.options.contains(&activated),
+        )?;
+        evidence["port"]["after_migration"] = after;
+        evidence["port"]["activated_after_s"] = json!(secs);
+        nic.finalize(central, &dst.node)?;
+        let (done, _) = nic.until(
+            central,
+            left().min(Duration::from_secs(60)),
+            "binding on the destination only",
+            |b| b.chassis == [dst.node.clone()] && b.additional.is_empty(),
+        )?;
+        evidence["port"]["finalized"] = done;
     }
     let resumed = dst.wait_console(left(), |c| c.len() >= 2, "resume")?;
     let first = resumed
