@@ -322,9 +322,17 @@ fn lanes_on_the_running_cluster(state: &Path) {
         result["artifacts"]["check:vm-live-migration@node04"],
         "vm-hosting/migration.json"
     );
+    provider_lifecycles(&dir, &migration);
 
     let (result, dir) = lane(state, "matrix", "matrix");
-    for layer in ["boot", "network", "state", "gateway"] {
+    for layer in [
+        "boot",
+        "network",
+        "tenant-network",
+        "kubernetes-style",
+        "state",
+        "gateway",
+    ] {
         let l = result["layers"]
             .as_array()
             .unwrap()
@@ -362,6 +370,7 @@ fn lanes_on_the_running_cluster(state: &Path) {
         ],
     );
     assert_eq!(out.status.code(), Some(0));
+    acl_left_blocking_fails(state);
     let (code, result) = fixture_lane(state, "unshared-volume");
     assert_eq!(
         code,
@@ -376,6 +385,128 @@ fn lanes_on_the_running_cluster(state: &Path) {
             .unwrap()
             .contains("does not hold the source's write"),
         "{c}"
+    );
+}
+
+/// The proof lane's runtime lifecycles: the OVN tenant network, the DNS
+/// record, the published listener, the VM's port across the migration and
+/// its deletion, and the Kubernetes-style bundle.
+fn provider_lifecycles(dir: &Path, migration: &Value) {
+    let net = read_json(&dir.join("network-provider/prismnet-tenant-network.json"));
+    assert_eq!(net["outcome"], "pass", "{net}");
+    let steps = net["evidence"]["steps"].as_array().unwrap();
+    let step = |name: &str| {
+        steps
+            .iter()
+            .rfind(|s| s["step"] == name)
+            .unwrap_or_else(|| panic!("no step {name:?}: {net}"))
+    };
+    assert!(
+        step("get router")["output"]
+            .as_str()
+            .unwrap()
+            .contains("tenant-a-vpc")
+    );
+    assert!(
+        step("get security group")["output"]
+            .as_str()
+            .unwrap()
+            .contains("allow-related")
+    );
+    assert_eq!(step("traffic before the ACL change")["exit"], 0);
+    assert!(
+        step("traffic during the ACL change")["output"]
+            .as_str()
+            .unwrap()
+            .contains("100% packet loss")
+    );
+    assert_eq!(step("traffic after the ACL change is undone")["exit"], 0);
+    assert_eq!(step("nothing left behind")["output"], "");
+
+    let dns = read_json(&dir.join("network-provider/flashdns-runtime-record.json"));
+    assert_eq!(dns["outcome"], "pass", "{dns}");
+    assert_eq!(
+        dns["evidence"]["add"]["response"]["tsig"], "verified",
+        "{dns}"
+    );
+    for n in ["node01", "node02", "node03"] {
+        assert!(dns["evidence"]["propagation"][n]["ms"].is_number(), "{dns}");
+        assert!(
+            dns["evidence"]["removal_propagation"][n]["ms"].is_number(),
+            "{dns}"
+        );
+    }
+
+    let lb = read_json(&dir.join("network-provider/fiberlb-runtime-listener.json"));
+    assert_eq!(lb["outcome"], "pass", "{lb}");
+    for n in ["node01", "node02", "node03"] {
+        assert!(
+            lb["evidence"]["traffic"][n]["answer"]
+                .as_str()
+                .unwrap()
+                .contains("photon web backend")
+        );
+        assert!(lb["evidence"]["closed"][n]["seconds"].is_number(), "{lb}");
+    }
+
+    let port = &migration["evidence"]["port"];
+    assert_eq!(
+        port["before_migration"]["binding"]["chassis"],
+        serde_json::json!(["node04"]),
+        "{port}"
+    );
+    assert!(
+        port["after_migration"]["binding"]["options"]
+            .as_str()
+            .unwrap()
+            .contains("additional-chassis-activated=node05"),
+        "{port}"
+    );
+    assert_eq!(
+        port["finalized"]["binding"]["chassis"],
+        serde_json::json!(["node05"]),
+        "{port}"
+    );
+    assert_eq!(port["deleted"]["left_in_databases"], "", "{port}");
+
+    let kube = read_json(&dir.join("vm-hosting/k8s-bundle.json"));
+    assert_eq!(kube["outcome"], "pass", "{kube}");
+    assert!(
+        kube["evidence"]["service_v2"]["answer"]
+            .as_str()
+            .unwrap()
+            .contains("v2")
+    );
+}
+
+/// An ACL left blocking: the tenant network check fails at its traffic
+/// step with the pings as evidence, and removes what it made.
+fn acl_left_blocking_fails(state: &Path) {
+    let (code, result) = fixture_lane(state, "acl-left-blocking");
+    assert_eq!(code, Some(1), "an ACL left blocking fails the lane");
+    let c = common::check(&result, "tenant-network");
+    assert_eq!(c["outcome"], "fail", "{c}");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains("traffic before the ACL change"),
+        "{c}"
+    );
+    let pings: Vec<&Value> = c["evidence"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["step"] == "traffic before the ACL change")
+        .collect();
+    assert!(
+        pings
+            .iter()
+            .all(|p| p["output"].as_str().unwrap().contains("100% packet loss"))
+    );
+    assert_eq!(
+        common::check(&result, "nothing-left@node01")["outcome"],
+        "pass"
     );
 }
 

@@ -296,12 +296,18 @@ fn nixos_role_modules_hand_the_rendered_files_to_their_services() {
     let expr = r#"
       let
         c = (import ./nix/lib { }).profiles.reference;
-        lib = { optionalString = b: s: if b then s else ""; };
+        lib = {
+          optionalString = b: s: if b then s else "";
+          mkIf = b: v: if b then v else { };
+          mkBefore = v: v;
+          mkForce = v: v;
+        };
         pkgs = {
           # A stand-in that keeps the name and the text, with no store.
           writeText = name: text: "<${name}>${text}</${name}>";
           etcd = "etcd"; redis = "redis"; qemu_kvm = "qemu"; apacheHttpd = "httpd";
           coreutils = "coreutils"; gnused = "gnused";
+          ovn = "ovn"; openvswitch = "openvswitch"; haproxy = "haproxy";
         };
         module = file: node: import file { config.photon = { cluster = c; nodeName = node; }; inherit lib pkgs; };
         svc = node: values: import ./nix/roles/services.nix { cluster = c; nodeName = node; inherit values; };
@@ -317,7 +323,7 @@ fn nixos_role_modules_hand_the_rendered_files_to_their_services() {
         redisPrimary = n1.services.redis.servers."".settings;
         redisReplica = n2.services.redis.servers."".settings;
         zonePrimary = n1.services.bind.extraConfig == (svc "node01" {
-          ZONE_FILE = pkgs.writeText "db.photon.test" ((svc "node01" { }).render "bind/db.zone");
+          ZONE_FILE = "/run/named/db.photon.test";
         }).render "bind/primary.conf";
         zoneSecondary = n2.services.bind.extraConfig == (svc "node02" {
           ZONE_FILE = "/run/named/db.photon.test";
@@ -329,6 +335,10 @@ fn nixos_role_modules_hand_the_rendered_files_to_their_services() {
         prometheusFlags = n6.services.prometheus.extraFlags;
         exporterFlags = n6.services.prometheus.exporters.node.extraFlags;
         iamWeb = n6.systemd.services.photon-iam-web.script;
+        primaryKey = n1.systemd.services.bind.preStart;
+        northd = n1.systemd.services.ovn-northd.serviceConfig.ExecStart;
+        noNorthdOnSecondaries = n2.systemd.services.ovn-northd == { };
+        chassis = n4.systemd.services.ovn-controller.preStart;
         iamWebTemplate = pkgs.writeText "iam-web.yml" (gw.render "prometheus/iam-web.yml");
       }"#;
     let out = run(
@@ -352,6 +362,23 @@ fn nixos_role_modules_hand_the_rendered_files_to_their_services() {
             "{same}: the module does not use the rendered file: {v}"
         );
     }
+    assert_eq!(v["noNorthdOnSecondaries"], true);
+    assert!(
+        v["primaryKey"].as_str().unwrap().contains("photon-update"),
+        "{v}"
+    );
+    assert!(
+        v["northd"]
+            .as_str()
+            .unwrap()
+            .contains("--db-sb-create-insecure-remote=yes")
+    );
+    let chassis = v["chassis"].as_str().unwrap();
+    assert!(
+        chassis.contains("ovn-remote=tcp:10.77.0.11:6642"),
+        "{chassis}"
+    );
+    assert!(chassis.contains("ovn-encap-ip=10.77.0.14"), "{chassis}");
     assert_eq!(v["etcdDataDir"], "/var/lib/etcd/photon");
     assert_eq!(
         v["redisPrimary"],

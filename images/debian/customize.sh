@@ -35,10 +35,12 @@ for unit in apt-daily.timer apt-daily-upgrade.timer man-db.timer e2scrub_all.tim
 done
 
 # Boot-time units a test guest does not need; each costs seconds under TCG.
+# (systemd-logind starts once dbus is installed, for podman: over a minute at
+# boot under TCG, and nobody logs in on a console here.)
 for unit in systemd-binfmt.service dev-hugepages.mount dev-mqueue.mount \
     sys-kernel-debug.mount sys-kernel-tracing.mount systemd-pstore.service \
     modprobe@dm_mod.service modprobe@efi_pstore.service modprobe@fuse.service \
-    modprobe@loop.service systemd-network-generator.service; do
+    modprobe@loop.service systemd-network-generator.service systemd-logind.service; do
     in_root systemctl mask "$unit" >/dev/null 2>&1 || true
 done
 

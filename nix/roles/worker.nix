@@ -26,7 +26,28 @@ in
   # Nested guests: KVM when the host passes it through, TCG otherwise.
   boot.kernelModules = [ "kvm-intel" "kvm-amd" ];
   virtualisation.libvirtd.enable = false;
-  environment.systemPackages = [ pkgs.qemu_kvm ];
+  environment.systemPackages = [ pkgs.qemu_kvm pkgs.ovn ];
+
+  # prismnet: Open vSwitch and ovn-controller, a chassis named like the node
+  # tunnelling Geneve to the databases on the first control node (Debian:
+  # roles/worker.sh and photon-ovn-chassis.service).
+  virtualisation.vswitch.enable = true;
+  systemd.services.ovn-controller = {
+    description = "OVN chassis (prismnet part)";
+    wantedBy = [ "multi-user.target" ];
+    after = [ "ovs-vswitchd.service" ];
+    requires = [ "ovs-vswitchd.service" ];
+    path = [ pkgs.openvswitch ];
+    preStart = ''
+      ovs-vsctl --no-wait set open . external_ids:system-id=${nodeName} \
+        external_ids:ovn-remote=tcp:${svc.scalars.PRIMARY_ADDR}:6642 \
+        external_ids:ovn-encap-type=geneve external_ids:ovn-encap-ip=${svc.scalars.NODE_ADDR}
+    '';
+    serviceConfig.ExecStart = "${pkgs.ovn}/bin/ovn-controller unix:/run/openvswitch/db.sock";
+  };
+
+  # k8shost: podman reads the Kubernetes YAML (src/check/kube_bundle.rs).
+  virtualisation.podman.enable = true;
   # Where src/check/nested_guest.rs looks for the kit, as on Debian.
   systemd.tmpfiles.rules = [ "L+ /usr/local/share/photon/nested - - - - ${nestedKit}" ];
 }
