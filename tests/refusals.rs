@@ -226,3 +226,53 @@ fn hermetic_run_refuses_paths_outside_the_store() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("the top level lacks initrd.img"), "{err}");
 }
+
+/// A lane naming a tenant port on a node that is no OVN chassis, or a
+/// listener backend that does not exist, is refused when it is read: exit 2
+/// with the file and line, and nothing created or written.
+#[test]
+fn provider_lifecycles_naming_what_does_not_exist_exit_2() {
+    let proof = include_str!("../checks/provider-vm-reality-proof.toml");
+    for (name, from, to, says) in [
+        (
+            "port",
+            "{ name = \"tenant-a-db\", node = \"node05\"",
+            "{ name = \"tenant-a-db\", node = \"node06\"",
+            "node06 does not run ovn-controller.service",
+        ),
+        (
+            "backend",
+            "backends = [\"node04\", \"node05\"]",
+            "backends = [\"node04\", \"node09\"]",
+            "backend \"node09\" is no node of the cluster",
+        ),
+        (
+            "nic",
+            "nic = { network = \"tenant-vm\", address = \"10.88.1.20\" }",
+            "nic = { network = \"tenant-vm\", address = \"10.88.1\" }",
+            "is no IPv4 address",
+        ),
+    ] {
+        let dir = temp(&format!("lifecycle-{name}"));
+        let file = dir.join("lane.toml");
+        assert!(proof.contains(from), "{from}");
+        let text = proof.replace(from, to);
+        fs::write(&file, &text).unwrap();
+        let work = dir.join("work");
+        let out = common::run(
+            &dir,
+            &[
+                "smoke",
+                "--lane-file",
+                file.to_str().unwrap(),
+                "--artifacts",
+                work.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(out.status.code(), Some(2), "{name}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("lane.toml:"), "{name}: {err}");
+        assert!(err.contains(says), "{name}: {err}");
+        assert!(!work.exists(), "{name}: nothing written for refused input");
+    }
+}
