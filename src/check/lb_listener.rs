@@ -204,7 +204,7 @@ impl LbListener {
         }
         for b in &self.balancers {
             let g = ctx.guests.get(b)?;
-            let out = g.exec(&self.publish_cmd(ctx.cluster), Duration::from_secs(60))?;
+            let out = g.exec(&self.publish_cmd(ctx.cluster), Duration::from_secs(180))?;
             ev["published"][b] =
                 json!({ "exit": out.code, "output": format!("{}{}", out.stdout, out.stderr) });
             if !out.ok() {
@@ -242,7 +242,7 @@ impl LbListener {
         }
         for b in &self.balancers {
             let g = ctx.guests.get(b)?;
-            let out = g.exec(&self.retract_cmd(), Duration::from_secs(60))?;
+            let out = g.exec(&self.retract_cmd(), Duration::from_secs(180))?;
             ev["retracted"][b] =
                 json!({ "exit": out.code, "output": format!("{}{}", out.stdout, out.stderr) });
             if !out.ok() {

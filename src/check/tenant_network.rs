@@ -203,7 +203,7 @@ impl Run<'_> {
             Some(n) => self.ctx.guests.get(n)?,
             None => self.central.clone(),
         };
-        let out = guest.exec(command, Duration::from_secs(30))?;
+        let out = guest.exec(command, Duration::from_secs(120))?;
         let text = format!("{}{}", out.stdout, out.stderr)
             .trim_end()
             .to_string();

@@ -256,7 +256,7 @@ impl VmPort {
 }
 
 fn sh(g: &Guest, command: &str) -> Result<String> {
-    g.succeed(command, Duration::from_secs(30))
+    g.succeed(command, Duration::from_secs(120))
 }
 
 #[cfg(test)]

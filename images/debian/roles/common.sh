@@ -2,4 +2,7 @@
 # Helpers: units UNIT... -> started by photon-role.service once the system is up.
 units() { printf '%s\n' "$@" >> /run/photon-role-units; }
 : > /run/photon-role-units
+# No systemd collector: with dbus in the image (for podman) it asks systemd
+# over D-Bus on every scrape, which costs a TCG guest a third of its CPU.
+echo 'ARGS="--no-collector.systemd"' > /etc/default/prometheus-node-exporter
 units prometheus-node-exporter.service
