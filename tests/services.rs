@@ -394,7 +394,7 @@ fn nixos_role_modules_hand_the_rendered_files_to_their_services() {
     );
     assert_eq!(
         v["exporterFlags"],
-        serde_json::json!(["--web.config.file=/run/photon/iam-web.yml", "--no-collector.systemd"])
+        serde_json::json!(["--web.config.file=/run/photon/iam-web.yml"])
     );
     let script = v["iamWeb"].as_str().unwrap();
     let template = v["iamWebTemplate"].as_str().unwrap();

@@ -11,6 +11,7 @@ let
   inherit (config.photon) cluster nodeName;
   node = cluster.byName.${nodeName};
   prefixLength = lib.toInt (lib.last (lib.splitString "/" cluster.subnet));
+  svcCommon = import ./services.nix { inherit cluster nodeName; };
 in
 {
   imports = [
@@ -94,6 +95,8 @@ in
   # Every role runs a node exporter (roles/common.sh).
   services.prometheus.exporters.node = {
     enable = true;
+    # services/prometheus/node-exporter.flags (the gateway adds its own).
+    extraFlags = svcCommon.words (svcCommon.render "prometheus/node-exporter.flags");
     port = 9100;
     listenAddress = "0.0.0.0";
   };

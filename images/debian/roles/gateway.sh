@@ -11,7 +11,7 @@ IAM_WEB_CONFIG=/etc/prometheus/iam-web.yml
 IAM_SECRET_FILE=/etc/prometheus/iam-secret
 IAM_HASH=$(htpasswd -nbBC 5 creditservice "$IAM_SECRET" | cut -d: -f2)
 render prometheus/iam-web.yml > "$IAM_WEB_CONFIG"
-flags=$(render prometheus/node-exporter-iam.flags)
+flags="$(render prometheus/node-exporter.flags) $(render prometheus/node-exporter-iam.flags)"
 echo "ARGS=\"$flags\"" > /etc/default/prometheus-node-exporter
 (umask 027 && printf '%s' "$IAM_SECRET" > "$IAM_SECRET_FILE")
 chgrp prometheus "$IAM_SECRET_FILE"
