@@ -41,6 +41,7 @@ const SERVICE_FILES: &[(&str, &str)] = service_files![
     "nginx/gateway.conf",
     "prometheus/iam-web.yml",
     "prometheus/node-exporter-iam.flags",
+    "prometheus/node-exporter.flags",
     "prometheus/prometheus.flags",
     "prometheus/prometheus.yml",
     "redis/redis.conf",
