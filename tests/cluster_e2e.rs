@@ -513,6 +513,7 @@ fn acl_left_blocking_fails(state: &Path) {
             "ssh",
             "node01",
             "ovn-nbctl --bare --columns=name find logical_switch name=tenant-b; \
+             ovn-nbctl --bare --columns=name find port_group name=tenant_b_sg; \
              ovn-sbctl --bare --columns=logical_port find port_binding | grep tenant-b; true",
         ],
     );

@@ -494,7 +494,7 @@ fn teardown(t: &TenantNetwork, run: &mut Run) -> Result<()> {
         "teardown security group, ports, switch and router",
         None,
         &format!(
-            "ovn-nbctl --if-exists pg-del {sg}; ovn-nbctl --if-exists lsp-del {ls}-{ls}-vpc {} \
+            "ovn-nbctl pg-del {sg} 2>/dev/null; ovn-nbctl --if-exists lsp-del {ls}-{ls}-vpc {} \
              -- --if-exists ls-del {ls} -- --if-exists lr-del {ls}-vpc",
             ports.join(" "),
             sg = sg(&t.network),
