@@ -121,7 +121,7 @@ pub mod volume {
                 .find(|n| n.name == h || n.address.to_string() == h),
         }
         .ok_or_else(|| bad(format!("{host} is no node of the cluster")))?;
-        let ours = |n: &crate::spec::Node| n.units.iter().any(|u| u == UNIT);
+        let ours = |n: &crate::spec::Node| n.runs(UNIT);
         if !cluster.nodes.iter().any(ours) {
             // Another provider's volumes (PhotonCloud's coronafs): only the
             // node can be checked.

@@ -64,7 +64,7 @@ impl Check for LbListener {
             self.balancers = cluster
                 .nodes
                 .iter()
-                .filter(|n| n.units.iter().any(|u| u == BALANCER_UNIT))
+                .filter(|n| n.runs(BALANCER_UNIT))
                 .map(|n| n.name.clone())
                 .collect();
         }
@@ -128,9 +128,7 @@ impl Check for LbListener {
 fn need_unit(cluster: &Cluster, node: &str, unit: &str, what: &str) -> Result<(), String> {
     match cluster.node(node) {
         None => Err(format!("{what} {node:?} is no node of the cluster")),
-        Some(n) if !n.units.iter().any(|u| u == unit) => {
-            Err(format!("{what} {node} does not run {unit}"))
-        }
+        Some(n) if !n.runs(unit) => Err(format!("{what} {node} does not run {unit}")),
         Some(_) => Ok(()),
     }
 }

@@ -120,7 +120,7 @@ impl Check for S3Bench {
                     s3::PORT
                 )
             })?;
-        if !node.units.iter().any(|u| u == s3::UNIT) {
+        if !node.runs(s3::UNIT) {
             return Err(format!(
                 "endpoint {:?}: {} serves no S3 (the cluster file does not expect {} on it)",
                 self.endpoint,

@@ -147,7 +147,7 @@ impl Check for TenantNetwork {
 fn runs(cluster: &Cluster, node: &str, unit: &str) -> Result<(), String> {
     match cluster.node(node) {
         None => Err(format!("no node {node:?} in the cluster")),
-        Some(n) if !n.units.iter().any(|u| u == unit) => Err(format!(
+        Some(n) if !n.runs(unit) => Err(format!(
             "{node} does not run {unit}, so it is no OVN {}",
             if unit == CHASSIS_UNIT {
                 "chassis"

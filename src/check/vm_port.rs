@@ -62,7 +62,7 @@ impl VmPort {
     pub fn central(cluster: &Cluster) -> Result<String, String> {
         cluster
             .with_role(Role::Control)
-            .find(|n| n.units.iter().any(|u| u == "ovn-northd.service"))
+            .find(|n| n.runs("ovn-northd.service"))
             .map(|n| n.name.clone())
             .ok_or_else(|| {
                 "`nic` needs an OVN central (a control node running ovn-northd.service)".into()
@@ -74,7 +74,7 @@ impl VmPort {
         for n in nodes {
             if !cluster
                 .node(n)
-                .is_some_and(|n| n.units.iter().any(|u| u == "ovn-controller.service"))
+                .is_some_and(|n| n.runs("ovn-controller.service"))
             {
                 return Err(format!(
                     "`nic`: {n} is no OVN chassis (ovn-controller.service)"

@@ -116,6 +116,14 @@ pub struct Node {
     pub forwards: Vec<Forward>,
 }
 
+impl Node {
+    /// Whether the cluster file expects `unit` on this node: what makes it a
+    /// balancer, an OVN chassis, an S3 server, ...
+    pub fn runs(&self, unit: &str) -> bool {
+        self.units.iter().any(|u| u == unit)
+    }
+}
+
 /// A guest port reachable from the host on 127.0.0.1. `host` pins the
 /// host port; without it the driver allocates a free one at start.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
