@@ -86,7 +86,10 @@ impl Check for EtcdFaults {
 
     fn bind(&mut self, _target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
         self.members = cluster.select(&self.members)?;
-        let named = [("isolate", Some(&self.isolate)), ("crash", self.crash.as_ref())];
+        let named = [
+            ("isolate", Some(&self.isolate)),
+            ("crash", self.crash.as_ref()),
+        ];
         for (what, m) in named.into_iter().filter_map(|(w, m)| Some((w, m?))) {
             if !self.members.contains(m) {
                 return Err(format!("{what} = {m:?} is not one of the members"));
@@ -109,7 +112,10 @@ impl Check for EtcdFaults {
 impl EtcdFaults {
     /// A gateway client for `member`, with requests cut at `timeout`.
     fn gateway(&self, ctx: &Ctx, member: &str, timeout: Duration) -> Result<Gateway> {
-        Ok(Gateway::new(ctx.forward(member, &self.forward)?.host, timeout))
+        Ok(Gateway::new(
+            ctx.forward(member, &self.forward)?.host,
+            timeout,
+        ))
     }
 
     fn scenario(&self, ctx: &Ctx) -> Result<(Verdict, Vec<Op>)> {
@@ -143,7 +149,10 @@ impl EtcdFaults {
                 std::thread::sleep(phase);
 
                 // Partition one member away from every other node.
-                let cut = vec![vec![self.isolate.clone()], scenario::all_but(ctx, &self.isolate)];
+                let cut = vec![
+                    vec![self.isolate.clone()],
+                    scenario::all_but(ctx, &self.isolate),
+                ];
                 ev["partition"] = json!({ "said": fault::partition(ctx.record, &cut)? });
                 w.set_phase("partitioned");
                 let cut_at = Instant::now();
@@ -167,7 +176,13 @@ impl EtcdFaults {
                 }
                 fault::heal(ctx.record)?;
                 w.set_phase("healed");
-                let caught = catch_up_time(&readers[&self.isolate], &self.isolate, &prefix, &w.acked(), catch_up);
+                let caught = catch_up_time(
+                    &readers[&self.isolate],
+                    &self.isolate,
+                    &prefix,
+                    &w.acked(),
+                    catch_up,
+                );
                 ev["partition"]["isolated_caught_up_s"] = json!(caught.as_ref().ok());
                 if let Err(e) = caught {
                     problems.push(format!("after the heal, {e}"));
@@ -183,7 +198,8 @@ impl EtcdFaults {
                     ctx.guests.forget(crash);
                     ev["crash"]["restart"] = json!({ "said": said, "ready_after_s": ready_s });
                     w.set_phase("recovered");
-                    let caught = catch_up_time(&readers[crash], crash, &prefix, &w.acked(), catch_up);
+                    let caught =
+                        catch_up_time(&readers[crash], crash, &prefix, &w.acked(), catch_up);
                     ev["crash"]["caught_up_s"] = json!(caught.as_ref().ok());
                     if let Err(e) = caught {
                         problems.push(format!("after the restart, {e}"));

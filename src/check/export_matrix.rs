@@ -9,8 +9,8 @@
 //! daemon and removes the volume whatever happened. A combination the
 //! daemon refuses is `unsupported`, not a failure (see [`refused_mode`]).
 
-use super::fio::{self, FIGURES, Job, Samples, WORKLOADS};
 use super::figures::{self, Figure, Gates};
+use super::fio::{self, FIGURES, Job, Samples, WORKLOADS};
 use super::fio_bench::{check_job, iodepth, runtime_s, size_mib};
 use super::{Check, Ctx, Outcome, Verdict};
 use crate::guest::ExecOutput;
@@ -145,7 +145,11 @@ impl ExportMatrix {
     }
 
     fn job(&self) -> Job {
-        Job { runtime_s: self.runtime_s, size_mib: self.size_mib, iodepth: self.iodepth }
+        Job {
+            runtime_s: self.runtime_s,
+            size_mib: self.size_mib,
+            iodepth: self.iodepth,
+        }
     }
 
     /// What `bind` refuses.
@@ -155,13 +159,19 @@ impl ExportMatrix {
         }
         if self.port == NODE_EXPORT_PORT || self.port == 0 {
             let port = self.port;
-            return Err(format!("port = {port}: the node's own export uses {NODE_EXPORT_PORT}"));
+            return Err(format!(
+                "port = {port}: the node's own export uses {NODE_EXPORT_PORT}"
+            ));
         }
         check_job(&self.job())?;
         let names: Vec<String> = self
             .combos()
             .iter()
-            .flat_map(|c| FIGURES.iter().map(move |f| format!("{}.{}", c.key(), f.name)))
+            .flat_map(|c| {
+                FIGURES
+                    .iter()
+                    .map(move |f| format!("{}.{}", c.key(), f.name))
+            })
             .collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         figures::check_gates(&self.gates, &names, &[])
@@ -231,7 +241,9 @@ run() {{ w=$1; shift
 /// io_uring, a filesystem without O_DIRECT. Any other refusal (the port is
 /// taken, a bad option) is the benchmark's own failure.
 fn refused_mode(stderr: &str) -> bool {
-    stderr.lines().any(|l| l.starts_with("qemu-storage-daemon: --blockdev driver=file,"))
+    stderr
+        .lines()
+        .any(|l| l.starts_with("qemu-storage-daemon: --blockdev driver=file,"))
 }
 
 /// Reads one combination's script output (see `script`).
@@ -268,7 +280,10 @@ fn read_output(out: &ExecOutput, runs: u32) -> Found {
             124 => "timed out".to_string(),
             code => format!("exited {code}"),
         };
-        return Found::Failed(format!("the matrix script {why}: {}", tail(&out.stderr, 10)));
+        return Found::Failed(format!(
+            "the matrix script {why}: {}",
+            tail(&out.stderr, 10)
+        ));
     }
     Found::Measured(samples)
 }
@@ -292,11 +307,17 @@ fn scores(measured: &[&Samples]) -> Vec<f64> {
             medians.iter().copied().fold(f64::INFINITY, f64::min)
         };
         for (log, m) in logs.iter_mut().zip(&medians) {
-            let norm = if def.higher_is_better { m / best } else { best / m };
+            let norm = if def.higher_is_better {
+                m / best
+            } else {
+                best / m
+            };
             *log += norm.ln();
         }
     }
-    logs.iter().map(|l| (l / FIGURES.len() as f64).exp()).collect()
+    logs.iter()
+        .map(|l| (l / FIGURES.len() as f64).exp())
+        .collect()
 }
 
 impl Check for ExportMatrix {
@@ -359,7 +380,9 @@ fn judge(m: &ExportMatrix, results: &[(Combo, Found)]) -> Verdict {
         .iter()
         .flat_map(|(c, s)| {
             let (prefix, label) = (format!("{}.", c.key()), format!("{} ", c.label()));
-            FIGURES.iter().filter_map(move |f| f.single(&prefix, &label, s))
+            FIGURES
+                .iter()
+                .filter_map(move |f| f.single(&prefix, &label, s))
         })
         .collect();
     let best = (0..measured.len()).max_by(|&a, &b| score[a].total_cmp(&score[b]));
@@ -369,12 +392,19 @@ fn judge(m: &ExportMatrix, results: &[(Combo, Found)]) -> Verdict {
         "runs": m.runs, "port": m.port,
         "combinations": combinations,
     });
-    let mut message = format!("{} of {} combinations measured", measured.len(), results.len());
+    let mut message = format!(
+        "{} of {} combinations measured",
+        measured.len(),
+        results.len()
+    );
     if let Some(b) = best {
         let key = measured[b].0.key();
         let median = |n: &str| {
             let name = format!("{key}.{n}");
-            figures.iter().find(|f| f.name == name).map_or(0.0, |f| f.subject.median)
+            figures
+                .iter()
+                .find(|f| f.name == name)
+                .map_or(0.0, |f| f.subject.median)
         };
         let (read, iops) = (median("seq_read"), median("randread_iops"));
         let label = measured[b].0.label();
@@ -398,7 +428,6 @@ fn judge(m: &ExportMatrix, results: &[(Combo, Found)]) -> Verdict {
     v
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -414,7 +443,11 @@ mod tests {
 
     fn output(code: i32, stdout: &str) -> ExecOutput {
         let (stdout, stderr) = (stdout.to_string(), String::new());
-        ExecOutput { code, stdout, stderr }
+        ExecOutput {
+            code,
+            stdout,
+            stderr,
+        }
     }
 
     /// What the script prints when every run of every workload went well,
@@ -458,7 +491,10 @@ mod tests {
     #[test]
     fn runs_are_counted_and_fio_failures_fail() {
         let ok = measured_output();
-        assert!(matches!(read_output(&output(0, &ok), 1), Found::Measured(_)));
+        assert!(matches!(
+            read_output(&output(0, &ok), 1),
+            Found::Measured(_)
+        ));
         // Fewer runs than asked, or a script that died, is a failure.
         assert!(matches!(read_output(&output(0, &ok), 2), Found::Failed(_)));
         let Found::Failed(why) = read_output(&output(124, "@@start 0\n"), 1) else {
@@ -485,7 +521,10 @@ mod tests {
         let (fast, slow) = (of(s(800.0, 40000.0, 0.2)), of(s(400.0, 20000.0, 0.4)));
         let sc = scores(&[&slow, &fast]);
         assert_eq!(sc[1], 1.0);
-        assert!((sc[0] - 0.5).abs() < 1e-9, "half as good everywhere: {sc:?}");
+        assert!(
+            (sc[0] - 0.5).abs() < 1e-9,
+            "half as good everywhere: {sc:?}"
+        );
         // Faster throughput with far worse latency loses on the mean.
         let laggy = of(s(900.0, 41000.0, 2.0));
         assert!(scores(&[&fast, &laggy])[0] > scores(&[&fast, &laggy])[1]);
@@ -500,13 +539,27 @@ mod tests {
             panic!()
         };
         let results = vec![
-            (combo(Cache::None, Aio::IoUring), Found::Measured(samples.clone())),
-            (combo(Cache::Writeback, Aio::Native), Found::Unsupported("aio=native ...".into())),
+            (
+                combo(Cache::None, Aio::IoUring),
+                Found::Measured(samples.clone()),
+            ),
+            (
+                combo(Cache::Writeback, Aio::Native),
+                Found::Unsupported("aio=native ...".into()),
+            ),
         ];
         let v = judge(&m, &results);
         assert_eq!(v.outcome, Outcome::Pass, "{}", v.message);
-        assert!(v.message.starts_with("strongest: cache=none aio=io_uring"), "{}", v.message);
-        assert!(v.message.contains("unsupported: writeback+native"), "{}", v.message);
+        assert!(
+            v.message.starts_with("strongest: cache=none aio=io_uring"),
+            "{}",
+            v.message
+        );
+        assert!(
+            v.message.contains("unsupported: writeback+native"),
+            "{}",
+            v.message
+        );
         assert_eq!(v.evidence["strongest"], "cache=none aio=io_uring");
         assert_eq!(v.evidence["combinations"][1]["status"], "unsupported");
         let figures = figures::from_evidence(&v.evidence);
@@ -516,10 +569,17 @@ mod tests {
         let only_refused = vec![(combo(Cache::Writeback, Aio::Native), refused)];
         let v = judge(&m, &only_refused);
         assert_eq!(v.outcome, Outcome::Fail);
-        assert!(v.message.contains("no combination could be measured"), "{}", v.message);
+        assert!(
+            v.message.contains("no combination could be measured"),
+            "{}",
+            v.message
+        );
         let one_failed = vec![
             (combo(Cache::None, Aio::IoUring), Found::Measured(samples)),
-            (combo(Cache::None, Aio::Threads), Found::Failed("fio seq_read exited 1".into())),
+            (
+                combo(Cache::None, Aio::Threads),
+                Found::Failed("fio seq_read exited 1".into()),
+            ),
         ];
         assert_eq!(judge(&m, &one_failed).outcome, Outcome::Fail);
     }

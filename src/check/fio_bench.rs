@@ -8,8 +8,8 @@
 //! overwrite the first `size_mib` of both volumes. The numbers are
 //! reported, not judged, unless the lane sets `gates`.
 
-use super::fio::{self, FIGURES, Job, Samples, WORKLOADS};
 use super::figures::{self, Gates};
+use super::fio::{self, FIGURES, Job, Samples, WORKLOADS};
 use super::{Check, Ctx, Verdict};
 use crate::spec::Cluster;
 use anyhow::Result;
@@ -121,8 +121,17 @@ impl Check for FioBench {
                 }
             }
         }
-        let figures: Vec<_> = FIGURES.iter().filter_map(|f| f.paired(&subj, &base)).collect();
-        let shown = ["seq_read", "seq_write", "randread_iops", "randwrite_iops", "randread_p99_ms"];
+        let figures: Vec<_> = FIGURES
+            .iter()
+            .filter_map(|f| f.paired(&subj, &base))
+            .collect();
+        let shown = [
+            "seq_read",
+            "seq_write",
+            "randread_iops",
+            "randwrite_iops",
+            "randread_p99_ms",
+        ];
         let summary: Vec<String> = figures
             .iter()
             .filter(|f| shown.contains(&f.name.as_str()))
@@ -152,7 +161,11 @@ mod tests {
                     subject = \"nbd://10.0.0.5:10809/vol0\"\n";
         let c = parse(base).unwrap();
         assert_eq!((c.runtime_s, c.size_mib, c.iodepth, c.runs), (5, 64, 8, 3));
-        assert!(parse(&format!("{base}runs = 2")).unwrap_err().contains("at least 3"));
+        assert!(
+            parse(&format!("{base}runs = 2"))
+                .unwrap_err()
+                .contains("at least 3")
+        );
         assert!(parse(&format!("{base}iodepth = 0")).is_err());
         let e = parse(&format!("{base}gates.seq_reed = {{ min_ratio = 0.5 }}")).unwrap_err();
         assert!(e.contains("no figure \"seq_reed\""), "{e}");

@@ -63,7 +63,9 @@ impl Check for LbFailover {
             return Err(format!("no node {:?} in the cluster", self.backend));
         }
         if self.node == self.backend {
-            return Err("the load balancer's node must not be the backend whose link is cut".into());
+            return Err(
+                "the load balancer's node must not be the backend whose link is cut".into(),
+            );
         }
         super::require_forward(Some(&self.node), cluster, &self.forward, Proto::Tcp)
     }

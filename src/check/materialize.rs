@@ -55,7 +55,10 @@ impl Check for Materialize {
 
     fn bind(&mut self, _target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
         if cluster.node(&self.from).is_none() {
-            return Err(format!("`from` names no node of the cluster: {:?}", self.from));
+            return Err(format!(
+                "`from` names no node of the cluster: {:?}",
+                self.from
+            ));
         }
         if self.runs < 5 {
             return Err(format!("runs = {}: a median needs at least 5", self.runs));
@@ -71,7 +74,12 @@ impl Check for Materialize {
         let left = || deadline.saturating_duration_since(Instant::now());
         let reader = ctx.guest(target)?;
         let storage = ctx.guests.get(&self.from)?;
-        let addr = ctx.cluster.node(&self.from).expect("bound").address.to_string();
+        let addr = ctx
+            .cluster
+            .node(&self.from)
+            .expect("bound")
+            .address
+            .to_string();
         let bytes = u64::from(self.size_mib) << 20;
         // The base of every clone: known data at its first and last 64 KiB.
         storage.succeed(
@@ -92,7 +100,11 @@ impl Check for Materialize {
                 match self.once(&storage, &reader, &addr, port, cloned, bytes, left()) {
                     Ok(run) => {
                         let ms = run["ready_ms"].as_f64().unwrap_or_default();
-                        if cloned { clone.push(ms) } else { fresh.push(ms) }
+                        if cloned {
+                            clone.push(ms)
+                        } else {
+                            fresh.push(ms)
+                        }
                         runs.as_array_mut().expect("array").push(run);
                     }
                     Err(e) => {
@@ -102,12 +114,19 @@ impl Check for Materialize {
                 }
             }
         }
-        let _ = storage.exec(&format!("pkill -f 'qemu-nbd.*{DIR}'; rm -rf {DIR}"), Duration::from_secs(30));
-        let evidence = json!({ "from": self.from, "address": addr, "size_mib": self.size_mib, "runs": runs });
+        let _ = storage.exec(
+            &format!("pkill -f 'qemu-nbd.*{DIR}'; rm -rf {DIR}"),
+            Duration::from_secs(30),
+        );
+        let evidence =
+            json!({ "from": self.from, "address": addr, "size_mib": self.size_mib, "runs": runs });
         if let Some(why) = failure {
             let mut evidence = evidence;
             evidence["error"] = json!(why);
-            return Ok(Verdict::fail(format!("a new volume did not become readable: {why}"), evidence));
+            return Ok(Verdict::fail(
+                format!("a new volume did not become readable: {why}"),
+                evidence,
+            ));
         }
         let figs: Vec<Figure> = [
             Figure::single("fresh_ms", "new fresh volume readable", "ms", false, fresh),
@@ -121,7 +140,10 @@ impl Check for Materialize {
             self.size_mib,
             self.from,
             reader.endpoint.node,
-            figs.iter().map(Figure::summary).collect::<Vec<_>>().join(", ")
+            figs.iter()
+                .map(Figure::summary)
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         Ok(figures::verdict(message, figs, evidence, &self.gates))
     }
@@ -144,7 +166,10 @@ impl Materialize {
         if left.is_zero() {
             bail!("the check's deadline passed before every run finished");
         }
-        let file = format!("{DIR}/{}{port}.qcow2", if cloned { "clone" } else { "fresh" });
+        let file = format!(
+            "{DIR}/{}{port}.qcow2",
+            if cloned { "clone" } else { "fresh" }
+        );
         let backing = if cloned { "-b base.qcow2 -F qcow2" } else { "" };
         let (first, last) = if cloned { ("0xab", "0xcd") } else { ("0", "0") };
         let t0 = Instant::now();
@@ -168,7 +193,10 @@ impl Materialize {
             left,
         )?;
         let ready = t0.elapsed();
-        storage.succeed(&format!("kill $(cat {file}.pid); rm -f {file} {file}.pid"), left)?;
+        storage.succeed(
+            &format!("kill $(cat {file}.pid); rm -f {file} {file}.pid"),
+            left,
+        )?;
         Ok(json!({
             "volume": if cloned { "clone" } else { "fresh" },
             "port": port,
@@ -184,7 +212,9 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Materialize {
-        toml::Value::Table(toml::from_str(text).unwrap()).try_into().unwrap()
+        toml::Value::Table(toml::from_str(text).unwrap())
+            .try_into()
+            .unwrap()
     }
 
     #[test]
@@ -194,7 +224,11 @@ mod tests {
         assert_eq!((ok.size_mib, ok.runs, ok.port), (256, 5, 10850));
         assert!(ok.bind(Some("storage-node02"), &cluster).is_ok());
         let mut bad = parse("from = \"storage-node09\"");
-        assert!(bad.bind(None, &cluster).unwrap_err().contains("storage-node09"));
+        assert!(
+            bad.bind(None, &cluster)
+                .unwrap_err()
+                .contains("storage-node09")
+        );
         let mut few = parse("from = \"storage-node01\"\nruns = 3");
         assert!(few.bind(None, &cluster).unwrap_err().contains("at least 5"));
         let mut gate = parse("from = \"storage-node01\"\ngates = { warm_ms = { max = 1 } }");

@@ -108,7 +108,10 @@ impl RedisFaults {
                 // longer than the phase: then they still say "up").
                 let mut links = BTreeMap::new();
                 for r in &self.replicas {
-                    links.insert(r.clone(), link_status(ctx, r).unwrap_or_else(|e| format!("{e:#}")));
+                    links.insert(
+                        r.clone(),
+                        link_status(ctx, r).unwrap_or_else(|e| format!("{e:#}")),
+                    );
                 }
                 ev["partition"]["replica_link_status"] = json!(links);
                 ev["partition"]["primary_acknowledged"] = json!(w.acked_in("partitioned", ""));
@@ -162,7 +165,12 @@ impl RedisFaults {
             let named: Vec<String> = tally
                 .missing
                 .iter()
-                .map(|(m, k)| format!("{m} lacks {}", k.iter().take(5).cloned().collect::<Vec<_>>().join(" ")))
+                .map(|(m, k)| {
+                    format!(
+                        "{m} lacks {}",
+                        k.iter().take(5).cloned().collect::<Vec<_>>().join(" ")
+                    )
+                })
                 .collect();
             Verdict::degraded(
                 format!(
@@ -180,7 +188,9 @@ impl RedisFaults {
                 .filter_map(|(_, v)| v.as_f64())
                 .fold(0.0, f64::max);
             Verdict::pass(
-                format!("{counts}; every replica converged on the primary {slowest:.1} s after the heal"),
+                format!(
+                    "{counts}; every replica converged on the primary {slowest:.1} s after the heal"
+                ),
                 ev,
             )
         };
@@ -189,7 +199,13 @@ impl RedisFaults {
 }
 
 /// One SET on the primary, through its own session.
-fn set(ctx: &Ctx, primary: &str, session: &mut Option<Guest>, key: &str, seq: u64) -> (Ack, String) {
+fn set(
+    ctx: &Ctx,
+    primary: &str,
+    session: &mut Option<Guest>,
+    key: &str,
+    seq: u64,
+) -> (Ack, String) {
     if session.is_none() {
         *session = guest::connect(ctx.record, primary).ok();
     }
@@ -205,7 +221,14 @@ fn set(ctx: &Ctx, primary: &str, session: &mut Option<Guest>, key: &str, seq: u6
             let refused = ["Connection refused", "READONLY", "NOREPLICAS"]
                 .iter()
                 .any(|r| said.contains(r));
-            (if refused { Ack::Refused } else { Ack::Indeterminate }, said)
+            (
+                if refused {
+                    Ack::Refused
+                } else {
+                    Ack::Indeterminate
+                },
+                said,
+            )
         }
         Err(e) => {
             *session = None;
@@ -216,8 +239,10 @@ fn set(ctx: &Ctx, primary: &str, session: &mut Option<Guest>, key: &str, seq: u6
 
 /// The replica's `master_link_status` (up or down).
 fn link_status(ctx: &Ctx, replica: &str) -> Result<String> {
-    let out = guest::connect(ctx.record, replica)?
-        .succeed("redis-cli -h 127.0.0.1 INFO replication", Duration::from_secs(10))?;
+    let out = guest::connect(ctx.record, replica)?.succeed(
+        "redis-cli -h 127.0.0.1 INFO replication",
+        Duration::from_secs(10),
+    )?;
     Ok(out
         .lines()
         .find_map(|l| l.trim().strip_prefix("master_link_status:"))
@@ -228,10 +253,18 @@ fn link_status(ctx: &Ctx, replica: &str) -> Result<String> {
 /// The keys under `prefix` in a member's own data set.
 fn keys(g: &Guest, prefix: &str) -> Result<BTreeSet<String>> {
     let out = g.succeed(
-        &format!("redis-cli -h 127.0.0.1 --scan --pattern {}", shell_quote(&format!("{prefix}*"))),
+        &format!(
+            "redis-cli -h 127.0.0.1 --scan --pattern {}",
+            shell_quote(&format!("{prefix}*"))
+        ),
         Duration::from_secs(20),
     )?;
-    Ok(out.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
+    Ok(out
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect())
 }
 
 /// Seconds until `member` holds every acknowledged key, or why not.

@@ -271,7 +271,10 @@ fn judge(stdout: &str, stderr: &str, code: i32, runs: u32, gates: &Gates) -> Ver
     }
     let done = report.runs.len();
     let problem = if let Some(e) = &report.error {
-        let at = e["key"].as_str().map(|k| format!(" {k}")).unwrap_or_default();
+        let at = e["key"]
+            .as_str()
+            .map(|k| format!(" {k}"))
+            .unwrap_or_default();
         Some(match e["status"].as_u64() {
             Some(status) => format!(
                 "{}{at} answered HTTP {status} {}",
@@ -292,9 +295,7 @@ fn judge(stdout: &str, stderr: &str, code: i32, runs: u32, gates: &Gates) -> Ver
             m["put_bytes"]
         ))
     } else if report.deadline || done < runs as usize {
-        Some(format!(
-            "the deadline passed after {done} of {runs} runs"
-        ))
+        Some(format!("the deadline passed after {done} of {runs} runs"))
     } else {
         None
     };
@@ -440,10 +441,12 @@ mod tests {
             v.message,
             "GetObject s3-bench/host/small-0 answered HTTP 404 NoSuchKey"
         );
-        assert!(v.evidence["error"]["body"]
-            .as_str()
-            .unwrap()
-            .contains("<Code>NoSuchKey</Code>"));
+        assert!(
+            v.evidence["error"]["body"]
+                .as_str()
+                .unwrap()
+                .contains("<Code>NoSuchKey</Code>")
+        );
         assert_eq!(v.evidence["figures"], json!([]));
         let v = judge(DEADLINE, "", 0, 3, &Gates::new());
         assert_eq!(v.outcome, Outcome::Fail);
@@ -459,7 +462,11 @@ mod tests {
         });
         let v = judge(&report.to_string(), "", 0, 3, &Gates::new());
         assert_eq!(v.outcome, Outcome::Fail);
-        assert!(v.message.contains("s3-bench/node04/small-7"), "{}", v.message);
+        assert!(
+            v.message.contains("s3-bench/node04/small-7"),
+            "{}",
+            v.message
+        );
         assert_eq!(v.evidence["mismatch"]["get_sha256"], "bb");
         let v = judge(
             "",
@@ -469,7 +476,11 @@ mod tests {
             &Gates::new(),
         );
         assert_eq!(v.outcome, Outcome::Fail);
-        assert!(v.message.contains("did not report (exit 1)"), "{}", v.message);
+        assert!(
+            v.message.contains("did not report (exit 1)"),
+            "{}",
+            v.message
+        );
         assert!(v.evidence["stderr"].as_str().unwrap().contains("boto3"));
     }
 
@@ -498,14 +509,12 @@ mod tests {
         .unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let cmd = command(&json!({ "a": 1 })).replacen("/photon/node.env", env.to_str().unwrap(), 1);
+        let cmd =
+            command(&json!({ "a": 1 })).replacen("/photon/node.env", env.to_str().unwrap(), 1);
         let out = std::process::Command::new("bash")
             .arg("-c")
             .arg(format!("( {cmd}\n) </dev/null"))
-            .env(
-                "PATH",
-                format!("{}:/usr/bin:/bin", tmp.path().display()),
-            )
+            .env("PATH", format!("{}:/usr/bin:/bin", tmp.path().display()))
             .output()
             .unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "-|{\"a\":1}|k3y");

@@ -91,7 +91,9 @@ fn completed_in(out: &str) -> Option<f64> {
 
 /// The median of at least one run (`check::figures::Stats`).
 fn median(v: Vec<f64>) -> f64 {
-    super::figures::Stats::of(v).expect("at least one run").median
+    super::figures::Stats::of(v)
+        .expect("at least one run")
+        .median
 }
 
 impl Bench<'_> {
