@@ -135,7 +135,9 @@ pub fn suite(
         let key = snapshot::key(cluster, &cold.image)?;
         let machines = running_machines(&cold)?;
         snapshot::save(state, &cold, key, machines, "bench", snapshot::After::Stop)?;
-        std::fs::remove_file(state.cluster_file())?;
+        // The guests have quit; stopping the cluster also ends its fabric
+        // switch, whose ports the restore takes again.
+        cluster::stop(state, Duration::from_secs(20))?;
         tracing::info!("bench: warm restore");
         let warm_opts = StartOptions {
             from_snapshot: Some("bench".into()),

@@ -1,9 +1,15 @@
 //! The one way the driver waits for something: poll a probe until it has an
 //! answer, the deadline passes, or a stop condition (QEMU exited, the user
-//! pressed Ctrl-C) ends the wait early. Every poll loop uses it, so every
-//! wait has a reason in its error and stops at once when it should.
+//! pressed Ctrl-C, the global `--timeout` expired) ends the wait early.
+//! Every poll loop uses it, so every wait has a reason in its error and
+//! stops at once when it should. Ctrl-C and `--timeout` end every wait
+//! within [`SLICE`] unless the wait is part of a teardown
+//! ([`Wait::through_interrupt`]), which must finish its own bounded work.
 
 use std::time::{Duration, Instant};
+
+/// The longest a wait sleeps without looking at Ctrl-C and `--timeout`.
+pub const SLICE: Duration = Duration::from_millis(100);
 
 /// How long to pause between probes.
 #[derive(Debug, Clone, Copy)]
@@ -62,6 +68,8 @@ pub struct Wait<'a> {
     deadline: Instant,
     pause: Pause,
     stop: Option<&'a (dyn Fn() -> Option<anyhow::Error> + Sync)>,
+    /// Whether Ctrl-C and `--timeout` end this wait (all but teardowns).
+    interruptible: bool,
 }
 
 impl<'a> Wait<'a> {
@@ -71,6 +79,7 @@ impl<'a> Wait<'a> {
             deadline: Instant::now() + timeout,
             pause: Pause::Every(Duration::from_millis(250)),
             stop: None,
+            interruptible: true,
         }
     }
 
@@ -90,6 +99,62 @@ impl<'a> Wait<'a> {
         self
     }
 
+    /// Keeps waiting after Ctrl-C or `--timeout`: for the bounded waits of a
+    /// teardown (a QEMU to exit, a check removing what it made), which run
+    /// because the command is stopping.
+    pub fn through_interrupt(mut self) -> Self {
+        self.interruptible = false;
+        self
+    }
+
+    /// Why this wait must end now, if it must. Ctrl-C and `--timeout` come
+    /// back as themselves (`Interrupted`, `TimedOut`), so that every caller's
+    /// exit code and run status follow without unwrapping.
+    fn stopped(&self) -> Option<anyhow::Error> {
+        if let Some(e) = self.stop.and_then(|s| s()) {
+            return Some(WaitError::Stopped(e).into());
+        }
+        (self.interruptible && crate::interrupted()).then(crate::stop_error)
+    }
+
+    /// Sleeps `pause` in slices, ending early when the wait must stop.
+    fn sleep(&self, pause: Duration) -> Result<(), anyhow::Error> {
+        let until = Instant::now() + pause;
+        loop {
+            if let Some(e) = self.stopped() {
+                return Err(e);
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(());
+            }
+            std::thread::sleep(left.min(SLICE));
+        }
+    }
+
+    /// Holds for `d` (a phase of a workload, a settle time), ending early
+    /// with the stop reason on Ctrl-C or `--timeout`.
+    pub fn hold(what: impl Into<String>, d: Duration) -> Result<(), anyhow::Error> {
+        Wait::new(what, d).sleep(d)
+    }
+
+    /// Like [`Wait::run`], but the deadline passing is `Ok(None)`, not an
+    /// error: for a caller that judges a condition that never came itself
+    /// (a drain that never emptied a server). Stops are still errors.
+    pub fn run_or_none<T>(
+        &self,
+        probe: impl FnMut() -> anyhow::Result<Probe<T>>,
+    ) -> Result<Option<T>, anyhow::Error> {
+        match self.run(probe) {
+            Ok(t) => Ok(Some(t)),
+            Err(e) => match e.downcast::<WaitError>() {
+                Ok(WaitError::TimedOut { .. }) => Ok(None),
+                Ok(other) => Err(other.into()),
+                Err(e) => Err(e),
+            },
+        }
+    }
+
     /// Probes until `probe` is done. A probe error ends the wait with that error.
     pub fn run<T>(
         &self,
@@ -98,8 +163,8 @@ impl<'a> Wait<'a> {
         let started = Instant::now();
         let mut attempt = 0;
         loop {
-            if let Some(e) = self.stop.and_then(|s| s()) {
-                return Err(WaitError::Stopped(e).into());
+            if let Some(e) = self.stopped() {
+                return Err(e);
             }
             let last = match probe()? {
                 Probe::Done(t) => return Ok(t),
@@ -120,7 +185,7 @@ impl<'a> Wait<'a> {
                 }
                 .into());
             }
-            std::thread::sleep(pause);
+            self.sleep(pause)?;
         }
     }
 }

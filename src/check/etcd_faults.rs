@@ -26,6 +26,7 @@ use super::{Check, Ctx, Verdict};
 use crate::fault;
 use crate::history::{Ack, Op, Tally};
 use crate::spec::{Cluster, Proto};
+use crate::wait::Wait;
 use anyhow::Result;
 use serde::Deserialize;
 use serde_json::json;
@@ -146,7 +147,7 @@ impl EtcdFaults {
             });
             let steps = (|| -> Result<Vec<String>> {
                 let mut problems = Vec::new();
-                std::thread::sleep(phase);
+                Wait::hold("the workload's phase", phase)?;
 
                 // Partition one member away from every other node.
                 let cut = vec![
@@ -157,7 +158,7 @@ impl EtcdFaults {
                 w.set_phase("partitioned");
                 let cut_at = Instant::now();
                 // Past the election timeout (5 s), the isolated member knows.
-                std::thread::sleep(Duration::from_secs(6));
+                Wait::hold("past the election timeout", Duration::from_secs(6))?;
                 let probe = isolated_probe(&readers[&self.isolate], &prefix);
                 let refused = probe["linearizable_read_refused"] == json!(true)
                     && probe["write_refused"] == json!(true);
@@ -168,7 +169,10 @@ impl EtcdFaults {
                     ));
                 }
                 ev["partition"]["isolated_member"] = probe;
-                std::thread::sleep(phase.saturating_sub(cut_at.elapsed()));
+                Wait::hold(
+                    "the rest of the phase",
+                    phase.saturating_sub(cut_at.elapsed()),
+                )?;
                 let majority_acks = w.acked_in("partitioned", &self.isolate);
                 ev["partition"]["majority_acknowledged"] = json!(majority_acks);
                 if majority_acks == 0 {
@@ -192,7 +196,7 @@ impl EtcdFaults {
                 if let Some(crash) = &self.crash {
                     ev["crash"] = json!({ "said": fault::crash(ctx.record, crash)? });
                     w.set_phase("crashed");
-                    std::thread::sleep(phase);
+                    Wait::hold("the workload's phase", phase)?;
                     w.set_phase("restarting");
                     let (said, ready_s) = fault::restart(ctx.record, crash, RESTART_TIMEOUT)?;
                     ctx.guests.forget(crash);
@@ -205,7 +209,7 @@ impl EtcdFaults {
                         problems.push(format!("after the restart, {e}"));
                     }
                 }
-                std::thread::sleep(Duration::from_secs(3));
+                Wait::hold("writes after the last fault", Duration::from_secs(3))?;
                 Ok(problems)
             })();
             w.stop();
@@ -214,7 +218,12 @@ impl EtcdFaults {
         });
         let mut problems = match steps {
             Ok(p) => p,
-            Err(e) => vec![format!("the scenario stopped: {e:#}")],
+            Err(e) => {
+                // Stopped midway (Ctrl-C, --timeout, a fault that failed):
+                // leave no partition behind.
+                let _ = fault::heal(ctx.record);
+                vec![format!("the scenario stopped: {e:#}")]
+            }
         };
 
         // The final reads: every member's own copy, once it has had time.

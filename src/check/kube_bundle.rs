@@ -12,8 +12,14 @@
 //! with overlap); the evidence records how long the service was away.
 
 use super::{Check, Ctx, Verdict};
+use crate::guest::Guest;
 use crate::spec::Cluster;
+use crate::wait::{Pause, Probe, Wait};
+use anyhow::{Result, bail};
 use serde::Deserialize;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// `kube_bundle`: deploy, reach, replace and remove a Deployment on the
 /// target node; its service is probed from `client`.
@@ -95,12 +101,6 @@ impl Check for KubeBundle {
     }
 }
 
-use crate::guest::Guest;
-use anyhow::{Result, bail};
-use serde_json::{Value, json};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
 struct Bundle {
     guest: Arc<Guest>,
     client: Arc<Guest>,
@@ -114,6 +114,9 @@ struct Bundle {
 impl Bundle {
     /// Runs `command` on the bundle's node; keeps its output under `key`.
     fn on_node(&mut self, key: &str, command: &str) -> Result<String> {
+        if crate::interrupted() {
+            return Err(crate::stop_error());
+        }
         let out = self.guest.exec(command, Duration::from_secs(120))?;
         let text = format!("{}{}", out.stdout, out.stderr)
             .trim_end()
@@ -133,26 +136,26 @@ impl Bundle {
     /// (None: the port does not answer); the answer and the seconds taken.
     fn ask_until(&self, ok: impl Fn(Option<&str>) -> bool) -> Result<(Option<String>, f64)> {
         let started = Instant::now();
-        loop {
-            let out = self.client.exec(
-                &format!("curl -sS -m 3 {}", self.url),
-                Duration::from_secs(10),
-            )?;
-            let answer = out.ok().then(|| out.stdout.trim().to_string());
-            if ok(answer.as_deref()) {
-                return Ok((answer, started.elapsed().as_secs_f64()));
-            }
-            if Instant::now() >= self.deadline {
-                bail!(
-                    "{} from {}: still {:?} after {:.0} s",
-                    self.url,
-                    self.client.endpoint.node,
-                    answer.unwrap_or_else(|| out.stderr.trim().to_string()),
-                    started.elapsed().as_secs_f64()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(300));
-        }
+        let what = format!("{} from {}", self.url, self.client.endpoint.node);
+        let answer = Wait::new(what, Duration::ZERO)
+            .until(self.deadline)
+            .pause(Pause::Every(Duration::from_millis(300)))
+            .run(|| {
+                let out = self.client.exec(
+                    &format!("curl -sS -m 3 {}", self.url),
+                    Duration::from_secs(10),
+                )?;
+                let answer = out.ok().then(|| out.stdout.trim().to_string());
+                Ok(if ok(answer.as_deref()) {
+                    Probe::Done(answer)
+                } else {
+                    Probe::Pending(format!(
+                        "still {:?}",
+                        answer.unwrap_or_else(|| out.stderr.trim().to_string())
+                    ))
+                })
+            })?;
+        Ok((answer, started.elapsed().as_secs_f64()))
     }
 
     fn lifecycle(&mut self) -> Result<String> {

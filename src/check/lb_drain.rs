@@ -10,8 +10,14 @@
 //! and how long drain and re-convergence took.
 
 use super::{Check, Ctx, Verdict};
+use crate::guest::Guest;
 use crate::text::shell_quote;
+use crate::wait::{Pause, Probe, Wait};
+use anyhow::Result;
 use serde::Deserialize;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 /// `lb_drain`: drain a load balancer backend server through HAProxy's
 /// runtime API, then restore it; traffic through `frontend` must follow
@@ -55,12 +61,6 @@ impl Check for LbDrain {
         drain(&*ctx.guest(target)?, &d, budget)
     }
 }
-
-use crate::guest::Guest;
-use anyhow::Result;
-use serde_json::json;
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
 
 pub struct Drain<'a> {
     pub frontend: &'a str,
@@ -123,14 +123,21 @@ impl Drain<'_> {
     ) -> Result<(f64, Vec<Round>, bool)> {
         let started = Instant::now();
         let mut rounds = Vec::new();
-        loop {
-            let r = self.round(guest)?;
-            let done = ok(&r);
-            rounds.push(r);
-            if done || started.elapsed() >= budget {
-                return Ok((started.elapsed().as_secs_f64(), rounds, done));
-            }
-        }
+        // Rounds back to back: each is a burst of requests, the pause itself.
+        let done = Wait::new(format!("rounds of requests to {}", self.frontend), budget)
+            .pause(Pause::Every(Duration::ZERO))
+            .run_or_none(|| {
+                let r = self.round(guest)?;
+                let done = ok(&r);
+                rounds.push(r);
+                Ok(if done {
+                    Probe::Done(())
+                } else {
+                    Probe::Pending("condition not met in the last round".into())
+                })
+            })?
+            .is_some();
+        Ok((started.elapsed().as_secs_f64(), rounds, done))
     }
 }
 

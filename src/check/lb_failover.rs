@@ -16,6 +16,7 @@ use super::{Check, Ctx, Verdict};
 use crate::fabric::switch::LinkFault;
 use crate::fault;
 use crate::spec::{Cluster, Proto};
+use crate::wait::{Pause, Probe, Wait};
 use anyhow::Result;
 use serde::Deserialize;
 use serde_json::json;
@@ -160,15 +161,18 @@ impl LbFailover {
         let t = Instant::now();
         let mut answers = BTreeMap::new();
         let mut run = 0;
-        while t.elapsed() < within && !crate::interrupted() {
-            let who = self.request(l)?;
-            let name = who.clone().unwrap_or_else(|| "(failed)".into());
-            *answers.entry(name).or_insert(0) += 1;
-            if done(&mut run, &who) {
-                return Ok((Some(t.elapsed().as_secs_f64()), answers));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok((None, answers))
+        let took = Wait::new(format!("requests to {}", l.url), within)
+            .pause(Pause::Every(Duration::from_millis(100)))
+            .run_or_none(|| {
+                let who = self.request(l)?;
+                let name = who.clone().unwrap_or_else(|| "(failed)".into());
+                *answers.entry(name).or_insert(0) += 1;
+                Ok(if done(&mut run, &who) {
+                    Probe::Done(t.elapsed().as_secs_f64())
+                } else {
+                    Probe::Pending("not yet".into())
+                })
+            })?;
+        Ok((took, answers))
     }
 }

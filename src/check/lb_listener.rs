@@ -267,24 +267,13 @@ fn until(
     want: bool,
     budget: Duration,
 ) -> Result<(String, f64)> {
-    let started = Instant::now();
-    loop {
-        let out = g.exec(probe, Duration::from_secs(10))?;
-        if out.ok() == want {
-            let text = if want { out.stdout } else { out.stderr };
-            return Ok((text, started.elapsed().as_secs_f64()));
-        }
-        if started.elapsed() >= budget {
-            bail!(
-                "{}: port still {} after {:.0} s ({})",
-                g.endpoint.node,
-                if want { "silent" } else { "answering" },
-                started.elapsed().as_secs_f64(),
-                format!("{}{}", out.stdout, out.stderr).trim()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let (out, secs) = g.exec_until(
+        probe,
+        want,
+        Instant::now() + budget,
+        Duration::from_millis(500),
+    )?;
+    Ok((if want { out.stdout } else { out.stderr }, secs))
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use crate::guest::{self, Guest};
 use crate::history::{Ack, Op, Tally};
 use crate::spec::Cluster;
 use crate::text::shell_quote;
+use crate::wait::Wait;
 use anyhow::Result;
 use serde::Deserialize;
 use serde_json::json;
@@ -96,14 +97,14 @@ impl RedisFaults {
                 })
             });
             let steps = (|| -> Result<()> {
-                std::thread::sleep(phase);
+                Wait::hold("the workload's phase", phase)?;
                 let cut = vec![
                     vec![self.primary.clone()],
                     scenario::all_but(ctx, &self.primary),
                 ];
                 ev["partition"] = json!({ "said": crate::fault::partition(ctx.record, &cut)? });
                 w.set_phase("partitioned");
-                std::thread::sleep(phase);
+                Wait::hold("the workload's phase", phase)?;
                 // The replicas know they lost the primary (repl-timeout may be
                 // longer than the phase: then they still say "up").
                 let mut links = BTreeMap::new();
@@ -132,7 +133,7 @@ impl RedisFaults {
                     }
                 }
                 ev["converged_after_heal_s"] = json!(converged);
-                std::thread::sleep(Duration::from_secs(2));
+                Wait::hold("writes after the heal", Duration::from_secs(2))?;
                 Ok(())
             })();
             w.stop();
@@ -140,6 +141,8 @@ impl RedisFaults {
             steps
         });
         if let Err(e) = steps {
+            // Stopped midway: leave no partition behind.
+            let _ = crate::fault::heal(ctx.record);
             problems.push(format!("the scenario stopped: {e:#}"));
         }
         let ops = w.into_ops();

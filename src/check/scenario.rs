@@ -75,7 +75,7 @@ impl Workload {
     ) {
         let every = Duration::from_secs_f64(1.0 / rate);
         let mut seq = 0u64;
-        while !self.stop.load(Ordering::SeqCst) && !crate::interrupted() {
+        while !self.stop.load(Ordering::SeqCst) {
             let tick = Instant::now();
             let key = format!("{prefix}{seq:06}");
             let phase = *self.phase.lock().expect("phase");
@@ -92,7 +92,11 @@ impl Workload {
                 error,
             });
             seq += 1;
-            std::thread::sleep(every.saturating_sub(tick.elapsed()));
+            // The pacing of the writes; Ctrl-C and --timeout end the loop.
+            let pace = every.saturating_sub(tick.elapsed());
+            if crate::wait::Wait::hold("the next write", pace).is_err() {
+                break;
+            }
         }
     }
 }

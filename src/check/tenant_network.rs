@@ -16,8 +16,14 @@
 //! evidence of every phase, never the presence of a rule.
 
 use super::{Check, Ctx, Verdict};
+use crate::guest::Guest;
 use crate::spec::Cluster;
+use crate::wait::{Pause, Probe, Wait};
+use anyhow::{Result, bail};
 use serde::Deserialize;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// `tenant_network`: create a VPC (router, switch with subnet, ports, a
 /// port group with ACLs), bind a workload to each port, prove traffic,
@@ -119,10 +125,13 @@ impl Check for TenantNetwork {
             central: ctx.guests.get(central)?,
             steps: Vec::new(),
             deadline: Instant::now() + budget,
+            tearing_down: false,
         };
         let outcome = lifecycle(self, &mut run);
         if outcome.is_err() {
-            // Leave the cluster as it was, whatever failed; kept as steps too.
+            // Leave the cluster as it was, whatever failed (Ctrl-C and
+            // --timeout included); kept as steps too.
+            run.tearing_down = true;
             let _ = teardown(self, &mut run);
         }
         let evidence = json!({
@@ -182,23 +191,22 @@ fn mac(address: &str) -> String {
     format!("0a:88:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
 }
 
-use crate::guest::Guest;
-use anyhow::{Result, bail};
-use serde_json::{Value, json};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
 struct Run<'a> {
     ctx: &'a Ctx<'a>,
     central: Arc<Guest>,
     steps: Vec<Value>,
     deadline: Instant,
+    /// Set for the teardown, whose steps run even after Ctrl-C.
+    tearing_down: bool,
 }
 
 impl Run<'_> {
     /// Runs `command` on `node` (None: the central node) and keeps it, its
     /// exit code and output as one step of the evidence.
     fn step(&mut self, what: &str, node: Option<&str>, command: &str) -> Result<(bool, String)> {
+        if crate::interrupted() && !self.tearing_down {
+            return Err(crate::stop_error());
+        }
         let guest = match node {
             Some(n) => self.ctx.guests.get(n)?,
             None => self.central.clone(),
@@ -238,21 +246,19 @@ impl Run<'_> {
     ) -> Result<f64> {
         let started = Instant::now();
         let end = (started + Duration::from_secs(limit)).min(self.deadline);
-        loop {
-            let (ok, out) = self.step(what, node, command)?;
-            if ok == want {
-                return Ok(started.elapsed().as_secs_f64());
-            }
-            if Instant::now() >= end {
-                bail!(
-                    "{what}: still {} after {:.0} s ({})",
-                    if want { "failing" } else { "succeeding" },
-                    started.elapsed().as_secs_f64(),
-                    last_line(&out)
-                );
-            }
-            std::thread::sleep(Duration::from_secs(2));
-        }
+        let still = if want { "failing" } else { "succeeding" };
+        Wait::new(what, Duration::ZERO)
+            .until(end)
+            .pause(Pause::Every(Duration::from_secs(2)))
+            .run(|| {
+                let (ok, out) = self.step(what, node, command)?;
+                Ok(if ok == want {
+                    Probe::Done(())
+                } else {
+                    Probe::Pending(format!("still {still}: {}", last_line(&out)))
+                })
+            })?;
+        Ok(started.elapsed().as_secs_f64())
     }
 }
 

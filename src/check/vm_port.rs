@@ -13,6 +13,7 @@
 
 use crate::guest::Guest;
 use crate::spec::{Cluster, Role};
+use crate::wait::{Pause, Probe, Wait};
 use anyhow::{Result, bail};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -174,25 +175,31 @@ impl VmPort {
     ) -> Result<(Value, f64)> {
         let started = Instant::now();
         let mut seen: Vec<Binding> = Vec::new();
-        loop {
-            let b = self.binding(central)?;
-            let done = ok(&b);
-            if seen.last() != Some(&b) {
-                seen.push(b.clone());
-            }
-            let secs = started.elapsed().as_secs_f64();
-            if done {
-                return Ok((json!({ "seconds": secs, "binding": b.json() }), secs));
-            }
-            if started.elapsed() >= limit {
+        let got = Wait::new(format!("port {}: {what}", self.name()), limit)
+            .pause(Pause::Every(Duration::from_millis(500)))
+            .run_or_none(|| {
+                let b = self.binding(central)?;
+                let done = ok(&b);
+                if seen.last() != Some(&b) {
+                    seen.push(b.clone());
+                }
+                Ok(if done {
+                    Probe::Done(b)
+                } else {
+                    Probe::Pending("not yet".into())
+                })
+            })?;
+        let secs = started.elapsed().as_secs_f64();
+        match got {
+            Some(b) => Ok((json!({ "seconds": secs, "binding": b.json() }), secs)),
+            None => {
                 let states: Vec<Value> = seen.iter().map(Binding::json).collect();
                 bail!(
                     "port {}: {what} not seen after {secs:.0} s (states: {})",
                     self.name(),
                     json!(states)
-                );
+                )
             }
-            std::thread::sleep(Duration::from_millis(500));
         }
     }
 

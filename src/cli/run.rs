@@ -378,7 +378,9 @@ fn snapshot_command(cluster: &Cluster, state: &StateDir, cmd: SnapshotCmd) -> Re
             let t = std::time::Instant::now();
             let m = snapshot::save(state, &record, key, machines, &name, after)?;
             if stop {
-                let _ = std::fs::remove_file(state.cluster_file());
+                // The guests have quit; this ends the fabric switch too, so
+                // a restore finds its ports free.
+                cluster::stop(state, std::time::Duration::from_secs(20))?;
             }
             println!(
                 "snapshot {:?}: {} nodes, {:.0} MiB in {:.1} s (guests paused {:.1} s); {}",

@@ -170,6 +170,44 @@ impl Guest {
         })
     }
 
+    /// Runs `command` again until its success equals `want`, through the
+    /// one wait helper (so Ctrl-C and `--timeout` end it), at most until
+    /// `deadline`: the last output and the seconds it took.
+    pub fn exec_until(
+        &self,
+        command: &str,
+        want: bool,
+        deadline: std::time::Instant,
+        pause: Duration,
+    ) -> Result<(ExecOutput, f64)> {
+        let started = std::time::Instant::now();
+        let still = if want { "failing" } else { "succeeding" };
+        let out = crate::wait::Wait::new(
+            format!(
+                "{}: `{command}` {}",
+                self.endpoint.node,
+                if want { "to succeed" } else { "to fail" }
+            ),
+            Duration::ZERO,
+        )
+        .until(deadline)
+        .pause(crate::wait::Pause::Every(pause))
+        .run(|| {
+            let out = self.exec(command, Duration::from_secs(30))?;
+            Ok(if out.ok() == want {
+                crate::wait::Probe::Done(out)
+            } else {
+                let text = format!("{}{}", out.stdout, out.stderr);
+                let last = text.lines().rev().find(|l| !l.trim().is_empty());
+                crate::wait::Probe::Pending(format!(
+                    "still {still}: {}",
+                    last.unwrap_or("no output")
+                ))
+            })
+        })?;
+        Ok((out, started.elapsed().as_secs_f64()))
+    }
+
     /// Runs `command` through the guest's shell; fails if it does not
     /// finish within `deadline`. A command that outlives its deadline ends
     /// the node's shell (the next command starts a new one), and its error

@@ -104,7 +104,7 @@ pub fn cached(cache: &Path) -> Option<Probe> {
 }
 
 /// Reuses the verdict from earlier in this host boot, else probes.
-fn probe_cached(kernel: &Path, cache: &Path, work: &Path) -> Result<Probe> {
+pub fn probe_cached(kernel: &Path, cache: &Path, work: &Path) -> Result<Probe> {
     let id = boot_id();
     if let Ok(bytes) = fs::read(cache)
         && let Ok(p) = serde_json::from_slice::<Probe>(&bytes)

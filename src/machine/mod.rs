@@ -102,7 +102,9 @@ pub fn kill_now(pid: i32) {
 }
 
 fn wait_exit(pid: i32, within: Duration) -> bool {
+    // Stopping is what a Ctrl-C asks for: this wait goes on through it.
     crate::wait::Wait::new(format!("QEMU pid {pid} to exit"), within)
+        .through_interrupt()
         .pause(crate::wait::Pause::Every(Duration::from_millis(100)))
         .run(|| {
             Ok(if is_running(pid) {
