@@ -166,7 +166,10 @@ pub fn suite(
     for p in &pairs {
         p.print();
     }
-    println!("driver peak RSS (this process: six-node start, save, restore, execs) {rss:.1} MiB");
+    println!(
+        "driver peak RSS (this process: {}-node start, save, restore, execs) {rss:.1} MiB",
+        cold.nodes.len()
+    );
     let doc = json!({
         "cluster": cluster.name,
         "nodes": cold.nodes.len(),

@@ -271,3 +271,26 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg(&self.0).status();
     }
 }
+
+/// Runs the binary with `args` until it exits with `code`, for at most
+/// `within`: a condition that follows a fault, a heal or a restore is
+/// waited for, never asserted on a single try. Returns the seconds it took
+/// (printed to the test log); panics with the last output at the deadline.
+pub fn run_until(state: &Path, args: &[&str], code: i32, within: std::time::Duration) -> f64 {
+    let t = std::time::Instant::now();
+    loop {
+        let out = run(state, args);
+        if out.status.code() == Some(code) {
+            let secs = t.elapsed().as_secs_f64();
+            eprintln!("`{}` exited {code} after {secs:.1} s", args.join(" "));
+            return secs;
+        }
+        assert!(
+            t.elapsed() < within,
+            "`{}` did not exit {code} within {} s: {out:?}",
+            args.join(" "),
+            within.as_secs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
