@@ -9,6 +9,7 @@ pub mod bench;
 pub mod check;
 pub mod cli;
 pub mod cluster;
+pub mod compare;
 pub mod engine;
 pub mod error;
 pub mod evidence;

@@ -149,6 +149,20 @@ pub enum Cmd {
         #[arg(value_name = "DIR")]
         dir: PathBuf,
     },
+    /// What changed between two runs: checks that changed outcome, new and
+    /// removed checks, benchmark figures that left their measured spread,
+    /// boot and lane times, accel and image. OLD and NEW are artifact roots
+    /// (or their result.json). Exit 1 if a check or a figure got worse,
+    /// 0 if not, 2 if either is not a run (docs/compare.md).
+    Compare {
+        #[arg(value_name = "OLD")]
+        old: PathBuf,
+        #[arg(value_name = "NEW")]
+        new: PathBuf,
+        /// Print the comparison as JSON (schema photon-cluster/compare/v1).
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a shell's completion script (subcommands, options, node names):
     ///   source <(photon-cluster completions bash)
     ///   photon-cluster completions fish > ~/.config/fish/completions/photon-cluster.fish

@@ -36,6 +36,15 @@ pub fn run(cli: Cli) -> Result<i32> {
             }
             return Ok(0);
         }
+        Cmd::Compare { old, new, json } => {
+            let c = crate::compare::compare_paths(old, new)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&c)?);
+            } else {
+                print!("{}", crate::compare::render(&c));
+            }
+            return Ok(c.exit_code.into());
+        }
         Cmd::Completions { shell } => {
             let shells = clap_complete::env::Shells::builtins();
             let shell = shells
@@ -72,7 +81,9 @@ pub fn run(cli: Cli) -> Result<i32> {
     }
     match cli.command {
         Cmd::Run(_) => unreachable!("handled above"),
-        Cmd::Report { .. } | Cmd::Completions { .. } | Cmd::Man => unreachable!("handled above"),
+        Cmd::Report { .. } | Cmd::Compare { .. } | Cmd::Completions { .. } | Cmd::Man => {
+            unreachable!("handled above")
+        }
         Cmd::Check { .. } => {
             println!(
                 "{}: valid ({} nodes)",
