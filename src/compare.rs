@@ -124,7 +124,12 @@ pub struct Comparison {
     /// Every figure of either run, `steady` ones included.
     pub figures: Vec<FigureChange>,
     pub times: Vec<Time>,
-    /// Checks and figures that `regressed`.
+    /// Why the newer run itself regressed: it ended early (error, timeout,
+    /// interrupted) where the older one did not. Its checks are then
+    /// mostly `removed`, which alone would not fail the comparison.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_regressed: Option<String>,
+    /// Checks and figures that `regressed`, and the run itself.
     pub regressions: usize,
     /// No check or figure changed, and accel, image and boot mode agree.
     pub nothing_changed: bool,
@@ -167,12 +172,16 @@ pub fn compare(old_path: &Path, old: &RunReport, new_path: &Path, new: &RunRepor
     let (old_side, new_side) = (side(old_path, old), side(new_path, new));
     let checks = check_changes(old, new);
     let figures = figure_changes(old, new);
-    let regressions = checks
-        .iter()
-        .map(|c| c.change)
-        .chain(figures.iter().map(|f| f.change))
-        .filter(|c| *c == Change::Regressed)
-        .count();
+    let run_regressed = ended_early(new)
+        .filter(|_| ended_early(old).is_none())
+        .map(String::from);
+    let regressions = usize::from(run_regressed.is_some())
+        + checks
+            .iter()
+            .map(|c| c.change)
+            .chain(figures.iter().map(|f| f.change))
+            .filter(|c| *c == Change::Regressed)
+            .count();
     let same_setup = (&old_side.accel, &old_side.image, &old_side.boot)
         == (&new_side.accel, &new_side.image, &new_side.boot);
     let nothing_changed =
@@ -184,6 +193,7 @@ pub fn compare(old_path: &Path, old: &RunReport, new_path: &Path, new: &RunRepor
         checks,
         figures,
         times: times(old, new),
+        run_regressed,
         regressions,
         nothing_changed,
         exit_code: if regressions > 0 {
@@ -192,6 +202,13 @@ pub fn compare(old_path: &Path, old: &RunReport, new_path: &Path, new: &RunRepor
             EXIT_PASS
         },
     }
+}
+
+/// The run's error, when it ended before its lane finished.
+fn ended_early(r: &RunReport) -> Option<&str> {
+    use crate::error::RunStatus::{Error, Interrupted, Timeout};
+    matches!(r.status, Error | Timeout | Interrupted)
+        .then(|| r.error.as_deref().unwrap_or(r.status.name()))
 }
 
 fn side(path: &Path, r: &RunReport) -> Side {
@@ -408,6 +425,9 @@ pub fn render(c: &Comparison) -> String {
     times_text(&mut out, &c.times);
     checks_text(&mut out, &c.checks);
     figures_text(&mut out, &c.figures);
+    if let Some(why) = &c.run_regressed {
+        let _ = writeln!(out, "\nrun regressed: it ended early: {}", first_line(why));
+    }
     let _ = writeln!(out);
     let verdict = if c.nothing_changed {
         "nothing changed".to_string()
@@ -416,8 +436,13 @@ pub fn render(c: &Comparison) -> String {
     } else {
         let checks = c.checks.iter().filter(|x| x.change == Change::Regressed);
         let figures = c.figures.iter().filter(|x| x.change == Change::Regressed);
+        let run = if c.run_regressed.is_some() {
+            "the run, "
+        } else {
+            ""
+        };
         format!(
-            "{} ({}, {})",
+            "{} ({run}{}, {})",
             count(c.regressions, "regression", "regressions"),
             count(checks.count(), "check", "checks"),
             count(figures.count(), "figure", "figures")
@@ -716,5 +741,29 @@ mod tests {
             "{}",
             render(&c)
         );
+    }
+
+    #[test]
+    fn a_run_that_ended_early_is_a_regression_even_with_no_check_left() {
+        let old = fixture("passing");
+        let mut new = old.clone();
+        new.layers.clear();
+        new.status = crate::error::RunStatus::Error;
+        new.error = Some("node03 did not boot: kernel panic".into());
+        let c = compare(Path::new("o"), &old, Path::new("n"), &new);
+        assert!(c.checks.iter().all(|c| c.change == Change::Removed));
+        assert_eq!((c.regressions, c.exit_code), (1, EXIT_CHECK_FAILED));
+        let text = render(&c);
+        assert!(
+            text.contains("run regressed: it ended early: node03 did not boot"),
+            "{text}"
+        );
+        assert!(
+            text.contains("1 regression (the run, 0 checks, 0 figures)"),
+            "{text}"
+        );
+        // Both ended early: nothing new about the run.
+        let c = compare(Path::new("n"), &new, Path::new("n"), &new);
+        assert_eq!((c.regressions, c.exit_code), (0, EXIT_PASS));
     }
 }
