@@ -8,7 +8,7 @@
 
 mod common;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -1291,4 +1291,30 @@ fn reference_cluster_end_to_end() {
 
     warm_restore_passes_smoke(&state);
     fresh_smoke_passes_with_evidence(&state);
+    compare_two_real_runs();
+}
+
+/// `compare` on two real runs of this suite: the warm smoke against the
+/// fresh one. Their checks are the same; the boot differs and is named. The
+/// exit code follows what the comparison found, in both forms.
+fn compare_two_real_runs() {
+    let warm = artifacts_dir().join("warm/smoke/latest");
+    let fresh = artifacts_dir().join("fresh/smoke/latest");
+    let (w, f) = (warm.to_str().unwrap(), fresh.to_str().unwrap());
+    let out = common::echo(
+        &["compare", w, f],
+        common::bin().args(["compare", w, f]).output().unwrap(),
+    );
+    let text = stdout(&out);
+    assert!(text.contains("boot"), "{text}");
+    let json = common::bin()
+        .args(["compare", "--json", w, f])
+        .output()
+        .unwrap();
+    let doc: Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(doc["exit_code"], json!(out.status.code().unwrap()), "{doc}");
+    assert_eq!(json.status.code(), out.status.code());
+    let itself = common::bin().args(["compare", w, w]).output().unwrap();
+    assert_eq!(itself.status.code(), Some(0));
+    assert!(stdout(&itself).contains("nothing changed"));
 }
