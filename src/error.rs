@@ -10,10 +10,13 @@
 //! | 124 | the global `--timeout` expired; artifacts written, everything started torn down |
 //! | 130 | interrupted (Ctrl-C); everything started was torn down |
 //!
-//! Each area has its own error type (`SpecError`, `StateError`,
-//! `GuestError`, `WaitError`, ...). Where one of them means "refused before
-//! anything started", the code that raises it wraps it in [`BadInput`]:
-//! only the raiser knows whether anything had started.
+//! Each area has its own error type (`StateError`, `GuestError`,
+//! `WaitError`, ...). Where one of them means "refused before anything
+//! started", the code that raises it wraps it in [`BadInput`]: only the
+//! raiser knows whether anything had started. The one exception is
+//! [`SpecError`], always bad input: it is declared here (and re-exported as
+//! `spec::SpecError`) so that this module, which everything uses, depends
+//! on nothing else of the crate.
 //!
 //! Every error also has a stable name, its [`ErrorKind`] (`kernel_panic`,
 //! `port_taken`, `disk_full`, ...), printed as `error[kind]: ...` and kept
@@ -21,8 +24,8 @@
 //! for it. The raiser names it with [`named`]; errors nobody named fall
 //! back to what their types say, and then to `infra`.
 
-use crate::spec::SpecError;
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 
 pub const EXIT_PASS: u8 = 0;
 pub const EXIT_CHECK_FAILED: u8 = 1;
@@ -44,6 +47,34 @@ impl BadInput {
         BadInput(Box::new(e)).into()
     }
 }
+
+/// A refusal of a definition (a cluster or lane file), pointing at the file,
+/// line and field. Built by `SpecError::at` and `SpecError::from_toml` in
+/// `spec` (spec/load.rs), which know how to find a line in the text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for SpecError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.field,
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for SpecError {}
 
 /// The user pressed Ctrl-C (or the process got SIGTERM).
 #[derive(Debug, thiserror::Error)]

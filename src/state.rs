@@ -13,7 +13,9 @@
 //!                              config.img, qmp.sock, qemu.pid, .photon-node
 //! <state>/snapshots/<name>/    saved clusters (snapshot.rs)
 //! ```
-//! A node may not take the name of one of the other entries (`RESERVED`).
+//! A node may not take the name of one of the other entries: the list is
+//! `spec::RESERVED`, kept in the definition (which refuses such node names)
+//! because state builds on spec and not the other way round.
 
 use crate::error::BadInput;
 use crate::fabric::PortForward;
@@ -29,18 +31,6 @@ use std::path::{Path, PathBuf};
 
 /// The file that marks a directory of the state directory as a node's.
 const NODE_MARK: &str = ".photon-node";
-
-/// Names the state directory uses itself, so no node may have them.
-pub const RESERVED: [&str; 8] = [
-    "images",
-    "ssh",
-    "snapshots",
-    "fabric",
-    "probe",
-    "nodes",
-    "lock",
-    "cluster",
-];
 
 /// The state directory for a profile: `${PHOTON_VM_DIR:-$HOME/.photoncloud-test-cluster}`
 /// with `-<suffix>` appended for non-default profiles.

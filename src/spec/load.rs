@@ -4,9 +4,9 @@
 //! `cluster.toml:42:8: node[3].role: unknown role ...`.
 
 use super::{Cluster, Forward, ImageSource, Network, Node, Proto, Role, Subnet};
+use crate::error::SpecError;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 use std::net::Ipv4Addr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -112,32 +112,8 @@ fn default_vcpus() -> u32 {
     1
 }
 
-/// A refusal of the definition, pointing at the file, line and field.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SpecError {
-    pub file: PathBuf,
-    pub line: usize,
-    pub column: usize,
-    pub field: String,
-    pub message: String,
-}
-
-impl fmt::Display for SpecError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}: {}",
-            self.file.display(),
-            self.line,
-            self.column,
-            self.field,
-            self.message
-        )
-    }
-}
-
-impl std::error::Error for SpecError {}
-
+// The type itself is declared in `error` (see there why); how it is built
+// from a file's text stays here, with the reading it points into.
 impl SpecError {
     /// An error at byte range `span` of `text`, which was read from `file`.
     pub fn at(
@@ -246,14 +222,14 @@ fn validate(spec: &ClusterSpec, at: &At) -> Result<Subnet, SpecError> {
                 format!("{name:?} is not a valid host name (letters, digits and '-')"),
             ));
         }
-        if crate::state::RESERVED.contains(&name) {
+        if super::RESERVED.contains(&name) {
             return Err(at(
                 Some(node.name.span()),
                 &field("name"),
                 format!(
                     "{name:?} is a name the state directory uses itself ({}); \
                      choose another node name",
-                    crate::state::RESERVED.join(", ")
+                    super::RESERVED.join(", ")
                 ),
             ));
         }

@@ -7,7 +7,8 @@
 
 mod load;
 
-pub use load::{SpecError, parse};
+pub use crate::error::SpecError;
+pub use load::parse;
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -22,6 +23,20 @@ pub const PROFILES: &[(&str, &str)] = &[
         "reference-storage",
         include_str!("../../profiles/reference-storage.toml"),
     ),
+];
+
+/// Names the state directory (`state`) uses itself, so no node may have
+/// them. They live here, not in `state`, so that validating a definition
+/// does not depend on the state directory: state builds on spec.
+pub const RESERVED: [&str; 8] = [
+    "images",
+    "ssh",
+    "snapshots",
+    "fabric",
+    "probe",
+    "nodes",
+    "lock",
+    "cluster",
 ];
 
 /// A definition that passed validation.
