@@ -1048,8 +1048,12 @@ fn guards_and_limits_on_the_running_cluster(state: &Path) {
 
     // The lane's global timeout: it stops mid-lane, collects the evidence,
     // writes the artifacts with status timeout and exits 124; the cluster
-    // it did not start keeps running.
+    // it did not start keeps running. The lane's check sleeps 600 s, so the
+    // timeout decides the end however fast the machine is (a fast CI
+    // machine once finished the whole smoke lane inside 20 s).
     let root = artifacts_dir().join("timeout");
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/outlasts-timeout.toml");
     let t = Instant::now();
     let out = common::run(
         state,
@@ -1057,17 +1061,22 @@ fn guards_and_limits_on_the_running_cluster(state: &Path) {
             "--timeout",
             "20",
             "smoke",
+            "--lane-file",
+            fixture.to_str().unwrap(),
             "--artifacts",
             root.to_str().unwrap(),
         ],
     );
-    eprintln!(
-        "smoke --timeout 20: exited after {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
+    let took = t.elapsed().as_secs_f64();
+    eprintln!("smoke --timeout 20 on a 600 s check: exited after {took:.1} s");
     assert_eq!(out.status.code(), Some(124), "lane timeout");
     assert!(String::from_utf8_lossy(&out.stderr).contains("error[timeout]"));
-    let dir = root.join("smoke/latest");
+    // Ended by the timeout, not by the check: well before the 600 s sleep.
+    assert!(
+        took < 300.0,
+        "the timeout did not end the lane: {took:.1} s"
+    );
+    let dir = root.join("outlasts-timeout/latest");
     let result = read_json(&dir.join("result.json"));
     assert_eq!(result["status"], "timeout");
     assert_eq!(result["exit_code"], 124);
