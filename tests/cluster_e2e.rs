@@ -1,8 +1,11 @@
-//! End to end: real QEMU guests of the reference cluster. Boot is the
-//! expensive part, so there are two cold boots in all: one `start` shared by
-//! the CLI assertions, the lanes and the broken-on-purpose smoke (and saved
-//! as a snapshot right after it is ready), and one `fresh-smoke`. Tests that
-//! need a clean cluster again restore the snapshot (`--warm`).
+//! End to end: real QEMU guests of the reference cluster, as scenarios
+//! `s01`..`s14` that run in the order of their names and share one booted
+//! cluster. Boot is the expensive part, so there are two cold boots in all:
+//! one `start` (s02, saved as the `default` snapshot right after it is
+//! ready) shared by the CLI assertions, the lanes and the broken-on-purpose
+//! smoke, and one `fresh-smoke` (s13). A scenario that needs a clean
+//! cluster again, or runs alone, or follows one that failed, restores the
+//! snapshot (`ready_cluster`).
 //!
 //! Images are built (or found cached) in the shared test state directory.
 
@@ -82,8 +85,12 @@ fn sigkill_during_start_is_reaped_by_the_next_command(state: &Path) {
     let out = common::run(state, &["status"]);
     assert_eq!(out.status.code(), Some(0));
     assert!(stdout(&out).contains("is starting"), "{}", stdout(&out));
+    // "At once" against a boot of minutes: it does not wait for `start`.
+    // The bound is loose because a busy host can stall any process for
+    // seconds; a `status` that waited for the boot would take minutes.
+    eprintln!("status during start: {:.1} s", t.elapsed().as_secs_f64());
     assert!(
-        t.elapsed() < Duration::from_secs(5),
+        t.elapsed() < Duration::from_secs(30),
         "status took {:?}",
         t.elapsed()
     );
@@ -102,7 +109,7 @@ fn sigkill_during_start_is_reaped_by_the_next_command(state: &Path) {
     let t = Instant::now();
     while !common::pids_mentioning("fabric-switch", needle).is_empty() {
         assert!(
-            t.elapsed() < Duration::from_secs(5),
+            t.elapsed() < Duration::from_secs(30),
             "the fabric switch outlived its cluster"
         );
         std::thread::sleep(Duration::from_millis(100));
@@ -280,7 +287,9 @@ fn pass_or_tcg_degraded(result: &Value, layer: &str) {
 /// The other lanes on the same booted cluster: the provider and VM-hosting
 /// proof with its artifact subtrees, the matrix, the storage benchmark, and
 /// a migration whose volume is not shared, which must fail.
-fn lanes_on_the_running_cluster(state: &Path) {
+/// The proof lane: DNS, the load balancer drain, the VM live migration on
+/// a shared volume, and every provider lifecycle's evidence.
+fn proof_lane(state: &Path) {
     let (result, dir) = lane(
         state,
         "provider-vm-reality-proof",
@@ -323,7 +332,11 @@ fn lanes_on_the_running_cluster(state: &Path) {
         "vm-hosting/migration.json"
     );
     provider_lifecycles(&dir, &migration);
+}
 
+/// The matrix lane: every composed layer passes (nested ones pass or are
+/// degraded under TCG) and the faults layer keeps its evidence.
+fn matrix_lane(state: &Path) {
     let (result, dir) = lane(state, "matrix", "matrix");
     for layer in [
         "boot",
@@ -342,7 +355,10 @@ fn lanes_on_the_running_cluster(state: &Path) {
     }
     pass_or_tcg_degraded(&result, "hosting");
     matrix_faults_layer(&result, &dir);
+}
 
+/// The reference profile's storage bench: qemu-img bench between workers.
+fn bench_storage_lane(state: &Path) {
     let (result, dir) = lane(state, "bench-storage", "bench-storage");
     let bench = common::check(&result, "remote-vs-local-export@node04");
     assert_eq!(bench["outcome"], "pass", "{bench}");
@@ -358,7 +374,11 @@ fn lanes_on_the_running_cluster(state: &Path) {
         );
     }
     assert!(dir.join("bench/storage-node04.json").is_file());
+}
 
+/// Lanes broken on purpose: an ACL left blocking, Ctrl-C during the tenant
+/// network's lifecycle, and a migration onto a volume that is not shared.
+fn lanes_broken_on_purpose(state: &Path) {
     // Zero the destination's own volume where the check writes its pattern,
     // so that only a really shared volume could hold it.
     let out = common::run(
@@ -878,22 +898,27 @@ fn fresh_smoke_passes_with_evidence(state: &Path) {
 /// 20 s and be `unreachable` (with its `error`): it is asked again, up to
 /// three times, 15 s apart. The last answer is returned either way.
 fn status_when_ready(state: &Path, extra: &[&str]) -> Value {
-    let mut status = Value::Null;
-    for attempt in 1..=3 {
+    // Waits with a deadline (a node may still be catching up after a save
+    // or a restore on a busy host) and says how long it took.
+    let t = Instant::now();
+    loop {
         let out = common::run(state, &[extra, &["status", "--json"]].concat());
         assert_eq!(out.status.code(), Some(0));
-        status = serde_json::from_slice(&out.stdout).unwrap();
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap();
         let nodes = status["nodes"].as_array().unwrap();
         if nodes.iter().all(|n| n["state"] == "ready") {
-            break;
+            eprintln!("every node ready after {:.1} s", t.elapsed().as_secs_f64());
+            return status;
         }
         for n in nodes.iter().filter(|n| n["state"] == "unreachable") {
             assert!(n["error"].is_string(), "unreachable says why: {n}");
         }
-        eprintln!("status attempt {attempt}: not every node is ready yet");
-        std::thread::sleep(std::time::Duration::from_secs(15));
+        if t.elapsed() > Duration::from_secs(120) {
+            eprintln!("not every node ready after 120 s");
+            return status;
+        }
+        std::thread::sleep(Duration::from_secs(3));
     }
-    status
 }
 
 /// Saves the ready cluster as the `default` snapshot; it keeps running.
@@ -1166,30 +1191,200 @@ fn a_second_profile_runs_beside_it(state: &Path) {
     }
 }
 
-#[test]
-fn reference_cluster_end_to_end() {
+/// The shared state directory with the images built and no cluster left
+/// over from an aborted earlier run.
+fn built_state() -> std::path::PathBuf {
     let state = common::state_dir();
-    let needle = state.to_str().unwrap().to_string();
     assert_eq!(
         common::run(&state, &["build"]).status.code(),
         Some(0),
         "build"
     );
-    // A cluster left over from an aborted earlier run must not leak into this one.
     common::run(&state, &["stop", "--grace", "5"]);
-    let _stop = StopOnPanic(state.clone());
+    state
+}
 
-    interrupt_during_start_leaves_nothing(&state);
-    sigkill_during_start_is_reaped_by_the_next_command(&state);
+/// Whether the shared cluster runs and every node is ready.
+fn cluster_is_ready(state: &Path) -> bool {
+    let out = common::run(state, &["status", "--json"]);
+    if out.status.code() != Some(0) {
+        return false;
+    }
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    status["nodes"]
+        .as_array()
+        .is_some_and(|n| !n.is_empty() && n.iter().all(|n| n["state"] == "ready"))
+}
 
-    // The first boot after the image build has been the slowest here (470-
-    // 600 s on a busy host, against 240 s later in the same run): it gets
-    // twice the default ready timeout, so that a slow host is measured, not failed.
+/// Boots the shared cluster cold and saves it as the `default` snapshot.
+/// The first boot after the image build has been the slowest here (470-600
+/// s on a busy host, against 240 s later in the same run): it gets twice
+/// the default ready timeout, so that a slow host is measured, not failed.
+fn boot_cold(state: &Path) {
     let t = Instant::now();
-    let out = common::run(&state, &["start", "--ready-timeout", "1200"]);
+    let out = common::run(state, &["start", "--ready-timeout", "1200"]);
     assert_eq!(out.status.code(), Some(0), "start");
     eprintln!("boot-to-ready: {:.1} s", t.elapsed().as_secs_f64());
+}
 
+/// The shared cluster, running and ready, for a scenario that needs one.
+/// The cold-boot scenario boots it and saves the `default` snapshot; a
+/// scenario run alone, or after one that failed and stopped the cluster,
+/// gets it back from that snapshot (a warm restore, seconds instead of a
+/// boot), or boots and saves it when there is no usable snapshot.
+fn ready_cluster() -> std::path::PathBuf {
+    let state = common::state_dir();
+    if cluster_is_ready(&state) {
+        return state;
+    }
+    let state = built_state();
+    if state.join("snapshots/default/manifest.json").is_file() {
+        let out = common::run(&state, &["start", "--warm"]);
+        if out.status.code() == Some(0) && cluster_is_ready(&state) {
+            return state;
+        }
+        common::run(&state, &["stop", "--grace", "5"]);
+    }
+    boot_cold(&state);
+    snapshot_the_ready_cluster(&state);
+    state
+}
+
+// The scenarios run in the order of their names (libtest sorts them; the
+// suite runs with --test-threads=1), sharing one booted cluster. Each one
+// can also run alone (`cargo test --test cluster_e2e s05`): it gets the
+// cluster it needs from `ready_cluster`. A failed scenario stops the
+// cluster (`StopOnPanic`), and the next restores the snapshot, so one
+// failure hides nothing after it.
+
+#[test]
+fn s01_interrupt_and_sigkill_during_start() {
+    let state = built_state();
+    let _stop = StopOnPanic(state.clone());
+    interrupt_during_start_leaves_nothing(&state);
+    sigkill_during_start_is_reaped_by_the_next_command(&state);
+}
+
+#[test]
+fn s02_cold_boot_and_the_cli() {
+    let state = built_state();
+    let _stop = StopOnPanic(state.clone());
+    boot_cold(&state);
+    the_cli_on_the_ready_cluster(&state);
+    snapshot_the_ready_cluster(&state);
+}
+
+#[test]
+fn s03_guards_and_limits() {
+    let state = ready_cluster();
+    let _stop = StopOnPanic(state.clone());
+    guards_and_limits_on_the_running_cluster(&state);
+}
+
+#[test]
+fn s04_a_second_profile_beside_it() {
+    let state = ready_cluster();
+    let _stop = StopOnPanic(state.clone());
+    a_second_profile_runs_beside_it(&state);
+}
+
+#[test]
+fn s05_faults_by_hand() {
+    let state = ready_cluster();
+    let _stop = StopOnPanic(state.clone());
+    faults_by_hand(&state);
+}
+
+#[test]
+fn s06_smoke_fails_at_the_broken_unit() {
+    let state = ready_cluster();
+    let _stop = StopOnPanic(state.clone());
+    smoke_fails_at_the_broken_unit(&state);
+}
+
+#[test]
+fn s07_proof_lane() {
+    let state = ready_cluster();
+    let _stop = StopOnPanic(state.clone());
+    proof_lane(&state);
+}
+
+#[test]
+fn s08_matrix_lane() {
+    let state = ready_cluster();
+    let _stop = StopOnPanic(state.clone());
+    matrix_lane(&state);
+}
+
+#[test]
+fn s09_bench_storage_lane() {
+    let state = ready_cluster();
+    let _stop = StopOnPanic(state.clone());
+    bench_storage_lane(&state);
+}
+
+#[test]
+fn s10_lanes_broken_on_purpose() {
+    let state = ready_cluster();
+    let _stop = StopOnPanic(state.clone());
+    lanes_broken_on_purpose(&state);
+}
+
+#[test]
+fn s11_stop_leaves_nothing() {
+    let state = ready_cluster();
+    let _stop = StopOnPanic(state.clone());
+    stop_leaves_nothing(&state);
+}
+
+#[test]
+fn s12_warm_restore_passes_smoke() {
+    let state = ready_cluster();
+    common::run(&state, &["stop"]);
+    let _stop = StopOnPanic(state.clone());
+    warm_restore_passes_smoke(&state);
+}
+
+#[test]
+fn s13_fresh_smoke_passes_with_evidence() {
+    let state = built_state();
+    let _stop = StopOnPanic(state.clone());
+    fresh_smoke_passes_with_evidence(&state);
+}
+
+#[test]
+fn s14_compare_two_real_runs() {
+    compare_two_real_runs();
+}
+
+/// `stop`: no QEMU remains, cluster.json is gone, and each console is kept
+/// where the seed documents it: `<state-dir>/<node>/vm.log`.
+fn stop_leaves_nothing(state: &Path) {
+    let needle = state.to_str().unwrap().to_string();
+    let status = status_when_ready(state, &[]);
+    let out = common::run(state, &["stop"]);
+    assert_eq!(out.status.code(), Some(0), "stop");
+    assert_eq!(
+        common::qemu_pids_mentioning(&needle),
+        Vec::<i32>::new(),
+        "no QEMU may remain after stop"
+    );
+    assert!(!state.join("cluster.json").exists());
+    for n in status["nodes"].as_array().unwrap() {
+        let log = state.join(n["name"].as_str().unwrap()).join("vm.log");
+        assert!(
+            std::fs::metadata(&log).unwrap().len() > 0,
+            "{} kept",
+            log.display()
+        );
+    }
+}
+
+/// Right after the cold boot: every node ready with its units active, the
+/// accelerator's fallback explained, the preflight agreeing with it, a
+/// second start refused, and `ssh` passing commands, quoting and exit codes.
+fn the_cli_on_the_ready_cluster(state: &Path) {
+    let state = state.to_path_buf();
     let status = status_when_ready(&state, &[]);
     let nodes = status["nodes"].as_array().unwrap();
     assert_eq!(nodes.len(), 6);
@@ -1272,35 +1467,6 @@ fn reference_cluster_end_to_end() {
         &["ssh", "node01", "--", "printf", "[%s]", "a b", "it's", ""],
     );
     assert_eq!(stdout(&out), "[a b][it's][]");
-
-    snapshot_the_ready_cluster(&state);
-    guards_and_limits_on_the_running_cluster(&state);
-    a_second_profile_runs_beside_it(&state);
-    faults_by_hand(&state);
-    smoke_fails_at_the_broken_unit(&state);
-    lanes_on_the_running_cluster(&state);
-
-    let out = common::run(&state, &["stop"]);
-    assert_eq!(out.status.code(), Some(0), "stop");
-    assert_eq!(
-        common::qemu_pids_mentioning(&needle),
-        Vec::<i32>::new(),
-        "no QEMU may remain after stop"
-    );
-    assert!(!state.join("cluster.json").exists());
-    // Each console is where the seed documents it: <state-dir>/<node>/vm.log.
-    for n in nodes {
-        let log = state.join(n["name"].as_str().unwrap()).join("vm.log");
-        assert!(
-            std::fs::metadata(&log).unwrap().len() > 0,
-            "{} kept",
-            log.display()
-        );
-    }
-
-    warm_restore_passes_smoke(&state);
-    fresh_smoke_passes_with_evidence(&state);
-    compare_two_real_runs();
 }
 
 /// `compare` on two real runs of this suite: the warm smoke against the

@@ -227,7 +227,13 @@ fn qemu_killed_mid_lane_fails_its_checks_at_once() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_secs(10));
+    // Kill QEMU while the sleeper runs: wait until the guest shows it.
+    common::run_until(
+        &state,
+        &["--cluster", c, "ssh", "solo", "pgrep -x sleep"],
+        0,
+        std::time::Duration::from_secs(180),
+    );
     let pid: i32 = fs::read_to_string(tmp.path().join("state-one-node/solo/qemu.pid"))
         .unwrap()
         .trim()
