@@ -416,33 +416,33 @@ fn provider_lifecycles(dir: &Path, migration: &Value) {
     let net = read_json(&dir.join("network-provider/prismnet-tenant-network.json"));
     assert_eq!(net["outcome"], "pass", "{net}");
     let steps = net["evidence"]["steps"].as_array().unwrap();
-    let step = |name: &str| {
+    let step = |id: &str| {
         steps
             .iter()
-            .rfind(|s| s["step"] == name)
-            .unwrap_or_else(|| panic!("no step {name:?}: {net}"))
+            .rfind(|s| s["id"] == id)
+            .unwrap_or_else(|| panic!("no step {id:?}: {net}"))
     };
     assert!(
-        step("get router")["output"]
+        step("get-router")["output"]
             .as_str()
             .unwrap()
             .contains("tenant-a-vpc")
     );
     assert!(
-        step("get security group")["output"]
+        step("get-security-group")["output"]
             .as_str()
             .unwrap()
             .contains("allow-related")
     );
-    assert_eq!(step("traffic before the ACL change")["exit"], 0);
+    assert_eq!(step("traffic-before")["exit"], 0);
     assert!(
-        step("traffic during the ACL change")["output"]
+        step("traffic-blocked")["output"]
             .as_str()
             .unwrap()
             .contains("100% packet loss")
     );
-    assert_eq!(step("traffic after the ACL change is undone")["exit"], 0);
-    assert_eq!(step("nothing left behind")["output"], "");
+    assert_eq!(step("traffic-restored")["exit"], 0);
+    assert_eq!(step("nothing-left")["output"], "");
 
     let dns = read_json(&dir.join("network-provider/flashdns-runtime-record.json"));
     assert_eq!(dns["outcome"], "pass", "{dns}");
@@ -519,7 +519,7 @@ fn acl_left_blocking_fails(state: &Path) {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|s| s["step"] == "traffic before the ACL change")
+        .filter(|s| s["id"] == "traffic-before")
         .collect();
     assert!(
         pings
@@ -611,9 +611,9 @@ fn interrupt_during_tenant_network_tears_down(state: &Path) {
     let c = common::check(&result, "tenant-network");
     let steps = c["evidence"]["steps"].as_array().unwrap();
     assert!(
-        steps
-            .iter()
-            .any(|s| s["step"].as_str().unwrap().starts_with("teardown")),
+        steps.iter().any(
+            |s| s["id"].as_str().unwrap().starts_with("teardown") && s["outcome"] == "teardown"
+        ),
         "{c}"
     );
     assert!(

@@ -3,7 +3,14 @@
 
 use super::{Check, Ctx, Verdict, require_forward};
 use crate::spec::{Cluster, Proto};
+use anyhow::{Context, Result, bail};
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RData, RecordType};
 use serde::Deserialize;
+use serde_json::json;
+use std::net::{Ipv4Addr, UdpSocket};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
 
 /// `dns`: a query over UDP from the host through the target's UDP forward.
 #[derive(Debug, Deserialize)]
@@ -48,14 +55,6 @@ impl Check for Dns {
         )
     }
 }
-
-use anyhow::{Context, Result, bail};
-use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::{Name, RData, RecordType};
-use serde_json::json;
-use std::net::{Ipv4Addr, UdpSocket};
-use std::str::FromStr;
-use std::time::{Duration, Instant};
 
 #[allow(clippy::too_many_arguments)]
 pub fn query(

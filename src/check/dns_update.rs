@@ -14,7 +14,18 @@ use super::dns::{self, Answer};
 use super::{Check, Ctx, Verdict, require_forward};
 use crate::provision::dns::{TSIG_KEY, TSIG_SECRET_FILE};
 use crate::spec::{Cluster, Proto, Role};
+use anyhow::{Context, Result, bail};
+use base64::Engine;
+use hickory_proto::dnssec::rdata::tsig::TsigAlgorithm;
+use hickory_proto::dnssec::tsig::TSigner;
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode, UpdateMessage};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use serde::Deserialize;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// `dns_update`: add an A record through a signed update to the primary,
 /// see it on every server, remove it, see it gone everywhere.
@@ -199,18 +210,6 @@ impl Check for DnsUpdate {
         ))
     }
 }
-
-use anyhow::{Context, Result, bail};
-use base64::Engine;
-use hickory_proto::dnssec::rdata::tsig::TsigAlgorithm;
-use hickory_proto::dnssec::tsig::TSigner;
-use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode, UpdateMessage};
-use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
-use serde_json::{Value, json};
-use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The secret's text, from `<state>/ssh/` (beside the cluster's SSH key).
 fn read_secret(ctx: &Ctx) -> Result<String> {

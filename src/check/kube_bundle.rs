@@ -11,13 +11,14 @@
 //! the new one starts: Kubernetes' Recreate strategy, not a rolling update
 //! with overlap); the evidence records how long the service was away.
 
+use super::procedure::Procedure;
 use super::{Check, Ctx, Verdict};
 use crate::guest::Guest;
 use crate::spec::Cluster;
 use crate::wait::{Pause, Probe, Wait};
 use anyhow::{Result, bail};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -70,75 +71,48 @@ impl Check for KubeBundle {
 
     fn attempt(&self, ctx: &Ctx, target: Option<&str>, budget: Duration) -> Result<Verdict> {
         let node = ctx.node(target)?;
-        let mut b = Bundle {
-            guest: ctx.guests.get(node)?,
+        let address = ctx.cluster.node(node).map(|n| n.address.to_string());
+        let service = Service {
             client: ctx.guests.get(&self.client)?,
-            url: format!(
-                "http://{}:{}/",
-                ctx.cluster
-                    .node(node)
-                    .map(|n| n.address.to_string())
-                    .unwrap_or_default(),
-                self.port
-            ),
-            port: self.port,
-            node: node.to_string(),
-            ev: json!({ "node": node, "client": self.client }),
-            deadline: Instant::now() + budget,
+            url: format!("http://{}:{}/", address.unwrap_or_default(), self.port),
         };
-        match b.lifecycle() {
-            Ok(summary) => Ok(Verdict::pass(summary, b.ev)),
-            Err(e) => {
-                let _ = b.guest.exec(
+        Ok(Procedure::new(ctx, node, budget)?.conclude(
+            |run| lifecycle(run, &service, node, self.port),
+            |run| {
+                run.step(
+                    "teardown",
+                    "take the bundle down",
+                    None,
                     &format!(
                         "podman kube down {DIR}/{APP}-v2.yaml; podman kube down {DIR}/{APP}-v1.yaml"
                     ),
-                    Duration::from_secs(60),
-                );
-                Ok(Verdict::fail(e.to_string(), b.ev))
-            }
-        }
+                )
+                .map(|_| ())
+            },
+            json!({ "node": node, "client": self.client }),
+        ))
     }
 }
 
-struct Bundle {
-    guest: Arc<Guest>,
+/// The bundle's service, as its client node reaches it.
+struct Service {
     client: Arc<Guest>,
     url: String,
-    port: u16,
-    node: String,
-    ev: Value,
-    deadline: Instant,
 }
 
-impl Bundle {
-    /// Runs `command` on the bundle's node; keeps its output under `key`.
-    fn on_node(&mut self, key: &str, command: &str) -> Result<String> {
-        if crate::interrupted() {
-            return Err(crate::stop_error());
-        }
-        let out = self.guest.exec(command, Duration::from_secs(120))?;
-        let text = format!("{}{}", out.stdout, out.stderr)
-            .trim_end()
-            .to_string();
-        self.ev[key] = json!({ "command": command, "exit": out.code, "output": text });
-        if !out.ok() {
-            bail!(
-                "{key} on {} failed: {}",
-                self.node,
-                text.lines().last().unwrap_or("")
-            );
-        }
-        Ok(out.stdout)
-    }
-
+impl Service {
     /// Asks the service from the client until `ok` holds for the answer
-    /// (None: the port does not answer); the answer and the seconds taken.
-    fn ask_until(&self, ok: impl Fn(Option<&str>) -> bool) -> Result<(Option<String>, f64)> {
+    /// (None: the port does not answer), by the procedure's deadline; the
+    /// answer and the seconds taken.
+    fn ask_until(
+        &self,
+        run: &Procedure,
+        ok: impl Fn(Option<&str>) -> bool,
+    ) -> Result<(Option<String>, f64)> {
         let started = Instant::now();
         let what = format!("{} from {}", self.url, self.client.endpoint.node);
         let answer = Wait::new(what, Duration::ZERO)
-            .until(self.deadline)
+            .until(run.deadline())
             .pause(Pause::Every(Duration::from_millis(300)))
             .run(|| {
                 let out = self.client.exec(
@@ -157,63 +131,85 @@ impl Bundle {
             })?;
         Ok((answer, started.elapsed().as_secs_f64()))
     }
+}
 
-    fn lifecycle(&mut self) -> Result<String> {
-        let pods = format!(
-            "podman pod ps --filter name={APP} --format '{{{{.Name}}}} {{{{.Id}}}} {{{{.Status}}}}'"
-        );
-        self.on_node("images_built", &build_images(self.port))?;
-        self.ev["manifest_v1"] = json!(manifest("v1", self.port));
-        self.on_node("play_v1", &format!("podman kube play {DIR}/{APP}-v1.yaml"))?;
-        let v1 = self.on_node("pod_v1", &pods)?;
-        if !v1.contains("Running") {
-            bail!("the pod is not running after kube play: {}", v1.trim());
-        }
-        let (answer, secs) = self.ask_until(|a| a.is_some_and(|a| a.contains("v1")))?;
-        self.ev["service_v1"] = json!({ "answer": answer, "seconds": secs });
-
-        // A new revision: the manifest names the v2 image.
-        self.ev["manifest_v2"] = json!(manifest("v2", self.port));
-        let started = Instant::now();
-        self.on_node(
-            "play_v2_replace",
-            &format!("podman kube play --replace {DIR}/{APP}-v2.yaml"),
-        )?;
-        let (answer, _) = self.ask_until(|a| a.is_some_and(|a| a.contains("v2")))?;
-        let replaced_s = started.elapsed().as_secs_f64();
-        let v2 = self.on_node("pod_v2", &pods)?;
-        let id = |s: &str| s.split_whitespace().nth(1).map(str::to_string);
-        if id(&v1) == id(&v2) || !v2.contains("Running") {
-            bail!(
-                "the replacement did not make a new running pod: {} -> {}",
-                v1.trim(),
-                v2.trim()
-            );
-        }
-        self.ev["service_v2"] = json!({ "answer": answer, "seconds_since_replace": replaced_s });
-
-        // Removal: no pod, no container, and the port is closed.
-        self.on_node("down", &format!("podman kube down {DIR}/{APP}-v2.yaml"))?;
-        let left = self.on_node(
-            "left_after_down",
-            &format!(
-                "podman pod ps -q --filter name={APP}; podman ps -aq --filter label=app={APP}"
-            ),
-        )?;
-        if !left.trim().is_empty() {
-            bail!(
-                "left behind after kube down: {}",
-                left.split_whitespace().collect::<Vec<_>>().join(" ")
-            );
-        }
-        let (_, closed_s) = self.ask_until(|a| a.is_none())?;
-        self.ev["closed_after_s"] = json!(closed_s);
-        Ok(format!(
-            "Deployment {APP} ran on {} and answered {} from {}; replaced by v2 in {replaced_s:.1} s \
-             (Recreate: old pod down first); removed with nothing left",
-            self.node, self.url, self.client.endpoint.node
-        ))
+/// Deploy v1, reach it, replace it by v2 (a new pod), reach that, take it
+/// down and prove nothing is left and the port is closed.
+fn lifecycle(run: &mut Procedure, service: &Service, node: &str, port: u16) -> Result<String> {
+    let pods = format!(
+        "podman pod ps --filter name={APP} --format '{{{{.Name}}}} {{{{.Id}}}} {{{{.Status}}}}'"
+    );
+    run.must(
+        "images-built",
+        "build images v1 and v2",
+        None,
+        &build_images(port),
+    )?;
+    run.note("manifest_v1", json!(manifest("v1", port)));
+    run.must(
+        "play-v1",
+        "kube play v1",
+        None,
+        &format!("podman kube play {DIR}/{APP}-v1.yaml"),
+    )?;
+    let v1 = run.must_stdout("pod-v1", "pod of v1", None, &pods)?;
+    if !v1.contains("Running") {
+        bail!("the pod is not running after kube play: {}", v1.trim());
     }
+    let (answer, secs) = service.ask_until(run, |a| a.is_some_and(|a| a.contains("v1")))?;
+    run.note("service_v1", json!({ "answer": answer, "seconds": secs }));
+
+    // A new revision: the manifest names the v2 image.
+    run.note("manifest_v2", json!(manifest("v2", port)));
+    let started = Instant::now();
+    run.must(
+        "play-v2-replace",
+        "kube play --replace v2",
+        None,
+        &format!("podman kube play --replace {DIR}/{APP}-v2.yaml"),
+    )?;
+    let (answer, _) = service.ask_until(run, |a| a.is_some_and(|a| a.contains("v2")))?;
+    let replaced_s = started.elapsed().as_secs_f64();
+    let v2 = run.must_stdout("pod-v2", "pod of v2", None, &pods)?;
+    let id = |s: &str| s.split_whitespace().nth(1).map(str::to_string);
+    if id(&v1) == id(&v2) || !v2.contains("Running") {
+        bail!(
+            "the replacement did not make a new running pod: {} -> {}",
+            v1.trim(),
+            v2.trim()
+        );
+    }
+    run.note(
+        "service_v2",
+        json!({ "answer": answer, "seconds_since_replace": replaced_s }),
+    );
+
+    // Removal: no pod, no container, and the port is closed.
+    run.must(
+        "down",
+        "kube down",
+        None,
+        &format!("podman kube down {DIR}/{APP}-v2.yaml"),
+    )?;
+    let left = run.must_stdout(
+        "left-after-down",
+        "pods and containers left after kube down",
+        None,
+        &format!("podman pod ps -q --filter name={APP}; podman ps -aq --filter label=app={APP}"),
+    )?;
+    if !left.trim().is_empty() {
+        bail!(
+            "left behind after kube down: {}",
+            left.split_whitespace().collect::<Vec<_>>().join(" ")
+        );
+    }
+    let (_, closed_s) = service.ask_until(run, |a| a.is_none())?;
+    run.note("closed_after_s", json!(closed_s));
+    Ok(format!(
+        "Deployment {APP} ran on {node} and answered {} from {}; replaced by v2 in {replaced_s:.1} s \
+         (Recreate: old pod down first); removed with nothing left",
+        service.url, service.client.endpoint.node
+    ))
 }
 
 /// Two images, v1 and v2, from the node's own busybox: a static web server

@@ -13,7 +13,10 @@ use super::lb_drain::{Drain, drain};
 use super::{Check, Ctx, Verdict};
 use crate::spec::Cluster;
 use crate::text::shell_quote;
+use anyhow::{Result, bail};
 use serde::Deserialize;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
 
 /// `lb_listener`: publish listener `name` on `port` of every balancer with
 /// `backends`, prove traffic through each, drain and restore `drain`,
@@ -69,7 +72,7 @@ impl Check for LbListener {
                 .collect();
         }
         for b in &self.balancers {
-            need_unit(cluster, b, BALANCER_UNIT, "balancer")?;
+            cluster.node_running(b, BALANCER_UNIT, "balancer")?;
         }
         if self.balancers.is_empty() {
             return Err("no node of the cluster runs haproxy.service".into());
@@ -78,7 +81,7 @@ impl Check for LbListener {
             return Err("a listener needs at least one backend".into());
         }
         for b in &self.backends {
-            need_unit(cluster, b, BACKEND_UNIT, "backend")?;
+            cluster.node_running(b, BACKEND_UNIT, "backend")?;
         }
         let drain = self.drain.get_or_insert_with(|| self.backends[0].clone());
         if !self.backends.contains(drain) {
@@ -124,18 +127,6 @@ impl Check for LbListener {
         }
     }
 }
-
-fn need_unit(cluster: &Cluster, node: &str, unit: &str, what: &str) -> Result<(), String> {
-    match cluster.node(node) {
-        None => Err(format!("{what} {node:?} is no node of the cluster")),
-        Some(n) if !n.runs(unit) => Err(format!("{what} {node} does not run {unit}")),
-        Some(_) => Ok(()),
-    }
-}
-
-use anyhow::{Result, bail};
-use serde_json::{Value, json};
-use std::time::{Duration, Instant};
 
 impl LbListener {
     fn pool(&self) -> String {

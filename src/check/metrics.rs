@@ -2,7 +2,13 @@
 //! with prometheus-parse, judged on a series and an optional condition.
 
 use super::{Check, Ctx, Verdict, http::curl};
+use crate::guest::Guest;
+use anyhow::{Result, anyhow, bail};
+use prometheus_parse::{Sample, Scrape, Value};
 use serde::Deserialize;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 /// `metrics`: a Prometheus text endpoint (fetched with curl in the target)
 /// has a series, optionally with a value condition.
@@ -29,13 +35,6 @@ impl Check for Metrics {
         )
     }
 }
-
-use crate::guest::Guest;
-use anyhow::{Result, anyhow, bail};
-use prometheus_parse::{Sample, Scrape, Value};
-use serde_json::json;
-use std::collections::BTreeMap;
-use std::time::Duration;
 
 pub fn series(
     guest: &Guest,

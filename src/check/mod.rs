@@ -19,6 +19,8 @@ use crate::guest::{Guest, GuestPool};
 use crate::spec::{Cluster, Node, Proto};
 use crate::state::RunningCluster;
 use anyhow::{Result, anyhow};
+pub use http::HttpExpect;
+pub use nested_guest::{multiboot, print_to_com1};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -26,14 +28,13 @@ use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use http::HttpExpect;
-
 mod etcd_gateway;
 pub mod figures;
 mod fio;
+mod ovn;
+mod procedure;
 mod scenario;
 mod vm_port;
-pub use nested_guest::{multiboot, print_to_com1};
 
 // The kinds' modules are declared here, outside the `kinds!` macro, so that
 // rustfmt (which cannot see into a macro's body) reaches their files.

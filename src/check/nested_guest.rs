@@ -13,7 +13,14 @@
 //! `auto` picks linux when the cluster runs on KVM, multiboot otherwise.
 
 use super::{Check, Ctx, Verdict};
+use crate::guest::Guest;
+use crate::machine::cmdline::Accel;
 use crate::text::tail;
+use anyhow::Result;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::time::{Duration, Instant};
 
 /// `nested_guest`: boot an inner guest with qemu inside the target; KVM
 /// first, else TCG (degraded).
@@ -46,14 +53,6 @@ impl Check for NestedGuest {
         )
     }
 }
-
-use crate::guest::Guest;
-use crate::machine::cmdline::Accel;
-use anyhow::Result;
-use base64::Engine;
-use serde::{Deserialize, Serialize};
-use serde_json::json;
-use std::time::{Duration, Instant};
 
 pub const MARKER: &str = "PHOTON-NESTED-GUEST-OK";
 const KIT: &str = "/usr/local/share/photon/nested";

@@ -10,7 +10,11 @@
 use super::{Check, Ctx, Verdict, require_forward};
 use crate::spec::{Cluster, Proto};
 use crate::wait::{Pause, Probe, Wait};
+use anyhow::Result;
+use prost::Message;
 use serde::Deserialize;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// `remote_write`: a Prometheus remote-write request (protobuf + snappy)
 /// from the host through the target's forward; an instant query must
@@ -40,11 +44,6 @@ impl Check for RemoteWrite {
         write_then_query(ctx, ctx.node(target)?, &self.forward, &self.path, budget)
     }
 }
-
-use anyhow::Result;
-use prost::Message;
-use serde_json::{Value, json};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// prometheus/prompb `WriteRequest` (types.proto / remote.proto), the fields a
 /// receiver needs; metadata (field 3) is optional.

@@ -6,6 +6,10 @@ use super::{Check, Ctx, Verdict};
 use crate::spec::Cluster;
 use crate::text::shell_quote;
 use crate::wait::{Pause, Probe, Wait};
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// `replicated_kv`: write through the target, read the same value on every
 /// member from its own copy.
@@ -31,11 +35,6 @@ impl Check for ReplicatedKv {
         converge(ctx, self.store, ctx.node(target)?, &self.members, budget)
     }
 }
-
-use anyhow::Result;
-use serde::{Deserialize, Serialize};
-use serde_json::json;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

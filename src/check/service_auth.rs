@@ -4,7 +4,11 @@
 //! credentials were accepted. A running process proves neither.
 
 use super::{Check, Ctx, Verdict, http::curl};
+use crate::guest::Guest;
+use anyhow::Result;
 use serde::Deserialize;
+use serde_json::{Value, json};
+use std::time::Duration;
 
 /// `service_auth`: a consumer authenticated to its provider, proven by
 /// Prometheus' own scrape state for `job`, and by `protected_url` refusing
@@ -33,11 +37,6 @@ impl Check for ServiceAuth {
         )
     }
 }
-
-use crate::guest::Guest;
-use anyhow::Result;
-use serde_json::{Value, json};
-use std::time::Duration;
 
 pub fn prometheus_job(
     guest: &Guest,

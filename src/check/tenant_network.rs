@@ -15,15 +15,14 @@
 //! says so. The traffic itself (ping between the namespaces) is the
 //! evidence of every phase, never the presence of a rule.
 
+use super::ovn::{self, mac};
+use super::procedure::Procedure;
 use super::{Check, Ctx, Verdict};
-use crate::guest::Guest;
 use crate::spec::Cluster;
-use crate::wait::{Pause, Probe, Wait};
 use anyhow::{Result, bail};
 use serde::Deserialize;
-use serde_json::{Value, json};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use serde_json::json;
+use std::time::Duration;
 
 /// `tenant_network`: create a VPC (router, switch with subnet, ports, a
 /// port group with ACLs), bind a workload to each port, prove traffic,
@@ -61,10 +60,8 @@ fn default_subnet() -> String {
     "10.88.0.0/24".into()
 }
 
-/// The unit that makes a node an OVN chassis; a port's node must run it.
-const CHASSIS_UNIT: &str = "ovn-controller.service";
-/// The unit that serves the OVN databases.
-const CENTRAL_UNIT: &str = "ovn-northd.service";
+/// The MAC kind of tenant ports (`0a:88:...`).
+const MAC_KIND: u8 = 0x88;
 
 impl Check for TenantNetwork {
     fn needs_target(&self) -> bool {
@@ -76,15 +73,7 @@ impl Check for TenantNetwork {
     }
 
     fn bind(&mut self, _target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
-        let central = match &self.central {
-            Some(c) => c.clone(),
-            None => cluster
-                .with_role(crate::spec::Role::Control)
-                .next()
-                .map(|n| n.name.clone())
-                .ok_or("the cluster has no control node for the OVN databases")?,
-        };
-        runs(cluster, &central, CENTRAL_UNIT)?;
+        let central = ovn::central(cluster, self.central.as_deref())?;
         self.central = Some(central);
         let prefix = subnet_prefix(&self.subnet)?;
         if self.ports.len() < 2 {
@@ -102,7 +91,7 @@ impl Check for TenantNetwork {
                 return Err(format!("port name {:?} is invalid or repeated", p.name));
             }
             seen.push(p.name.clone());
-            runs(cluster, &p.node, CHASSIS_UNIT)?;
+            ovn::chassis(cluster, &p.node)?;
             let host = p
                 .address
                 .strip_prefix(&prefix)
@@ -120,51 +109,30 @@ impl Check for TenantNetwork {
 
     fn attempt(&self, ctx: &Ctx, _target: Option<&str>, budget: Duration) -> Result<Verdict> {
         let central = self.central.as_deref().unwrap_or("node01");
-        let mut run = Run {
-            ctx,
-            central: ctx.guests.get(central)?,
-            steps: Vec::new(),
-            deadline: Instant::now() + budget,
-            tearing_down: false,
-        };
-        let outcome = lifecycle(self, &mut run);
-        if outcome.is_err() {
-            // Leave the cluster as it was, whatever failed (Ctrl-C and
-            // --timeout included); kept as steps too.
-            run.tearing_down = true;
-            let _ = teardown(self, &mut run);
-        }
         let evidence = json!({
             "central": central,
             "network": self.network,
             "router": format!("{}-vpc", self.network),
             "security_group": sg(&self.network),
             "workloads": "network namespaces on OVS internal ports (stand-ins for VM NICs)",
-            "steps": run.steps,
         });
-        Ok(match outcome {
-            Ok(summary) => Verdict::pass(
-                format!("{summary}; workloads are network namespaces standing in for VM NICs"),
-                evidence,
+        // Whatever fails (Ctrl-C and --timeout included), the teardown
+        // leaves the cluster as it was; its steps are kept too.
+        let verdict = Procedure::new(ctx, central, budget)?.conclude(
+            |run| lifecycle(self, run),
+            |run| teardown(self, run),
+            evidence,
+        );
+        Ok(match verdict.outcome {
+            super::Outcome::Pass => Verdict::pass(
+                format!(
+                    "{}; workloads are network namespaces standing in for VM NICs",
+                    verdict.message
+                ),
+                verdict.evidence,
             ),
-            Err(failure) => Verdict::fail(failure.to_string(), evidence),
+            _ => verdict,
         })
-    }
-}
-
-/// `node` exists and runs `unit` (per the cluster file).
-fn runs(cluster: &Cluster, node: &str, unit: &str) -> Result<(), String> {
-    match cluster.node(node) {
-        None => Err(format!("no node {node:?} in the cluster")),
-        Some(n) if !n.runs(unit) => Err(format!(
-            "{node} does not run {unit}, so it is no OVN {}",
-            if unit == CHASSIS_UNIT {
-                "chassis"
-            } else {
-                "central"
-            }
-        )),
-        Some(_) => Ok(()),
     }
 }
 
@@ -185,91 +153,7 @@ fn sg(network: &str) -> String {
     format!("{}_sg", network.replace('-', "_"))
 }
 
-/// A stable MAC for an address: 0a:88 + its four octets.
-fn mac(address: &str) -> String {
-    let o: Vec<u8> = address.split('.').filter_map(|x| x.parse().ok()).collect();
-    format!("0a:88:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
-}
-
-struct Run<'a> {
-    ctx: &'a Ctx<'a>,
-    central: Arc<Guest>,
-    steps: Vec<Value>,
-    deadline: Instant,
-    /// Set for the teardown, whose steps run even after Ctrl-C.
-    tearing_down: bool,
-}
-
-impl Run<'_> {
-    /// Runs `command` on `node` (None: the central node) and keeps it, its
-    /// exit code and output as one step of the evidence.
-    fn step(&mut self, what: &str, node: Option<&str>, command: &str) -> Result<(bool, String)> {
-        if crate::interrupted() && !self.tearing_down {
-            return Err(crate::stop_error());
-        }
-        let guest = match node {
-            Some(n) => self.ctx.guests.get(n)?,
-            None => self.central.clone(),
-        };
-        let out = guest.exec(command, Duration::from_secs(120))?;
-        let text = format!("{}{}", out.stdout, out.stderr)
-            .trim_end()
-            .to_string();
-        self.steps.push(json!({
-            "step": what,
-            "node": guest.endpoint.node,
-            "command": command,
-            "exit": out.code,
-            "output": text,
-        }));
-        Ok((out.ok(), text))
-    }
-
-    /// Like `step`, but a failure ends the lifecycle.
-    fn must(&mut self, what: &str, node: Option<&str>, command: &str) -> Result<String> {
-        match self.step(what, node, command)? {
-            (true, out) => Ok(out),
-            (false, out) => bail!("{what} failed: {}", last_line(&out)),
-        }
-    }
-
-    /// Repeats `command` until its success equals `want`, at most `limit`
-    /// (and never past the check's deadline); every try is kept. Returns the
-    /// seconds it took.
-    fn until(
-        &mut self,
-        what: &str,
-        node: Option<&str>,
-        command: &str,
-        want: bool,
-        limit: u64,
-    ) -> Result<f64> {
-        let started = Instant::now();
-        let end = (started + Duration::from_secs(limit)).min(self.deadline);
-        let still = if want { "failing" } else { "succeeding" };
-        Wait::new(what, Duration::ZERO)
-            .until(end)
-            .pause(Pause::Every(Duration::from_secs(2)))
-            .run(|| {
-                let (ok, out) = self.step(what, node, command)?;
-                Ok(if ok == want {
-                    Probe::Done(())
-                } else {
-                    Probe::Pending(format!("still {still}: {}", last_line(&out)))
-                })
-            })?;
-        Ok(started.elapsed().as_secs_f64())
-    }
-}
-
-fn last_line(s: &str) -> &str {
-    s.lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("no output")
-}
-
-fn lifecycle(t: &TenantNetwork, run: &mut Run) -> Result<String> {
+fn lifecycle(t: &TenantNetwork, run: &mut Procedure) -> Result<String> {
     let (ls, lr, sg) = (
         t.network.as_str(),
         format!("{}-vpc", t.network),
@@ -281,16 +165,19 @@ fn lifecycle(t: &TenantNetwork, run: &mut Run) -> Result<String> {
 
     // Create, through the northbound API; each create is followed by a get.
     run.must(
+        "create-router",
         "create router (VPC)",
         None,
         &format!("ovn-nbctl --may-exist lr-add {lr}"),
     )?;
     run.must(
+        "get-router",
         "get router",
         None,
         &format!("ovn-nbctl list logical_router {lr}"),
     )?;
     run.must(
+        "create-switch",
         "create switch with subnet",
         None,
         &format!(
@@ -299,23 +186,26 @@ fn lifecycle(t: &TenantNetwork, run: &mut Run) -> Result<String> {
         ),
     )?;
     run.must(
+        "attach-switch",
         "attach switch to router",
         None,
         &format!(
             "ovn-nbctl --may-exist lrp-add {lr} {lr}-{ls} {} {gw}/24 -- --may-exist lsp-add {ls} {ls}-{lr} \
              -- lsp-set-type {ls}-{lr} router -- lsp-set-addresses {ls}-{lr} router \
              -- lsp-set-options {ls}-{lr} router-port={lr}-{ls}",
-            mac(&gw)
+            mac(MAC_KIND, &gw)
         ),
     )?;
     run.must(
+        "get-switch",
         "get switch",
         None,
         &format!("ovn-nbctl list logical_switch {ls}"),
     )?;
     for p in &t.ports {
-        let addr = format!("{} {}", mac(&p.address), p.address);
+        let addr = format!("{} {}", mac(MAC_KIND, &p.address), p.address);
         run.must(
+            "create-port",
             "create port",
             None,
             &format!(
@@ -325,6 +215,7 @@ fn lifecycle(t: &TenantNetwork, run: &mut Run) -> Result<String> {
             ),
         )?;
         run.must(
+            "get-port",
             "get port",
             None,
             &format!("ovn-nbctl list logical_switch_port {}", p.name),
@@ -332,6 +223,7 @@ fn lifecycle(t: &TenantNetwork, run: &mut Run) -> Result<String> {
     }
     let members: Vec<&str> = t.ports.iter().map(|p| p.name.as_str()).collect();
     run.must(
+        "create-security-group",
         "create security group (port group + ACLs)",
         None,
         &format!(
@@ -343,6 +235,7 @@ fn lifecycle(t: &TenantNetwork, run: &mut Run) -> Result<String> {
         ),
     )?;
     run.must(
+        "get-security-group",
         "get security group",
         None,
         &format!("ovn-nbctl list port_group {sg}; ovn-nbctl acl-list {sg}"),
@@ -350,10 +243,16 @@ fn lifecycle(t: &TenantNetwork, run: &mut Run) -> Result<String> {
 
     // Bind one workload per port on its worker.
     for p in &t.ports {
-        run.must("bind workload", Some(&p.node), &bind_workload(p, &gw))?;
+        run.must(
+            "bind-workload",
+            "bind workload",
+            Some(&p.node),
+            &bind_workload(p, &gw),
+        )?;
     }
     for p in &t.ports {
         run.until(
+            "port-bound",
             "port bound to its chassis",
             None,
             &format!(
@@ -361,16 +260,18 @@ fn lifecycle(t: &TenantNetwork, run: &mut Run) -> Result<String> {
                 p.name
             ),
             true,
-            90,
+            Duration::from_secs(90),
         )?;
         run.must(
+            "get-port-binding",
             "get port binding",
             None,
             &format!("ovn-sbctl find port_binding logical_port={}", p.name),
         )?;
     }
-    run.must("southbound view", None, "ovn-sbctl show")?;
+    run.must("southbound-view", "southbound view", None, "ovn-sbctl show")?;
     run.must(
+        "tunnels",
         "tunnels on the first worker",
         Some(&a.node),
         "ovs-vsctl show",
@@ -379,50 +280,67 @@ fn lifecycle(t: &TenantNetwork, run: &mut Run) -> Result<String> {
     // Traffic before, during and after the ACL change.
     let ping = format!("ip netns exec {} ping -c 2 -W 2 {}", a.name, b.address);
     let before = run.until(
+        "traffic-before",
         "traffic before the ACL change",
         Some(&a.node),
         &ping,
         true,
-        30,
+        Duration::from_secs(30),
     )?;
     let block = format!("'outport == @{sg} && icmp4'");
     run.must(
+        "acl-block",
         "ACL change: drop ICMP into the group",
         None,
         &format!("ovn-nbctl acl-add {sg} to-lport 1001 {block} drop"),
     )?;
     run.must(
+        "get-acls-blocking",
         "get ACLs while blocking",
         None,
         &format!("ovn-nbctl acl-list {sg}"),
     )?;
     let blocked = run.until(
+        "traffic-blocked",
         "traffic during the ACL change",
         Some(&a.node),
         &ping,
         false,
-        60,
+        Duration::from_secs(60),
     )?;
     run.must(
+        "acl-unblock",
         "ACL change undone",
         None,
         &format!("ovn-nbctl acl-del {sg} to-lport 1001 {block}"),
     )?;
-    run.must("get ACLs after", None, &format!("ovn-nbctl acl-list {sg}"))?;
+    run.must(
+        "get-acls-after",
+        "get ACLs after",
+        None,
+        &format!("ovn-nbctl acl-list {sg}"),
+    )?;
     let restored = run.until(
+        "traffic-restored",
         "traffic after the ACL change is undone",
         Some(&a.node),
         &ping,
         true,
-        60,
+        Duration::from_secs(60),
     )?;
 
     // Delete: workloads first (as a VM's deletion would), then the VPC.
     for p in &t.ports {
-        run.must("delete workload", Some(&p.node), &unbind_workload(p))?;
+        run.must(
+            "delete-workload",
+            "delete workload",
+            Some(&p.node),
+            &unbind_workload(p),
+        )?;
     }
     for p in &t.ports {
         run.until(
+            "port-unbound",
             "port unbound after deletion",
             None,
             &format!(
@@ -430,14 +348,15 @@ fn lifecycle(t: &TenantNetwork, run: &mut Run) -> Result<String> {
                 p.name
             ),
             false,
-            60,
+            Duration::from_secs(60),
         )?;
         run.until(
+            "ovs-interface-gone",
             "OVS interface gone",
             Some(&p.node),
             &format!("ovs-vsctl list-ports br-int | grep -qx {}", p.name),
             false,
-            10,
+            Duration::from_secs(10),
         )?;
     }
     let ports: Vec<String> = t
@@ -446,6 +365,7 @@ fn lifecycle(t: &TenantNetwork, run: &mut Run) -> Result<String> {
         .map(|p| format!("-- lsp-del {}", p.name))
         .collect();
     run.must(
+        "delete-vpc",
         "delete security group, ports, switch and router",
         None,
         &format!(
@@ -454,6 +374,7 @@ fn lifecycle(t: &TenantNetwork, run: &mut Run) -> Result<String> {
         ),
     )?;
     let (_, left) = run.step(
+        "nothing-left",
         "nothing left behind",
         None,
         &format!(
@@ -480,9 +401,10 @@ fn lifecycle(t: &TenantNetwork, run: &mut Run) -> Result<String> {
 
 /// Best-effort removal of everything the lifecycle may have created, after
 /// a failure (the evidence keeps what the failure left as it was).
-fn teardown(t: &TenantNetwork, run: &mut Run) -> Result<()> {
+fn teardown(t: &TenantNetwork, run: &mut Procedure) -> Result<()> {
     for p in &t.ports {
         run.step(
+            "teardown-workload",
             "teardown workload",
             Some(&p.node),
             &format!(
@@ -497,6 +419,7 @@ fn teardown(t: &TenantNetwork, run: &mut Run) -> Result<()> {
         .map(|p| format!("-- --if-exists lsp-del {}", p.name))
         .collect();
     run.step(
+        "teardown-vpc",
         "teardown security group, ports, switch and router",
         None,
         &format!(
@@ -522,7 +445,7 @@ fn bind_workload(p: &Port, gw: &str) -> String {
          ip -n {n} addr add {addr}/24 dev {n}; ip -n {n} link set {n} mtu 1400 up; \
          ip -n {n} link set lo up; ip -n {n} route add default via {gw}; \
          ovs-vsctl --columns=name,external_ids list interface {n}",
-        mac = mac(&p.address),
+        mac = mac(MAC_KIND, &p.address),
         addr = p.address
     )
 }
@@ -569,7 +492,7 @@ mod tests {
         assert!(
             t.bind(None, &cluster)
                 .unwrap_err()
-                .contains("no node \"node99\"")
+                .contains("\"node99\" is no node of the cluster")
         );
         let mut t = parse("");
         t.ports[0].address = "10.99.0.11".into();
@@ -582,13 +505,13 @@ mod tests {
         assert!(
             t.bind(None, &cluster)
                 .unwrap_err()
-                .contains("no OVN central")
+                .contains("node02 does not run ovn-northd.service")
         );
     }
 
     #[test]
     fn names_and_macs() {
-        assert_eq!(mac("10.88.0.11"), "0a:88:0a:58:00:0b");
+        assert_eq!(mac(MAC_KIND, "10.88.0.11"), "0a:88:0a:58:00:0b");
         assert_eq!(sg("tenant-a"), "tenant_a_sg");
         assert_eq!(subnet_prefix("10.88.0.0/24").unwrap(), "10.88.0.");
         assert!(subnet_prefix("10.88.0.0/16").is_err());

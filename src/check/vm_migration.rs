@@ -17,10 +17,16 @@
 
 use super::vm_port::VmPort;
 use super::{Check, Ctx, Verdict, nested_guest as nested};
+use crate::guest::Guest;
+use crate::machine::cmdline::Accel;
 use crate::spec::Cluster;
 use crate::text::shell_quote;
 use crate::wait::{Pause, Probe, Wait};
+use anyhow::{Result, anyhow, bail};
+use base64::Engine;
 use serde::Deserialize;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
 
 /// `vm_migration`: live-migrate a VM whose disk is the shared NBD `volume`
 /// from the target node to `to`; it must continue there and restart there.
@@ -74,13 +80,6 @@ impl Check for VmMigration {
         migrate(ctx, ctx.node(target)?, &req, budget)
     }
 }
-
-use crate::guest::Guest;
-use crate::machine::cmdline::Accel;
-use anyhow::{Result, anyhow, bail};
-use base64::Engine;
-use serde_json::{Value, json};
-use std::time::{Duration, Instant};
 
 const DIR: &str = "/run/photon-vm";
 const BANNER: &str = "BOOT";

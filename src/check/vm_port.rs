@@ -11,8 +11,9 @@
 //! the move is finalized (`requested-chassis=<destination>`), and after the
 //! VM and its tap are deleted, when nothing may be left behind.
 
+use super::ovn;
 use crate::guest::Guest;
-use crate::spec::{Cluster, Role};
+use crate::spec::Cluster;
 use crate::wait::{Pause, Probe, Wait};
 use anyhow::{Result, bail};
 use serde::Deserialize;
@@ -51,36 +52,18 @@ impl VmPort {
     }
 
     fn mac(&self) -> String {
-        let o: Vec<u8> = self
-            .address
-            .split('.')
-            .filter_map(|x| x.parse().ok())
-            .collect();
-        format!("0a:89:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+        ovn::mac(0x89, &self.address)
     }
 
     /// The node with the OVN databases, checked when the lane is read.
     pub fn central(cluster: &Cluster) -> Result<String, String> {
-        cluster
-            .with_role(Role::Control)
-            .find(|n| n.runs("ovn-northd.service"))
-            .map(|n| n.name.clone())
-            .ok_or_else(|| {
-                "`nic` needs an OVN central (a control node running ovn-northd.service)".into()
-            })
+        ovn::central(cluster, None).map_err(|e| format!("`nic`: {e}"))
     }
 
     pub fn check(&self, cluster: &Cluster, nodes: &[&str]) -> Result<(), String> {
         Self::central(cluster)?;
         for n in nodes {
-            if !cluster
-                .node(n)
-                .is_some_and(|n| n.runs("ovn-controller.service"))
-            {
-                return Err(format!(
-                    "`nic`: {n} is no OVN chassis (ovn-controller.service)"
-                ));
-            }
+            ovn::chassis(cluster, n).map_err(|e| format!("`nic`: {e}"))?;
         }
         let ok = self.address.parse::<std::net::Ipv4Addr>().is_ok()
             && !self.network.is_empty()
@@ -283,7 +266,7 @@ mod tests {
         assert!(
             p.check(&cluster, &["node04", "node06"])
                 .unwrap_err()
-                .contains("node06 is no OVN chassis")
+                .contains("OVN chassis node06 does not run ovn-controller.service")
         );
         let bad = VmPort {
             network: "x".into(),

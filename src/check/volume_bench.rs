@@ -8,8 +8,12 @@
 //! completed, unless the lane sets `min_ratio`.
 
 use super::{Check, Ctx, Verdict};
+use crate::guest::Guest;
 use crate::text::shell_quote;
+use anyhow::{Result, anyhow};
 use serde::Deserialize;
+use serde_json::json;
+use std::time::Duration;
 use std::time::Instant;
 
 /// `volume_bench`: `qemu-img bench` of a `subject` volume against a
@@ -64,11 +68,6 @@ impl Check for VolumeBench {
         run(&*ctx.guest(target)?, &b)
     }
 }
-
-use crate::guest::Guest;
-use anyhow::{Result, anyhow};
-use serde_json::json;
-use std::time::Duration;
 
 pub struct Bench<'a> {
     pub baseline: &'a str,

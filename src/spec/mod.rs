@@ -239,6 +239,19 @@ impl Cluster {
         self.nodes.iter().find(|n| n.name == name)
     }
 
+    /// The node `name`, which must run `unit` to be a `what` (a balancer,
+    /// an OVN chassis): the one validation, with the one message, of every
+    /// check that needs "a node that runs this unit".
+    pub fn node_running(&self, name: &str, unit: &str, what: &str) -> Result<&Node, String> {
+        match self.node(name) {
+            None => Err(format!("{what} {name:?} is no node of the cluster")),
+            Some(n) if !n.runs(unit) => Err(format!(
+                "{what} {name} does not run {unit} (per the cluster file)"
+            )),
+            Some(n) => Ok(n),
+        }
+    }
+
     /// The nodes of `role`, in definition order.
     pub fn with_role(&self, role: Role) -> impl Iterator<Item = &Node> {
         self.nodes.iter().filter(move |n| n.role == role)
