@@ -227,7 +227,7 @@ fn run_check(c: &PlannedCheck, ctx: &Ctx, opts: RunOptions, lane_start: Instant)
         let pause = opts.retry.nth(attempts);
         attempts += 1;
         let out_of_time = Instant::now() + pause >= deadline;
-        let stop = !c.check.retried() || out_of_time || final_error || (opts.interrupted)();
+        let stop = !c.shape.retried || out_of_time || final_error || (opts.interrupted)();
         if v.outcome != Outcome::Fail || stop {
             break v;
         }
@@ -329,9 +329,6 @@ mod tests {
     }
 
     impl Check for Scripted {
-        fn retried(&self) -> bool {
-            self.retried
-        }
         fn attempt(&self, _: &Ctx, _: Option<&str>, _: Duration) -> anyhow::Result<Verdict> {
             let n = self.attempts.fetch_add(1, Ordering::SeqCst);
             if let Some(flag) = self.interrupt {
@@ -356,6 +353,11 @@ mod tests {
             target: None,
             deadline: Duration::from_millis(deadline_ms),
             kind: "scripted",
+            shape: if check.retried {
+                crate::check::Shape::CLUSTER_PROBE
+            } else {
+                crate::check::Shape::ONCE
+            },
             check,
             origin: "test.toml:1".into(),
             artifact: None,

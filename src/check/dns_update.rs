@@ -72,14 +72,6 @@ impl Default for DnsUpdate {
 }
 
 impl Check for DnsUpdate {
-    fn needs_target(&self) -> bool {
-        false
-    }
-
-    fn retried(&self) -> bool {
-        false
-    }
-
     fn bind(&mut self, _target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
         let mut control = cluster.with_role(Role::Control).map(|n| n.name.clone());
         let primary = match self.primary.clone() {

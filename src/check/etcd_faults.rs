@@ -77,14 +77,6 @@ fn default_catch_up() -> u64 {
 }
 
 impl Check for EtcdFaults {
-    fn needs_target(&self) -> bool {
-        false
-    }
-
-    fn retried(&self) -> bool {
-        false
-    }
-
     fn bind(&mut self, _target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
         self.members = cluster.select(&self.members)?;
         let named = [

@@ -321,10 +321,6 @@ fn scores(measured: &[&Samples]) -> Vec<f64> {
 }
 
 impl Check for ExportMatrix {
-    fn retried(&self) -> bool {
-        false
-    }
-
     fn bind(&mut self, _target: Option<&str>, _cluster: &Cluster) -> Result<(), String> {
         self.validate()
     }

@@ -53,14 +53,6 @@ enum Action {
 }
 
 impl Check for Fault {
-    fn needs_target(&self) -> bool {
-        false
-    }
-
-    fn retried(&self) -> bool {
-        false
-    }
-
     fn bind(&mut self, _target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
         match self.action {
             Action::Partition => {

@@ -79,10 +79,6 @@ impl FioBench {
 }
 
 impl Check for FioBench {
-    fn retried(&self) -> bool {
-        false
-    }
-
     fn bind(&mut self, target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
         for uri in [&self.subject, &self.baseline] {
             crate::provision::volume::check_uri(uri, target, cluster)?;

@@ -13,10 +13,6 @@ use std::time::Duration;
 pub struct Image {}
 
 impl Check for Image {
-    fn needs_target(&self) -> bool {
-        false
-    }
-
     fn attempt(&self, ctx: &Ctx, _target: Option<&str>, _budget: Duration) -> Result<Verdict> {
         let running = &ctx.record.image;
         let mut files = BTreeMap::new();

@@ -42,10 +42,6 @@ const DIR: &str = "/run/photon-kube";
 const APP: &str = "photon-web";
 
 impl Check for KubeBundle {
-    fn retried(&self) -> bool {
-        false
-    }
-
     fn bind(&mut self, target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
         let node = target.and_then(|t| cluster.node(t));
         if node.is_none_or(|n| n.role != crate::spec::Role::Worker) {

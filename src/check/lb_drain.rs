@@ -46,10 +46,6 @@ fn lb_requests() -> u32 {
 }
 
 impl Check for LbDrain {
-    fn retried(&self) -> bool {
-        false
-    }
-
     fn attempt(&self, ctx: &Ctx, target: Option<&str>, budget: Duration) -> Result<Verdict> {
         let d = Drain {
             frontend: &self.frontend,

@@ -51,14 +51,6 @@ fn default_streak() -> u32 {
 }
 
 impl Check for LbFailover {
-    fn needs_target(&self) -> bool {
-        false
-    }
-
-    fn retried(&self) -> bool {
-        false
-    }
-
     fn bind(&mut self, _target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
         if cluster.node(&self.backend).is_none() {
             return Err(format!("no node {:?} in the cluster", self.backend));

@@ -54,14 +54,6 @@ const TAKEN: &[u16] = &[80, 8404, 9999];
 const DIR: &str = "/etc/haproxy/listeners.d";
 
 impl Check for LbListener {
-    fn needs_target(&self) -> bool {
-        false
-    }
-
-    fn retried(&self) -> bool {
-        false
-    }
-
     fn bind(&mut self, _target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
         if self.balancers.is_empty() {
             self.balancers = cluster

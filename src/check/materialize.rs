@@ -49,10 +49,6 @@ const DIR: &str = "/var/tmp/photon-materialize";
 const FIGURES: [&str; 2] = ["fresh_ms", "clone_ms"];
 
 impl Check for Materialize {
-    fn retried(&self) -> bool {
-        false
-    }
-
     fn bind(&mut self, _target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
         if cluster.node(&self.from).is_none() {
             return Err(format!(

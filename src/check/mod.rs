@@ -67,63 +67,87 @@ mod unit_active;
 mod vm_migration;
 mod volume_bench;
 
-/// Registers each kind with one line: `module::Struct`. The module is the
-/// kind's file (`src/check/<module>.rs`), and its name is the `kind = "..."`
-/// of lane files, so a kind's name, file and registration cannot disagree.
+/// Registers each kind with one line: `module::Struct => SHAPE`. The module
+/// is the kind's file (`src/check/<module>.rs`), and its name is the
+/// `kind = "..."` of lane files, so a kind's name, file and registration
+/// cannot disagree. The shape says how the engine runs it (see [`Shape`]).
 macro_rules! kinds {
-    ($($module:ident :: $kind:ident),* $(,)?) => {
+    ($($module:ident :: $kind:ident => $shape:ident),* $(,)?) => {
         /// Every kind a lane file can name (`kind = "..."`).
-        pub const KINDS: &[Kind] = &[$(Kind::of::<$module::$kind>(stringify!($module))),*];
+        pub const KINDS: &[Kind] = &[$(Kind::of::<$module::$kind>(stringify!($module), Shape::$shape)),*];
     };
 }
 
 kinds! {
-    image::Image,
-    unit_active::UnitActive,
-    exec::Exec,
-    tcp_open::TcpOpen,
-    port_closed::PortClosed,
-    http::Http,
-    host_forward::HostForward,
-    dns::Dns,
-    dns_update::DnsUpdate,
-    metrics::Metrics,
-    replicated_kv::ReplicatedKv,
-    nested_guest::NestedGuest,
-    service_auth::ServiceAuth,
-    remote_write::RemoteWrite,
-    lb_drain::LbDrain,
-    vm_migration::VmMigration,
-    volume_bench::VolumeBench,
-    fio_bench::FioBench,
-    export_matrix::ExportMatrix,
-    materialize::Materialize,
-    s3_bench::S3Bench,
-    fault::Fault,
-    etcd_faults::EtcdFaults,
-    redis_faults::RedisFaults,
-    lb_failover::LbFailover,
-    lb_listener::LbListener,
-    tenant_network::TenantNetwork,
-    kube_bundle::KubeBundle,
+    image::Image => CLUSTER_PROBE,
+    unit_active::UnitActive => PROBE,
+    exec::Exec => PROBE,
+    tcp_open::TcpOpen => PROBE,
+    port_closed::PortClosed => PROBE,
+    http::Http => PROBE,
+    host_forward::HostForward => PROBE,
+    dns::Dns => PROBE,
+    dns_update::DnsUpdate => ONCE,
+    metrics::Metrics => PROBE,
+    replicated_kv::ReplicatedKv => ONCE_PER_TARGET,
+    nested_guest::NestedGuest => ONCE_PER_TARGET,
+    service_auth::ServiceAuth => PROBE,
+    remote_write::RemoteWrite => PROBE,
+    lb_drain::LbDrain => ONCE_PER_TARGET,
+    vm_migration::VmMigration => ONCE_PER_TARGET,
+    volume_bench::VolumeBench => ONCE_PER_TARGET,
+    fio_bench::FioBench => ONCE_PER_TARGET,
+    export_matrix::ExportMatrix => ONCE_PER_TARGET,
+    materialize::Materialize => ONCE_PER_TARGET,
+    s3_bench::S3Bench => ONCE_PER_TARGET,
+    fault::Fault => ONCE,
+    etcd_faults::EtcdFaults => ONCE,
+    redis_faults::RedisFaults => ONCE,
+    lb_failover::LbFailover => ONCE,
+    lb_listener::LbListener => ONCE,
+    tenant_network::TenantNetwork => ONCE,
+    kube_bundle::KubeBundle => ONCE_PER_TARGET,
 }
 
-/// What a check kind is: how it binds to targets, whether it is retried,
-/// and how one attempt runs.
+/// How the engine runs a kind: on each of the lane's targets or once for
+/// the cluster, and whether a failed attempt is tried again until the
+/// check's deadline. A kind states it in its registration line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// Runs on the lane's `targets` (which it then requires).
+    pub on_targets: bool,
+    /// A failed attempt is tried again until the deadline: services
+    /// settle after boot. Kinds that manage their own timeline (a
+    /// procedure, a migration, a benchmark) run once.
+    pub retried: bool,
+}
+
+impl Shape {
+    /// A question asked of each target, retried until its deadline.
+    pub const PROBE: Shape = Shape {
+        on_targets: true,
+        retried: true,
+    };
+    /// A question asked once of the cluster, retried until its deadline.
+    pub const CLUSTER_PROBE: Shape = Shape {
+        on_targets: false,
+        retried: true,
+    };
+    /// A procedure or benchmark on each target, run once.
+    pub const ONCE_PER_TARGET: Shape = Shape {
+        on_targets: true,
+        retried: false,
+    };
+    /// A procedure on the cluster as a whole, run once.
+    pub const ONCE: Shape = Shape {
+        on_targets: false,
+        retried: false,
+    };
+}
+
+/// What a check of a kind does: how it binds to the cluster, and how one
+/// attempt runs (how the engine runs it is the kind's [`Shape`]).
 pub trait Check: Debug + Send + Sync {
-    /// Whether the check runs on target nodes (the lane's `targets`), or
-    /// once without one.
-    fn needs_target(&self) -> bool {
-        true
-    }
-
-    /// Whether a failed attempt is tried again until the check's deadline
-    /// (services settle after boot). Kinds that manage their own timeline
-    /// (a migration, a benchmark) run once.
-    fn retried(&self) -> bool {
-        true
-    }
-
     /// Verifies the references this check makes into the cluster, once
     /// placeholders are filled for `target` (forwards, other nodes,
     /// members). The message of an error is shown at the check's line.
@@ -139,13 +163,15 @@ pub trait Check: Debug + Send + Sync {
 #[derive(Debug)]
 pub struct Kind {
     pub name: &'static str,
+    pub shape: Shape,
     parse: fn(toml::Value) -> Result<Box<dyn Check>, String>,
 }
 
 impl Kind {
-    const fn of<T: Check + DeserializeOwned + 'static>(name: &'static str) -> Kind {
+    const fn of<T: Check + DeserializeOwned + 'static>(name: &'static str, shape: Shape) -> Kind {
         Kind {
             name,
+            shape,
             parse: parse_as::<T>,
         }
     }

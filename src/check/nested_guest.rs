@@ -39,10 +39,6 @@ fn nested_memory() -> u32 {
 }
 
 impl Check for NestedGuest {
-    fn retried(&self) -> bool {
-        false
-    }
-
     fn attempt(&self, ctx: &Ctx, target: Option<&str>, budget: Duration) -> Result<Verdict> {
         boot(
             ctx,

@@ -22,10 +22,6 @@ pub struct ReplicatedKv {
 }
 
 impl Check for ReplicatedKv {
-    fn retried(&self) -> bool {
-        false
-    }
-
     fn bind(&mut self, _target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
         self.members = cluster.select(&self.members)?;
         Ok(())

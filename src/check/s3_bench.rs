@@ -84,10 +84,6 @@ fn default_runs() -> u32 {
 }
 
 impl Check for S3Bench {
-    fn retried(&self) -> bool {
-        false
-    }
-
     fn bind(&mut self, _target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
         for (field, value, range) in [
             ("large_mib", self.large_mib, 1..=1024),

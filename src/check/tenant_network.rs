@@ -64,14 +64,6 @@ fn default_subnet() -> String {
 const MAC_KIND: u8 = 0x88;
 
 impl Check for TenantNetwork {
-    fn needs_target(&self) -> bool {
-        false
-    }
-
-    fn retried(&self) -> bool {
-        false
-    }
-
     fn bind(&mut self, _target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
         let central = ovn::central(cluster, self.central.as_deref())?;
         self.central = Some(central);

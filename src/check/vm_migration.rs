@@ -52,10 +52,6 @@ fn vm_port() -> u16 {
 }
 
 impl Check for VmMigration {
-    fn retried(&self) -> bool {
-        false
-    }
-
     fn bind(&mut self, target: Option<&str>, cluster: &Cluster) -> Result<(), String> {
         if cluster.node(&self.to).is_none() || Some(self.to.as_str()) == target {
             return Err(format!(

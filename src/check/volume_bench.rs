@@ -44,10 +44,6 @@ fn bench_runs() -> u32 {
 }
 
 impl Check for VolumeBench {
-    fn retried(&self) -> bool {
-        false
-    }
-
     fn bind(&mut self, target: Option<&str>, cluster: &crate::spec::Cluster) -> Result<(), String> {
         for uri in [&self.subject, &self.baseline] {
             crate::provision::volume::check_uri(uri, target, cluster)?;

@@ -116,6 +116,8 @@ pub struct PlannedCheck {
     pub deadline: Duration,
     /// The kind's name, as the lane file wrote it.
     pub kind: &'static str,
+    /// How the engine runs it: the kind's shape.
+    pub shape: crate::check::Shape,
     pub check: Arc<dyn Check>,
     /// Where it was defined, for messages: `checks/smoke.toml:42`.
     pub origin: String,
@@ -248,11 +250,10 @@ pub fn parse(file: &Path, text: &str, cluster: &Cluster) -> Result<Lane, SpecErr
             let kind = Kind::named(&kind_name).map_err(|m| at(span(), &field("kind"), m))?;
             // Read once as written, so that a wrong field is reported even
             // when the check would bind to no node.
-            let unbound = kind
-                .parse(table.clone())
+            kind.parse(table.clone())
                 .map_err(|m| at(span(), &field("kind"), m))?;
             let nodes = match targets {
-                None if unbound.needs_target() => {
+                None if kind.shape.on_targets => {
                     return Err(at(
                         span(),
                         &field("targets"),
@@ -310,6 +311,7 @@ pub fn parse(file: &Path, text: &str, cluster: &Cluster) -> Result<Lane, SpecErr
                     target,
                     deadline: Duration::from_secs(deadline),
                     kind: kind.name,
+                    shape: kind.shape,
                     check: Arc::from(check),
                     origin: origin.clone(),
                     artifact,
