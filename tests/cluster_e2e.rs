@@ -764,6 +764,34 @@ fn faults_by_hand(state: &Path) {
     );
     common::run_until(state, &["ssh", "node04", ping], 0, within);
 
+    // A capture by hand: every frame of the fabric into a pcap file, the
+    // pings between two guests among them.
+    let pcap = artifacts_dir().join("by-hand.pcap");
+    let _ = std::fs::remove_file(&pcap);
+    let out = common::run(
+        state,
+        &["capture", "start", "--file", pcap.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    common::run_until(state, &["ssh", "node04", ping], 0, within);
+    let out = common::run(state, &["capture", "stop"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let said = stdout(&out);
+    let frames: u64 = said
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("capture stop said {said:?}"));
+    assert!(frames >= 2, "{said}");
+    let bytes = std::fs::read(&pcap).unwrap();
+    assert!(
+        bytes.starts_with(&[0xd4, 0xc3, 0xb2, 0xa1])
+            || bytes.starts_with(&[0xa1, 0xb2, 0xc3, 0xd4]),
+        "a pcap file"
+    );
+    let out = common::run(state, &["capture", "stop"]);
+    assert!(stdout(&out).contains("no capture was running"), "{out:?}");
+
     let (code, result) = fixture_lane(state, "lost-writes");
     assert_eq!(code, Some(1), "discarded reads must fail the check");
     let c = common::check(&result, "etcd-reads-skip-node03");
