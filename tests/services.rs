@@ -93,6 +93,7 @@ fn reference() -> Reference {
 /// and awk -v would mangle.
 const VALUES: &[(&str, &str)] = &[
     ("ZONE_FILE", "/var/lib/bind/db.photon.test"),
+    ("KEY_FILE", "/etc/bind/photon-update.key"),
     ("IAM_SECRET_FILE", "/etc/prometheus/iam-secret"),
     ("IAM_WEB_CONFIG", "/etc/prometheus/iam-web.yml"),
     ("IAM_HASH", "$2y$05$ab/cd.ef&g\\h|i"),
