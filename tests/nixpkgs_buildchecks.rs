@@ -361,3 +361,73 @@ fn haproxy_configuration_passes_haproxy_c() {
     );
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// The unit-level fixes of issue 28, read from the modules (stand-ins as
+/// above): the store's 9p mount waits for its transport module as nixpkgs'
+/// qemu-vm.nix has it, ovn-controller has its /run/ovn, and on the primary
+/// named writes only where its unit may, after the config disk is mounted.
+#[test]
+fn nixos_units_have_the_ordering_and_directories_nixpkgs_expects() {
+    let expr = r#"
+      let
+        c = (import ./nix/lib { }).profiles.reference;
+        lib = {
+          optionalString = b: s: if b then s else "";
+          mkIf = b: v: if b then v else { };
+          mkBefore = v: v;
+          mkForce = v: v;
+          escapeShellArg = s: "'${s}'";
+          toInt = builtins.fromJSON;
+          last = l: builtins.elemAt l (builtins.length l - 1);
+          splitString = sep: s: builtins.filter builtins.isString (builtins.split sep s);
+          inherit (builtins) listToAttrs;
+        };
+        pkgs = {
+          writeText = n: t: "<${n}>"; writeTextDir = n: t: "/nix/store/x-${n}";
+          etcd = "etcd"; redis = "redis"; coreutils = "cu"; gnused = "sed";
+          ovn = "ovn"; openvswitch = "ovs"; haproxy = "haproxy";
+          curl = "curl"; socat = "socat"; jq = "jq";
+        };
+        args = node: { config.photon = { cluster = c; nodeName = node; }; inherit lib pkgs; modulesPath = "/m"; };
+        n1 = import ./nix/roles/control.nix (args "node01");
+        common = import ./nix/roles/common.nix (args "node01");
+        n4 = import ./nix/roles/worker.nix (args "node04");
+      in {
+        store = common.fileSystems."/nix/store".options;
+        ovn = n4.systemd.services.ovn-controller.serviceConfig.RuntimeDirectory;
+        bind = { inherit (n1.systemd.services.bind) after requires serviceConfig; noPreStart = !(n1.systemd.services.bind ? preStart); };
+        files = { inherit (n1.systemd.services.photon-named-files) unitConfig after before script; };
+      }"#;
+    let out = run(
+        "nix-instantiate",
+        &["--eval", "--strict", "--json", "-E", expr],
+    );
+    passes("evaluating the units", &out);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let store: Vec<&str> = v["store"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_str().unwrap())
+        .collect();
+    assert!(
+        store.contains(&"x-systemd.requires=modprobe@9pnet_virtio.service"),
+        "{store:?}"
+    );
+    assert_eq!(v["ovn"], "ovn");
+    assert_eq!(
+        v["bind"]["noPreStart"], true,
+        "bind's unit writes nothing: {v}"
+    );
+    assert_eq!(v["bind"]["requires"][0], "photon-named-files.service");
+    assert_eq!(v["files"]["unitConfig"]["RequiresMountsFor"], "/photon");
+    assert_eq!(v["files"]["before"][0], "bind.service");
+    let binds = v["bind"]["serviceConfig"]["BindPaths"][0].as_str().unwrap();
+    assert_eq!(binds, "/run/photon-named/zone:/nix/store/x-db.photon.test");
+    let script = v["files"]["script"].as_str().unwrap();
+    assert!(
+        script.contains(". /photon/node.env")
+            && script.contains("/run/photon-named/key/photon-update.key"),
+        "{script}"
+    );
+}
