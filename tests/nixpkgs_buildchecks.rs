@@ -391,12 +391,14 @@ fn nixos_units_have_the_ordering_and_directories_nixpkgs_expects() {
         args = node: { config.photon = { cluster = c; nodeName = node; }; inherit lib pkgs; modulesPath = "/m"; };
         n1 = import ./nix/roles/control.nix (args "node01");
         common = import ./nix/roles/common.nix (args "node01");
+        n2 = import ./nix/roles/control.nix (args "node02");
         n4 = import ./nix/roles/worker.nix (args "node04");
       in {
         store = common.fileSystems."/nix/store".options;
         ovn = n4.systemd.services.ovn-controller.serviceConfig.RuntimeDirectory;
         bind = { inherit (n1.systemd.services.bind) after requires serviceConfig; noPreStart = !(n1.systemd.services.bind ? preStart); };
         files = { inherit (n1.systemd.services.photon-named-files) unitConfig after before script; };
+        secondary = { inherit (n2.systemd.services.bind) requires; inherit (n2.systemd.services.photon-named-files) script; };
       }"#;
     let out = run(
         "nix-instantiate",
@@ -430,4 +432,16 @@ fn nixos_units_have_the_ordering_and_directories_nixpkgs_expects() {
             && script.contains("/run/photon-named/key/photon-update.key"),
         "{script}"
     );
+    // Every control node: the rndc key named's own preStart would write as
+    // `named` into root's /etc/bind; on secondaries nothing from /photon.
+    assert!(
+        script.contains("rndc-confgen -c /etc/bind/rndc.key"),
+        "{script}"
+    );
+    let secondary = v["secondary"]["script"].as_str().unwrap();
+    assert!(
+        secondary.contains("rndc-confgen") && !secondary.contains("/photon"),
+        "{secondary}"
+    );
+    assert_eq!(v["secondary"]["requires"][0], "photon-named-files.service");
 }

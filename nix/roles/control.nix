@@ -66,28 +66,35 @@ in
     extraConfig = svc.render (if isPrimary then "bind/primary.conf" else "bind/secondary.conf");
   };
   systemd.services.bind.aliases = [ "named.service" ];
-  # named runs as `named` with ProtectSystem=strict (nixpkgs' module), so it
-  # writes nothing outside its own directories: the run-time copies of the
-  # primary's zone and key are made by root in photon-named-files, after the
-  # config disk (/photon, a nofail mount) is there, and mounted over the store
-  # directories the configuration names.
+  # nixpkgs' module runs named as `named` with ProtectSystem=strict, and its
+  # own preStart (as `named`) makes /etc/bind/rndc.key in a
+  # ConfigurationDirectory that systemd leaves owned by root. So what named
+  # needs written is written by root, before it, in photon-named-files: the
+  # rndc key, and on the primary the run-time copies of the zone and the
+  # cluster's TSIG key (from the config disk, /photon, a nofail mount),
+  # which bind's unit sees mounted over the store directories its checked
+  # configuration names.
   systemd.services.bind = {
     serviceConfig = lib.mkIf isPrimary {
       BindPaths = [ "${runZone}:${zoneDir}" ];
       BindReadOnlyPaths = [ "${runKey}:${keyDir}" ];
     };
-    after = lib.mkIf isPrimary [ "photon-named-files.service" ];
-    requires = lib.mkIf isPrimary [ "photon-named-files.service" ];
+    after = [ "photon-named-files.service" ];
+    requires = [ "photon-named-files.service" ];
   };
-  systemd.services.photon-named-files = lib.mkIf isPrimary {
-    description = "named's writable zone and the cluster's TSIG key (primary)";
+  systemd.services.photon-named-files = {
+    description = "Files named reads but may not write: rndc key; zone and TSIG key on the primary";
     before = [ "bind.service" ];
     after = [ "photon-firstboot.service" ];
-    unitConfig.RequiresMountsFor = "/photon";
+    unitConfig.RequiresMountsFor = lib.mkIf isPrimary "/photon";
     serviceConfig = { Type = "oneshot"; RemainAfterExit = true; };
-    path = [ pkgs.coreutils pkgs.gnused ];
+    path = [ pkgs.coreutils pkgs.gnused config.services.bind.package ];
     script = ''
       set -eu
+      install -d -m 755 /etc/bind
+      test -f /etc/bind/rndc.key || rndc-confgen -c /etc/bind/rndc.key -a -A hmac-sha256 2>/dev/null
+      chgrp named /etc/bind/rndc.key && chmod 640 /etc/bind/rndc.key
+    '' + lib.optionalString isPrimary ''
       install -d -m 755 /run/photon-named
       install -d -m 755 -o named -g named ${runZone}
       test -e ${runZone}/${zoneName} || install -o named -g named -m 644 ${zoneDir}/${zoneName} ${runZone}/${zoneName}
