@@ -113,6 +113,8 @@
         packages = with pkgs; [ cargo rustc clippy rustfmt qemu_kvm openssh e2fsprogs mmdebstrap ];
       };
 
-      formatter.${system} = pkgs.nixpkgs-fmt;
+      # nixfmt (RFC 166), the formatter nixpkgs itself is formatted with;
+      # nixpkgs-fmt was archived upstream (docs/nix.md, the table).
+      formatter.${system} = pkgs.nixfmt;
     };
 }

@@ -4,7 +4,8 @@
 # packages no S3 server). Idempotent: installs and builds only what is
 # missing. Needs root (or sudo) for the packages, and cargo. With --test,
 # also what only the test suite needs (chromium, for the report's browser
-# test).
+# test; named-checkconf, nginx, promtool and haproxy, for the build-time
+# checks nixpkgs runs on the rendered configuration, tests/nixpkgs_buildchecks.rs).
 set -euo pipefail
 
 # s3s-fs, pinned: 0.17 needs a newer rustc than this project's. The driver
@@ -28,6 +29,13 @@ s3_server() {
 need=()
 if [ "${1:-}" = --test ]; then
     command -v chromium >/dev/null 2>&1 || need+=(chromium)
+    # Only their binaries are wanted: policy-rc.d (below) keeps the daemons
+    # from starting when they are installed.
+    command -v named-checkconf >/dev/null 2>&1 || need+=(bind9-utils)
+    [ -x /usr/sbin/named ] || need+=(bind9)
+    [ -x /usr/sbin/nginx ] || need+=(nginx)
+    command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+    [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 fi
 have() { command -v "$1" >/dev/null 2>&1; }
 have qemu-system-x86_64 || need+=(qemu-system-x86)
@@ -60,5 +68,15 @@ fi
 echo "host-deps: installing ${need[*]}"
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -q
+# No daemon may start on install (bind9, nginx, prometheus, haproxy are
+# wanted for their checkers only): invoke-rc.d asks policy-rc.d, and 101
+# means "not allowed". An existing policy is kept.
+policy=""
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+    $SUDO chmod 755 "$policy"
+fi
 $SUDO apt-get install -y -q --no-install-recommends --allow-downgrades "${need[@]}"
+[ -z "$policy" ] || $SUDO rm -f "$policy"
 s3_server

@@ -93,6 +93,7 @@ fn reference() -> Reference {
 /// and awk -v would mangle.
 const VALUES: &[(&str, &str)] = &[
     ("ZONE_FILE", "/var/lib/bind/db.photon.test"),
+    ("KEY_FILE", "/etc/bind/photon-update.key"),
     ("IAM_SECRET_FILE", "/etc/prometheus/iam-secret"),
     ("IAM_WEB_CONFIG", "/etc/prometheus/iam-web.yml"),
     ("IAM_HASH", "$2y$05$ab/cd.ef&g\\h|i"),
@@ -301,10 +302,12 @@ fn nixos_role_modules_hand_the_rendered_files_to_their_services() {
           mkIf = b: v: if b then v else { };
           mkBefore = v: v;
           mkForce = v: v;
+          escapeShellArg = s: "'${s}'";
         };
         pkgs = {
           # A stand-in that keeps the name and the text, with no store.
           writeText = name: text: "<${name}>${text}</${name}>";
+          writeTextDir = name: text: "<dir ${name}>";
           etcd = "etcd"; redis = "redis"; qemu_kvm = "qemu"; apacheHttpd = "httpd";
           coreutils = "coreutils"; gnused = "gnused";
           ovn = "ovn"; openvswitch = "openvswitch"; haproxy = "haproxy";
@@ -323,7 +326,8 @@ fn nixos_role_modules_hand_the_rendered_files_to_their_services() {
         redisPrimary = n1.services.redis.servers."".settings;
         redisReplica = n2.services.redis.servers."".settings;
         zonePrimary = n1.services.bind.extraConfig == (svc "node01" {
-          ZONE_FILE = "/run/named/db.photon.test";
+          ZONE_FILE = "<dir db.photon.test>/db.photon.test";
+          KEY_FILE = "<dir photon-update.key>/photon-update.key";
         }).render "bind/primary.conf";
         zoneSecondary = n2.services.bind.extraConfig == (svc "node02" {
           ZONE_FILE = "/run/named/db.photon.test";
@@ -335,7 +339,7 @@ fn nixos_role_modules_hand_the_rendered_files_to_their_services() {
         prometheusFlags = n6.services.prometheus.extraFlags;
         exporterFlags = n6.services.prometheus.exporters.node.extraFlags;
         iamWeb = n6.systemd.services.photon-iam-web.script;
-        primaryKey = n1.systemd.services.bind.preStart;
+        primaryKey = n1.systemd.services.photon-named-files.script;
         northd = n1.systemd.services.ovn-northd.serviceConfig.ExecStart;
         noNorthdOnSecondaries = n2.systemd.services.ovn-northd == { };
         chassis = n4.systemd.services.ovn-controller.preStart;

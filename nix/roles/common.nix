@@ -36,7 +36,9 @@ in
     device = "nix-store";
     fsType = "9p";
     neededForBoot = true;
-    options = [ "trans=virtio" "version=9p2000.L" "msize=1048576" "cache=loose" "ro" ];
+    # x-systemd.requires: with the systemd initrd the mount must wait for the
+    # 9p transport's module, as nixpkgs' own qemu-vm.nix has it (docs/nix.md).
+    options = [ "trans=virtio" "version=9p2000.L" "msize=1048576" "cache=loose" "ro" "x-systemd.requires=modprobe@9pnet_virtio.service" ];
   };
   # The store is read-only and never registered: no Nix daemon in the guests.
   nix.enable = false;

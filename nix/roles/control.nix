@@ -9,11 +9,31 @@ let
   domain = cluster.domain;
   base = import ./services.nix { inherit cluster nodeName; };
   inherit (base) isPrimary;
-  # Both are writable copies: secondaries transfer the zone, and the primary
-  # takes RFC 2136 updates (its initial zone is copied from the store).
-  zoneFile = "/run/named/db.${domain}";
-  initialZone = pkgs.writeText "db.${domain}" (base.render "bind/db.zone");
-  svc = import ./services.nix { inherit cluster nodeName; values = { ZONE_FILE = "${zoneFile}"; }; };
+  # nixpkgs checks named's configuration at build time (services.bind.checkConfig,
+  # on by default: `named-checkconf -z` in the build sandbox, docs/nix.md), so
+  # every file the configuration names must exist in the store: the primary's
+  # zone, in a directory of its own, and its TSIG key with a placeholder
+  # secret. At run time the unit sees writable per-boot copies mounted over
+  # both directories (BindPaths below): named writes dynamic updates, the
+  # journal and its dumps next to the zone, and reads the cluster's real key.
+  zoneName = "db.${domain}";
+  zoneDir = pkgs.writeTextDir zoneName (base.render "bind/db.zone");
+  keyDir = pkgs.writeTextDir "photon-update.key" (keyStatement placeholderSecret);
+  # Not a secret: 32 zero bytes, base64, only ever seen by the build's check.
+  placeholderSecret = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+  keyStatement = secret: ''
+    key "photon-update" { algorithm hmac-sha256; secret "${secret}"; };
+  '';
+  # Where photon-named-files puts the run-time copies.
+  runZone = "/run/photon-named/zone";
+  runKey = "/run/photon-named/key";
+  svc = import ./services.nix {
+    inherit cluster nodeName;
+    values = if isPrimary
+      then { ZONE_FILE = "${zoneDir}/${zoneName}"; KEY_FILE = "${keyDir}/photon-update.key"; }
+      # A secondary's zone is a transfer named writes: its RuntimeDirectory.
+      else { ZONE_FILE = "/run/named/${zoneName}"; };
+  };
   etcdEnv = svc.render "etcd/etcd.env";
 in
 {
@@ -46,18 +66,45 @@ in
     extraConfig = svc.render (if isPrimary then "bind/primary.conf" else "bind/secondary.conf");
   };
   systemd.services.bind.aliases = [ "named.service" ];
-  # The primary's TSIG key for dynamic updates (services/bind/primary.conf
-  # includes it), from the config disk like Debian's roles/control.sh, and
-  # its zone as a file named can write back.
-  systemd.services.bind.preStart = lib.mkIf isPrimary (lib.mkBefore ''
-    install -d -o named -g named /run/named /etc/bind
-    test -e ${zoneFile} || install -o named -g named -m 644 ${initialZone} ${zoneFile}
-    . /photon/node.env
-    umask 027
-    printf 'key "photon-update" { algorithm hmac-sha256; secret "%s"; };\n' "$DNS_TSIG_SECRET" \
-      > /etc/bind/photon-update.key
-    chgrp named /etc/bind/photon-update.key
-  '');
+  # nixpkgs' module runs named as `named` with ProtectSystem=strict, and its
+  # own preStart (as `named`) makes /etc/bind/rndc.key in a
+  # ConfigurationDirectory that systemd leaves owned by root. So what named
+  # needs written is written by root, before it, in photon-named-files: the
+  # rndc key, and on the primary the run-time copies of the zone and the
+  # cluster's TSIG key (from the config disk, /photon, a nofail mount),
+  # which bind's unit sees mounted over the store directories its checked
+  # configuration names.
+  systemd.services.bind = {
+    serviceConfig = lib.mkIf isPrimary {
+      BindPaths = [ "${runZone}:${zoneDir}" ];
+      BindReadOnlyPaths = [ "${runKey}:${keyDir}" ];
+    };
+    after = [ "photon-named-files.service" ];
+    requires = [ "photon-named-files.service" ];
+  };
+  systemd.services.photon-named-files = {
+    description = "Files named reads but may not write: rndc key; zone and TSIG key on the primary";
+    before = [ "bind.service" ];
+    after = [ "photon-firstboot.service" ];
+    unitConfig.RequiresMountsFor = lib.mkIf isPrimary "/photon";
+    serviceConfig = { Type = "oneshot"; RemainAfterExit = true; };
+    path = [ pkgs.coreutils pkgs.gnused config.services.bind.package ];
+    script = ''
+      set -eu
+      install -d -m 755 /etc/bind
+      test -f /etc/bind/rndc.key || rndc-confgen -c /etc/bind/rndc.key -a -A hmac-sha256 2>/dev/null
+      chgrp named /etc/bind/rndc.key && chmod 640 /etc/bind/rndc.key
+    '' + lib.optionalString isPrimary ''
+      install -d -m 755 /run/photon-named
+      install -d -m 755 -o named -g named ${runZone}
+      test -e ${runZone}/${zoneName} || install -o named -g named -m 644 ${zoneDir}/${zoneName} ${runZone}/${zoneName}
+      install -d -m 750 -o root -g named ${runKey}
+      . /photon/node.env
+      umask 027
+      printf '%s' ${lib.escapeShellArg (keyStatement "@SECRET@")} | sed "s|@SECRET@|$DNS_TSIG_SECRET|" > ${runKey}/photon-update.key
+      chgrp named ${runKey}/photon-update.key
+    '';
+  };
 
   services.haproxy = {
     enable = true;

@@ -7,7 +7,7 @@
 #
 #   cluster   nix/lib clusterFromToml's result
 #   nodeName  this node
-#   values    the provider's own values: ZONE_FILE, IAM_SECRET_FILE,
+#   values    the provider's own values: ZONE_FILE, KEY_FILE, IAM_SECRET_FILE,
 #             IAM_WEB_CONFIG, IAM_HASH (each only where a file uses it)
 { cluster, nodeName, values ? { } }:
 let
@@ -32,7 +32,7 @@ let
     PRIMARY = primary;
     PRIMARY_ADDR = if primary == "" then "" else addr primary;
   } // values;
-  known = [ "CLUSTER_NAME" "DOMAIN" "NODE_NAME" "NODE_ADDR" "PRIMARY" "PRIMARY_ADDR" "ZONE_FILE" "IAM_SECRET_FILE" "IAM_WEB_CONFIG" "IAM_HASH" ];
+  known = [ "CLUSTER_NAME" "DOMAIN" "NODE_NAME" "NODE_ADDR" "PRIMARY" "PRIMARY_ADDR" "ZONE_FILE" "KEY_FILE" "IAM_SECRET_FILE" "IAM_WEB_CONFIG" "IAM_HASH" ];
 
   has = s: needle: match ".*${needle}.*" s != null;
   members = file: name: lists.${name} or (throw "render: services/${file}: unknown list ${name}");

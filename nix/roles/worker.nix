@@ -43,7 +43,12 @@ in
         external_ids:ovn-remote=tcp:${svc.scalars.PRIMARY_ADDR}:6642 \
         external_ids:ovn-encap-type=geneve external_ids:ovn-encap-ip=${svc.scalars.NODE_ADDR}
     '';
-    serviceConfig.ExecStart = "${pkgs.ovn}/bin/ovn-controller unix:/run/openvswitch/db.sock";
+    serviceConfig = {
+      ExecStart = "${pkgs.ovn}/bin/ovn-controller unix:/run/openvswitch/db.sock";
+      # Its pid file and control socket go to /run/ovn, which nothing else
+      # makes: nixpkgs' vswitch module makes /run/openvswitch only.
+      RuntimeDirectory = "ovn";
+    };
   };
 
   # k8shost: podman reads the Kubernetes YAML (src/check/kube_bundle.rs).

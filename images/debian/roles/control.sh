@@ -15,6 +15,7 @@ grep -qx 'include /etc/redis/photon.conf' /etc/redis/redis.conf ||
 
 # bind9: authoritative for the cluster domain; secondaries take zone transfers.
 ZONE_FILE=/var/lib/bind/db.$DOMAIN
+KEY_FILE=/etc/bind/photon-update.key
 if [ "$NODE_NAME" = "$PRIMARY" ]; then
     render bind/db.zone > "$ZONE_FILE"
     chown bind:bind "$ZONE_FILE"  # named writes dynamic updates back
@@ -22,9 +23,9 @@ if [ "$NODE_NAME" = "$PRIMARY" ]; then
     # The TSIG key that may update the zone (RFC 2136), per cluster from
     # node.env; the hex string is used as the key's base64 text as it is.
     printf 'key "photon-update" { algorithm hmac-sha256; secret "%s"; };\n' "$DNS_TSIG_SECRET" \
-        > /etc/bind/photon-update.key
-    chown root:bind /etc/bind/photon-update.key
-    chmod 640 /etc/bind/photon-update.key
+        > "$KEY_FILE"
+    chown root:bind "$KEY_FILE"
+    chmod 640 "$KEY_FILE"
 else
     render bind/secondary.conf > /etc/bind/named.conf.local
 fi

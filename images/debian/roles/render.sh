@@ -5,7 +5,7 @@
 # same files for the NixOS images; tests/services.rs proves both agree.
 # Sourced with node.env loaded. Values: node.env, the addresses in /etc/hosts
 # (as written from the config disk), and those a role script sets before it
-# renders (ZONE_FILE, IAM_SECRET_FILE, IAM_WEB_CONFIG, IAM_HASH).
+# renders (ZONE_FILE, KEY_FILE, IAM_SECRET_FILE, IAM_WEB_CONFIG, IAM_HASH).
 SERVICES=${PHOTON_SERVICES:-/photon/services}
 HOSTS=${PHOTON_HOSTS:-/etc/hosts}
 addr() { awk -v n="$1" '{ for (i = 2; i <= NF; i++) if ($i == n) { print $1; exit } }' "$HOSTS"; }
@@ -16,7 +16,7 @@ for n in $ALL_NODES; do [ "$n" = "$NODE_NAME" ] || OTHER_NODES="$OTHER_NODES${OT
 SECONDARY_NODES=""
 for n in $CONTROL_NODES; do [ "$n" = "$PRIMARY" ] || SECONDARY_NODES="$SECONDARY_NODES${SECONDARY_NODES:+ }$n"; done
 
-RENDER_SCALARS="CLUSTER_NAME DOMAIN NODE_NAME NODE_ADDR PRIMARY PRIMARY_ADDR ZONE_FILE IAM_SECRET_FILE IAM_WEB_CONFIG IAM_HASH"
+RENDER_SCALARS="CLUSTER_NAME DOMAIN NODE_NAME NODE_ADDR PRIMARY PRIMARY_ADDR ZONE_FILE KEY_FILE IAM_SECRET_FILE IAM_WEB_CONFIG IAM_HASH"
 RENDER_LISTS="ALL_NODES CONTROL_NODES WORKER_NODES OTHER_NODES SECONDARY_NODES"
 # Values are read from the environment (awk -v would unescape backslashes).
 RENDER_AWK='
