@@ -202,7 +202,8 @@ fn check_cluster(
             current_image: current.as_deref(),
             artifacts: Some(dir),
         };
-        let run = engine::RunOptions::new(opts.keep_going);
+        let reset = || reset(cluster, state, record, opts.grace);
+        let run = engine::RunOptions::new(opts.keep_going, Some(&reset));
         rep.layers = engine::run(&opts.lane, &ctx, run, started);
     }
     rep.fabric = crate::fault::fabric_status(record).ok();
@@ -215,6 +216,71 @@ fn check_cluster(
         rep.error = Some(format!("QEMU is not running for {}", gone.join(", ")));
         rep.error_kind = Some(crate::error::ErrorKind::NodeGone);
     }
+}
+
+/// Before a flaky check's rerun: stops the cluster and restores the
+/// snapshot it was started from (same ports, keys and disks as saved). A
+/// cluster booted cold has none: the lane then runs again as it is, and
+/// the note says so.
+fn reset(
+    cluster: &Cluster,
+    state: &StateDir,
+    record: &RunningCluster,
+    grace: Duration,
+) -> Result<String> {
+    let Some(name) = &record.restored_from else {
+        return Ok(
+            "no snapshot to restore (the cluster was booted cold): ran again in place".into(),
+        );
+    };
+    let t = Instant::now();
+    // A `fresh-*` run owns its guests (and stops them at its end): so does
+    // what replaces them.
+    let mine = record
+        .owner
+        .as_ref()
+        .filter(|o| o.pid == std::process::id() as i32);
+    let command = mine.map_or("smoke", |o| o.command.as_str());
+    let fabric = record.fabric.as_ref().map(|f| f.kind).unwrap_or_default();
+    let to = Restore {
+        name,
+        grace,
+        command,
+        keep_owner: mine.is_some(),
+        fabric,
+    };
+    restore(cluster, state, &to)?;
+    Ok(format!(
+        "restored snapshot {name:?} in {:.1} s",
+        t.elapsed().as_secs_f64()
+    ))
+}
+
+/// Which snapshot to restore, and how the restored cluster is owned.
+pub struct Restore<'a> {
+    pub name: &'a str,
+    /// How long `stop` waits for the running guests' clean powerdown.
+    pub grace: Duration,
+    /// The command `start` records as the cluster's.
+    pub command: &'a str,
+    /// Whether this process keeps owning the guests (it stops them itself).
+    pub keep_owner: bool,
+    pub fabric: crate::fabric::Kind,
+}
+
+/// Stops the running cluster (if any) and starts it from a snapshot.
+pub fn restore(cluster: &Cluster, state: &StateDir, to: &Restore) -> Result<RunningCluster> {
+    cluster::stop(state, to.grace)?;
+    let opts = StartOptions {
+        command: to.command.into(),
+        keep_owner: to.keep_owner,
+        accel: crate::machine::accel::AccelRequest::Auto,
+        ready_timeout: Duration::from_secs(600),
+        readiness: cluster::Readiness::Full,
+        from_snapshot: Some(to.name.into()),
+        fabric: to.fabric,
+    };
+    cluster::start(cluster, state, &opts)
 }
 
 fn conclude(

@@ -56,7 +56,7 @@ fn verdict_section(s: &mut String, r: &RunReport, title: &str) {
     let _ = write!(
         s,
         "<header id=\"verdict\" class=\"{}\"><h1>{}</h1><p class=\"summary\">exit {} · \
-         {} checks: {} passed, {} failed, {} degraded, {} skipped · {:.0} s",
+         {} checks: {} passed, {} failed, {} degraded, {} flaky, {} skipped · {:.0} s",
         r.status.name(),
         text(title),
         r.exit_code,
@@ -64,6 +64,7 @@ fn verdict_section(s: &mut String, r: &RunReport, title: &str) {
         count(Outcome::Pass),
         count(Outcome::Fail),
         count(Outcome::Degraded),
+        count(Outcome::Flaky),
         count(Outcome::Skipped),
         r.duration_s
     );
@@ -102,7 +103,12 @@ fn failures(s: &mut String, r: &RunReport) {
         .layers
         .iter()
         .flat_map(|l| &l.checks)
-        .filter(|c| matches!(c.outcome, Outcome::Fail | Outcome::Degraded))
+        .filter(|c| {
+            matches!(
+                c.outcome,
+                Outcome::Fail | Outcome::Degraded | Outcome::Flaky
+            )
+        })
         .collect();
     notable.sort_by_key(|c| c.outcome != Outcome::Fail);
     if steps.is_empty() && notable.is_empty() && r.findings.is_empty() {
@@ -133,6 +139,7 @@ fn failures(s: &mut String, r: &RunReport) {
             text(&c.message)
         );
         evidence(s, c);
+        flaky_note(s, c);
         if let Some(a) = &c.artifact {
             let _ = write!(s, "<p><a href=\"{}\">{}</a></p>", attr(a), text(a));
         }
@@ -182,6 +189,29 @@ fn evidence(s: &mut String, c: &CheckResult) {
         "<details><summary>evidence (JSON)</summary><pre class=\"evidence\">{}</pre></details>",
         text(&json)
     );
+}
+
+/// A marked check's reason and the failures it was retried after.
+fn flaky_note(s: &mut String, c: &CheckResult) {
+    let Some(f) = &c.flaky else { return };
+    let _ = write!(
+        s,
+        "<p class=\"label\">marked flaky: {} (up to {} reruns from the snapshot)</p>",
+        text(&f.reason),
+        f.reruns
+    );
+    for (i, e) in f.failures.iter().enumerate() {
+        let json = serde_json::to_string_pretty(&e.evidence).unwrap_or_default();
+        let _ = write!(
+            s,
+            "<details><summary>failure {} before rerun ({:.1} s): {}</summary>\
+             <pre class=\"evidence\">{}</pre></details>",
+            i + 1,
+            e.duration_s,
+            text(&e.message),
+            text(&json)
+        );
+    }
 }
 
 fn finding(s: &mut String, f: &crate::evidence::Finding) {

@@ -187,6 +187,7 @@ impl RunReport {
             match crate::engine::overall(outcomes) {
                 Outcome::Fail => RunStatus::Fail,
                 Outcome::Degraded => RunStatus::Degraded,
+                Outcome::Flaky => RunStatus::Flaky,
                 _ => RunStatus::Pass,
             }
         };
@@ -210,6 +211,7 @@ impl RunReport {
             Outcome::Pass,
             Outcome::Fail,
             Outcome::Degraded,
+            Outcome::Flaky,
             Outcome::Skipped,
         ] {
             let n = checks.iter().filter(|c| c.outcome == o).count();
@@ -444,19 +446,20 @@ fn summary(report: &RunReport, dir: &Path) -> String {
     }
     println!();
     println!(
-        "{:<18} {:<9} {:>6} {:>5} {:>5} {:>8} {:>7} {:>8}",
-        "layer", "outcome", "checks", "pass", "fail", "degraded", "skipped", "time"
+        "{:<18} {:<9} {:>6} {:>5} {:>5} {:>8} {:>5} {:>7} {:>8}",
+        "layer", "outcome", "checks", "pass", "fail", "degraded", "flaky", "skipped", "time"
     );
     for l in &report.layers {
         let count = |o: Outcome| l.checks.iter().filter(|c| c.outcome == o).count();
         println!(
-            "{:<18} {:<9} {:>6} {:>5} {:>5} {:>8} {:>7} {:>7.1}s",
+            "{:<18} {:<9} {:>6} {:>5} {:>5} {:>8} {:>5} {:>7} {:>7.1}s",
             l.name,
             l.outcome.name(),
             l.checks.len(),
             count(Outcome::Pass),
             count(Outcome::Fail),
             count(Outcome::Degraded),
+            count(Outcome::Flaky),
             count(Outcome::Skipped),
             l.duration_s
         );
@@ -465,7 +468,10 @@ fn summary(report: &RunReport, dir: &Path) -> String {
         println!("step {} failed: {}", s.name, s.message);
     }
     for c in report.layers.iter().flat_map(|l| &l.checks) {
-        if matches!(c.outcome, Outcome::Fail | Outcome::Degraded) {
+        if matches!(
+            c.outcome,
+            Outcome::Fail | Outcome::Degraded | Outcome::Flaky
+        ) {
             println!("{:<8} {}: {}", c.outcome.name(), c.id, c.message);
         }
     }
