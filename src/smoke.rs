@@ -49,6 +49,24 @@ pub fn smoke(cluster: &Cluster, state: &StateDir, opts: &LaneOptions) -> Result<
     conclude(rep, &dir, state, started, opts)
 }
 
+/// Runs the lane against the running `record` and writes its artifacts
+/// into `dir`; returns the report without printing it (`rerun`).
+pub fn lane_into(
+    cluster: &Cluster,
+    state: &StateDir,
+    record: &RunningCluster,
+    opts: &LaneOptions,
+    dir: &Path,
+) -> Result<RunReport> {
+    std::fs::create_dir_all(dir)?;
+    let started = Instant::now();
+    let mut rep = RunReport::new(&opts.command, &opts.lane.name, &opts.lane.source, cluster);
+    check_cluster(&mut rep, cluster, state, record, opts, dir, started);
+    rep.finish(started, crate::stopped_as());
+    report::write(dir, &mut rep, &Secrets::load(state))?;
+    Ok(rep)
+}
+
 /// clean, build, start, smoke, stop; the cluster is stopped even when
 /// the smoke fails or is interrupted.
 pub fn fresh_smoke(

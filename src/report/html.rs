@@ -26,6 +26,7 @@ pub fn render(r: &RunReport, dir: &Path) -> String {
         text(&title)
     );
     verdict_section(&mut s, r, &title);
+    rerun_section(&mut s, r);
     failures(&mut s, r);
     s.push_str("<section id=\"timeline\"><h2>Timeline</h2>");
     match timeline::render(r) {
@@ -191,6 +192,60 @@ fn evidence(s: &mut String, c: &CheckResult) {
     );
 }
 
+/// `rerun`: every check over every run, flaky ones first, with links to
+/// a failing run's evidence beside a passing one's.
+fn rerun_section(s: &mut String, r: &RunReport) {
+    let Some(rr) = &r.rerun else { return };
+    let _ = write!(
+        s,
+        "<section id=\"rerun\"><h2>Rerun: {} of {} run(s) from snapshot {}</h2>\
+         <div class=\"scroll\"><table><tr><th>check</th><th>verdict</th><th>passed</th>\
+         <th>pass rate</th><th>time min..max</th><th>figures min..max</th>\
+         <th>failing run</th><th>passing run</th></tr>\n",
+        rr.runs.len(),
+        rr.times,
+        text(&rr.snapshot)
+    );
+    let mut checks: Vec<_> = rr.checks.iter().collect();
+    checks.sort_by_key(|c| c.verdict != Outcome::Flaky);
+    let link = |e: &Option<crate::report::rerun::EvidenceRef>| match e {
+        Some(e) => {
+            let file = e.artifact.as_ref().unwrap_or(&e.result);
+            format!(
+                "<a href=\"{}\">run {}</a>: {}",
+                attr(file),
+                e.run,
+                text(&e.message)
+            )
+        }
+        None => "-".into(),
+    };
+    for c in checks {
+        let figures: Vec<String> = c
+            .figures
+            .iter()
+            .map(|(k, v)| format!("{}: {:.4}..{:.4}", text(k), v.min, v.max))
+            .collect();
+        let _ = writeln!(
+            s,
+            "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}/{}</td><td>{:.0}%</td>\
+             <td>{:.1}..{:.1} s</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            c.verdict.name(),
+            text(&c.id),
+            c.verdict.name(),
+            c.passes,
+            c.outcomes.len(),
+            c.pass_rate * 100.0,
+            c.duration_s.min,
+            c.duration_s.max,
+            figures.join("<br>"),
+            link(&c.failing),
+            link(&c.passing)
+        );
+    }
+    s.push_str("</table></div></section>\n");
+}
+
 /// A marked check's reason and the failures it was retried after.
 fn flaky_note(s: &mut String, c: &CheckResult) {
     let Some(f) = &c.flaky else { return };
@@ -237,7 +292,7 @@ fn legend(s: &mut String, r: &RunReport) {
     for (name, class) in shown {
         let _ = write!(s, "<span class=\"key {class}\"></span>{name} ");
     }
-    for o in ["pass", "fail", "degraded", "skipped"] {
+    for o in ["pass", "fail", "degraded", "flaky", "skipped"] {
         let _ = write!(s, "<span class=\"key check-bar {o}\"></span>check {o} ");
     }
     s.push_str("</p>");

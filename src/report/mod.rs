@@ -6,6 +6,7 @@ pub mod bench;
 mod html;
 mod junit;
 mod markdown;
+pub mod rerun;
 mod timeline;
 
 use crate::check::Outcome;
@@ -70,6 +71,9 @@ pub struct RunReport {
     /// The fabric switch at the end of the lane: frames and drops per port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fabric: Option<crate::fabric::switch::Status>,
+    /// `rerun` only: the lane run N times from one snapshot, per check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun: Option<rerun::Rerun>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -131,6 +135,7 @@ impl RunReport {
             artifacts: BTreeMap::new(),
             hermetic: None,
             fabric: None,
+            rerun: None,
         }
     }
 
