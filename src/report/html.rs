@@ -196,12 +196,12 @@ fn evidence(s: &mut String, c: &CheckResult) {
 /// a failing run's evidence beside a passing one's.
 fn rerun_section(s: &mut String, r: &RunReport) {
     let Some(rr) = &r.rerun else { return };
-    let _ = write!(
+    let _ = writeln!(
         s,
         "<section id=\"rerun\"><h2>Rerun: {} of {} run(s) from snapshot {}</h2>\
          <div class=\"scroll\"><table><tr><th>check</th><th>verdict</th><th>passed</th>\
          <th>pass rate</th><th>time min..max</th><th>figures min..max</th>\
-         <th>failing run</th><th>passing run</th></tr>\n",
+         <th>failing run</th><th>passing run</th></tr>",
         rr.runs.len(),
         rr.times,
         text(&rr.snapshot)
