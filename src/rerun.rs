@@ -60,6 +60,7 @@ pub fn rerun(cluster: &Cluster, state: &StateDir, opts: &RerunOptions) -> Result
     let started = Instant::now();
     let fabric = record.fabric.as_ref().map(|f| f.kind).unwrap_or_default();
     let mut runs: Vec<(String, RunReport)> = Vec::new();
+    let mut failed: Option<anyhow::Error> = None;
     for i in 1..=opts.times {
         if crate::stopped_as().is_some() {
             break;
@@ -73,12 +74,36 @@ pub fn rerun(cluster: &Cluster, state: &StateDir, opts: &RerunOptions) -> Result
             fabric,
         };
         let dir = format!("run-{i}");
-        let restored = smoke::restore(cluster, state, &to)?;
+        // A restore that fails ends the reruns; the runs so far are kept.
+        let restored = match smoke::restore(cluster, state, &to) {
+            Ok(r) => r,
+            Err(e) => {
+                failed = Some(e.context(format!("restoring snapshot {name:?} before run {i}")));
+                break;
+            }
+        };
         let rep = smoke::lane_into(cluster, state, &restored, &opts.lane, &root.join(&dir))?;
         tracing::info!("run {i}: {}", rep.status.name());
         runs.push((dir, rep));
     }
-    conclude(cluster, state, opts, &name, &root, started, runs)
+    let done = Done {
+        snapshot: &name,
+        root: &root,
+        started,
+        runs,
+        failed,
+    };
+    conclude(cluster, state, opts, done)
+}
+
+/// What the runs left, for the rerun's report.
+struct Done<'a> {
+    snapshot: &'a str,
+    root: &'a Path,
+    started: Instant,
+    runs: Vec<(String, RunReport)>,
+    /// The infrastructure error that ended the reruns early.
+    failed: Option<anyhow::Error>,
 }
 
 /// Saves the running cluster as the `rerun` snapshot, and stops it (every
@@ -108,18 +133,16 @@ fn save(
     Ok(SNAPSHOT.into())
 }
 
-fn conclude(
-    cluster: &Cluster,
-    state: &StateDir,
-    opts: &RerunOptions,
-    snapshot: &str,
-    root: &Path,
-    started: Instant,
-    runs: Vec<(String, RunReport)>,
-) -> Result<u8> {
+/// Sums the runs up, writes the rerun's root and prints its tables.
+fn conclude(cluster: &Cluster, state: &StateDir, opts: &RerunOptions, done: Done) -> Result<u8> {
     let lane = &opts.lane.lane;
+    let (root, started) = (done.root, done.started);
     let base = RunReport::new("rerun", &lane.name, &lane.source, cluster);
-    let mut rep = report::rerun::summarize(base, opts.times, snapshot, &runs);
+    let mut rep = report::rerun::summarize(base, opts.times, done.snapshot, &done.runs);
+    if let Some(e) = &done.failed {
+        rep.error = Some(format!("{e:#}"));
+        rep.error_kind = Some(crate::error::kind_of(e));
+    }
     rep.finish(started, crate::stopped_as());
     rep.exit_code = report::rerun::exit_code(&rep);
     report::write(root, &mut rep, &Secrets::load(state))?;
