@@ -51,7 +51,7 @@ pub fn rerun(cluster: &Cluster, state: &StateDir, opts: &RerunOptions) -> Result
     let record = refuse(cluster, state, opts)?;
     let name = match &opts.snapshot {
         Some(n) => n.clone(),
-        None => save(cluster, state, &record, opts.lane.grace)?,
+        None => save(cluster, state, &record)?,
     };
     let root = report::create_dir(
         &opts.lane.artifacts,
@@ -68,7 +68,6 @@ pub fn rerun(cluster: &Cluster, state: &StateDir, opts: &RerunOptions) -> Result
         tracing::info!("== run {i} of {}: from snapshot {name:?}", opts.times);
         let to = Restore {
             name: &name,
-            grace: opts.lane.grace,
             command: "rerun",
             keep_owner: false,
             fabric,
@@ -108,12 +107,7 @@ struct Done<'a> {
 
 /// Saves the running cluster as the `rerun` snapshot, and stops it (every
 /// run restores it, the first one too).
-fn save(
-    cluster: &Cluster,
-    state: &StateDir,
-    record: &RunningCluster,
-    grace: Duration,
-) -> Result<String> {
+fn save(cluster: &Cluster, state: &StateDir, record: &RunningCluster) -> Result<String> {
     let key = snapshot::key(cluster, &record.image)?;
     let machines = crate::bench::running_machines(record)?;
     let m = snapshot::save(
@@ -124,7 +118,8 @@ fn save(
         SNAPSHOT,
         snapshot::After::Stop,
     )?;
-    cluster::stop(state, grace)?;
+    // The guests have quit: this ends the fabric switch, freeing its ports.
+    cluster::stop(state, Duration::from_secs(1))?;
     tracing::info!(
         "snapshot {SNAPSHOT:?} saved: {} nodes, {:.0} MiB",
         m.record.nodes.len(),

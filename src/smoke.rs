@@ -220,7 +220,7 @@ fn check_cluster(
             current_image: current.as_deref(),
             artifacts: Some(dir),
         };
-        let reset = || reset(cluster, state, record, opts.grace);
+        let reset = || reset(cluster, state, record);
         let run = engine::RunOptions::new(opts.keep_going, Some(&reset));
         rep.layers = engine::run(&opts.lane, &ctx, run, started);
     }
@@ -240,12 +240,7 @@ fn check_cluster(
 /// snapshot it was started from (same ports, keys and disks as saved). A
 /// cluster booted cold has none: the lane then runs again as it is, and
 /// the note says so.
-fn reset(
-    cluster: &Cluster,
-    state: &StateDir,
-    record: &RunningCluster,
-    grace: Duration,
-) -> Result<String> {
+fn reset(cluster: &Cluster, state: &StateDir, record: &RunningCluster) -> Result<String> {
     let Some(name) = &record.restored_from else {
         return Ok(
             "no snapshot to restore (the cluster was booted cold): ran again in place".into(),
@@ -262,7 +257,6 @@ fn reset(
     let fabric = record.fabric.as_ref().map(|f| f.kind).unwrap_or_default();
     let to = Restore {
         name,
-        grace,
         command,
         keep_owner: mine.is_some(),
         fabric,
@@ -277,8 +271,6 @@ fn reset(
 /// Which snapshot to restore, and how the restored cluster is owned.
 pub struct Restore<'a> {
     pub name: &'a str,
-    /// How long `stop` waits for the running guests' clean powerdown.
-    pub grace: Duration,
     /// The command `start` records as the cluster's.
     pub command: &'a str,
     /// Whether this process keeps owning the guests (it stops them itself).
@@ -286,9 +278,14 @@ pub struct Restore<'a> {
     pub fabric: crate::fabric::Kind,
 }
 
+/// Seconds the guests a restore replaces get to power down: their state
+/// is thrown away (the snapshot brings its own disks), so a clean shutdown
+/// buys nothing but time.
+const DISCARD_GRACE: Duration = Duration::from_secs(1);
+
 /// Stops the running cluster (if any) and starts it from a snapshot.
 pub fn restore(cluster: &Cluster, state: &StateDir, to: &Restore) -> Result<RunningCluster> {
-    cluster::stop(state, to.grace)?;
+    cluster::stop(state, DISCARD_GRACE)?;
     let opts = StartOptions {
         command: to.command.into(),
         keep_owner: to.keep_owner,

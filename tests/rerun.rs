@@ -144,8 +144,6 @@ fn rerun_finds_a_check_that_fails_every_other_time_flaky_and_a_mark_turns_it_fla
             "4",
             "--artifacts",
             a,
-            "--grace",
-            "5",
             "--json",
         ],
     );

@@ -495,9 +495,6 @@ pub struct RerunArgs {
     /// Run every layer even after one failed, in every run.
     #[arg(long)]
     pub keep_going: bool,
-    /// Seconds `stop` waits for a clean powerdown before each restore.
-    #[arg(long, default_value_t = 30)]
-    pub grace: u64,
     /// Print the rerun's result.json on stdout (the tables go to stderr).
     #[arg(long)]
     pub json: bool,
@@ -547,7 +544,8 @@ impl RerunArgs {
             lane: self.select.load(cluster)?,
             artifacts: self.artifacts.clone(),
             keep_going: self.keep_going,
-            grace: Duration::from_secs(self.grace),
+            // Unused: each restore discards the guests it replaces.
+            grace: Duration::from_secs(1),
             json: self.json,
             publish: None,
         };
