@@ -59,32 +59,7 @@ pub fn rerun(cluster: &Cluster, state: &StateDir, opts: &RerunOptions) -> Result
     )?;
     let started = Instant::now();
     let fabric = record.fabric.as_ref().map(|f| f.kind).unwrap_or_default();
-    let mut runs: Vec<(String, RunReport)> = Vec::new();
-    let mut failed: Option<anyhow::Error> = None;
-    for i in 1..=opts.times {
-        if crate::stopped_as().is_some() {
-            break;
-        }
-        tracing::info!("== run {i} of {}: from snapshot {name:?}", opts.times);
-        let to = Restore {
-            name: &name,
-            command: "rerun",
-            keep_owner: false,
-            fabric,
-        };
-        let dir = format!("run-{i}");
-        // A restore that fails ends the reruns; the runs so far are kept.
-        let restored = match smoke::restore(cluster, state, &to) {
-            Ok(r) => r,
-            Err(e) => {
-                failed = Some(e.context(format!("restoring snapshot {name:?} before run {i}")));
-                break;
-            }
-        };
-        let rep = smoke::lane_into(cluster, state, &restored, &opts.lane, &root.join(&dir))?;
-        tracing::info!("run {i}: {}", rep.status.name());
-        runs.push((dir, rep));
-    }
+    let (runs, failed) = run_all(cluster, state, opts, &name, &root, fabric)?;
     let done = Done {
         snapshot: &name,
         root: &root,
@@ -95,12 +70,53 @@ pub fn rerun(cluster: &Cluster, state: &StateDir, opts: &RerunOptions) -> Result
     conclude(cluster, state, opts, done)
 }
 
+/// The runs, each after a restore of `snapshot`, until `times` or a stop
+/// (Ctrl-C, --timeout). A restore that fails ends them: the runs so far
+/// are kept, with the error.
+fn run_all(
+    cluster: &Cluster,
+    state: &StateDir,
+    opts: &RerunOptions,
+    snapshot: &str,
+    root: &Path,
+    fabric: crate::fabric::Kind,
+) -> Result<(Vec<Run>, Option<anyhow::Error>)> {
+    let mut runs = Vec::new();
+    let to = Restore {
+        name: snapshot,
+        command: "rerun",
+        keep_owner: false,
+        fabric,
+    };
+    for i in 1..=opts.times {
+        if crate::stopped_as().is_some() {
+            break;
+        }
+        tracing::info!("== run {i} of {}: from snapshot {snapshot:?}", opts.times);
+        let restored = match smoke::restore(cluster, state, &to) {
+            Ok(r) => r,
+            Err(e) => {
+                let e = e.context(format!("restoring snapshot {snapshot:?} before run {i}"));
+                return Ok((runs, Some(e)));
+            }
+        };
+        let dir = format!("run-{i}");
+        let rep = smoke::lane_into(cluster, state, &restored, &opts.lane, &root.join(&dir))?;
+        tracing::info!("run {i}: {}", rep.status.name());
+        runs.push((dir, rep));
+    }
+    Ok((runs, None))
+}
+
+/// One run: its directory under the rerun's root, and its report.
+type Run = (String, RunReport);
+
 /// What the runs left, for the rerun's report.
 struct Done<'a> {
     snapshot: &'a str,
     root: &'a Path,
     started: Instant,
-    runs: Vec<(String, RunReport)>,
+    runs: Vec<Run>,
     /// The infrastructure error that ended the reruns early.
     failed: Option<anyhow::Error>,
 }
