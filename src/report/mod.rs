@@ -537,6 +537,16 @@ mod tests {
         assert_eq!(get("lane-duration"), Some((42.5, "s")));
         assert_eq!(get("checks-pass"), Some((1.0, "")));
         assert_eq!(get("checks-fail"), Some((0.0, "")));
+        // A flaky check is counted as such, never among the passes.
+        assert_eq!(get("checks-flaky"), Some((0.0, "")));
+        let mut flaky = r.layers[0].checks[0].clone();
+        flaky.outcome = Outcome::Flaky;
+        flaky.id = "other@b".into();
+        r.layers[0].checks.push(flaky);
+        let m = r.metrics();
+        let get = |n: &str| m.iter().find(|x| x.0 == n).map(|x| (x.1, x.2));
+        assert_eq!(get("checks-flaky"), Some((1.0, "")));
+        assert_eq!(get("checks-pass"), Some((1.0, "")));
         assert_eq!(get("bench.b.read.subject_median_mb_s"), Some((9.5, "MB/s")));
         assert_eq!(get("bench.b.read.ratio"), Some((0.63, "x")));
         assert_eq!(get("bench.b.migration.stats.downtime"), Some((82.0, "ms")));
