@@ -5,7 +5,9 @@
 //! controls it. A small HTTP server here counts `/next` requests; `/state`
 //! answers 200 when the count is even and 500 when it is odd (reading it
 //! changes nothing, so the engine's own retries of a failing attempt keep
-//! failing). The guest reaches it through QEMU's user network, which every
+//! failing until the check's deadline). That deadline is 15 s, not less: on
+//! a loaded host one curl in the guest once took over 3 s, and `rerun`
+//! rightly found the check flaky for it. The guest reaches it through QEMU's user network, which every
 //! node already has (the host is 10.0.2.2 there). The lane's first layer
 //! asks `/next`, its second judges `/state`: run 1 is odd (fail), run 2
 //! even (pass), and so on, deterministically.
@@ -86,7 +88,7 @@ name = "even"
 kind = "exec"
 targets = "solo"
 command = "curl -fsS http://10.0.2.2:{port}/state"
-deadline = 3
+deadline = 15
 artifact = "evidence/even.json"
 {mark}
 "#
