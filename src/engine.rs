@@ -7,6 +7,13 @@
 //! stops the lane: later layers are recorded as skipped, because they
 //! depend on what failed (`--keep-going` runs them anyway).
 //!
+//! A check marked flaky in its lane (`flaky = { reason, reruns }`) that
+//! fails, in a layer where every failed check is so marked, is retried
+//! from the snapshot: the `reset` hook brings the cluster back to it, and
+//! the lane runs again from its first layer (what the check stands on is
+//! rebuilt too). A pass after that is `flaky`, with the failures it
+//! followed kept beside it; never a plain pass.
+//!
 //! A retried check is tried again after a pause that grows (50 ms doubling
 //! to 1 s) until it passes or its deadline passes. An attempt whose SSH
 //! session broke drops that session, so the next attempt opens a new one,
@@ -21,9 +28,13 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+/// Brings the cluster back to its snapshot before a flaky check's rerun;
+/// says what it did.
+pub type Reset<'a> = &'a (dyn Fn() -> anyhow::Result<String> + Sync);
+
 /// How a lane runs.
 #[derive(Clone, Copy)]
-pub struct RunOptions {
+pub struct RunOptions<'a> {
     /// Run every layer even after one failed.
     pub keep_going: bool,
     /// Whether the user asked to stop (Ctrl-C); checked before every check
@@ -34,17 +45,42 @@ pub struct RunOptions {
     /// Undoes faults a layer left behind (a failed scenario's partition, a
     /// paused or crashed node) before the next layer; says what it did.
     pub restore: fn(&Ctx) -> Option<String>,
+    /// Brings the cluster back to its snapshot before a flaky check is
+    /// retried. None: marked checks are not retried.
+    pub reset: Option<Reset<'a>>,
 }
 
-impl RunOptions {
-    pub fn new(keep_going: bool) -> Self {
+impl<'a> RunOptions<'a> {
+    pub fn new(keep_going: bool, reset: Option<Reset<'a>>) -> Self {
         RunOptions {
             keep_going,
             interrupted: crate::interrupted,
             retry: Pause::RETRY,
             restore: |ctx| crate::fault::restore(ctx.record),
+            reset,
         }
     }
+}
+
+/// A flaky-marked check's record: its mark, and each failure that was
+/// retried from the snapshot (the evidence of the failing run).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FlakyRecord {
+    pub reason: String,
+    /// Reruns the mark allows.
+    pub reruns: u32,
+    pub failures: Vec<EarlierFailure>,
+    /// What each reset did (restored the snapshot, or why it could not).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resets: Vec<String>,
+}
+
+/// One failed run of a marked check, before it was run again.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EarlierFailure {
+    pub message: String,
+    pub duration_s: f64,
+    pub evidence: Value,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -64,6 +100,10 @@ pub struct CheckResult {
     /// The file (relative to the run directory) that holds this check's evidence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact: Option<String>,
+    /// A check marked flaky in its lane: the reason and the failures it was
+    /// retried after (its outcome is `flaky` when it passed after them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flaky: Option<FlakyRecord>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -79,11 +119,14 @@ pub struct LayerResult {
 }
 
 /// The outcome that sums up a set of outcomes: any fail fails; otherwise
-/// any degraded degrades; all skipped is skipped; else pass.
+/// any flaky is flaky; any degraded degrades; all skipped is skipped; else
+/// pass.
 pub fn overall(outcomes: impl IntoIterator<Item = Outcome>) -> Outcome {
     let all: Vec<Outcome> = outcomes.into_iter().collect();
     if all.contains(&Outcome::Fail) {
         Outcome::Fail
+    } else if all.contains(&Outcome::Flaky) {
+        Outcome::Flaky
     } else if all.contains(&Outcome::Degraded) {
         Outcome::Degraded
     } else if !all.is_empty() && all.iter().all(|o| *o == Outcome::Skipped) {
@@ -109,12 +152,38 @@ impl LayerResult {
 /// Runs every layer of `lane`. Never fails: a check that errors is a
 /// failed check with the error as its message.
 pub fn run(lane: &Lane, ctx: &Ctx, opts: RunOptions, lane_start: Instant) -> Vec<LayerResult> {
+    let mut earlier: BTreeMap<String, FlakyRecord> = BTreeMap::new();
+    loop {
+        match run_once(lane, ctx, opts, lane_start, &mut earlier) {
+            Pass::Done(layers) => return layers,
+            Pass::Again => continue,
+        }
+    }
+}
+
+/// How one pass over the lane ended.
+enum Pass {
+    Done(Vec<LayerResult>),
+    /// The cluster was reset to its snapshot for a flaky check: run the
+    /// lane again from its first layer.
+    Again,
+}
+
+/// One pass over the layers; `earlier` keeps the failures of marked checks
+/// across passes.
+fn run_once(
+    lane: &Lane,
+    ctx: &Ctx,
+    opts: RunOptions,
+    lane_start: Instant,
+    earlier: &mut BTreeMap<String, FlakyRecord>,
+) -> Pass {
     let mut out = Vec::new();
     let mut blocked: Option<String> = None;
     for layer in &lane.layers {
         let started = Instant::now();
         let _layer = tracing::info_span!("layer", name = %layer.name).entered();
-        let results: Vec<CheckResult> = if let Some(reason) = &blocked {
+        let mut results: Vec<CheckResult> = if let Some(reason) = &blocked {
             layer
                 .checks
                 .iter()
@@ -124,6 +193,12 @@ pub fn run(lane: &Lane, ctx: &Ctx, opts: RunOptions, lane_start: Instant) -> Vec
             tracing::info!("== layer {}: {} checks", layer.name, layer.checks.len());
             run_layer(&layer.checks, ctx, opts, lane_start)
         };
+        if blocked.is_none() && retry_from_snapshot(&layer.checks, &results, ctx, opts, earlier) {
+            return Pass::Again;
+        }
+        for r in &mut results {
+            judge_marked(r, earlier);
+        }
         let mut result = LayerResult::new(
             &layer.name,
             &layer.description,
@@ -145,7 +220,87 @@ pub fn run(lane: &Lane, ctx: &Ctx, opts: RunOptions, lane_start: Instant) -> Vec
         }
         out.push(result);
     }
-    out
+    Pass::Done(out)
+}
+
+/// Whether the layer's failures are all marked flaky with reruns left; if
+/// so, records them, resets the cluster to its snapshot, and says yes.
+/// An unmarked failure fails the layer whatever a rerun would do.
+fn retry_from_snapshot(
+    planned: &[PlannedCheck],
+    results: &[CheckResult],
+    ctx: &Ctx,
+    opts: RunOptions,
+    earlier: &mut BTreeMap<String, FlakyRecord>,
+) -> bool {
+    let Some(reset) = opts.reset else {
+        return false;
+    };
+    let failed: Vec<(&CheckResult, &PlannedCheck)> = results
+        .iter()
+        .filter(|r| r.outcome == Outcome::Fail)
+        .filter_map(|r| Some((r, planned.iter().find(|p| p.id == r.id)?)))
+        .collect();
+    let retriable = |(r, p): &(&CheckResult, &PlannedCheck)| {
+        p.flaky.as_ref().is_some_and(|m| {
+            let used = earlier.get(&r.id).map_or(0, |e| e.failures.len());
+            (used as u32) < m.reruns
+        })
+    };
+    if failed.is_empty() || !failed.iter().all(retriable) || (opts.interrupted)() {
+        return false;
+    }
+    tracing::warn!(
+        "flaky check(s) {} failed: back to the snapshot, the lane runs again",
+        failed
+            .iter()
+            .map(|(r, _)| r.id.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let note = match reset() {
+        Ok(note) => note,
+        Err(e) => format!("reset failed: {e:#}"),
+    };
+    let reset_ok = !note.starts_with("reset failed");
+    for (r, p) in &failed {
+        let mark = p.flaky.as_ref().expect("only marked checks are retried");
+        let rec = earlier.entry(r.id.clone()).or_insert_with(|| FlakyRecord {
+            reason: mark.reason.clone(),
+            reruns: mark.reruns,
+            failures: Vec::new(),
+            resets: Vec::new(),
+        });
+        rec.failures.push(EarlierFailure {
+            message: r.message.clone(),
+            duration_s: r.duration_s,
+            evidence: r.evidence.clone(),
+        });
+        rec.resets.push(note.clone());
+    }
+    // The guests were restored: every kept session is gone.
+    for node in ctx.record.nodes.keys() {
+        ctx.guests.forget(node);
+    }
+    reset_ok
+}
+
+/// A marked check's result after its reruns: a pass that followed failures
+/// is `flaky`, and every marked check carries its record.
+fn judge_marked(r: &mut CheckResult, earlier: &BTreeMap<String, FlakyRecord>) {
+    let Some(rec) = earlier.get(&r.id) else {
+        return;
+    };
+    if matches!(r.outcome, Outcome::Pass | Outcome::Degraded) {
+        r.outcome = Outcome::Flaky;
+        r.message = format!(
+            "{} (flaky: passed after {} failure(s) retried from the snapshot; {})",
+            r.message,
+            rec.failures.len(),
+            rec.reason
+        );
+    }
+    r.flaky = Some(rec.clone());
 }
 
 fn run_layer(
@@ -252,6 +407,7 @@ fn run_check(c: &PlannedCheck, ctx: &Ctx, opts: RunOptions, lane_start: Instant)
         origin: c.origin.clone(),
         evidence: verdict.evidence,
         artifact: c.artifact.clone(),
+        flaky: None,
     }
 }
 
@@ -281,6 +437,7 @@ fn skipped(c: &PlannedCheck, reason: &str, lane_start: Instant) -> CheckResult {
         origin: c.origin.clone(),
         evidence: json!({}),
         artifact: None,
+        flaky: None,
     }
 }
 
@@ -361,6 +518,7 @@ mod tests {
             check,
             origin: "test.toml:1".into(),
             artifact: None,
+            flaky: None,
         }
     }
 
@@ -397,12 +555,13 @@ mod tests {
         false
     }
 
-    fn fast(keep_going: bool, interrupted: fn() -> bool) -> RunOptions {
+    fn fast(keep_going: bool, interrupted: fn() -> bool) -> RunOptions<'static> {
         RunOptions {
             keep_going,
             interrupted,
             retry: Pause::Every(Duration::from_millis(1)),
             restore: |_| None,
+            reset: None,
         }
     }
 
@@ -603,6 +762,81 @@ mod tests {
             "the check itself never ran"
         );
         assert_eq!(r.attempts, 1);
+    }
+
+    fn marked(id: &str, check: Arc<Scripted>, reruns: u32) -> PlannedCheck {
+        let mut c = planned(id, check, 1000);
+        c.flaky = Some(crate::lane::FlakyMark {
+            reason: "known race".into(),
+            reruns,
+        });
+        c
+    }
+
+    static RESETS: AtomicU32 = AtomicU32::new(0);
+    fn counting_reset() -> anyhow::Result<String> {
+        RESETS.fetch_add(1, Ordering::SeqCst);
+        Ok("restored".into())
+    }
+
+    /// Runs once, failing its first `fail_first` runs (each run one attempt).
+    fn once(fail_first: u32) -> Arc<Scripted> {
+        let mut s = Scripted::new(fail_first, Outcome::Pass);
+        s.retried = false;
+        Arc::new(s)
+    }
+
+    #[test]
+    fn a_marked_check_that_passes_after_a_reset_is_flaky_with_its_failure_kept() {
+        let before = once(0);
+        let flaky = once(1);
+        let l = lane(vec![
+            vec![planned("before", before.clone(), 1000)],
+            vec![marked("flaky", flaky.clone(), 2)],
+        ]);
+        let mut opts = fast(false, never);
+        opts.reset = Some(&counting_reset);
+        let r0 = RESETS.load(Ordering::SeqCst);
+        let layers = run_lane(&l, opts);
+        assert_eq!(RESETS.load(Ordering::SeqCst) - r0, 1);
+        // The lane ran again from its first layer after the reset.
+        assert_eq!(before.attempts.load(Ordering::SeqCst), 2);
+        let r = &layers[1].checks[0];
+        assert_eq!(r.outcome, Outcome::Flaky, "{}", r.message);
+        assert_eq!(layers[1].outcome, Outcome::Flaky);
+        let rec = r.flaky.as_ref().unwrap();
+        assert_eq!(rec.reason, "known race");
+        assert_eq!(rec.failures.len(), 1);
+        assert_eq!(rec.failures[0].message, "attempt 0 failed");
+        assert_eq!(rec.resets, ["restored"]);
+        assert!(r.message.contains("flaky"), "{}", r.message);
+    }
+
+    #[test]
+    fn a_marked_check_fails_once_its_reruns_are_spent_and_unmarked_failures_never_rerun() {
+        let l = lane(vec![vec![marked("flaky", once(u32::MAX), 2)]]);
+        let mut opts = fast(false, never);
+        opts.reset = Some(&counting_reset);
+        let layers = run_lane(&l, opts);
+        let r = &layers[0].checks[0];
+        assert_eq!(r.outcome, Outcome::Fail);
+        assert_eq!(r.flaky.as_ref().unwrap().failures.len(), 2);
+
+        // One unmarked failure in the layer: no rerun can make it pass.
+        let plain = once(1);
+        let l = lane(vec![vec![
+            marked("flaky", once(1), 2),
+            planned("plain", plain.clone(), 1000),
+        ]]);
+        let layers = run_lane(&l, opts);
+        assert_eq!(layers[0].checks[0].outcome, Outcome::Fail);
+        assert_eq!(plain.attempts.load(Ordering::SeqCst), 1);
+        // Without a reset hook a mark changes nothing.
+        let layers = run_lane(
+            &lane(vec![vec![marked("f", once(1), 2)]]),
+            fast(false, never),
+        );
+        assert_eq!(layers[0].checks[0].outcome, Outcome::Fail);
     }
 
     #[test]

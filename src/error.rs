@@ -224,6 +224,8 @@ pub fn bad_input(msg: impl Into<String>) -> anyhow::Error {
 pub enum RunStatus {
     Pass,
     Degraded,
+    /// A check marked flaky failed and then passed from the snapshot.
+    Flaky,
     Fail,
     /// The infrastructure failed (a step, not a check).
     Error,
@@ -237,6 +239,7 @@ impl RunStatus {
         match self {
             RunStatus::Pass => "pass",
             RunStatus::Degraded => "degraded",
+            RunStatus::Flaky => "flaky",
             RunStatus::Fail => "fail",
             RunStatus::Error => "error",
             RunStatus::Timeout => "timeout",
@@ -248,7 +251,8 @@ impl RunStatus {
 /// The process exit code for a run that ended with `status`.
 pub fn for_status(status: RunStatus) -> u8 {
     match status {
-        RunStatus::Pass | RunStatus::Degraded => EXIT_PASS,
+        // A flaky check was declared so in its lane, with a reason.
+        RunStatus::Pass | RunStatus::Degraded | RunStatus::Flaky => EXIT_PASS,
         RunStatus::Fail => EXIT_CHECK_FAILED,
         RunStatus::Error => EXIT_INFRA,
         RunStatus::Timeout => EXIT_TIMEOUT,

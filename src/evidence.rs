@@ -190,6 +190,7 @@ pub fn health_layer(
                 origin: "built in".into(),
                 evidence: json!({ "findings": mine }),
                 artifact: None,
+                flaky: None,
             }
         })
         .collect();

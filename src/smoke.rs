@@ -49,6 +49,24 @@ pub fn smoke(cluster: &Cluster, state: &StateDir, opts: &LaneOptions) -> Result<
     conclude(rep, &dir, state, started, opts)
 }
 
+/// Runs the lane against the running `record` and writes its artifacts
+/// into `dir`; returns the report without printing it (`rerun`).
+pub fn lane_into(
+    cluster: &Cluster,
+    state: &StateDir,
+    record: &RunningCluster,
+    opts: &LaneOptions,
+    dir: &Path,
+) -> Result<RunReport> {
+    std::fs::create_dir_all(dir)?;
+    let started = Instant::now();
+    let mut rep = RunReport::new(&opts.command, &opts.lane.name, &opts.lane.source, cluster);
+    check_cluster(&mut rep, cluster, state, record, opts, dir, started);
+    rep.finish(started, crate::stopped_as());
+    report::write(dir, &mut rep, &Secrets::load(state))?;
+    Ok(rep)
+}
+
 /// clean, build, start, smoke, stop; the cluster is stopped even when
 /// the smoke fails or is interrupted.
 pub fn fresh_smoke(
@@ -202,7 +220,8 @@ fn check_cluster(
             current_image: current.as_deref(),
             artifacts: Some(dir),
         };
-        let run = engine::RunOptions::new(opts.keep_going);
+        let reset = || reset(cluster, state, record);
+        let run = engine::RunOptions::new(opts.keep_going, Some(&reset));
         rep.layers = engine::run(&opts.lane, &ctx, run, started);
     }
     rep.fabric = crate::fault::fabric_status(record).ok();
@@ -215,6 +234,68 @@ fn check_cluster(
         rep.error = Some(format!("QEMU is not running for {}", gone.join(", ")));
         rep.error_kind = Some(crate::error::ErrorKind::NodeGone);
     }
+}
+
+/// Before a flaky check's rerun: stops the cluster and restores the
+/// snapshot it was started from (same ports, keys and disks as saved). A
+/// cluster booted cold has none: the lane then runs again as it is, and
+/// the note says so.
+fn reset(cluster: &Cluster, state: &StateDir, record: &RunningCluster) -> Result<String> {
+    let Some(name) = &record.restored_from else {
+        return Ok(
+            "no snapshot to restore (the cluster was booted cold): ran again in place".into(),
+        );
+    };
+    let t = Instant::now();
+    // A `fresh-*` run owns its guests (and stops them at its end): so does
+    // what replaces them.
+    let mine = record
+        .owner
+        .as_ref()
+        .filter(|o| o.pid == std::process::id() as i32);
+    let command = mine.map_or("smoke", |o| o.command.as_str());
+    let fabric = record.fabric.as_ref().map(|f| f.kind).unwrap_or_default();
+    let to = Restore {
+        name,
+        command,
+        keep_owner: mine.is_some(),
+        fabric,
+    };
+    restore(cluster, state, &to)?;
+    Ok(format!(
+        "restored snapshot {name:?} in {:.1} s",
+        t.elapsed().as_secs_f64()
+    ))
+}
+
+/// Which snapshot to restore, and how the restored cluster is owned.
+pub struct Restore<'a> {
+    pub name: &'a str,
+    /// The command `start` records as the cluster's.
+    pub command: &'a str,
+    /// Whether this process keeps owning the guests (it stops them itself).
+    pub keep_owner: bool,
+    pub fabric: crate::fabric::Kind,
+}
+
+/// Seconds the guests a restore replaces get to power down: their state
+/// is thrown away (the snapshot brings its own disks), so a clean shutdown
+/// buys nothing but time.
+const DISCARD_GRACE: Duration = Duration::from_secs(1);
+
+/// Stops the running cluster (if any) and starts it from a snapshot.
+pub fn restore(cluster: &Cluster, state: &StateDir, to: &Restore) -> Result<RunningCluster> {
+    cluster::stop(state, DISCARD_GRACE)?;
+    let opts = StartOptions {
+        command: to.command.into(),
+        keep_owner: to.keep_owner,
+        accel: crate::machine::accel::AccelRequest::Auto,
+        ready_timeout: Duration::from_secs(600),
+        readiness: cluster::Readiness::Full,
+        from_snapshot: Some(to.name.into()),
+        fabric: to.fabric,
+    };
+    cluster::start(cluster, state, &opts)
 }
 
 fn conclude(

@@ -201,13 +201,16 @@ fn parse_as<T: Check + DeserializeOwned + 'static>(
         .map_err(|e| e.message().to_string())
 }
 
-/// pass / fail / degraded / skipped, in that vocabulary everywhere
-/// (result.json, JUnit, the report, the terminal).
+/// pass / fail / degraded / flaky / skipped, in that vocabulary everywhere
+/// (result.json, JUnit, the report, the terminal). `flaky` is a check that
+/// failed and then passed when it ran again from the snapshot: never a
+/// plain pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
     Pass,
     Degraded,
+    Flaky,
     Skipped,
     Fail,
 }
@@ -217,6 +220,7 @@ impl Outcome {
         match self {
             Outcome::Pass => "pass",
             Outcome::Degraded => "degraded",
+            Outcome::Flaky => "flaky",
             Outcome::Skipped => "skipped",
             Outcome::Fail => "fail",
         }

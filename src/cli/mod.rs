@@ -203,6 +203,15 @@ pub enum Cmd {
     /// Run a lane (default: smoke, every validation layer) against the running
     /// cluster and write its artifacts.
     Smoke(LaneArgs),
+    /// Run a lane N times against the running cluster, each time from the
+    /// same snapshot (saved now as `rerun` unless --snapshot names one), and
+    /// report per check: passes, failures, pass rate, the spread of its
+    /// time and figures; a check that both passed and failed is `flaky`,
+    /// with a failing run's evidence beside a passing one's. Writes
+    /// <artifacts>/rerun-<lane>/<timestamp>/ (run-<i>/ per run). Exit 0 if
+    /// every check passed every time, 1 if one failed or was flaky, 2 on
+    /// bad input. The cluster is left running, restored from the snapshot.
+    Rerun(RerunArgs),
     /// clean, build (if needed), start, smoke, stop: the whole verdict from
     /// nothing. The cluster is stopped even when a check fails.
     FreshSmoke {
@@ -465,6 +474,33 @@ pub struct LaneRun {
 }
 
 #[derive(Args, Debug, Clone)]
+pub struct RerunArgs {
+    #[command(flatten)]
+    pub select: LaneSelect,
+    /// How many runs (1..100).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub times: u32,
+    /// Start every run from this existing snapshot (`snapshot save NAME`)
+    /// instead of saving the running cluster as `rerun` first.
+    #[arg(long, value_name = "NAME")]
+    pub snapshot: Option<String>,
+    /// Root of the artifact tree: <DIR>/rerun-<lane>/<timestamp>.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "PHOTON_ARTIFACTS",
+        default_value = "work"
+    )]
+    pub artifacts: PathBuf,
+    /// Run every layer even after one failed, in every run.
+    #[arg(long)]
+    pub keep_going: bool,
+    /// Print the rerun's result.json on stdout (the tables go to stderr).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     #[command(flatten)]
     pub select: LaneSelect,
@@ -498,6 +534,26 @@ pub struct RunArgs {
 impl LaneArgs {
     pub fn options(&self, cluster: &Cluster, command: &str) -> Result<LaneOptions> {
         Ok(self.run.options(self.select.load(cluster)?, command))
+    }
+}
+
+impl RerunArgs {
+    pub fn options(&self, cluster: &Cluster) -> Result<crate::rerun::RerunOptions> {
+        let lane = LaneOptions {
+            command: "rerun".into(),
+            lane: self.select.load(cluster)?,
+            artifacts: self.artifacts.clone(),
+            keep_going: self.keep_going,
+            // Unused: each restore discards the guests it replaces.
+            grace: Duration::from_secs(1),
+            json: self.json,
+            publish: None,
+        };
+        Ok(crate::rerun::RerunOptions {
+            lane,
+            times: self.times,
+            snapshot: self.snapshot.clone(),
+        })
     }
 }
 

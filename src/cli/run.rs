@@ -163,6 +163,11 @@ pub fn run(cli: Cli) -> Result<i32> {
             let _lock = state.lock("smoke")?;
             return Ok(smoke::smoke(&cluster, &state, &opts)? as i32);
         }
+        Cmd::Rerun(args) => {
+            let opts = args.options(&cluster)?;
+            let _lock = state.lock("rerun")?;
+            return Ok(crate::rerun::rerun(&cluster, &state, &opts)? as i32);
+        }
         Cmd::FreshSmoke { lane, start } => {
             let opts = lane.options(&cluster, "fresh-smoke")?;
             let _lock = state.lock("fresh-smoke")?;

@@ -124,6 +124,42 @@ pub struct PlannedCheck {
     /// A file under the run directory that receives the check's evidence
     /// (`network-provider/dns-{node}.json`); see report::write_check_artifacts.
     pub artifact: Option<String>,
+    /// A known flaky check (`flaky = { reason, reruns }`): a failure is
+    /// retried from the snapshot, and a pass after that is `flaky`.
+    pub flaky: Option<FlakyMark>,
+}
+
+/// `flaky = { reason = "...", reruns = N }` on a check in a lane file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlakyMark {
+    /// Why the check is known to be flaky (an issue, a race): required.
+    pub reason: String,
+    /// How many times a failure is retried from the snapshot.
+    pub reruns: u32,
+}
+
+/// More reruns than this hides a broken check rather than a flaky one.
+pub const MAX_RERUNS: u32 = 5;
+
+impl FlakyMark {
+    /// Reads a check's `flaky` value: a table with a non-empty reason and
+    /// 1..=MAX_RERUNS reruns, else the message to show at its line.
+    fn parse(v: toml::Value) -> Result<FlakyMark, String> {
+        let usage = format!("flaky = {{ reason = \"why it is flaky\", reruns = 1..{MAX_RERUNS} }}");
+        let mark =
+            FlakyMark::deserialize(v).map_err(|e| format!("{}; write {usage}", e.message()))?;
+        if mark.reason.trim().is_empty() {
+            return Err(format!("a flaky mark needs a reason; write {usage}"));
+        }
+        if mark.reruns == 0 || mark.reruns > MAX_RERUNS {
+            return Err(format!(
+                "reruns = {} is not 1..{MAX_RERUNS}; write {usage}",
+                mark.reruns
+            ));
+        }
+        Ok(mark)
+    }
 }
 
 impl Lane {
@@ -227,6 +263,10 @@ pub fn parse(file: &Path, text: &str, cluster: &Cluster) -> Result<Lane, SpecErr
                     ));
                 }
             };
+            let flaky = match table.remove("flaky") {
+                None => None,
+                Some(v) => Some(FlakyMark::parse(v).map_err(|m| at(span(), &field("flaky"), m))?),
+            };
             let targets = match table.remove("targets") {
                 None => None,
                 Some(v) => Some(Targets::deserialize(v).map_err(|_| {
@@ -315,6 +355,7 @@ pub fn parse(file: &Path, text: &str, cluster: &Cluster) -> Result<Lane, SpecErr
                     check: Arc::from(check),
                     origin: origin.clone(),
                     artifact,
+                    flaky: flaky.clone(),
                 });
             }
         }
@@ -435,5 +476,37 @@ url = "http://{node}:8080/healthz"
         let text = "[lane]\nname = \"t\"\n[[layer]]\nname = \"x\"\n[[layer.check]]\nname = \"a\"\nkind = \"tcp_open\"\ntargets = \"all\"\nport = 1\nartifact = \"../escape.json\"\n";
         let e = parse(Path::new("t.toml"), text, &reference()).unwrap_err();
         assert_eq!(e.field, "layer[0].check[0].artifact");
+    }
+
+    #[test]
+    fn a_flaky_mark_needs_a_reason_and_a_sane_rerun_count() {
+        let lane = |mark: &str| {
+            format!(
+                "[lane]\nname = \"t\"\n[[layer]]\nname = \"x\"\n[[layer.check]]\nname = \"a\"\n\
+                 kind = \"tcp_open\"\ntargets = \"node01\"\nport = 1\n{mark}\n"
+            )
+        };
+        let ok = parse(
+            Path::new("t.toml"),
+            &lane("flaky = { reason = \"issue 27\", reruns = 2 }"),
+            &reference(),
+        )
+        .unwrap();
+        let mark = ok.layers[0].checks[0].flaky.clone().unwrap();
+        assert_eq!((mark.reason.as_str(), mark.reruns), ("issue 27", 2));
+        for (bad, says) in [
+            ("flaky = { reruns = 2 }", "reason"),
+            ("flaky = { reason = \" \", reruns = 2 }", "reason"),
+            ("flaky = { reason = \"r\", reruns = 0 }", "reruns = 0"),
+            ("flaky = { reason = \"r\", reruns = 1000 }", "reruns = 1000"),
+            ("flaky = { reason = \"r\", reruns = -1 }", "reruns"),
+            ("flaky = true", "flaky ="),
+            ("flaky = { reason = \"r\", reruns = 1, why = 2 }", "why"),
+        ] {
+            let e = parse(Path::new("t.toml"), &lane(bad), &reference()).unwrap_err();
+            assert_eq!(e.line, 5, "{bad}: {e}");
+            assert_eq!(e.field, "layer[0].check[0].flaky", "{bad}: {e}");
+            assert!(e.message.contains(says), "{bad}: {e}");
+        }
     }
 }

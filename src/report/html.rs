@@ -26,6 +26,7 @@ pub fn render(r: &RunReport, dir: &Path) -> String {
         text(&title)
     );
     verdict_section(&mut s, r, &title);
+    rerun_section(&mut s, r);
     failures(&mut s, r);
     s.push_str("<section id=\"timeline\"><h2>Timeline</h2>");
     match timeline::render(r) {
@@ -56,7 +57,7 @@ fn verdict_section(s: &mut String, r: &RunReport, title: &str) {
     let _ = write!(
         s,
         "<header id=\"verdict\" class=\"{}\"><h1>{}</h1><p class=\"summary\">exit {} · \
-         {} checks: {} passed, {} failed, {} degraded, {} skipped · {:.0} s",
+         {} checks: {} passed, {} failed, {} degraded, {} flaky, {} skipped · {:.0} s",
         r.status.name(),
         text(title),
         r.exit_code,
@@ -64,6 +65,7 @@ fn verdict_section(s: &mut String, r: &RunReport, title: &str) {
         count(Outcome::Pass),
         count(Outcome::Fail),
         count(Outcome::Degraded),
+        count(Outcome::Flaky),
         count(Outcome::Skipped),
         r.duration_s
     );
@@ -102,7 +104,12 @@ fn failures(s: &mut String, r: &RunReport) {
         .layers
         .iter()
         .flat_map(|l| &l.checks)
-        .filter(|c| matches!(c.outcome, Outcome::Fail | Outcome::Degraded))
+        .filter(|c| {
+            matches!(
+                c.outcome,
+                Outcome::Fail | Outcome::Degraded | Outcome::Flaky
+            )
+        })
         .collect();
     notable.sort_by_key(|c| c.outcome != Outcome::Fail);
     if steps.is_empty() && notable.is_empty() && r.findings.is_empty() {
@@ -133,6 +140,7 @@ fn failures(s: &mut String, r: &RunReport) {
             text(&c.message)
         );
         evidence(s, c);
+        flaky_note(s, c);
         if let Some(a) = &c.artifact {
             let _ = write!(s, "<p><a href=\"{}\">{}</a></p>", attr(a), text(a));
         }
@@ -184,6 +192,83 @@ fn evidence(s: &mut String, c: &CheckResult) {
     );
 }
 
+/// `rerun`: every check over every run, flaky ones first, with links to
+/// a failing run's evidence beside a passing one's.
+fn rerun_section(s: &mut String, r: &RunReport) {
+    let Some(rr) = &r.rerun else { return };
+    let _ = writeln!(
+        s,
+        "<section id=\"rerun\"><h2>Rerun: {} of {} run(s) from snapshot {}</h2>\
+         <div class=\"scroll\"><table><tr><th>check</th><th>verdict</th><th>passed</th>\
+         <th>pass rate</th><th>time min..max</th><th>figures min..max</th>\
+         <th>failing run</th><th>passing run</th></tr>",
+        rr.runs.len(),
+        rr.times,
+        text(&rr.snapshot)
+    );
+    let mut checks: Vec<_> = rr.checks.iter().collect();
+    checks.sort_by_key(|c| c.verdict != Outcome::Flaky);
+    let link = |e: &Option<crate::report::rerun::EvidenceRef>| match e {
+        Some(e) => {
+            let file = e.artifact.as_ref().unwrap_or(&e.result);
+            format!(
+                "<a href=\"{}\">run {}</a>: {}",
+                attr(file),
+                e.run,
+                text(&e.message)
+            )
+        }
+        None => "-".into(),
+    };
+    for c in checks {
+        let figures: Vec<String> = c
+            .figures
+            .iter()
+            .map(|(k, v)| format!("{}: {:.4}..{:.4}", text(k), v.min, v.max))
+            .collect();
+        let _ = writeln!(
+            s,
+            "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}/{}</td><td>{:.0}%</td>\
+             <td>{:.1}..{:.1} s</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            c.verdict.name(),
+            text(&c.id),
+            c.verdict.name(),
+            c.passes,
+            c.outcomes.len(),
+            c.pass_rate * 100.0,
+            c.duration_s.min,
+            c.duration_s.max,
+            figures.join("<br>"),
+            link(&c.failing),
+            link(&c.passing)
+        );
+    }
+    s.push_str("</table></div></section>\n");
+}
+
+/// A marked check's reason and the failures it was retried after.
+fn flaky_note(s: &mut String, c: &CheckResult) {
+    let Some(f) = &c.flaky else { return };
+    let _ = write!(
+        s,
+        "<p class=\"label\">marked flaky: {} (up to {} reruns from the snapshot)</p>",
+        text(&f.reason),
+        f.reruns
+    );
+    for (i, e) in f.failures.iter().enumerate() {
+        let json = serde_json::to_string_pretty(&e.evidence).unwrap_or_default();
+        let _ = write!(
+            s,
+            "<details><summary>failure {} before rerun ({:.1} s): {}</summary>\
+             <pre class=\"evidence\">{}</pre></details>",
+            i + 1,
+            e.duration_s,
+            text(&e.message),
+            text(&json)
+        );
+    }
+}
+
 fn finding(s: &mut String, f: &crate::evidence::Finding) {
     let _ = write!(
         s,
@@ -207,7 +292,7 @@ fn legend(s: &mut String, r: &RunReport) {
     for (name, class) in shown {
         let _ = write!(s, "<span class=\"key {class}\"></span>{name} ");
     }
-    for o in ["pass", "fail", "degraded", "skipped"] {
+    for o in ["pass", "fail", "degraded", "flaky", "skipped"] {
         let _ = write!(s, "<span class=\"key check-bar {o}\"></span>check {o} ");
     }
     s.push_str("</p>");

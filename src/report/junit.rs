@@ -6,7 +6,9 @@
 use super::RunReport;
 use crate::check::Outcome;
 use anyhow::Result;
-use quick_junit::{NonSuccessKind, Property, Report, TestCase, TestCaseStatus, TestSuite};
+use quick_junit::{
+    NonSuccessKind, Property, Report, TestCase, TestCaseStatus, TestRerun, TestSuite,
+};
 use std::time::Duration;
 
 pub fn render(report: &RunReport) -> Result<String> {
@@ -21,6 +23,19 @@ pub fn render(report: &RunReport) -> Result<String> {
         for c in &layer.checks {
             let status = match c.outcome {
                 Outcome::Pass | Outcome::Degraded => TestCaseStatus::success(),
+                // A pass after reruns: a success with its earlier failures
+                // as <flakyFailure> (surefire's form, which CI tools read).
+                Outcome::Flaky => {
+                    let mut s = TestCaseStatus::success();
+                    for f in c.flaky.iter().flat_map(|f| &f.failures) {
+                        let mut rerun = TestRerun::new(NonSuccessKind::Failure);
+                        rerun.set_message(f.message.clone());
+                        rerun.set_type(c.kind.clone());
+                        rerun.set_description(serde_json::to_string_pretty(&f.evidence)?);
+                        s.add_rerun(rerun);
+                    }
+                    s
+                }
                 Outcome::Skipped => {
                     let mut s = TestCaseStatus::skipped();
                     s.set_message(c.message.clone());

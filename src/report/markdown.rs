@@ -86,7 +86,12 @@ pub fn render(r: &RunReport) -> String {
         .layers
         .iter()
         .flat_map(|l| &l.checks)
-        .filter(|c| matches!(c.outcome, Outcome::Fail | Outcome::Degraded))
+        .filter(|c| {
+            matches!(
+                c.outcome,
+                Outcome::Fail | Outcome::Degraded | Outcome::Flaky
+            )
+        })
         .collect();
     if !notable.is_empty() {
         let _ = writeln!(s, "\n## Evidence of checks that did not pass\n");

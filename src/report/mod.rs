@@ -6,6 +6,7 @@ pub mod bench;
 mod html;
 mod junit;
 mod markdown;
+pub mod rerun;
 mod timeline;
 
 use crate::check::Outcome;
@@ -70,6 +71,9 @@ pub struct RunReport {
     /// The fabric switch at the end of the lane: frames and drops per port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fabric: Option<crate::fabric::switch::Status>,
+    /// `rerun` only: the lane run N times from one snapshot, per check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun: Option<rerun::Rerun>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -131,6 +135,7 @@ impl RunReport {
             artifacts: BTreeMap::new(),
             hermetic: None,
             fabric: None,
+            rerun: None,
         }
     }
 
@@ -187,6 +192,7 @@ impl RunReport {
             match crate::engine::overall(outcomes) {
                 Outcome::Fail => RunStatus::Fail,
                 Outcome::Degraded => RunStatus::Degraded,
+                Outcome::Flaky => RunStatus::Flaky,
                 _ => RunStatus::Pass,
             }
         };
@@ -210,6 +216,7 @@ impl RunReport {
             Outcome::Pass,
             Outcome::Fail,
             Outcome::Degraded,
+            Outcome::Flaky,
             Outcome::Skipped,
         ] {
             let n = checks.iter().filter(|c| c.outcome == o).count();
@@ -444,19 +451,20 @@ fn summary(report: &RunReport, dir: &Path) -> String {
     }
     println!();
     println!(
-        "{:<18} {:<9} {:>6} {:>5} {:>5} {:>8} {:>7} {:>8}",
-        "layer", "outcome", "checks", "pass", "fail", "degraded", "skipped", "time"
+        "{:<18} {:<9} {:>6} {:>5} {:>5} {:>8} {:>5} {:>7} {:>8}",
+        "layer", "outcome", "checks", "pass", "fail", "degraded", "flaky", "skipped", "time"
     );
     for l in &report.layers {
         let count = |o: Outcome| l.checks.iter().filter(|c| c.outcome == o).count();
         println!(
-            "{:<18} {:<9} {:>6} {:>5} {:>5} {:>8} {:>7} {:>7.1}s",
+            "{:<18} {:<9} {:>6} {:>5} {:>5} {:>8} {:>5} {:>7} {:>7.1}s",
             l.name,
             l.outcome.name(),
             l.checks.len(),
             count(Outcome::Pass),
             count(Outcome::Fail),
             count(Outcome::Degraded),
+            count(Outcome::Flaky),
             count(Outcome::Skipped),
             l.duration_s
         );
@@ -465,7 +473,10 @@ fn summary(report: &RunReport, dir: &Path) -> String {
         println!("step {} failed: {}", s.name, s.message);
     }
     for c in report.layers.iter().flat_map(|l| &l.checks) {
-        if matches!(c.outcome, Outcome::Fail | Outcome::Degraded) {
+        if matches!(
+            c.outcome,
+            Outcome::Fail | Outcome::Degraded | Outcome::Flaky
+        ) {
             println!("{:<8} {}: {}", c.outcome.name(), c.id, c.message);
         }
     }
@@ -526,6 +537,16 @@ mod tests {
         assert_eq!(get("lane-duration"), Some((42.5, "s")));
         assert_eq!(get("checks-pass"), Some((1.0, "")));
         assert_eq!(get("checks-fail"), Some((0.0, "")));
+        // A flaky check is counted as such, never among the passes.
+        assert_eq!(get("checks-flaky"), Some((0.0, "")));
+        let mut flaky = r.layers[0].checks[0].clone();
+        flaky.outcome = Outcome::Flaky;
+        flaky.id = "other@b".into();
+        r.layers[0].checks.push(flaky);
+        let m = r.metrics();
+        let get = |n: &str| m.iter().find(|x| x.0 == n).map(|x| (x.1, x.2));
+        assert_eq!(get("checks-flaky"), Some((1.0, "")));
+        assert_eq!(get("checks-pass"), Some((1.0, "")));
         assert_eq!(get("bench.b.read.subject_median_mb_s"), Some((9.5, "MB/s")));
         assert_eq!(get("bench.b.read.ratio"), Some((0.63, "x")));
         assert_eq!(get("bench.b.migration.stats.downtime"), Some((82.0, "ms")));
