@@ -1,9 +1,9 @@
 //! End to end: real QEMU guests of the reference cluster, as scenarios
-//! `s01`..`s14` that run in the order of their names and share one booted
+//! `s01`..`s15` that run in the order of their names and share one booted
 //! cluster. Boot is the expensive part, so there are two cold boots in all:
 //! one `start` (s02, saved as the `default` snapshot right after it is
 //! ready) shared by the CLI assertions, the lanes and the broken-on-purpose
-//! smoke, and one `fresh-smoke` (s13). A scenario that needs a clean
+//! smoke, and one `fresh-smoke` (s14). A scenario that needs a clean
 //! cluster again, or runs alone, or follows one that failed, restores the
 //! snapshot (`ready_cluster`).
 //!
@@ -1359,14 +1359,21 @@ fn s10_lanes_broken_on_purpose() {
 }
 
 #[test]
-fn s11_stop_leaves_nothing() {
+fn s11_rerun_three_times_from_the_snapshot() {
+    let state = ready_cluster();
+    let _stop = StopOnPanic(state.clone());
+    rerun_three_times(&state);
+}
+
+#[test]
+fn s12_stop_leaves_nothing() {
     let state = ready_cluster();
     let _stop = StopOnPanic(state.clone());
     stop_leaves_nothing(&state);
 }
 
 #[test]
-fn s12_warm_restore_passes_smoke() {
+fn s13_warm_restore_passes_smoke() {
     let state = ready_cluster();
     common::run(&state, &["stop"]);
     let _stop = StopOnPanic(state.clone());
@@ -1374,15 +1381,88 @@ fn s12_warm_restore_passes_smoke() {
 }
 
 #[test]
-fn s13_fresh_smoke_passes_with_evidence() {
+fn s14_fresh_smoke_passes_with_evidence() {
     let state = built_state();
     let _stop = StopOnPanic(state.clone());
     fresh_smoke_passes_with_evidence(&state);
 }
 
 #[test]
-fn s14_compare_two_real_runs() {
+fn s15_compare_two_real_runs() {
     compare_two_real_runs();
+}
+
+/// `rerun --times 3` of the smoke lane on the shared cluster, each run from
+/// the `default` snapshot: every check passes every time, each run keeps
+/// its own artifacts, report.html has the rerun section, the cluster is
+/// left running (restored), and no check changed outcome between the first
+/// and the last run.
+fn rerun_three_times(state: &Path) {
+    let root = artifacts_dir().join("rerun");
+    let _ = std::fs::remove_dir_all(&root);
+    let t = Instant::now();
+    let out = common::run(
+        state,
+        &[
+            "rerun",
+            "--times",
+            "3",
+            "--snapshot",
+            "default",
+            "--artifacts",
+            root.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    eprintln!("rerun --times 3: {:.1} s", t.elapsed().as_secs_f64());
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("rerun --json");
+    let checks = doc["rerun"]["checks"].as_array().unwrap();
+    let not_passing: Vec<&Value> = checks
+        .iter()
+        .filter(|c| !["pass", "skipped", "degraded"].contains(&c["verdict"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "checks that did not pass: {not_passing:?}"
+    );
+    assert_eq!(doc["command"], "rerun");
+    let runs = doc["rerun"]["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 3, "{runs:?}");
+    for c in checks {
+        if c["verdict"] == "pass" {
+            assert_eq!(c["pass_rate"], 1.0, "{c}");
+        }
+    }
+    let dir = root.join("rerun-smoke/latest");
+    for i in 1..=3 {
+        assert!(
+            dir.join(format!("run-{i}/result.json")).is_file(),
+            "run-{i}"
+        );
+    }
+    let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    assert!(
+        html.contains("id=\"rerun\""),
+        "report.html has the rerun section"
+    );
+    assert_eq!(common::run(state, &["status"]).status.code(), Some(0));
+    // The first and the last run: no check changed its outcome (single
+    // figures may move with the host's load; they are reported, not judged
+    // here).
+    let (first, last) = (dir.join("run-1"), dir.join("run-3"));
+    let out = common::bin()
+        .args([
+            "compare",
+            "--json",
+            first.to_str().unwrap(),
+            last.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let cmp: Value = serde_json::from_slice(&out.stdout).expect("compare --json");
+    assert_eq!(cmp["checks"], json!([]), "{cmp}");
+    assert!(cmp["run_regressed"].is_null(), "{cmp}");
 }
 
 /// `stop`: no QEMU remains, cluster.json is gone, and each console is kept
@@ -1497,8 +1577,8 @@ fn the_cli_on_the_ready_cluster(state: &Path) {
     assert_eq!(stdout(&out), "[a b][it's][]");
 }
 
-/// `compare` on two real runs of this suite: the warm smoke (s12) against
-/// the fresh one (s13). Their checks are the same; the boot differs and is
+/// `compare` on two real runs of this suite: the warm smoke (s13) against
+/// the fresh one (s14). Their checks are the same; the boot differs and is
 /// named. The exit code follows what the comparison found, in both forms.
 /// Run alone, without those two runs, it makes two smoke runs of its own on
 /// the shared cluster.
