@@ -27,6 +27,7 @@ pub mod machine;
 pub mod progress;
 pub mod provision;
 pub mod report;
+pub mod script;
 pub mod secrets;
 pub mod smoke;
 pub mod snapshot;

@@ -59,6 +59,7 @@ mod redis_faults;
 mod remote_write;
 mod replicated_kv;
 mod s3_bench;
+mod script;
 mod service_auth;
 mod tcp_open;
 mod tenant_network;
@@ -105,6 +106,7 @@ kinds! {
     lb_listener::LbListener,
     tenant_network::TenantNetwork,
     kube_bundle::KubeBundle,
+    script::Script,
 }
 
 /// What a check kind is: how it binds to targets, whether it is retried,
