@@ -30,7 +30,11 @@ impl Check for Script {
         false
     }
 
-    fn bind(&mut self, _target: Option<&str>, _cluster: &crate::spec::Cluster) -> Result<(), String> {
+    fn bind(
+        &mut self,
+        _target: Option<&str>,
+        _cluster: &crate::spec::Cluster,
+    ) -> Result<(), String> {
         crate::script::check_syntax(&self.file)
     }
 
@@ -38,7 +42,9 @@ impl Check for Script {
         let stem = self.file.file_stem().unwrap_or_default().to_string_lossy();
         let dir = match ctx.artifact_path(&format!("script-{stem}")) {
             Some(d) => d,
-            None => std::env::temp_dir().join(format!("photon-script-{}-{stem}", std::process::id())),
+            None => {
+                std::env::temp_dir().join(format!("photon-script-{}-{stem}", std::process::id()))
+            }
         };
         let run = crate::script::run(ctx.record, ctx.guests, &self.file, &dir, budget)?;
         let evidence = json!({
@@ -53,7 +59,10 @@ impl Check for Script {
         let passed = run.subtests.iter().filter(|s| s.passed).count();
         if let Some(f) = run.failed() {
             let msg = f.message.clone().unwrap_or_else(|| "failed".into());
-            return Ok(Verdict::fail(format!("subtest {:?}: {msg}", f.name), evidence));
+            return Ok(Verdict::fail(
+                format!("subtest {:?}: {msg}", f.name),
+                evidence,
+            ));
         }
         if run.exit != Some(0) {
             let why = format!("python3 exited {:?}: {}", run.exit, tail(&run.stderr, 3));

@@ -600,6 +600,8 @@ mod tests {
 /// script run is written out like any lane run. Its name is the script's.
 fn script_lane(file: &std::path::Path, deadline: u64, cluster: &Cluster) -> Result<Lane> {
     let file = std::path::absolute(file)?;
+    // Said here with the script's own file:line, not the generated lane's.
+    crate::script::check_syntax(&file).map_err(crate::error::bad_input)?;
     let stem = file.file_stem().unwrap_or_default().to_string_lossy();
     let name = file.file_name().unwrap_or_default().to_string_lossy();
     let text = format!(

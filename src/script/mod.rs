@@ -82,7 +82,8 @@ pub fn run(
     std::fs::write(lib.join("photon_machine.py"), MODULE)?;
     let sock = socket_path(dir);
     let _ = std::fs::remove_file(&sock);
-    let listener = UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
+    let listener =
+        UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
     let started = Instant::now();
     let mut child = spawn(script, &lib, &sock, dir)?;
     let session = Session::new(record, guests, dir.to_path_buf(), started + budget);
@@ -171,5 +172,6 @@ fn outputs(dir: &Path) -> (String, String) {
 
 /// One request from the script: `op` and its arguments.
 pub fn field<'a>(req: &'a Value, key: &str) -> Result<&'a Value> {
-    req.get(key).ok_or_else(|| anyhow!("missing argument {key:?}"))
+    req.get(key)
+        .ok_or_else(|| anyhow!("missing argument {key:?}"))
 }

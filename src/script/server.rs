@@ -188,7 +188,7 @@ impl<'a> Session<'a> {
             }
         };
         if !op.starts_with("subtest_") && op != "nodes" {
-            tracing::info!("script step {op} {:?}: {:.2} s", step.command, step.seconds);
+            tracing::debug!("script step {op} {:?}: {:.2} s", step.command, step.seconds);
             self.record_step(step);
         }
         reply
@@ -256,7 +256,9 @@ impl<'a> Session<'a> {
                 crate::fault::link(self.record, node, fault)?
             }
             _ => {
-                return Err(CallError::from(anyhow!("the driver has no operation {op:?}")));
+                return Err(CallError::from(anyhow!(
+                    "the driver has no operation {op:?}"
+                )));
             }
         };
         Ok(json!(said))
@@ -344,7 +346,11 @@ impl<'a> Session<'a> {
                 message: format!(
                     "command `{command}` on {node} exited {} (expected {})",
                     out.code,
-                    if expect == Some("success") { "0" } else { "non-zero" }
+                    if expect == Some("success") {
+                        "0"
+                    } else {
+                        "non-zero"
+                    }
                 ),
                 command: Some(command.into()),
                 output: Some(format!("{}{}", out.stdout, out.stderr)),
@@ -376,7 +382,10 @@ impl<'a> Session<'a> {
         let success = req["success"].as_bool().unwrap_or(true);
         let timeout = self.timeout(req);
         let mut last = String::new();
-        let what = format!("`{command}` on {node} to {}", if success { "succeed" } else { "fail" });
+        let what = format!(
+            "`{command}` on {node} to {}",
+            if success { "succeed" } else { "fail" }
+        );
         let done = Wait::new(what, timeout).pause(Pause::RETRY).run(|| {
             let out = match self.run_in(node, command, timeout) {
                 Ok(o) => o,
@@ -402,17 +411,19 @@ impl<'a> Session<'a> {
         let unit = field(req, "unit")?.as_str().unwrap_or_default();
         let command = format!("systemctl is-active {unit}");
         let what = format!("{unit} on {node} to be active");
-        let done = Wait::new(what, self.timeout(req)).pause(Pause::RETRY).run(|| {
-            let state = match self.run_in(node, &command, Duration::from_secs(30)) {
-                Ok(o) => o.stdout.trim().to_string(),
-                Err(e) => return Ok(Probe::Pending(format!("{e:#}"))),
-            };
-            match state.as_str() {
-                "active" => Ok(Probe::Done(json!({ "status": 0, "stdout": state }))),
-                "failed" => Err(anyhow!("unit {unit} on {node} failed")),
-                _ => Ok(Probe::Pending(state)),
-            }
-        });
+        let done = Wait::new(what, self.timeout(req))
+            .pause(Pause::RETRY)
+            .run(|| {
+                let state = match self.run_in(node, &command, Duration::from_secs(30)) {
+                    Ok(o) => o.stdout.trim().to_string(),
+                    Err(e) => return Ok(Probe::Pending(format!("{e:#}"))),
+                };
+                match state.as_str() {
+                    "active" => Ok(Probe::Done(json!({ "status": 0, "stdout": state }))),
+                    "failed" => Err(anyhow!("unit {unit} on {node} failed")),
+                    _ => Ok(Probe::Pending(state)),
+                }
+            });
         done.map_err(|e| CallError {
             message: format!("{e:#}"),
             command: Some(command.clone()),
@@ -431,7 +442,10 @@ impl<'a> Session<'a> {
         );
         let out = self.run_in(node, &command, self.timeout(req))?;
         if out.code != 0 {
-            return Err(CallError::from(anyhow!("writing {path} on {node}: {}", out.stderr.trim())));
+            return Err(CallError::from(anyhow!(
+                "writing {path} on {node}: {}",
+                out.stderr.trim()
+            )));
         }
         Ok(Value::Null)
     }
@@ -440,9 +454,16 @@ impl<'a> Session<'a> {
     fn read_file(&self, req: &Value) -> Result<Value, CallError> {
         let node = self.node(req)?;
         let path = field(req, "path")?.as_str().unwrap_or_default();
-        let out = self.run_in(node, &format!("base64 -w0 {}", shell_quote(path)), self.timeout(req))?;
+        let out = self.run_in(
+            node,
+            &format!("base64 -w0 {}", shell_quote(path)),
+            self.timeout(req),
+        )?;
         if out.code != 0 {
-            return Err(CallError::from(anyhow!("reading {path} on {node}: {}", out.stderr.trim())));
+            return Err(CallError::from(anyhow!(
+                "reading {path} on {node}: {}",
+                out.stderr.trim()
+            )));
         }
         Ok(json!({ "data": out.stdout.trim() }))
     }
@@ -451,7 +472,9 @@ impl<'a> Session<'a> {
         let name = req["name"].as_str().unwrap_or("subtest").to_string();
         let mut log = self.log.lock().expect("script log");
         if log.open.is_some() {
-            return Err(CallError::from(anyhow!("subtests do not nest (one is open)")));
+            return Err(CallError::from(anyhow!(
+                "subtests do not nest (one is open)"
+            )));
         }
         let started_unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
