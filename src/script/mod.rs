@@ -175,3 +175,93 @@ pub fn field<'a>(req: &'a Value, key: &str) -> Result<&'a Value> {
     req.get(key)
         .ok_or_else(|| anyhow!("missing argument {key:?}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names in the module: Machine's public methods and the globals.
+    fn provided() -> Vec<String> {
+        let mut names: Vec<String> = MODULE
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("    def ")
+                    .or_else(|| l.strip_prefix("def "))
+            })
+            .filter_map(|l| l.split('(').next())
+            .filter(|n| !n.starts_with('_'))
+            .map(String::from)
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// The names in the method tables of docs/scripts.md.
+    fn documented() -> Vec<String> {
+        let doc = include_str!("../../docs/scripts.md");
+        let mut names: Vec<String> = doc
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .map(String::from)
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    #[test]
+    fn the_method_tables_in_the_docs_match_the_module() {
+        assert_eq!(documented(), provided());
+        for nixos in [
+            "succeed",
+            "fail",
+            "execute",
+            "wait_for_unit",
+            "subtest",
+            "retry",
+        ] {
+            assert!(provided().iter().any(|n| n == nixos), "{nixos}");
+        }
+    }
+
+    #[test]
+    fn a_script_that_does_not_parse_is_named_with_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad.py");
+        std::fs::write(&bad, "x = 1\nif x\n    pass\n").unwrap();
+        let e = check_syntax(&bad).unwrap_err();
+        assert!(e.contains("bad.py:2:"), "{e}");
+        std::fs::write(&bad, "x = 1\n").unwrap();
+        check_syntax(&bad).unwrap();
+        let e = check_syntax(&dir.path().join("gone.py")).unwrap_err();
+        assert!(e.contains("gone.py: no such script"), "{e}");
+    }
+
+    /// The module compiles, and only with the standard library.
+    #[test]
+    fn the_module_is_valid_python_with_standard_imports_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().join("photon_machine.py");
+        std::fs::write(&m, MODULE).unwrap();
+        check_syntax(&m).unwrap();
+        for line in MODULE.lines().filter(|l| l.starts_with("import ")) {
+            let name = line.trim_start_matches("import ").trim();
+            assert!(
+                [
+                    "base64",
+                    "contextlib",
+                    "json",
+                    "os",
+                    "socket",
+                    "sys",
+                    "time",
+                    "traceback"
+                ]
+                .contains(&name),
+                "{name}"
+            );
+        }
+    }
+}

@@ -35,7 +35,7 @@ class _Driver:
         self.sock.connect(path)
         self.reader = self.sock.makefile("r", encoding="utf-8")
 
-    def call(self, op, **args):
+    def _request(self, op, **args):
         args["op"] = args.get("op", op)
         args["line"] = _script_line()
         self.sock.sendall((json.dumps(args) + "\n").encode())
@@ -77,7 +77,7 @@ class Machine:
         return "<Machine %s>" % self.name
 
     def _call(self, op, **args):
-        return _driver.call(op, node=self.name, **args)
+        return _driver._request(op, node=self.name, **args)
 
     # Commands.
     def execute(self, command, check_return=True, check_output=True, timeout=900):
@@ -160,10 +160,6 @@ class Machine:
         """Kills the node's QEMU at once, like pulling the plug."""
         self._call("crash")
 
-    def shutdown(self):
-        """Powers the node off from inside, and waits until its QEMU is gone."""
-        self._call("shutdown")
-
     def start(self):
         """Boots the node again (a no-op if it runs) and waits until ready."""
         self._call("start")
@@ -174,7 +170,7 @@ class Machine:
 
     def unblock(self):
         """Heals every partition."""
-        _driver.call("heal")
+        _driver._request("heal")
 
     def pause(self):
         """Freezes the node's CPUs (QEMU stop)."""
@@ -188,7 +184,7 @@ class Machine:
         self._call("link", loss=loss, delay_ms=delay_ms, duplicate=duplicate)
 
     def sleep(self, secs):
-        _driver.call("sleep", secs=secs)
+        _driver._request("sleep", secs=secs)
 
 
 def _quote(s):
@@ -206,26 +202,26 @@ def start_all():
 
 
 def sleep(secs):
-    _driver.call("sleep", secs=secs)
+    _driver._request("sleep", secs=secs)
 
 
 def partition(*groups):
     """Splits the cluster: partition([node01], [node02, node03])."""
     names = [[m.name if isinstance(m, Machine) else str(m) for m in g] for g in groups]
-    _driver.call("partition", groups=names)
+    _driver._request("partition", groups=names)
 
 
 def heal():
-    _driver.call("heal")
+    _driver._request("heal")
 
 
 def capture_start(name="capture.pcap"):
     """Starts writing every frame of the fabric to name (artifact dir)."""
-    _driver.call("capture_start", name=name)
+    _driver._request("capture_start", name=name)
 
 
 def capture_stop():
-    return _driver.call("capture_stop")
+    return _driver._request("capture_stop")
 
 
 def retry(fn, timeout=900):
@@ -238,7 +234,7 @@ def retry(fn, timeout=900):
             return
         if last:
             raise ScriptError("action timed out after %s s" % timeout)
-        _driver.call("sleep", secs=pause)
+        _driver._request("sleep", secs=pause)
         pause = min(pause * 2, 1.0)
 
 
@@ -249,12 +245,12 @@ _subtest_failed = False
 def subtest(name):
     """A named part of the script: one check in result.json and JUnit."""
     global _subtest_failed
-    _driver.call("subtest_begin", name=name)
+    _driver._request("subtest_begin", name=name)
     try:
         yield
     except Exception as e:
         _subtest_failed = True
-        _driver.call(
+        _driver._request(
             "subtest_end",
             name=name,
             passed=False,
@@ -265,7 +261,7 @@ def subtest(name):
             failed_node=getattr(e, "node", None),
         )
         raise
-    _driver.call("subtest_end", name=name, passed=True)
+    _driver._request("subtest_end", name=name, passed=True)
 
 
 machines = []
@@ -276,7 +272,7 @@ def _run(path):
     _driver = _Driver(os.environ["PHOTON_SCRIPT_SOCKET"])
     _script_file = os.path.abspath(path)
     env = {k: globals()[k] for k in __all__}
-    for name in _driver.call("nodes"):
+    for name in _driver._request("nodes"):
         m = Machine(name)
         machines.append(m)
         env[name.replace("-", "_")] = m
@@ -289,7 +285,7 @@ def _run(path):
         exec(code, env)
     except Exception as e:
         if not _subtest_failed:
-            _driver.call(
+            _driver._request(
                 "subtest_end",
                 name=None,
                 passed=False,

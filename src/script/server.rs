@@ -323,7 +323,7 @@ impl<'a> Session<'a> {
         Ok(node)
     }
 
-    fn command<'r>(req: &'r Value) -> Result<&'r str, CallError> {
+    fn command(req: &Value) -> Result<&str, CallError> {
         Ok(field(req, "command")?
             .as_str()
             .ok_or_else(|| anyhow!("command: a string"))?)
