@@ -151,4 +151,30 @@ fn scripts_pass_fail_with_evidence_and_run_as_lane_checks() {
     let junit = std::fs::read_to_string(root.join("script-lane/latest/junit.xml")).unwrap();
     assert!(junit.contains("passes"), "{junit}");
     assert!(common::pids_mentioning("python3", "photon_machine").is_empty());
+
+    // The global --timeout ends a script inside a wait: exit 124, the
+    // python child killed, the run written out.
+    let slow = fixture("outlasts-timeout.py");
+    let args = [
+        "--timeout",
+        "20",
+        "--cluster",
+        c,
+        "script",
+        slow.to_str().unwrap(),
+        "--artifacts",
+        r,
+    ];
+    let t = std::time::Instant::now();
+    let out = common::echo(&args, common::run(&state, &args));
+    assert_eq!(out.status.code(), Some(124), "timeout");
+    assert!(t.elapsed().as_secs() < 60, "{:?}", t.elapsed());
+    assert!(root.join("outlasts-timeout/latest/result.json").exists());
+    let so_far = root.join("outlasts-timeout/latest/script-outlasts-timeout/subtests.json");
+    let so_far = std::fs::read_to_string(&so_far).unwrap();
+    assert!(
+        so_far.contains("waits forever") && so_far.contains("wait_until"),
+        "{so_far}"
+    );
+    assert!(common::pids_mentioning("python3", "photon_machine").is_empty());
 }

@@ -101,6 +101,13 @@ pub fn run(
     let _ = std::fs::remove_file(&sock);
     let (stdout, stderr) = outputs(dir);
     let (subtests, steps) = session.into_results();
+    // Stopped (Ctrl-C, --timeout, deadline): what the script did so far
+    // stays as a file in its directory, since the check's error has no evidence.
+    if served.is_err() {
+        let so_far = serde_json::json!({ "subtests": subtests, "steps": steps });
+        let _ =
+            crate::files::write_atomic(&dir.join("subtests.json"), so_far.to_string().as_bytes());
+    }
     let exit = served?;
     Ok(Run {
         exit,
