@@ -28,6 +28,7 @@ pub mod progress;
 pub mod provision;
 pub mod report;
 pub mod rerun;
+pub mod script;
 pub mod secrets;
 pub mod smoke;
 pub mod snapshot;

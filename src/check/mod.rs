@@ -60,6 +60,7 @@ mod redis_faults;
 mod remote_write;
 mod replicated_kv;
 mod s3_bench;
+mod script;
 mod service_auth;
 mod tcp_open;
 mod tenant_network;
@@ -107,6 +108,9 @@ kinds! {
     lb_listener::LbListener => ONCE,
     tenant_network::TenantNetwork => ONCE,
     kube_bundle::KubeBundle => ONCE_PER_TARGET,
+    // A script keeps its own timeline: running it twice would repeat its
+    // side effects.
+    script::Script => ONCE,
 }
 
 /// How the engine runs a kind: on each of the lane's targets or once for

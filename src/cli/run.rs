@@ -178,6 +178,15 @@ pub fn run(cli: Cli) -> Result<i32> {
                 &start.options("fresh-smoke", true),
             )? as i32);
         }
+        Cmd::Script {
+            file,
+            deadline,
+            lane,
+        } => {
+            let opts = lane.options(script_lane(&file, deadline, &cluster)?, "script");
+            let _lock = state.lock("script")?;
+            return Ok(smoke::smoke(&cluster, &state, &opts)? as i32);
+        }
         Cmd::Matrix(run) => return lane_on_running(&cluster, &state, "matrix", &run),
         Cmd::BenchStorage(run) => return lane_on_running(&cluster, &state, "bench-storage", &run),
         Cmd::FreshMatrix { lane, start } => {
@@ -571,6 +580,22 @@ fn interactive_ssh(record: &RunningCluster, node: &str) -> Result<i32> {
     }
     let err = crate::guest::openssh(record, node).exec();
     Err(err).context("running ssh (install openssh-client)")
+}
+
+/// A lane of one layer that holds the script as its one check, so that a
+/// script run is written out like any lane run. Its name is the script's.
+fn script_lane(file: &std::path::Path, deadline: u64, cluster: &Cluster) -> Result<Lane> {
+    let file = std::path::absolute(file)?;
+    // Said here with the script's own file:line, not the generated lane's.
+    crate::script::check_syntax(&file).map_err(crate::error::bad_input)?;
+    let stem = file.file_stem().unwrap_or_default().to_string_lossy();
+    let name = file.file_name().unwrap_or_default().to_string_lossy();
+    let text = format!(
+        "[lane]\nname = {stem:?}\ndescription = \"test script {name}\"\n\n\
+         [[layer]]\nname = \"script\"\n\n\
+         [[layer.check]]\nname = {stem:?}\nkind = \"script\"\nfile = {name:?}\ndeadline = {deadline}\n"
+    );
+    Ok(crate::lane::parse(&file, &text, cluster)?)
 }
 
 #[cfg(test)]

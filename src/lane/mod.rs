@@ -288,6 +288,14 @@ pub fn parse(file: &Path, text: &str, cluster: &Cluster) -> Result<Lane, SpecErr
                 }
             };
             let kind = Kind::named(&kind_name).map_err(|m| at(span(), &field("kind"), m))?;
+            // A script's file is relative to the lane file, like an include.
+            if kind.name == "script"
+                && let Some(toml::Value::String(f)) = table.get("file")
+            {
+                let dir = file.parent().unwrap_or(Path::new("."));
+                let resolved = dir.join(f).to_string_lossy().into_owned();
+                table.insert("file".into(), toml::Value::String(resolved));
+            }
             // Read once as written, so that a wrong field is reported even
             // when the check would bind to no node.
             kind.parse(table.clone())

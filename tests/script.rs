@@ -1,0 +1,181 @@
+//! Python test scripts end to end on the one-node cluster: a passing script
+//! with two subtests, a failing one with its evidence, a script that does
+//! not parse (refused before anything starts), and a script as a lane check.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+struct StopOnDrop<'a>(&'a Path, &'a Path);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        let cluster = self.1.to_str().unwrap();
+        common::run(self.0, &["--cluster", cluster, "stop", "--grace", "1"]);
+    }
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/scripts")
+        .join(name)
+}
+
+fn result(root: &Path, lane: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(root.join(lane).join("latest/result.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A script that does not parse is refused with exit 2 and its file:line,
+/// and nothing starts (no cluster runs here at all).
+#[test]
+fn a_script_that_does_not_parse_is_refused_with_its_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    // No images: the script is refused before anything would need them.
+    let images = tmp.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let cluster = common::one_node_cluster(tmp.path(), &images);
+    let state = tmp.path().join("state");
+    let bad = fixture("does-not-parse.py");
+    let c = cluster.to_str().unwrap();
+    let out = common::run(&state, &["--cluster", c, "script", bad.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("does-not-parse.py:2"), "{err}");
+    let missing = fixture("no-such-script.py");
+    let out = common::run(
+        &state,
+        &["--cluster", c, "script", missing.to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("no-such-script.py: no such script"), "{err}");
+    assert!(!tmp.path().join("artifacts").exists());
+    assert_eq!(
+        common::qemu_pids_mentioning(state.to_str().unwrap()),
+        Vec::<i32>::new()
+    );
+}
+
+/// One cluster for the three scripts that need it.
+#[test]
+fn scripts_pass_fail_with_evidence_and_run_as_lane_checks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    common::image_dir_with_cmdline(&images, "");
+    let cluster = common::one_node_cluster(tmp.path(), &images);
+    let state = tmp.path().join("state");
+    let _stop = StopOnDrop(&state, &cluster);
+    let c = cluster.to_str().unwrap();
+    let out = common::run(&state, &["--cluster", c, "start", "--accel", "tcg"]);
+    assert_eq!(out.status.code(), Some(0), "start");
+    let root = tmp.path().join("artifacts");
+    let r = root.to_str().unwrap();
+
+    let good = fixture("passes.py");
+    let args = [
+        "--cluster",
+        c,
+        "script",
+        good.to_str().unwrap(),
+        "--artifacts",
+        r,
+    ];
+    let out = common::echo(&args, common::run(&state, &args));
+    assert_eq!(out.status.code(), Some(0), "passing script");
+    let res = result(&root, "passes");
+    let check = common::check(&res, "passes");
+    assert_eq!(check["outcome"], "pass", "{check:#}");
+    let subs = check["evidence"]["subtests"].as_array().unwrap();
+    assert_eq!(subs.len(), 2, "{check:#}");
+    assert!(subs.iter().all(|s| s["passed"] == true));
+    let steps = subs[0]["steps"].as_array().unwrap();
+    assert!(
+        steps
+            .iter()
+            .any(|s| s["command"] == "hostname" && s["line"] == 8),
+        "{steps:?}"
+    );
+    assert!(steps.iter().all(|s| s["seconds"].as_f64().is_some()));
+
+    let bad = fixture("fails.py");
+    let args = [
+        "--cluster",
+        c,
+        "script",
+        bad.to_str().unwrap(),
+        "--artifacts",
+        r,
+    ];
+    let out = common::echo(&args, common::run(&state, &args));
+    assert_eq!(out.status.code(), Some(1), "failing script");
+    let res = result(&root, "fails");
+    let check = common::check(&res, "fails");
+    assert_eq!(check["outcome"], "fail", "{check:#}");
+    let subs = check["evidence"]["subtests"].as_array().unwrap();
+    assert_eq!(subs.len(), 2, "the third subtest never ran: {check:#}");
+    let failed = &subs[1];
+    assert_eq!(failed["passed"], false);
+    assert_eq!(failed["command"], "echo looking for it; cat /no/such/file");
+    let output = failed["output"].as_str().unwrap();
+    assert!(
+        output.contains("looking for it") && output.contains("No such file"),
+        "{output}"
+    );
+    let tb = failed["traceback"].as_str().unwrap();
+    assert!(
+        tb.contains("Traceback") && tb.contains("fails.py\", line 7"),
+        "{tb}"
+    );
+    assert!(!failed["console_tail"].as_str().unwrap().is_empty());
+    assert!(
+        check["message"]
+            .as_str()
+            .unwrap()
+            .contains("a missing file")
+    );
+
+    let lane = fixture("lane.toml");
+    let args = [
+        "--cluster",
+        c,
+        "smoke",
+        "--lane-file",
+        lane.to_str().unwrap(),
+        "--artifacts",
+        r,
+    ];
+    let out = common::echo(&args, common::run(&state, &args));
+    assert_eq!(out.status.code(), Some(0), "lane with a script");
+    let res = result(&root, "script-lane");
+    assert_eq!(common::check(&res, "passes")["outcome"], "pass");
+    let junit = std::fs::read_to_string(root.join("script-lane/latest/junit.xml")).unwrap();
+    assert!(junit.contains("passes"), "{junit}");
+    assert!(common::pids_mentioning("python3", "photon_machine").is_empty());
+
+    // The global --timeout ends a script inside a wait: exit 124, the
+    // python child killed, the run written out.
+    let slow = fixture("outlasts-timeout.py");
+    let args = [
+        "--timeout",
+        "20",
+        "--cluster",
+        c,
+        "script",
+        slow.to_str().unwrap(),
+        "--artifacts",
+        r,
+    ];
+    let t = std::time::Instant::now();
+    let out = common::echo(&args, common::run(&state, &args));
+    assert_eq!(out.status.code(), Some(124), "timeout");
+    assert!(t.elapsed().as_secs() < 60, "{:?}", t.elapsed());
+    assert!(root.join("outlasts-timeout/latest/result.json").exists());
+    let so_far = root.join("outlasts-timeout/latest/script-outlasts-timeout/subtests.json");
+    let so_far = std::fs::read_to_string(&so_far).unwrap();
+    assert!(
+        so_far.contains("waits forever") && so_far.contains("wait_until"),
+        "{so_far}"
+    );
+    assert!(common::pids_mentioning("python3", "photon_machine").is_empty());
+}
