@@ -390,7 +390,11 @@ pub struct StartArgs {
     /// Restore a snapshot (`snapshot save`) instead of booting: every guest's
     /// memory, devices and disks as saved, resumed together, clocks set.
     /// A snapshot whose image, cluster, driver or QEMU differs is refused (exit 2).
-    #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "default")]
+    /// NAME with a `/` is a snapshot directory of its own (a `ready --out`
+    /// output, a Nix store path), read only: the disks are copied into this
+    /// state directory and host ports are chosen afresh, so several restores
+    /// of one snapshot run side by side.
+    #[arg(long, value_name = "NAME|DIR", num_args = 0..=1, default_missing_value = "default")]
     pub from_snapshot: Option<String>,
     /// Warm start: restore the `default` snapshot (`--from-snapshot default`).
     #[arg(long, conflicts_with = "from_snapshot")]

@@ -384,7 +384,7 @@ fn snapshot_command(cluster: &Cluster, state: &StateDir, cmd: SnapshotCmd) -> Re
             let record = require_running(state)?;
             let key = snapshot::key(cluster, &record.image)?;
             // The command line each QEMU really runs, for the restore to match.
-            let machines = crate::bench::running_machines(&record)?;
+            let machines = crate::bench::running_machines(&record, state.root.as_str())?;
             let after = if stop { After::Stop } else { After::Resume };
             let t = std::time::Instant::now();
             let m = snapshot::save(state, &record, key, machines, &name, after)?;

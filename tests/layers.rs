@@ -1,0 +1,156 @@
+//! The ready cluster as something to restore from elsewhere: a snapshot
+//! saved in one state directory, made read-only as a Nix store path is, and
+//! restored twice at once into two other directories, onto host ports
+//! chosen afresh. One small guest (the one-node cluster).
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+/// Stops whatever a test started, also when an assertion fails first.
+struct StopOnDrop(Vec<PathBuf>, PathBuf);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let cluster = self.1.to_str().unwrap();
+        for state in &self.0 {
+            common::run(state, &["--cluster", cluster, "stop", "--grace", "1"]);
+        }
+    }
+}
+
+fn ok(what: &str, out: &Output) {
+    assert_eq!(out.status.code(), Some(0), "{what}");
+}
+
+/// Every file and directory under `dir` loses its write bits, as in the store.
+fn read_only(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for e in fs::read_dir(dir).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            read_only(&e.path());
+        }
+        let mode = e.metadata().unwrap().permissions().mode() & 0o555;
+        fs::set_permissions(e.path(), fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let mode = fs::metadata(dir).unwrap().permissions().mode() & 0o555;
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn ssh_port(state: &Path, cluster: &str) -> u64 {
+    let out = common::run(state, &["--cluster", cluster, "status", "--json"]);
+    ok("status", &out);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["nodes"]["solo"]["ssh_port"]
+        .as_u64()
+        .or_else(|| v["nodes"][0]["ssh_port"].as_u64())
+        .unwrap_or_else(|| panic!("no ssh_port in {v}"))
+}
+
+#[test]
+fn one_snapshot_restores_twice_side_by_side_from_a_read_only_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    common::image_dir_with_cmdline(&images, "");
+    let cluster = common::one_node_cluster(tmp.path(), &images);
+    let c = cluster.to_str().unwrap().to_string();
+    let saved_in = tmp.path().join("saved-in");
+    let (b, d) = (tmp.path().join("b"), tmp.path().join("d"));
+    let _stop = StopOnDrop(
+        vec![saved_in.clone(), b.clone(), d.clone()],
+        cluster.clone(),
+    );
+
+    let t = std::time::Instant::now();
+    ok(
+        "cold start",
+        &common::run(&saved_in, &["--cluster", &c, "start", "--accel", "tcg"]),
+    );
+    eprintln!("cold boot to ready: {:.1} s", t.elapsed().as_secs_f64());
+    let old_port = ssh_port(&saved_in, &c);
+    ok(
+        "save",
+        &common::run(
+            &saved_in,
+            &["--cluster", &c, "snapshot", "save", "ready", "--stop"],
+        ),
+    );
+    // The snapshot moves away from the directory it was saved in, which
+    // goes; what is left is read-only, as a store path is.
+    // (The one-node cluster's state lives in the `-one-node` sibling.)
+    let store = tmp.path().join("store-ready");
+    let saved_dir = tmp.path().join("saved-in-one-node");
+    fs::rename(saved_dir.join("snapshots/ready"), &store).unwrap();
+    fs::remove_dir_all(&saved_dir).unwrap();
+    read_only(&store);
+    let snap = store.to_str().unwrap().to_string();
+
+    // Two restores of it at once, each in its own directory.
+    let t = std::time::Instant::now();
+    let runs: Vec<_> = [&b, &d]
+        .map(|state| {
+            let (c, snap, state) = (c.clone(), snap.clone(), state.clone());
+            std::thread::spawn(move || {
+                let args = ["--cluster", &c, "start", "--from-snapshot", &snap];
+                common::run(&state, &args)
+            })
+        })
+        .into_iter()
+        .collect();
+    for r in runs {
+        ok("restore", &r.join().unwrap());
+    }
+    eprintln!(
+        "two restores side by side to ready: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let ports = [ssh_port(&b, &c), ssh_port(&d, &c)];
+    assert_ne!(ports[0], ports[1], "each restore has its own host ports");
+    eprintln!("ssh ports: saved {old_port}, restored {ports:?}");
+    for state in [&b, &d] {
+        let out = common::run(
+            state,
+            &[
+                "--cluster",
+                &c,
+                "ssh",
+                "solo",
+                "ip -4 -o addr; touch /root/mine",
+            ],
+        );
+        ok("exec", &out);
+        // The guest keeps its own address on the fabric.
+        assert!(String::from_utf8_lossy(&out.stdout).contains("10.78.0.10/"));
+    }
+    // Each restore writes its own disk: a file made in one is not in the other.
+    ok(
+        "own disk",
+        &common::run(
+            &b,
+            &["--cluster", &c, "ssh", "solo", "rm /root/mine && sync"],
+        ),
+    );
+    ok(
+        "other disk untouched",
+        &common::run(&d, &["--cluster", &c, "ssh", "solo", "test -e /root/mine"]),
+    );
+    for state in [&b, &d] {
+        ok(
+            "stop",
+            &common::run(state, &["--cluster", &c, "stop", "--grace", "5"]),
+        );
+    }
+    let needle = tmp.path().to_str().unwrap();
+    assert_eq!(common::qemu_pids_mentioning(needle), Vec::<i32>::new());
+    assert_eq!(
+        common::pids_mentioning("fabric-switch", needle),
+        Vec::<i32>::new()
+    );
+
+    // A directory without a manifest is refused before anything starts.
+    let out = common::run(&b, &["--cluster", &c, "start", "--from-snapshot", needle]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no manifest.json"));
+}
