@@ -154,3 +154,155 @@ fn one_snapshot_restores_twice_side_by_side_from_a_read_only_directory() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("has no manifest.json"));
 }
+
+/// `run` with the hermetic arguments of a Nix builder (images and host
+/// tools outside the store, allowed as impure).
+fn hermetic(state: &Path, cluster: &Path, images: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "--cluster",
+        cluster.to_str().unwrap(),
+        "run",
+        "--out",
+        out.to_str().unwrap(),
+        "--image-dir",
+        images.to_str().unwrap(),
+        "--accel",
+        "tcg",
+        "--lane-file",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/layered.toml"),
+        "--allow-impure",
+        "/",
+    ];
+    args.extend_from_slice(extra);
+    common::run(state, &args)
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .unwrap()
+}
+
+/// The ready output, two layers run from it at once (one crashes its node
+/// on purpose), a third after, and the lane assembled from the three.
+#[test]
+fn layers_run_from_one_ready_output_and_assemble_into_the_lane() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    common::image_dir_with_cmdline(&images, "");
+    let cluster = common::one_node_cluster(tmp.path(), &images);
+    let ready = tmp.path().join("ready");
+    let t = std::time::Instant::now();
+    let out = hermetic(
+        &tmp.path().join("s-ready"),
+        &cluster,
+        &images,
+        &ready,
+        &["--ready"],
+    );
+    ok("run --ready", &out);
+    eprintln!("ready output: {:.1} s", t.elapsed().as_secs_f64());
+    for f in [
+        "manifest.json",
+        "boot.json",
+        "consoles/solo.log",
+        "solo/memory.bin",
+        "ssh/known_hosts",
+    ] {
+        assert!(ready.join(f).is_file(), "{f} in the ready output");
+    }
+    read_only(&ready);
+
+    let layer = |name: &'static str| {
+        let (c, i, r) = (cluster.clone(), images.clone(), ready.clone());
+        let (state, out) = (tmp.path().join(format!("s-{name}")), tmp.path().join(name));
+        std::thread::spawn(move || {
+            let t = std::time::Instant::now();
+            let o = hermetic(
+                &state,
+                &c,
+                &i,
+                &out,
+                &[
+                    "--from-ready",
+                    r.to_str().unwrap(),
+                    "--layer",
+                    name,
+                    "--keep-failed",
+                ],
+            );
+            eprintln!("layer {name}: {:.1} s", t.elapsed().as_secs_f64());
+            (o, out)
+        })
+    };
+    let (crash, still) = (layer("crash"), layer("still-up"));
+    let (crash, still) = (crash.join().unwrap(), still.join().unwrap());
+    let boot = layer("boot").join().unwrap();
+    for (o, _) in [&crash, &still, &boot] {
+        ok("a layer keeps its output (--keep-failed)", o);
+    }
+    let r = json(&crash.1.join("result.json"));
+    // Its node is gone: an error (node_gone), with the panic in the evidence.
+    assert_eq!(r["status"], "error", "{}", r["layers"]);
+    assert_eq!(r["error_kind"], "node_gone");
+    assert_eq!(r["boot"]["mode"], "warm");
+    assert!(crash.1.join("nix-support/failed").exists());
+    assert_eq!(json(&still.1.join("result.json"))["status"], "pass");
+    assert_eq!(json(&boot.1.join("result.json"))["status"], "pass");
+
+    // An unknown layer is refused before anything starts.
+    let out = hermetic(
+        &tmp.path().join("s-x"),
+        &cluster,
+        &images,
+        &tmp.path().join("x"),
+        &["--from-ready", ready.to_str().unwrap(), "--layer", "nope"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("its layers: boot, crash, still-up"));
+
+    let lane = tmp.path().join("lane");
+    let dirs = [&boot.1, &crash.1, &still.1].map(|d| d.to_str().unwrap().to_string());
+    let mut args = vec!["run", "--out", lane.to_str().unwrap()];
+    for d in &dirs {
+        args.extend(["--assemble", d.as_str()]);
+    }
+    let out = common::run(&tmp.path().join("s-lane"), &args);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "the lane ends in error: one layer did"
+    );
+    let r = json(&lane.join("result.json"));
+    let layers: Vec<&str> = r["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        layers,
+        [
+            "boot",
+            "health:boot",
+            "crash",
+            "health:crash",
+            "still-up",
+            "health:still-up"
+        ]
+    );
+    assert_eq!(common::check(&r, "hostname@solo")["outcome"], "pass");
+    assert_eq!(common::check(&r, "panic@solo")["outcome"], "fail");
+    let assemble = r["steps"].as_array().unwrap().last().unwrap();
+    assert!(
+        assemble["message"]
+            .as_str()
+            .unwrap()
+            .contains("first failed: crash"),
+        "{assemble}"
+    );
+    assert!(lane.join("junit.xml").is_file() && lane.join("report.html").is_file());
+    assert!(lane.join("layers/crash/nodes/solo/vm.log").is_file());
+    assert!(lane.join("nix-support/hydra-build-products").is_file());
+    let needle = tmp.path().to_str().unwrap();
+    assert_eq!(common::qemu_pids_mentioning(needle), Vec::<i32>::new());
+}

@@ -475,9 +475,10 @@ pub struct RunArgs {
     /// Where the artifact tree goes (in a derivation: $out).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// Prebuilt images: a directory with vmlinuz, initrd.img and rootfs.img.
-    #[arg(long, value_name = "DIR")]
-    pub image_dir: PathBuf,
+    /// Prebuilt images: a directory with vmlinuz, initrd.img and rootfs.img
+    /// (not needed with --assemble).
+    #[arg(long, value_name = "DIR", required_unless_present = "assemble")]
+    pub image_dir: Option<PathBuf>,
     /// Exit 0 even when the lane fails, and write nix-support/failed, so the
     /// evidence is kept as the build output (Hydra shows it as failed).
     #[arg(long)]
@@ -495,6 +496,28 @@ pub struct RunArgs {
     /// Print the run's result.json document on stdout (the summary goes to stderr).
     #[arg(long)]
     pub json: bool,
+    /// Only boot the cluster and save it, ready, into --out (a snapshot
+    /// directory with the boot timeline and consoles): the `<cluster>-ready`
+    /// derivation. No lane runs.
+    #[arg(long, conflicts_with_all = ["from_ready", "assemble"])]
+    pub ready: bool,
+    /// Restore the ready cluster saved in DIR (by `run --ready`) instead of
+    /// booting: the disks are copied here, DIR is only read.
+    #[arg(
+        long,
+        value_name = "DIR",
+        requires = "layer",
+        conflicts_with = "assemble"
+    )]
+    pub from_ready: Option<PathBuf>,
+    /// With --from-ready: run only this layer of the lane.
+    #[arg(long, value_name = "NAME", requires = "from_ready")]
+    pub layer: Option<String>,
+    /// Boot nothing: assemble the lane's artifacts in --out from the
+    /// outputs of its layers (`run --from-ready ... --layer`), in order;
+    /// repeatable.
+    #[arg(long, value_name = "DIR")]
+    pub assemble: Vec<PathBuf>,
     #[command(flatten)]
     pub start: StartArgs,
 }
