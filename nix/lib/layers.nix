@@ -35,6 +35,12 @@ let
     + builtins.concatStringsSep "" (map (c: table "\n[[layer.check]]" c) (layer.check or [ ]));
 in
 {
+  # The lane file text of one layer (an element of fromTOML's `layer` list).
+  layerLaneToml = layerToml;
+
+  # The layer names of a lane file, in order, without building anything.
+  laneLayerNames = laneFile: map (l: l.name) ((builtins.fromTOML (builtins.readFile laneFile)).layer or [ ]);
+
   mkLayeredCheck =
     { name, laneFile, cluster ? null, profile ? "reference", keepFailed ? false, extraArgs ? [ ], ... }@args:
     let
