@@ -374,6 +374,7 @@ mod tests {
                 .map(|(i, checks)| Layer {
                     name: format!("layer{i}"),
                     description: String::new(),
+                    after: None,
                     checks,
                 })
                 .collect(),

@@ -89,6 +89,21 @@ pub fn ready(
     Ok(0)
 }
 
+/// Saves the running cluster (a layer's end) into `to`, and resumes it for
+/// the evidence and the stop that follow; returns the bytes saved.
+pub fn save_end(
+    cluster: &Cluster,
+    state: &StateDir,
+    record: &crate::state::RunningCluster,
+    to: &Path,
+) -> Result<u64> {
+    let key = snapshot::key(cluster, &record.image)?;
+    let machines = crate::bench::running_machines(record, state.root.as_str())?;
+    let m = snapshot::save(state, record, key, machines, "end", snapshot::After::Resume)?;
+    copy_tree(m.dir(), to)?;
+    Ok(m.bytes)
+}
+
 /// Each node's console so far, as `consoles/<node>.log` (best effort: it
 /// is evidence, and a node that never launched has none).
 fn copy_consoles(cluster: &Cluster, state: &StateDir, out: &Path) {

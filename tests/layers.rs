@@ -158,6 +158,19 @@ fn one_snapshot_restores_twice_side_by_side_from_a_read_only_directory() {
 /// `run` with the hermetic arguments of a Nix builder (images and host
 /// tools outside the store, allowed as impure).
 fn hermetic(state: &Path, cluster: &Path, images: &Path, out: &Path, extra: &[&str]) -> Output {
+    hermetic_lane(state, cluster, images, out, LAYERED, extra)
+}
+
+const LAYERED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/layered.toml");
+
+fn hermetic_lane(
+    state: &Path,
+    cluster: &Path,
+    images: &Path,
+    out: &Path,
+    lane: &str,
+    extra: &[&str],
+) -> Output {
     let mut args = vec![
         "--cluster",
         cluster.to_str().unwrap(),
@@ -169,7 +182,7 @@ fn hermetic(state: &Path, cluster: &Path, images: &Path, out: &Path, extra: &[&s
         "--accel",
         "tcg",
         "--lane-file",
-        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/layered.toml"),
+        lane,
         "--allow-impure",
         "/",
     ];
@@ -303,6 +316,52 @@ fn layers_run_from_one_ready_output_and_assemble_into_the_lane() {
     assert!(lane.join("junit.xml").is_file() && lane.join("report.html").is_file());
     assert!(lane.join("layers/crash/nodes/solo/vm.log").is_file());
     assert!(lane.join("nix-support/hydra-build-products").is_file());
+    let needle = tmp.path().to_str().unwrap();
+    assert_eq!(common::qemu_pids_mentioning(needle), Vec::<i32>::new());
+}
+
+/// `after`: a layer continues from an earlier layer's saved end state, as
+/// mkLayeredCheck wires it (`--save-end`, then `--from-ready <out>/end`);
+/// a layer without `after` still starts from the ready cluster.
+#[test]
+fn a_layer_after_another_continues_from_its_end_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    common::image_dir_with_cmdline(&images, "");
+    let cluster = common::one_node_cluster(tmp.path(), &images);
+    let lane = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/layered-after.toml"
+    );
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let state = tmp.path().join(format!("s-{name}"));
+        let o = hermetic_lane(&state, &cluster, &images, &out, lane, extra);
+        (o, out)
+    };
+    let (o, ready) = run("ready", &["--ready"]);
+    ok("ready", &o);
+    read_only(&ready);
+    let r = ready.to_str().unwrap().to_string();
+    let (o, mark) = run(
+        "mark",
+        &["--from-ready", &r, "--layer", "mark", "--save-end"],
+    );
+    ok("mark", &o);
+    assert!(mark.join("end/manifest.json").is_file());
+    let end = mark.join("end").to_str().unwrap().to_string();
+    let (o, continued) = run("continued", &["--from-ready", &end, "--layer", "continued"]);
+    ok("continued", &o);
+    let (o, fresh) = run("fresh", &["--from-ready", &r, "--layer", "fresh"]);
+    ok("fresh", &o);
+    for d in [&mark, &continued, &fresh] {
+        assert_eq!(
+            json(&d.join("result.json"))["status"],
+            "pass",
+            "{}",
+            d.display()
+        );
+    }
     let needle = tmp.path().to_str().unwrap();
     assert_eq!(common::qemu_pids_mentioning(needle), Vec::<i32>::new());
 }

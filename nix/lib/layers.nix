@@ -31,7 +31,7 @@ let
   # The lane file of one layer: the [lane] table and that layer alone.
   layerToml = raw: layer:
     table "[lane]" raw.lane
-    + table "\n[[layer]]" (removeAttrs layer [ "check" ])
+    + table "\n[[layer]]" (removeAttrs layer [ "check" "after" ])
     + builtins.concatStringsSep "" (map (c: table "\n[[layer.check]]" c) (layer.check or [ ]));
 in
 {
@@ -60,12 +60,18 @@ in
         extraArgs = extraArgs ++ [ "--ready" ];
       });
 
+      # A layer with `after = "<earlier>"` starts from that layer's end
+      # state, which the earlier layer then saves (--save-end, in $out/end).
+      # The driver refused an `after` that names no earlier layer.
+      continued = map (l: l.after) (builtins.filter (l: l ? after) (raw.layer or [ ]));
+      from = l: if l ? after then "${layers.${l.after}}/end" else "${ready}";
       layer = l: check.mkClusterCheck (base // {
         name = "${name}-layer-${l.name}";
         laneFile = builtins.toFile "${raw.lane.name or name}-${l.name}.toml" (layerToml raw l);
         validate = false;
         keepFailed = true;
-        extraArgs = extraArgs ++ [ "--from-ready" "${ready}" "--layer" l.name ];
+        extraArgs = extraArgs ++ [ "--from-ready" (from l) "--layer" l.name ]
+          ++ (if builtins.elem l.name continued then [ "--save-end" ] else [ ]);
       });
       layers = builtins.listToAttrs (map (l: { name = l.name; value = layer l; }) (raw.layer or [ ]));
 

@@ -482,6 +482,17 @@ let
       expected = [ "photon-common" "photon-control" "photon-gateway" "photon-storage" "photon-worker" ];
     };
 
+    # --- mkLayeredCheck: `after` continues from the earlier layer's end state
+    layered-after = {
+      expr =
+        let
+          g = lib.mkLayeredCheck { name = "la"; laneFile = ../../tests/fixtures/layered-after.toml; driver = fakeDriver; images = fakeImages; coreutils = fakeCoreutils; };
+          has = l: a: builtins.elem a g.layers.${l}.args;
+        in
+        [ (has "mark" "--save-end") (has "continued" "${g.layers.mark}/end") (has "continued" "--save-end") (has "fresh" "${g.ready}") (has "continued" "${g.ready}") ];
+      expected = [ true true false true false ];
+    };
+
     # --- mkClusterChecks
     many = {
       expr = let cs = lib.mkClusterChecks { lanes = { fresh-smoke = "smoke"; fresh-matrix = "matrix"; }; driver = fakeDriver; images = fakeImages; coreutils = fakeCoreutils; }; in

@@ -513,6 +513,10 @@ pub struct RunArgs {
     /// With --from-ready: run only this layer of the lane.
     #[arg(long, value_name = "NAME", requires = "from_ready")]
     pub layer: Option<String>,
+    /// With --layer: also save the cluster's end state into <out>/end, for
+    /// a later layer that says `after = "<this layer>"`.
+    #[arg(long, requires = "layer")]
+    pub save_end: bool,
     /// Boot nothing: assemble the lane's artifacts in --out from the
     /// outputs of its layers (`run --from-ready ... --layer`), in order;
     /// repeatable.
@@ -547,6 +551,7 @@ impl LaneRun {
             grace: Duration::from_secs(self.grace),
             json: self.json,
             publish: self.publish.clone(),
+            save_end: None,
         }
     }
 }

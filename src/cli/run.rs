@@ -470,6 +470,7 @@ fn hermetic_run(mut cluster: Cluster, target: &Target, args: &RunArgs) -> Result
         grace: Duration::from_secs(args.grace),
         json: args.json,
         publish: None,
+        save_end: args.save_end.then(|| args.out.join("end")),
     };
     let _lock = state.lock("run")?;
     let code = smoke::hermetic(
