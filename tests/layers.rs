@@ -21,6 +21,14 @@ impl Drop for StopOnDrop {
     }
 }
 
+/// One test at a time: each boots guests, and `common::reference_images`
+/// takes the shared state directory's lock (two at once: `state_busy`).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn ok(what: &str, out: &Output) {
     assert_eq!(out.status.code(), Some(0), "{what}");
 }
@@ -51,6 +59,7 @@ fn ssh_port(state: &Path, cluster: &str) -> u64 {
 
 #[test]
 fn one_snapshot_restores_twice_side_by_side_from_a_read_only_directory() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
     common::image_dir_with_cmdline(&images, "");
@@ -199,6 +208,7 @@ fn json(path: &Path) -> serde_json::Value {
 /// on purpose), a third after, and the lane assembled from the three.
 #[test]
 fn layers_run_from_one_ready_output_and_assemble_into_the_lane() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
     common::image_dir_with_cmdline(&images, "");
@@ -325,6 +335,7 @@ fn layers_run_from_one_ready_output_and_assemble_into_the_lane() {
 /// a layer without `after` still starts from the ready cluster.
 #[test]
 fn a_layer_after_another_continues_from_its_end_state() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
     common::image_dir_with_cmdline(&images, "");
