@@ -41,6 +41,25 @@
         coreutils = pkgs.coreutils;
         shell = pkgs.runtimeShell;
       } // args;
+      # The smoke lane as a layer graph (nix/lib/layers.nix): reference-ready
+      # boots once; each layer restores it in a derivation of its own.
+      # Beside fresh-smoke, not instead: a layer that needs an earlier
+      # layer's state has no way to say so yet (issue 24, `after`).
+      layeredSmoke = keepFailed: photonLib.mkLayeredCheck (laneArgs "layered-smoke" {
+        laneFile = ./checks/smoke.toml;
+        inherit keepFailed;
+      });
+      # Its Hydra jobs, named without evaluating nixpkgs: the lane, the ready
+      # cluster and one job per layer.
+      layeredSmokeJobs =
+        let
+          jobs = layeredSmoke true;
+          layer = l: { name = "layered-smoke-layer-${l}"; value = { ${system} = jobs.layers.${l}; }; };
+        in
+        {
+          layered-smoke.${system} = jobs;
+          reference-ready.${system} = jobs.ready;
+        } // builtins.listToAttrs (map layer (photonLib.laneLayerNames ./checks/smoke.toml));
     in
     {
       lib = photonLib // {
@@ -79,6 +98,7 @@
       # A failed lane fails its check: `nix flake check` and `nix build`
       # never see a kept failure as a success.
       checks.${system} = builtins.mapAttrs (name: args: photonLib.mkClusterCheck (laneArgs name args)) lanes // {
+        layered-smoke = layeredSmoke false;
 
         # Unit tests only: the integration tests boot VMs or need nix-bin.
         unit-tests = photon-cluster.overrideAttrs (old: {
@@ -104,7 +124,7 @@
       # Hydra: the same lanes with keepFailed, so a failed or timed-out
       # lane keeps its evidence (node logs, result.json) as the output and
       # Hydra marks the job failed through nix-support/failed.
-      hydraJobs = builtins.mapAttrs (name: args: { ${system} = photonLib.mkHydraJob (laneArgs name args); }) lanes // {
+      hydraJobs = builtins.mapAttrs (name: args: { ${system} = photonLib.mkHydraJob (laneArgs name args); }) lanes // layeredSmokeJobs // {
         photon-cluster.${system} = photon-cluster;
       };
 

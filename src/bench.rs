@@ -133,7 +133,7 @@ pub fn suite(
         pairs.push(exec_pair(&cold, execs)?);
         tracing::info!("bench: snapshot save");
         let key = snapshot::key(cluster, &cold.image)?;
-        let machines = running_machines(&cold)?;
+        let machines = running_machines(&cold, state.root.as_str())?;
         snapshot::save(state, &cold, key, machines, "bench", snapshot::After::Stop)?;
         // The guests have quit; stopping the cluster also ends its fabric
         // switch, whose ports the restore takes again.
@@ -239,6 +239,7 @@ fn all_active_s(g: &guest::Guest, units: &[String]) -> Result<f64> {
 /// Each node's QEMU command line as it runs, hashed for a snapshot.
 pub fn running_machines(
     record: &RunningCluster,
+    state_root: &str,
 ) -> Result<std::collections::BTreeMap<String, String>> {
     let mut machines = std::collections::BTreeMap::new();
     for (node, n) in &record.nodes {
@@ -250,7 +251,7 @@ pub fn running_machines(
             .filter(|a| !a.is_empty())
             .map(str::to_string)
             .collect();
-        machines.insert(node.clone(), snapshot::machine_hash(&args));
+        machines.insert(node.clone(), snapshot::machine_hash(&args, state_root));
     }
     Ok(machines)
 }

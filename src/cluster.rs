@@ -96,22 +96,9 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
         )?),
         None => None,
     };
-    let ports = match &restore {
-        Some(m) => fabric::reserve_ports(
-            m.record
-                .nodes
-                .iter()
-                .map(|(name, n)| {
-                    let ports = fabric::NodePorts {
-                        ssh: n.ssh_port,
-                        forwards: n.forwards.clone(),
-                    };
-                    (name.clone(), ports)
-                })
-                .collect(),
-        )?,
-        None => fabric::allocate_ports(cluster)?,
-    };
+    // Host ports are chosen afresh, also for a restore: the guests never see
+    // them, and several restores of one snapshot then run side by side.
+    let ports = fabric::allocate_ports(cluster)?;
     let accel = match &restore {
         // The saved state only runs under the accelerator it was saved from.
         Some(m) => m.record.accel.clone(),
@@ -137,7 +124,6 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
         opts.fabric,
         state.root.as_std_path(),
         &names,
-        restore.as_ref().and_then(|m| m.record.fabric.as_ref()),
         &ports
             .values()
             .flat_map(|p| p.all())
@@ -157,7 +143,7 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
         // A pidfile from an earlier run must not stand for the new QEMU.
         let _ = fs::remove_file(dir.join("qemu.pid"));
         let host_key = match &restore {
-            Some(m) => saved_host_key(&m.record, &name)?,
+            Some(m) => m.host_key(&name)?,
             None => {
                 let _ = fs::remove_dir_all(&dir);
                 state.create_node(&name)?;
@@ -203,8 +189,8 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
             store,
         };
         if let Some(m) = &restore {
-            m.check_machine(&name, &machine::qemu_args(&config))?;
-            config.incoming = Some(m.memory(state, &name));
+            m.check_machine(&name, &machine::qemu_args(&config), state.root.as_str())?;
+            config.incoming = Some(m.memory(&name));
         }
         prepared.push((node, config, node_ports, host_key));
     }
@@ -359,10 +345,6 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
 }
 
 /// A node's host key line from a saved cluster's known_hosts.
-fn saved_host_key(record: &RunningCluster, node: &str) -> Result<String> {
-    Ok(crate::guest::endpoint(record, node)?.host_key)
-}
-
 fn prepared_endpoints(
     record: &RunningCluster,
     prepared: &[(&crate::spec::Node, MachineConfig, fabric::NodePorts, String)],

@@ -534,6 +534,7 @@ mod tests {
                 .map(|(i, checks)| Layer {
                     name: format!("layer{i}"),
                     description: String::new(),
+                    after: None,
                     checks,
                 })
                 .collect(),

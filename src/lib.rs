@@ -22,6 +22,7 @@ pub mod history;
 pub mod host;
 pub mod image;
 pub mod lane;
+pub mod layered;
 pub mod log;
 pub mod machine;
 pub mod progress;

@@ -31,6 +31,9 @@ pub struct LaneOptions {
     pub json: bool,
     /// Also copy the benchmark report and its charts here (`--publish`).
     pub publish: Option<std::path::PathBuf>,
+    /// Save the cluster's end state here after the lane, before the stop
+    /// (`run --save-end`: a later layer continues from it, `after`).
+    pub save_end: Option<PathBuf>,
 }
 
 /// Runs the lane against the cluster that is running in `state`.
@@ -154,6 +157,12 @@ fn boot_check_stop(
         duration_s: t.elapsed().as_secs_f64(),
         message: format!("{checks} checks"),
     });
+    if let Some(end) = &opts.save_end {
+        step(rep, "save-end", || {
+            crate::layered::save_end(cluster, state, r, end)
+                .map(|bytes| format!("end state saved in {} ({bytes} bytes)", end.display()))
+        });
+    }
     step(rep, "stop", || {
         let notes = cluster::stop(state, opts.grace)?;
         Ok(notes

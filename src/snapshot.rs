@@ -16,6 +16,11 @@
 //! node's QEMU command line. A key that no longer matches is refused (exit
 //! 2), never used.
 //!
+//! A restore may happen in another state directory than the save, from a
+//! read-only copy (a Nix store path): the disks and keys are copied into the
+//! run's own directory, the guest state is only read, and host ports are
+//! chosen afresh (the guests never see them; they keep their addresses).
+//!
 //! Layout: `<state>/snapshots/<name>/manifest.json` (written last: a
 //! directory without it is an unfinished save), `ssh/`, and `<node>/`
 //! with `memory.bin`, `overlay.qcow2`, `config.img`.
@@ -58,6 +63,10 @@ pub struct Manifest {
     /// Seconds the guests were paused while saving.
     pub paused_s: f64,
     pub bytes: u64,
+    /// Where this snapshot was read from: `<state>/snapshots/<name>`, or a
+    /// directory named on its own (a Nix store path), used read-only.
+    #[serde(skip)]
+    pub location: PathBuf,
 }
 
 /// What was asked of the guests after the save.
@@ -90,9 +99,50 @@ pub fn key(cluster: &Cluster, image: &ImageRecord) -> Result<Key> {
     })
 }
 
-/// A hash of a node's QEMU command line, for the manifest.
-pub fn machine_hash(args: &[String]) -> String {
-    hash(args.join("\0").as_bytes())
+/// A hash of a node's QEMU command line, for the manifest: of the parts
+/// that the saved state depends on. Left out are what a restore chooses
+/// afresh, none of which the guest sees: the state directory (paths), the
+/// host ports of its forwards and fabric socket, the machine id passed at
+/// boot (the guest booted long ago) and `-incoming`.
+pub fn machine_hash(args: &[String], state_root: &str) -> String {
+    hash(normalize(args, state_root).join("\0").as_bytes())
+}
+
+fn normalize(args: &[String], state_root: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "-incoming" {
+            it.next();
+            continue;
+        }
+        let a = a.replace(state_root, "$STATE");
+        out.push(if a.starts_with("socket,id=fabric") {
+            "socket,id=fabric".to_string()
+        } else if a.contains("hostfwd=") || a.contains("systemd.machine_id=") {
+            a.split([',', ' '])
+                .map(unported)
+                .collect::<Vec<_>>()
+                .join(",")
+        } else {
+            a
+        });
+    }
+    out
+}
+
+/// `hostfwd=tcp:127.0.0.1:40122-:22` without its host port, and
+/// `systemd.machine_id=...` without its value.
+fn unported(part: &str) -> String {
+    if let Some(rest) = part.strip_prefix("hostfwd=") {
+        let proto = rest.split(':').next().unwrap_or_default();
+        let guest = rest.rsplit("-:").next().unwrap_or_default();
+        return format!("hostfwd={proto}:*-:{guest}");
+    }
+    if part.starts_with("systemd.machine_id=") {
+        return "systemd.machine_id=*".into();
+    }
+    part.to_string()
 }
 
 fn hash(bytes: &[u8]) -> String {
@@ -123,10 +173,10 @@ pub fn list(state: &StateDir) -> Result<Vec<Manifest>> {
     for e in entries.flatten() {
         let path = e.path().join("manifest.json");
         if let Ok(bytes) = fs::read(&path) {
-            out.push(
-                serde_json::from_slice(&bytes)
-                    .with_context(|| format!("parsing {}", path.display()))?,
-            );
+            let mut m: Manifest = serde_json::from_slice(&bytes)
+                .with_context(|| format!("parsing {}", path.display()))?;
+            m.location = e.path();
+            out.push(m);
         }
     }
     out.sort_by(|a: &Manifest, b| a.name.cmp(&b.name));
@@ -162,10 +212,25 @@ pub enum SnapshotError {
     Stale { name: String, what: String },
 }
 
-/// The snapshot `name`, if its key matches `key`.
+/// The snapshot `name` (a name in `state`, or with a `/`, a directory of
+/// its own such as a store path), if its key matches `key`.
 pub fn open(state: &StateDir, name: &str, key: &Key) -> Result<Manifest> {
-    check_name(name)?;
-    let path = dir(state, name).join("manifest.json");
+    let location = if name.contains('/') {
+        PathBuf::from(name)
+    } else {
+        check_name(name)?;
+        dir(state, name)
+    };
+    let path = location.join("manifest.json");
+    if name.contains('/') && !path.is_file() {
+        return Err(crate::error::named(
+            crate::error::ErrorKind::SnapshotMissing,
+            crate::error::bad_input(format!(
+                "no snapshot in {name}: it has no manifest.json (`photon-cluster snapshot save` or \
+                 `photon-cluster ready --out DIR` makes one)"
+            )),
+        ));
+    }
     let Ok(bytes) = fs::read(&path) else {
         let saved: Vec<String> = list(state)?.into_iter().map(|m| m.name).collect();
         return Err(crate::error::named(
@@ -181,8 +246,9 @@ pub fn open(state: &StateDir, name: &str, key: &Key) -> Result<Manifest> {
             }),
         ));
     };
-    let m: Manifest =
+    let mut m: Manifest =
         serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?;
+    m.location = location;
     let mut differs = Vec::new();
     for (what, saved, now) in [
         ("image", &m.key.image, &key.image),
@@ -207,13 +273,14 @@ pub fn open(state: &StateDir, name: &str, key: &Key) -> Result<Manifest> {
 }
 
 impl Manifest {
-    pub fn dir(&self, state: &StateDir) -> PathBuf {
-        dir(state, &self.name)
+    pub fn dir(&self) -> &Path {
+        &self.location
     }
 
-    /// Refuses a node whose QEMU command line differs from the saved one.
-    pub fn check_machine(&self, node: &str, args: &[String]) -> Result<()> {
-        let now = machine_hash(args);
+    /// Refuses a node whose QEMU command line (as `machine_hash` sees it)
+    /// differs from the saved one.
+    pub fn check_machine(&self, node: &str, args: &[String], state_root: &str) -> Result<()> {
+        let now = machine_hash(args, state_root);
         match self.machines.get(node) {
             Some(saved) if *saved == now => Ok(()),
             _ => Err(crate::error::named(
@@ -226,9 +293,11 @@ impl Manifest {
         }
     }
 
-    /// Puts the saved keys and a node's disks in place for a restore.
+    /// Puts the saved keys and a node's disks in place for a restore: copies
+    /// in the run's own state directory, writable by their owner only (the
+    /// snapshot itself may be a read-only store path, whose files are 0444).
     pub fn restore_files(&self, state: &StateDir) -> Result<()> {
-        let src = self.dir(state);
+        let src = self.dir();
         copy_dir(&src.join("ssh"), state.ssh().as_std_path())?;
         for node in self.record.nodes.keys() {
             let to = state.node(node);
@@ -241,9 +310,16 @@ impl Manifest {
         Ok(())
     }
 
-    /// The file QEMU reads the node's state from.
-    pub fn memory(&self, state: &StateDir, node: &str) -> PathBuf {
-        self.dir(state).join(node).join("memory.bin")
+    /// The file QEMU reads the node's state from (read-only: it is only read).
+    pub fn memory(&self, node: &str) -> PathBuf {
+        self.dir().join(node).join("memory.bin")
+    }
+
+    /// The saved host key of `node`, from the snapshot's own known_hosts.
+    pub fn host_key(&self, node: &str) -> Result<String> {
+        let mut record = self.record.clone();
+        record.known_hosts = self.dir().join("ssh").join("known_hosts");
+        Ok(crate::guest::endpoint(&record, node)?.host_key)
     }
 }
 
@@ -313,6 +389,7 @@ pub fn save(
         record: record.clone(),
         paused_s,
         bytes,
+        location: target.clone(),
     };
     write_atomic(
         work.join("manifest.json").as_std_path(),
@@ -416,8 +493,14 @@ pub fn set_clock_command() -> String {
     )
 }
 
+/// Copies a file, leaving the copy writable by its owner only.
 fn copy(from: &Path, to: &Path) -> Result<u64> {
-    fs::copy(from, to).with_context(|| format!("copying {} to {}", from.display(), to.display()))
+    use std::os::unix::fs::PermissionsExt;
+    let _ = fs::remove_file(to);
+    let n = fs::copy(from, to)
+        .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    fs::set_permissions(to, fs::Permissions::from_mode(0o600))?;
+    Ok(n)
 }
 
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
@@ -457,10 +540,11 @@ mod tests {
             name: name.into(),
             created: "now".into(),
             key: key(),
-            machines: BTreeMap::from([("node01".to_string(), machine_hash(&["-m".into()]))]),
+            machines: BTreeMap::from([("node01".to_string(), machine_hash(&["-m".into()], "/s"))]),
             record,
             paused_s: 1.0,
             bytes: 1,
+            location: PathBuf::new(),
         }
     }
 
@@ -488,12 +572,47 @@ mod tests {
         let e = open(&state, "cold", &key()).unwrap_err();
         assert_eq!(crate::error::exit_code(&e), crate::error::EXIT_BAD_INPUT);
         assert!(e.to_string().contains("saved: warm"), "{e}");
-        assert!(m.check_machine("node01", &["-m".into()]).is_ok());
-        assert!(m.check_machine("node01", &["-smp".into()]).is_err());
+        assert!(m.check_machine("node01", &["-m".into()], "/s").is_ok());
+        assert!(m.check_machine("node01", &["-smp".into()], "/s").is_err());
         assert_eq!(list(&state).unwrap().len(), 1);
         remove(&state, "warm").unwrap();
         assert!(list(&state).unwrap().is_empty());
         assert!(check_name("../x").is_err());
+    }
+
+    #[test]
+    fn the_machine_hash_ignores_what_a_restore_chooses_afresh() {
+        let args = |root: &str, port: u16, fabric: u16, id: &str| -> Vec<String> {
+            [
+                "-m".to_string(),
+                "512".into(),
+                "-append".into(),
+                format!("root=/dev/vda systemd.machine_id={id} quiet"),
+                "-drive".into(),
+                format!("file={root}/solo/overlay.qcow2,format=qcow2"),
+                "-netdev".into(),
+                format!("user,id=host,net=10.0.2.0/24,hostfwd=tcp:127.0.0.1:{port}-:22"),
+                "-netdev".into(),
+                format!("socket,id=fabric,udp=127.0.0.1:{fabric},localaddr=127.0.0.1:1"),
+            ]
+            .to_vec()
+        };
+        let saved = machine_hash(&args("/a", 40122, 5000, "aa"), "/a");
+        let mut restored = args("/b", 41000, 6000, "bb");
+        restored.extend([
+            "-incoming".into(),
+            "exec:cat /nix/store/x/memory.bin".into(),
+        ]);
+        assert_eq!(saved, machine_hash(&restored, "/b"));
+        // What the guest does see still counts: its memory, a guest port.
+        let mut more = args("/a", 40122, 5000, "aa");
+        more[1] = "1024".into();
+        assert_ne!(saved, machine_hash(&more, "/a"));
+        let other_guest_port = args("/a", 40122, 5000, "aa")
+            .into_iter()
+            .map(|a| a.replace("-:22", "-:2222"))
+            .collect::<Vec<_>>();
+        assert_ne!(saved, machine_hash(&other_guest_port, "/a"));
     }
 
     #[test]

@@ -432,6 +432,7 @@ fn flake_outputs_evaluate_without_fetching_nixpkgs() {
         "fresh-matrix",
         "bench-storage",
         "provider-vm-reality-proof",
+        "layered-smoke",
         "unit-tests",
         "clippy",
     ] {
@@ -461,8 +462,17 @@ fn flake_outputs_evaluate_without_fetching_nixpkgs() {
             "bench-storage",
             "fresh-matrix",
             "fresh-smoke",
+            "layered-smoke",
+            "layered-smoke-layer-auth",
+            "layered-smoke-layer-boot",
+            "layered-smoke-layer-entrypoints",
+            "layered-smoke-layer-image",
+            "layered-smoke-layer-nested",
+            "layered-smoke-layer-protocols",
+            "layered-smoke-layer-replicated",
             "photon-cluster",
-            "provider-vm-reality-proof"
+            "provider-vm-reality-proof",
+            "reference-ready"
         ])
     );
 }

@@ -3,6 +3,8 @@
 #
 #   lib = import ./nix/lib { };          # or { system = "aarch64-linux"; }
 #   lib.mkClusterCheck { name = "fresh-smoke"; driver = ...; images = ...; }
+#   lib.mkLayeredCheck { name = "smoke"; laneFile = ./checks/smoke.toml; ... }
+#     (the ready cluster, one derivation per layer, the lane assembled)
 #   lib.clusterFromToml ./profiles/reference.toml
 #   lib.laneFromToml ./checks/smoke.toml
 { system ? "x86_64-linux" }:
@@ -10,8 +12,9 @@ let
   util = import ./util.nix;
   cluster = import ./cluster.nix { inherit util; };
   check = import ./check.nix { inherit util; defs = cluster; defaultSystem = system; };
+  layers = import ./layers.nix { inherit util check; defs = cluster; };
 in
-cluster // check // {
+cluster // check // layers // {
   inherit util;
   # The repository's own definitions, parsed.
   profiles = {

@@ -13,6 +13,8 @@ let
   reference = lib.clusterFromToml ../../profiles/reference.toml;
   storage = lib.clusterFromToml ../../profiles/reference-storage.toml;
   smoke = lib.laneFromToml ../../checks/smoke.toml;
+  smokeLayers = lib.laneLayerNames ../../checks/smoke.toml;
+  layeredJobs = [ "layered-smoke" "reference-ready" ] ++ map (l: "layered-smoke-layer-${l}") smokeLayers;
 
   # Stand-ins: store paths made with builtins.toFile, never built or run.
   fakeDriver = builtins.toFile "photon-cluster" "#!/bin/sh\nexit 3\n";
@@ -413,7 +415,32 @@ let
     };
     stub-flake-hydra-jobs = {
       expr = builtins.attrNames stubbed.hydraJobs;
-      expected = builtins.sort builtins.lessThan (flakeLanes ++ [ "photon-cluster" ]);
+      expected = builtins.sort builtins.lessThan (flakeLanes ++ layeredJobs ++ [ "photon-cluster" ]);
+    };
+    # The layer graph: every layer restores the one ready output, runs its
+    # layer only (keeping its output when it fails), and the lane assembles
+    # them in the lane file's order.
+    stub-flake-layered = {
+      expr =
+        let
+          lane = stubbed.checks.${system}.layered-smoke;
+          readyPath = lane.ready.outPath;
+          layerOk = l: let d = lane.layers.${l}; in
+            [ d.name d.keepFailed (builtins.elem readyPath d.args) (builtins.elem "--layer" d.args) (hasSuffix ".drv" d.drvPath) ];
+          assembled = builtins.filter (a: builtins.elem a (map (l: lane.layers.${l}.outPath) smokeLayers)) lane.args;
+        in
+        [ lane.ready.name (builtins.elem "--ready" lane.ready.args) (map layerOk smokeLayers) (assembled == map (l: lane.layers.${l}.outPath) smokeLayers) lane.keepFailed ];
+      expected = [ "reference-ready" true (map (l: [ "layered-smoke-layer-${l}" true true true true ]) smokeLayers) true false ];
+    };
+    # A layer's own lane file holds that layer alone, as TOML the driver reads.
+    layer-lane-file = {
+      expr =
+        let
+          raw = builtins.fromTOML (builtins.readFile ../../checks/smoke.toml);
+          auth = builtins.head (builtins.filter (l: l.name == "auth") raw.layer);
+        in
+        builtins.fromTOML (lib.layerLaneToml raw auth) == { lane = raw.lane; layer = [ auth ]; };
+      expected = true;
     };
     stub-flake-hydra-jobs-keep-failed = {
       expr = map (n: let j = stubbed.hydraJobs.${n}.${system}; in [ j.keepFailed (builtins.elem "--keep-failed" j.args) (hasSuffix ".drv" j.drvPath) ]) flakeLanes;
@@ -445,14 +472,25 @@ let
     flake-lib-mk = { expr = builtins.isFunction flake.lib.mkClusterCheck && builtins.isFunction flake.lib.mkNodeImages; expected = true; };
     flake-checks = {
       expr = builtins.attrNames flake.checks.x86_64-linux;
-      expected = [ "bench-storage" "clippy" "fresh-matrix" "fresh-smoke" "provider-vm-reality-proof" "unit-tests" ];
+      expected = [ "bench-storage" "clippy" "fresh-matrix" "fresh-smoke" "layered-smoke" "provider-vm-reality-proof" "unit-tests" ];
     };
-    flake-hydra-jobs = { expr = builtins.attrNames flake.hydraJobs; expected = builtins.sort builtins.lessThan (flakeLanes ++ [ "photon-cluster" ]); };
+    flake-hydra-jobs = { expr = builtins.attrNames flake.hydraJobs; expected = builtins.sort builtins.lessThan (flakeLanes ++ layeredJobs ++ [ "photon-cluster" ]); };
     flake-apps = { expr = builtins.elem "cluster" (builtins.attrNames flake.apps.x86_64-linux); expected = true; };
     flake-packages = { expr = builtins.elem "default" (builtins.attrNames flake.packages.x86_64-linux); expected = true; };
     flake-modules = {
       expr = builtins.attrNames flake.nixosModules;
       expected = [ "photon-common" "photon-control" "photon-gateway" "photon-storage" "photon-worker" ];
+    };
+
+    # --- mkLayeredCheck: `after` continues from the earlier layer's end state
+    layered-after = {
+      expr =
+        let
+          g = lib.mkLayeredCheck { name = "la"; laneFile = ../../tests/fixtures/layered-after.toml; driver = fakeDriver; images = fakeImages; coreutils = fakeCoreutils; };
+          has = l: a: builtins.elem a g.layers.${l}.args;
+        in
+        [ (has "mark" "--save-end") (has "continued" "${g.layers.mark}/end") (has "continued" "--save-end") (has "fresh" "${g.ready}") (has "continued" "${g.ready}") ];
+      expected = [ true true false true false ];
     };
 
     # --- mkClusterChecks

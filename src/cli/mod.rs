@@ -412,7 +412,11 @@ pub struct StartArgs {
     /// Restore a snapshot (`snapshot save`) instead of booting: every guest's
     /// memory, devices and disks as saved, resumed together, clocks set.
     /// A snapshot whose image, cluster, driver or QEMU differs is refused (exit 2).
-    #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "default")]
+    /// NAME with a `/` is a snapshot directory of its own (a `ready --out`
+    /// output, a Nix store path), read only: the disks are copied into this
+    /// state directory and host ports are chosen afresh, so several restores
+    /// of one snapshot run side by side.
+    #[arg(long, value_name = "NAME|DIR", num_args = 0..=1, default_missing_value = "default")]
     pub from_snapshot: Option<String>,
     /// Warm start: restore the `default` snapshot (`--from-snapshot default`).
     #[arg(long, conflicts_with = "from_snapshot")]
@@ -520,9 +524,10 @@ pub struct RunArgs {
     /// Where the artifact tree goes (in a derivation: $out).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// Prebuilt images: a directory with vmlinuz, initrd.img and rootfs.img.
-    #[arg(long, value_name = "DIR")]
-    pub image_dir: PathBuf,
+    /// Prebuilt images: a directory with vmlinuz, initrd.img and rootfs.img
+    /// (not needed with --assemble).
+    #[arg(long, value_name = "DIR", required_unless_present = "assemble")]
+    pub image_dir: Option<PathBuf>,
     /// Exit 0 even when the lane fails, and write nix-support/failed, so the
     /// evidence is kept as the build output (Hydra shows it as failed).
     #[arg(long)]
@@ -540,6 +545,32 @@ pub struct RunArgs {
     /// Print the run's result.json document on stdout (the summary goes to stderr).
     #[arg(long)]
     pub json: bool,
+    /// Only boot the cluster and save it, ready, into --out (a snapshot
+    /// directory with the boot timeline and consoles): the `<cluster>-ready`
+    /// derivation. No lane runs.
+    #[arg(long, conflicts_with_all = ["from_ready", "assemble"])]
+    pub ready: bool,
+    /// Restore the ready cluster saved in DIR (by `run --ready`) instead of
+    /// booting: the disks are copied here, DIR is only read.
+    #[arg(
+        long,
+        value_name = "DIR",
+        requires = "layer",
+        conflicts_with = "assemble"
+    )]
+    pub from_ready: Option<PathBuf>,
+    /// With --from-ready: run only this layer of the lane.
+    #[arg(long, value_name = "NAME", requires = "from_ready")]
+    pub layer: Option<String>,
+    /// With --layer: also save the cluster's end state into <out>/end, for
+    /// a later layer that says `after = "<this layer>"`.
+    #[arg(long, requires = "layer")]
+    pub save_end: bool,
+    /// Boot nothing: assemble the lane's artifacts in --out from the
+    /// outputs of its layers (`run --from-ready ... --layer`), in order;
+    /// repeatable.
+    #[arg(long, value_name = "DIR")]
+    pub assemble: Vec<PathBuf>,
     #[command(flatten)]
     pub start: StartArgs,
 }
@@ -589,6 +620,7 @@ impl LaneRun {
             grace: Duration::from_secs(self.grace),
             json: self.json,
             publish: self.publish.clone(),
+            save_end: None,
         }
     }
 }

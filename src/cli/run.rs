@@ -398,7 +398,7 @@ fn snapshot_command(cluster: &Cluster, state: &StateDir, cmd: SnapshotCmd) -> Re
             let record = require_running(state)?;
             let key = snapshot::key(cluster, &record.image)?;
             // The command line each QEMU really runs, for the restore to match.
-            let machines = crate::bench::running_machines(&record)?;
+            let machines = crate::bench::running_machines(&record, state.root.as_str())?;
             let after = if stop { After::Stop } else { After::Resume };
             let t = std::time::Instant::now();
             let m = snapshot::save(state, &record, key, machines, &name, after)?;
@@ -444,9 +444,21 @@ fn snapshot_command(cluster: &Cluster, state: &StateDir, cmd: SnapshotCmd) -> Re
 
 /// `run`: checks the store paths before anything starts, then runs the lane.
 fn hermetic_run(mut cluster: Cluster, target: &Target, args: &RunArgs) -> Result<i32> {
-    let mut paths = crate::hermetic::use_image_dir(&mut cluster, &args.image_dir)?;
+    if !args.assemble.is_empty() {
+        let code =
+            crate::layered::assemble(&args.assemble, &args.out, args.keep_failed, args.json)?;
+        return Ok(code as i32);
+    }
+    let images = args
+        .image_dir
+        .as_deref()
+        .expect("clap requires --image-dir");
+    let mut paths = crate::hermetic::use_image_dir(&mut cluster, images)?;
     paths.extend(crate::hermetic::tool_paths()?);
     paths.push(("driver".into(), std::env::current_exe()?));
+    if let Some(ready) = &args.from_ready {
+        paths.push(("ready cluster".into(), ready.clone()));
+    }
     let checked =
         crate::hermetic::check_paths(&paths, &crate::hermetic::store_dir(), &args.allow_impure)?;
     let base = match &target.state_dir {
@@ -454,21 +466,32 @@ fn hermetic_run(mut cluster: Cluster, target: &Target, args: &RunArgs) -> Result
         None => std::env::temp_dir().join("photon-state"),
     };
     let state = StateDir::new(state::state_dir(Some(&base), &cluster.state_suffix)?)?;
+    let mut start = args.start.options("run", true);
+    if args.ready {
+        let _lock = state.lock("run --ready")?;
+        return Ok(crate::layered::ready(&cluster, &state, &start, &args.out, checked)? as i32);
+    }
+    let mut lane = args.select.load(&cluster)?;
+    if let (Some(ready), Some(layer)) = (&args.from_ready, &args.layer) {
+        lane = crate::layered::only_layer(lane, layer)?;
+        start.from_snapshot = Some(std::path::absolute(ready)?.display().to_string());
+    }
     let opts = LaneOptions {
         command: "run".into(),
-        lane: args.select.load(&cluster)?,
+        lane,
         artifacts: args.out.clone(),
         keep_going: args.keep_going,
         grace: Duration::from_secs(args.grace),
         json: args.json,
         publish: None,
+        save_end: args.save_end.then(|| args.out.join("end")),
     };
     let _lock = state.lock("run")?;
     let code = smoke::hermetic(
         &cluster,
         &state,
         &opts,
-        &args.start.options("run", true),
+        &start,
         &args.out,
         checked,
         args.keep_failed,

@@ -85,32 +85,6 @@ enum Held {
 /// Allocates every host port of the cluster at once. Pinned ports must be
 /// free now; the others are picked by the kernel. All listeners stay open
 /// until every port is chosen, so no two forwards get the same port.
-/// The ports of a saved cluster (a snapshot restores its guests with the
-/// same forwards): each must still be free.
-pub fn reserve_ports(saved: BTreeMap<String, NodePorts>) -> Result<BTreeMap<String, NodePorts>> {
-    for (name, ports) in &saved {
-        for f in ports.all() {
-            let addr = (Ipv4Addr::LOCALHOST, f.host);
-            let free = match f.proto {
-                Proto::Tcp => TcpListener::bind(addr).is_ok(),
-                Proto::Udp => UdpSocket::bind(addr).is_ok(),
-            };
-            if !free {
-                return Err(crate::error::named(
-                    crate::error::ErrorKind::PortTaken,
-                    bad_input(format!(
-                        "port clash: host port 127.0.0.1:{}/{} that {name} had when the snapshot \
-                     was saved is not free; stop what uses it",
-                        f.host,
-                        f.proto.name()
-                    )),
-                ));
-            }
-        }
-    }
-    Ok(saved)
-}
-
 pub fn allocate_ports(cluster: &Cluster) -> Result<BTreeMap<String, NodePorts>> {
     let mut held: Vec<Held> = Vec::new();
     let mut take = |proto: Proto, pinned: Option<u16>, what: &str| -> Result<u16> {

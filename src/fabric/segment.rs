@@ -71,43 +71,16 @@ pub struct Segment {
 }
 
 impl Segment {
-    /// Chooses every node's link. A restored cluster (`saved`) keeps its
-    /// links, since they are part of each guest's saved command line. New
-    /// ports are never one of `avoid` (the host forwards just chosen, whose
+    /// Chooses every node's link. A restored cluster gets new links too:
+    /// a `-netdev` backend is not part of a guest's saved state. New ports
+    /// are never one of `avoid` (the host forwards just chosen, whose
     /// sockets are closed again until QEMU binds them).
     pub fn plan(
         kind: Kind,
         state_root: &Path,
         nodes: &[String],
-        saved: Option<&Segment>,
         avoid: &std::collections::BTreeSet<u16>,
     ) -> Result<Segment> {
-        if let Some(saved) = saved {
-            for link in saved.links.values() {
-                if let Link::Switch {
-                    switch_port,
-                    qemu_port,
-                } = link
-                {
-                    for port in [switch_port, qemu_port] {
-                        UdpSocket::bind((Ipv4Addr::LOCALHOST, *port)).map_err(|e| {
-                            crate::error::named(
-                                crate::error::ErrorKind::PortTaken,
-                                bad_input(format!(
-                                    "port clash: fabric port 127.0.0.1:{port}/udp saved with the \
-                                 snapshot is not free ({e})"
-                                )),
-                            )
-                        })?;
-                    }
-                }
-            }
-            return Ok(Segment {
-                switch_pid: None,
-                control: None,
-                ..saved.clone()
-            });
-        }
         let links = match kind {
             Kind::Hub => {
                 let (group, port) = super::mcast_for(state_root);
@@ -290,7 +263,6 @@ mod tests {
             Kind::Switch,
             Path::new("/tmp/x"),
             &nodes,
-            None,
             &Default::default(),
         )
         .unwrap();
@@ -319,14 +291,7 @@ mod tests {
     #[test]
     fn a_hub_segment_shares_one_group() {
         let nodes: Vec<String> = ["a", "b"].map(String::from).to_vec();
-        let s = Segment::plan(
-            Kind::Hub,
-            Path::new("/tmp/x"),
-            &nodes,
-            None,
-            &Default::default(),
-        )
-        .unwrap();
+        let s = Segment::plan(Kind::Hub, Path::new("/tmp/x"), &nodes, &Default::default()).unwrap();
         assert_eq!(s.links["a"], s.links["b"]);
         assert!(s.links["a"].netdev().contains("mcast=230."));
         let e = s.request(&Request::Heal).unwrap_err();

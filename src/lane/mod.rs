@@ -76,6 +76,10 @@ struct LayerDef {
     name: String,
     #[serde(default)]
     description: String,
+    /// The earlier layer whose end state this one continues from, when
+    /// the lane runs layer by layer (docs/nix.md, `mkLayeredCheck`).
+    #[serde(default)]
+    after: Option<Spanned<String>>,
     #[serde(default)]
     check: Vec<Spanned<toml::Table>>,
 }
@@ -103,6 +107,10 @@ pub struct Lane {
 pub struct Layer {
     pub name: String,
     pub description: String,
+    /// `after = "<layer>"`: an earlier layer of the lane whose end state
+    /// this one starts from when layers run apart (a whole-lane run runs
+    /// them in order anyway).
+    pub after: Option<String>,
     pub checks: Vec<PlannedCheck>,
 }
 
@@ -224,6 +232,25 @@ pub fn parse(file: &Path, text: &str, cluster: &Cluster) -> Result<Lane, SpecErr
     let mut layers = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (li, layer) in def.layer.iter().enumerate() {
+        let after = layer.after.as_ref().map(|a| a.get_ref().clone());
+        if let Some(a) = &layer.after
+            && !def.layer[..li].iter().any(|l| l.name == *a.get_ref())
+        {
+            let earlier: Vec<&str> = def.layer[..li].iter().map(|l| l.name.as_str()).collect();
+            return Err(at(
+                Some(a.span()),
+                &format!("layer[{li}].after"),
+                format!(
+                    "{:?} is not an earlier layer of this lane (earlier: {})",
+                    a.get_ref(),
+                    if earlier.is_empty() {
+                        "none".into()
+                    } else {
+                        earlier.join(", ")
+                    }
+                ),
+            ));
+        }
         let mut checks = Vec::new();
         for (ci, spanned) in layer.check.iter().enumerate() {
             let field = |f: &str| format!("layer[{li}].check[{ci}].{f}");
@@ -370,6 +397,7 @@ pub fn parse(file: &Path, text: &str, cluster: &Cluster) -> Result<Lane, SpecErr
         layers.push(Layer {
             name: layer.name.clone(),
             description: layer.description.clone(),
+            after,
             checks,
         });
     }
@@ -438,6 +466,24 @@ mod tests {
             let parsed = Lane::load(&file, cluster).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(parsed.name, lane);
             assert!(parsed.check_count() > 1, "{lane}");
+        }
+    }
+
+    #[test]
+    fn after_names_an_earlier_layer_or_is_refused_at_its_line() {
+        let lane = |after: &str| {
+            format!(
+                "[lane]\nname = \"t\"\n[[layer]]\nname = \"one\"\n[[layer]]\nname = \"two\"\nafter = \"{after}\"\n"
+            )
+        };
+        let file = Path::new("t.toml");
+        let ok = parse(file, &lane("one"), &reference()).unwrap();
+        assert_eq!(ok.layers[1].after.as_deref(), Some("one"));
+        for bad in ["nope", "two"] {
+            let e = parse(file, &lane(bad), &reference()).unwrap_err();
+            assert_eq!(e.line, 7, "{e}");
+            assert!(e.to_string().contains("t.toml:7"), "{e}");
+            assert!(e.to_string().contains("not an earlier layer"), "{e}");
         }
     }
 

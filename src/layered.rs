@@ -1,0 +1,274 @@
+//! A lane split at its layers, for builders that cache and spread work (Nix
+//! derivations, docs/nix.md): the ready cluster as an output of its own
+//! (`run --ready`), each layer run from it in a fresh restore (`run
+//! --from-ready DIR --layer NAME`), and the lane assembled from the layers'
+//! outputs (`run --assemble DIR...`). Each layer starts from the same ready
+//! cluster, so a layer that breaks a node cannot change a sibling's verdict.
+//!
+//! The ready output is a snapshot directory (snapshot.rs: manifest.json,
+//! `ssh/` with the cluster's throwaway keys, `<node>/` with its state and
+//! disks) plus `boot.json` (the boot timeline) and `consoles/<node>.log`.
+
+use crate::check::Outcome;
+use crate::cluster::{self, StartOptions};
+use crate::error::bad_input;
+use crate::hermetic::Hermetic;
+use crate::lane::Lane;
+use crate::report::{self, RunReport, Step};
+use crate::secrets::Secrets;
+use crate::snapshot;
+use crate::spec::Cluster;
+use crate::state::StateDir;
+use anyhow::{Context, Result};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Boots the cluster, saves it into `out` and stops it. A boot that fails
+/// still leaves the consoles in `out` before the error is returned.
+pub fn ready(
+    cluster: &Cluster,
+    state: &StateDir,
+    start: &StartOptions,
+    out: &Path,
+    paths: Hermetic,
+) -> Result<u8> {
+    fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let t = Instant::now();
+    let started = cluster::start(cluster, state, start);
+    copy_consoles(cluster, state, out);
+    let record = started?;
+    let boot_s = t.elapsed().as_secs_f64();
+    let key = snapshot::key(cluster, &record.image)?;
+    let machines = crate::bench::running_machines(&record, state.root.as_str())?;
+    let saved = snapshot::save(
+        state,
+        &record,
+        key,
+        machines,
+        "ready",
+        snapshot::After::Stop,
+    );
+    cluster::stop(state, Duration::from_secs(20))?;
+    let m = saved?;
+    copy_tree(m.dir(), out)?;
+    copy_consoles(cluster, state, out);
+    let timeline = serde_json::json!({
+        "boot_to_ready_s": boot_s,
+        "accel": record.accel,
+        "image": record.image,
+        "nodes": record.nodes.iter().map(|(n, r)| (n.clone(), serde_json::json!({
+            "ready_after_s": r.ready_after_s, "phases": r.phases,
+        }))).collect::<serde_json::Map<_, _>>(),
+        "hermetic": paths,
+    });
+    crate::files::write_atomic(
+        &out.join("boot.json"),
+        &serde_json::to_vec_pretty(&timeline)?,
+    )?;
+    let support = out.join("nix-support");
+    fs::create_dir_all(&support)?;
+    let o = out.display();
+    fs::write(
+        support.join("hydra-build-products"),
+        format!("file manifest {o}/manifest.json\nfile boot-timeline {o}/boot.json\n"),
+    )?;
+    fs::write(
+        support.join("hydra-metrics"),
+        format!(
+            "boot-to-ready {boot_s:.1} s\nsnapshot-bytes {} B\n",
+            m.bytes
+        ),
+    )?;
+    println!(
+        "ready cluster in {}: {} nodes, {:.0} MiB, boot to ready {boot_s:.1} s",
+        out.display(),
+        m.record.nodes.len(),
+        m.bytes as f64 / 1048576.0
+    );
+    Ok(0)
+}
+
+/// Saves the running cluster (a layer's end) into `to`, and resumes it for
+/// the evidence and the stop that follow; returns the bytes saved.
+pub fn save_end(
+    cluster: &Cluster,
+    state: &StateDir,
+    record: &crate::state::RunningCluster,
+    to: &Path,
+) -> Result<u64> {
+    let key = snapshot::key(cluster, &record.image)?;
+    let machines = crate::bench::running_machines(record, state.root.as_str())?;
+    let m = snapshot::save(state, record, key, machines, "end", snapshot::After::Resume)?;
+    copy_tree(m.dir(), to)?;
+    Ok(m.bytes)
+}
+
+/// Each node's console so far, as `consoles/<node>.log` (best effort: it
+/// is evidence, and a node that never launched has none).
+fn copy_consoles(cluster: &Cluster, state: &StateDir, out: &Path) {
+    let dir = out.join("consoles");
+    let _ = fs::create_dir_all(&dir);
+    for n in &cluster.nodes {
+        let _ = fs::copy(
+            state.node(&n.name).join("vm.log"),
+            dir.join(format!("{}.log", n.name)),
+        );
+    }
+}
+
+/// The lane with only its layer `name`; an unknown name is bad input.
+pub fn only_layer(mut lane: Lane, name: &str) -> Result<Lane> {
+    if !lane.layers.iter().any(|l| l.name == name) {
+        let known: Vec<&str> = lane.layers.iter().map(|l| l.name.as_str()).collect();
+        return Err(bad_input(format!(
+            "--layer {name}: lane {} ({}) has no such layer; its layers: {}",
+            lane.name,
+            lane.source.display(),
+            known.join(", ")
+        )));
+    }
+    lane.layers.retain(|l| l.name == name);
+    Ok(lane)
+}
+
+/// One layer's output, read back for the assembly.
+struct LayerRun {
+    dir: PathBuf,
+    report: RunReport,
+    /// The lane layer it ran (the first layer that is not `health`).
+    name: String,
+}
+
+fn read_layer(dir: &Path) -> Result<LayerRun> {
+    let path = dir.join("result.json");
+    let text = fs::read_to_string(&path)
+        .map_err(|e| bad_input(format!("--assemble {}: {e}", path.display())))?;
+    let report: RunReport = serde_json::from_str(&text).map_err(|e| {
+        bad_input(format!(
+            "{}:{}:{}: not a layer's result.json: {e}",
+            path.display(),
+            e.line(),
+            e.column()
+        ))
+    })?;
+    let name = report
+        .layers
+        .iter()
+        .map(|l| l.name.clone())
+        .find(|n| n != "health")
+        .unwrap_or_else(|| dir.file_name().unwrap_or_default().to_string_lossy().into());
+    Ok(LayerRun {
+        dir: dir.to_path_buf(),
+        report,
+        name,
+    })
+}
+
+/// Assembles the layers' outputs into one artifact tree in `out` with the
+/// schema of a whole lane run: every layer's results, its health layer as
+/// `health:<layer>`, its steps as `<layer>:<step>`, its evidence tree under
+/// `layers/<layer>/`. Returns the exit code, as `run` does.
+pub fn assemble(inputs: &[PathBuf], out: &Path, keep_failed: bool, json: bool) -> Result<u8> {
+    let runs = inputs
+        .iter()
+        .map(|d| read_layer(d))
+        .collect::<Result<Vec<_>>>()?;
+    let Some(first) = runs.first() else {
+        return Err(bad_input("--assemble: no layer outputs given"));
+    };
+    fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let started = Instant::now();
+    let mut rep = merged(first.report.clone(), &runs);
+    rep.finish(started, None);
+    rep.duration_s = runs.iter().map(|r| r.report.duration_s).sum();
+    for r in &runs {
+        copy_tree(&r.dir, &out.join("layers").join(&r.name))?;
+    }
+    let failed = rep.exit_code != 0;
+    report::write(out, &mut rep, &Secrets::default())?;
+    crate::hermetic::write_nix_support(out, failed && keep_failed, &rep.metrics())?;
+    report::print_summary(&rep, out, json)?;
+    Ok(if keep_failed { 0 } else { rep.exit_code })
+}
+
+/// The whole lane's report from its layers' reports.
+fn merged(mut rep: RunReport, runs: &[LayerRun]) -> RunReport {
+    rep.command = "run --assemble".into();
+    rep.command_line = Some(std::env::args().collect::<Vec<_>>().join(" "));
+    (rep.layers, rep.steps, rep.findings) = (Vec::new(), Vec::new(), Vec::new());
+    rep.error = None;
+    rep.error_kind = None;
+    rep.artifacts.clear();
+    let mut failed = Vec::new();
+    for r in runs {
+        for mut l in r.report.layers.clone() {
+            if l.name == "health" {
+                l.name = format!("health:{}", r.name);
+            }
+            rep.layers.push(l);
+        }
+        for mut s in r.report.steps.clone() {
+            s.name = format!("{}:{}", r.name, s.name);
+            rep.steps.push(s);
+        }
+        rep.findings.extend(r.report.findings.clone());
+        if rep.error.is_none() && r.report.error.is_some() {
+            rep.error = r
+                .report
+                .error
+                .as_ref()
+                .map(|e| format!("layer {}: {e}", r.name));
+            rep.error_kind = r.report.error_kind;
+        }
+        if r.report.exit_code != 0 {
+            failed.push(r.name.clone());
+        }
+    }
+    let message = match failed.first() {
+        None => format!(
+            "{} layers, each from the ready cluster: all passed",
+            runs.len()
+        ),
+        // Each layer started from the same ready cluster: a later failure
+        // cannot follow from an earlier one.
+        Some(first) => format!(
+            "{} layers, each from the ready cluster; first failed: {first}; failed: {} \
+             (independent: no layer ran after another)",
+            runs.len(),
+            failed.join(", ")
+        ),
+    };
+    rep.steps.push(Step {
+        name: "assemble".into(),
+        outcome: if failed.is_empty() {
+            Outcome::Pass
+        } else {
+            Outcome::Fail
+        },
+        duration_s: 0.0,
+        message,
+    });
+    rep
+}
+
+/// Copies the files under `from` into `to`, writable by their owner (the
+/// source may be a read-only store path). Sockets and other specials are left.
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for e in fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let e = e?;
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        let kind = e.file_type()?;
+        if kind.is_dir() {
+            copy_tree(&src, &dst)?;
+        } else if kind.is_file() {
+            let _ = fs::remove_file(&dst);
+            fs::copy(&src, &dst)
+                .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+            fs::set_permissions(&dst, fs::Permissions::from_mode(0o644))?;
+        }
+    }
+    Ok(())
+}

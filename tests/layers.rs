@@ -1,0 +1,378 @@
+//! The ready cluster as something to restore from elsewhere: a snapshot
+//! saved in one state directory, made read-only as a Nix store path is, and
+//! restored twice at once into two other directories, onto host ports
+//! chosen afresh. One small guest (the one-node cluster).
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+/// Stops whatever a test started, also when an assertion fails first.
+struct StopOnDrop(Vec<PathBuf>, PathBuf);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let cluster = self.1.to_str().unwrap();
+        for state in &self.0 {
+            common::run(state, &["--cluster", cluster, "stop", "--grace", "1"]);
+        }
+    }
+}
+
+/// One test at a time: each boots guests, and `common::reference_images`
+/// takes the shared state directory's lock (two at once: `state_busy`).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn ok(what: &str, out: &Output) {
+    assert_eq!(out.status.code(), Some(0), "{what}");
+}
+
+/// Every file and directory under `dir` loses its write bits, as in the store.
+fn read_only(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for e in fs::read_dir(dir).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            read_only(&e.path());
+        }
+        let mode = e.metadata().unwrap().permissions().mode() & 0o555;
+        fs::set_permissions(e.path(), fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let mode = fs::metadata(dir).unwrap().permissions().mode() & 0o555;
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn ssh_port(state: &Path, cluster: &str) -> u64 {
+    let out = common::run(state, &["--cluster", cluster, "status", "--json"]);
+    ok("status", &out);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["nodes"]["solo"]["ssh_port"]
+        .as_u64()
+        .or_else(|| v["nodes"][0]["ssh_port"].as_u64())
+        .unwrap_or_else(|| panic!("no ssh_port in {v}"))
+}
+
+#[test]
+fn one_snapshot_restores_twice_side_by_side_from_a_read_only_directory() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    common::image_dir_with_cmdline(&images, "");
+    let cluster = common::one_node_cluster(tmp.path(), &images);
+    let c = cluster.to_str().unwrap().to_string();
+    let saved_in = tmp.path().join("saved-in");
+    let (b, d) = (tmp.path().join("b"), tmp.path().join("d"));
+    let _stop = StopOnDrop(
+        vec![saved_in.clone(), b.clone(), d.clone()],
+        cluster.clone(),
+    );
+
+    let t = std::time::Instant::now();
+    ok(
+        "cold start",
+        &common::run(&saved_in, &["--cluster", &c, "start", "--accel", "tcg"]),
+    );
+    eprintln!("cold boot to ready: {:.1} s", t.elapsed().as_secs_f64());
+    let old_port = ssh_port(&saved_in, &c);
+    ok(
+        "save",
+        &common::run(
+            &saved_in,
+            &["--cluster", &c, "snapshot", "save", "ready", "--stop"],
+        ),
+    );
+    // The snapshot moves away from the directory it was saved in, which
+    // goes; what is left is read-only, as a store path is.
+    // (The one-node cluster's state lives in the `-one-node` sibling.)
+    let store = tmp.path().join("store-ready");
+    let saved_dir = tmp.path().join("saved-in-one-node");
+    fs::rename(saved_dir.join("snapshots/ready"), &store).unwrap();
+    fs::remove_dir_all(&saved_dir).unwrap();
+    read_only(&store);
+    let snap = store.to_str().unwrap().to_string();
+
+    // Two restores of it at once, each in its own directory.
+    let t = std::time::Instant::now();
+    let runs: Vec<_> = [&b, &d]
+        .map(|state| {
+            let (c, snap, state) = (c.clone(), snap.clone(), state.clone());
+            std::thread::spawn(move || {
+                let args = ["--cluster", &c, "start", "--from-snapshot", &snap];
+                common::run(&state, &args)
+            })
+        })
+        .into_iter()
+        .collect();
+    for r in runs {
+        ok("restore", &r.join().unwrap());
+    }
+    eprintln!(
+        "two restores side by side to ready: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let ports = [ssh_port(&b, &c), ssh_port(&d, &c)];
+    assert_ne!(ports[0], ports[1], "each restore has its own host ports");
+    eprintln!("ssh ports: saved {old_port}, restored {ports:?}");
+    for state in [&b, &d] {
+        let out = common::run(
+            state,
+            &[
+                "--cluster",
+                &c,
+                "ssh",
+                "solo",
+                "ip -4 -o addr; touch /root/mine",
+            ],
+        );
+        ok("exec", &out);
+        // The guest keeps its own address on the fabric.
+        assert!(String::from_utf8_lossy(&out.stdout).contains("10.78.0.10/"));
+    }
+    // Each restore writes its own disk: a file made in one is not in the other.
+    ok(
+        "own disk",
+        &common::run(
+            &b,
+            &["--cluster", &c, "ssh", "solo", "rm /root/mine && sync"],
+        ),
+    );
+    ok(
+        "other disk untouched",
+        &common::run(&d, &["--cluster", &c, "ssh", "solo", "test -e /root/mine"]),
+    );
+    for state in [&b, &d] {
+        ok(
+            "stop",
+            &common::run(state, &["--cluster", &c, "stop", "--grace", "5"]),
+        );
+    }
+    let needle = tmp.path().to_str().unwrap();
+    assert_eq!(common::qemu_pids_mentioning(needle), Vec::<i32>::new());
+    assert_eq!(
+        common::pids_mentioning("fabric-switch", needle),
+        Vec::<i32>::new()
+    );
+
+    // A directory without a manifest is refused before anything starts.
+    let out = common::run(&b, &["--cluster", &c, "start", "--from-snapshot", needle]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no manifest.json"));
+}
+
+/// `run` with the hermetic arguments of a Nix builder (images and host
+/// tools outside the store, allowed as impure).
+fn hermetic(state: &Path, cluster: &Path, images: &Path, out: &Path, extra: &[&str]) -> Output {
+    hermetic_lane(state, cluster, images, out, LAYERED, extra)
+}
+
+const LAYERED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/layered.toml");
+
+fn hermetic_lane(
+    state: &Path,
+    cluster: &Path,
+    images: &Path,
+    out: &Path,
+    lane: &str,
+    extra: &[&str],
+) -> Output {
+    let mut args = vec![
+        "--cluster",
+        cluster.to_str().unwrap(),
+        "run",
+        "--out",
+        out.to_str().unwrap(),
+        "--image-dir",
+        images.to_str().unwrap(),
+        "--accel",
+        "tcg",
+        "--lane-file",
+        lane,
+        "--allow-impure",
+        "/",
+    ];
+    args.extend_from_slice(extra);
+    common::run(state, &args)
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .unwrap()
+}
+
+/// The ready output, two layers run from it at once (one crashes its node
+/// on purpose), a third after, and the lane assembled from the three.
+#[test]
+fn layers_run_from_one_ready_output_and_assemble_into_the_lane() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    common::image_dir_with_cmdline(&images, "");
+    let cluster = common::one_node_cluster(tmp.path(), &images);
+    let ready = tmp.path().join("ready");
+    let t = std::time::Instant::now();
+    let out = hermetic(
+        &tmp.path().join("s-ready"),
+        &cluster,
+        &images,
+        &ready,
+        &["--ready"],
+    );
+    ok("run --ready", &out);
+    eprintln!("ready output: {:.1} s", t.elapsed().as_secs_f64());
+    for f in [
+        "manifest.json",
+        "boot.json",
+        "consoles/solo.log",
+        "solo/memory.bin",
+        "ssh/known_hosts",
+    ] {
+        assert!(ready.join(f).is_file(), "{f} in the ready output");
+    }
+    read_only(&ready);
+
+    let layer = |name: &'static str| {
+        let (c, i, r) = (cluster.clone(), images.clone(), ready.clone());
+        let (state, out) = (tmp.path().join(format!("s-{name}")), tmp.path().join(name));
+        std::thread::spawn(move || {
+            let t = std::time::Instant::now();
+            let o = hermetic(
+                &state,
+                &c,
+                &i,
+                &out,
+                &[
+                    "--from-ready",
+                    r.to_str().unwrap(),
+                    "--layer",
+                    name,
+                    "--keep-failed",
+                ],
+            );
+            eprintln!("layer {name}: {:.1} s", t.elapsed().as_secs_f64());
+            (o, out)
+        })
+    };
+    let (crash, still) = (layer("crash"), layer("still-up"));
+    let (crash, still) = (crash.join().unwrap(), still.join().unwrap());
+    let boot = layer("boot").join().unwrap();
+    for (o, _) in [&crash, &still, &boot] {
+        ok("a layer keeps its output (--keep-failed)", o);
+    }
+    let r = json(&crash.1.join("result.json"));
+    // Its node is gone: an error (node_gone), with the panic in the evidence.
+    assert_eq!(r["status"], "error", "{}", r["layers"]);
+    assert_eq!(r["error_kind"], "node_gone");
+    assert_eq!(r["boot"]["mode"], "warm");
+    assert!(crash.1.join("nix-support/failed").exists());
+    assert_eq!(json(&still.1.join("result.json"))["status"], "pass");
+    assert_eq!(json(&boot.1.join("result.json"))["status"], "pass");
+
+    // An unknown layer is refused before anything starts.
+    let out = hermetic(
+        &tmp.path().join("s-x"),
+        &cluster,
+        &images,
+        &tmp.path().join("x"),
+        &["--from-ready", ready.to_str().unwrap(), "--layer", "nope"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("its layers: boot, crash, still-up"));
+
+    let lane = tmp.path().join("lane");
+    let dirs = [&boot.1, &crash.1, &still.1].map(|d| d.to_str().unwrap().to_string());
+    let mut args = vec!["run", "--out", lane.to_str().unwrap()];
+    for d in &dirs {
+        args.extend(["--assemble", d.as_str()]);
+    }
+    let out = common::run(&tmp.path().join("s-lane"), &args);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "the lane ends in error: one layer did"
+    );
+    let r = json(&lane.join("result.json"));
+    let layers: Vec<&str> = r["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        layers,
+        [
+            "boot",
+            "health:boot",
+            "crash",
+            "health:crash",
+            "still-up",
+            "health:still-up"
+        ]
+    );
+    assert_eq!(common::check(&r, "hostname@solo")["outcome"], "pass");
+    assert_eq!(common::check(&r, "panic@solo")["outcome"], "fail");
+    let assemble = r["steps"].as_array().unwrap().last().unwrap();
+    assert!(
+        assemble["message"]
+            .as_str()
+            .unwrap()
+            .contains("first failed: crash"),
+        "{assemble}"
+    );
+    assert!(lane.join("junit.xml").is_file() && lane.join("report.html").is_file());
+    assert!(lane.join("layers/crash/nodes/solo/vm.log").is_file());
+    assert!(lane.join("nix-support/hydra-build-products").is_file());
+    let needle = tmp.path().to_str().unwrap();
+    assert_eq!(common::qemu_pids_mentioning(needle), Vec::<i32>::new());
+}
+
+/// `after`: a layer continues from an earlier layer's saved end state, as
+/// mkLayeredCheck wires it (`--save-end`, then `--from-ready <out>/end`);
+/// a layer without `after` still starts from the ready cluster.
+#[test]
+fn a_layer_after_another_continues_from_its_end_state() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    common::image_dir_with_cmdline(&images, "");
+    let cluster = common::one_node_cluster(tmp.path(), &images);
+    let lane = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/layered-after.toml"
+    );
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let state = tmp.path().join(format!("s-{name}"));
+        let o = hermetic_lane(&state, &cluster, &images, &out, lane, extra);
+        (o, out)
+    };
+    let (o, ready) = run("ready", &["--ready"]);
+    ok("ready", &o);
+    read_only(&ready);
+    let r = ready.to_str().unwrap().to_string();
+    let (o, mark) = run(
+        "mark",
+        &["--from-ready", &r, "--layer", "mark", "--save-end"],
+    );
+    ok("mark", &o);
+    assert!(mark.join("end/manifest.json").is_file());
+    let end = mark.join("end").to_str().unwrap().to_string();
+    let (o, continued) = run("continued", &["--from-ready", &end, "--layer", "continued"]);
+    ok("continued", &o);
+    let (o, fresh) = run("fresh", &["--from-ready", &r, "--layer", "fresh"]);
+    ok("fresh", &o);
+    for d in [&mark, &continued, &fresh] {
+        assert_eq!(
+            json(&d.join("result.json"))["status"],
+            "pass",
+            "{}",
+            d.display()
+        );
+    }
+    let needle = tmp.path().to_str().unwrap();
+    assert_eq!(common::qemu_pids_mentioning(needle), Vec::<i32>::new());
+}
