@@ -125,7 +125,7 @@ struct Done<'a> {
 /// run restores it, the first one too).
 fn save(cluster: &Cluster, state: &StateDir, record: &RunningCluster) -> Result<String> {
     let key = snapshot::key(cluster, &record.image)?;
-    let machines = crate::bench::running_machines(record)?;
+    let machines = crate::bench::running_machines(record, state.root.as_str())?;
     let m = snapshot::save(
         state,
         record,

@@ -592,6 +592,7 @@ impl RerunArgs {
             grace: Duration::from_secs(1),
             json: self.json,
             publish: None,
+            save_end: None,
         };
         Ok(crate::rerun::RerunOptions {
             lane,
