@@ -1361,10 +1361,10 @@ fn s10_lanes_broken_on_purpose() {
 }
 
 #[test]
-fn s11_rerun_three_times_from_the_snapshot() {
+fn s11_rerun_five_times_from_the_snapshot() {
     let state = ready_cluster();
     let _stop = StopOnPanic(state.clone());
-    rerun_three_times(&state);
+    rerun_five_times(&state);
 }
 
 #[test]
@@ -1394,12 +1394,12 @@ fn s15_compare_two_real_runs() {
     compare_two_real_runs();
 }
 
-/// `rerun --times 3` of the smoke lane on the shared cluster, each run from
+/// `rerun --times 5` of the smoke lane on the shared cluster, each run from
 /// the `default` snapshot: every check passes every time, each run keeps
 /// its own artifacts, report.html has the rerun section, the cluster is
 /// left running (restored), and no check changed outcome between the first
 /// and the last run.
-fn rerun_three_times(state: &Path) {
+fn rerun_five_times(state: &Path) {
     let root = artifacts_dir().join("rerun");
     let _ = std::fs::remove_dir_all(&root);
     let t = Instant::now();
@@ -1408,7 +1408,7 @@ fn rerun_three_times(state: &Path) {
         &[
             "rerun",
             "--times",
-            "3",
+            "5",
             "--snapshot",
             "default",
             "--artifacts",
@@ -1416,9 +1416,16 @@ fn rerun_three_times(state: &Path) {
             "--json",
         ],
     );
-    eprintln!("rerun --times 3: {:.1} s", t.elapsed().as_secs_f64());
+    eprintln!("rerun --times 5: {:.1} s", t.elapsed().as_secs_f64());
     let doc: Value = serde_json::from_slice(&out.stdout).expect("rerun --json");
     let checks = doc["rerun"]["checks"].as_array().unwrap();
+    // The pass rate of every check over the five runs, for the record.
+    for c in checks {
+        eprintln!(
+            "rerun: {} {} pass rate {}",
+            c["id"], c["verdict"], c["pass_rate"]
+        );
+    }
     let not_passing: Vec<&Value> = checks
         .iter()
         .filter(|c| !["pass", "skipped", "degraded"].contains(&c["verdict"].as_str().unwrap_or("")))
@@ -1430,7 +1437,7 @@ fn rerun_three_times(state: &Path) {
     );
     assert_eq!(doc["command"], "rerun");
     let runs = doc["rerun"]["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 3, "{runs:?}");
+    assert_eq!(runs.len(), 5, "{runs:?}");
     for c in checks {
         if c["verdict"] == "pass" {
             assert_eq!(c["pass_rate"], 1.0, "{c}");
@@ -1452,7 +1459,7 @@ fn rerun_three_times(state: &Path) {
     // The first and the last run: no check changed its outcome (single
     // figures may move with the host's load; they are reported, not judged
     // here).
-    let (first, last) = (dir.join("run-1"), dir.join("run-3"));
+    let (first, last) = (dir.join("run-1"), dir.join("run-5"));
     let out = common::bin()
         .args([
             "compare",
