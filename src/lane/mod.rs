@@ -488,6 +488,27 @@ mod tests {
     }
 
     #[test]
+    fn a_kind_shaped_for_targets_refuses_a_check_without_them() {
+        let lane = |kind: &str, fields: &str| {
+            format!(
+                "[lane]\nname = \"t\"\n[[layer]]\nname = \"one\"\n[[layer.check]]\nname = \"c\"\nkind = \"{kind}\"\n{fields}\n"
+            )
+        };
+        let file = Path::new("t.toml");
+        // exec is a PROBE: it runs on targets, so a check without them is refused.
+        let e = parse(file, &lane("exec", "command = \"true\""), &reference()).unwrap_err();
+        assert!(
+            e.to_string().contains("a exec check needs `targets`"),
+            "{e}"
+        );
+        // image is a CLUSTER_PROBE: it runs once, without a target.
+        let ok = parse(file, &lane("image", ""), &reference()).unwrap();
+        let c = ok.checks().next().unwrap();
+        assert_eq!((c.id.as_str(), c.target.as_deref()), ("c", None));
+        assert!(c.shape.retried && !c.shape.on_targets);
+    }
+
+    #[test]
     fn targets_expand_roles_and_fill_placeholders() {
         let text = r#"
 [lane]
