@@ -219,11 +219,16 @@ impl Guest {
             .map_err(|_| anyhow!("session poisoned"))?;
         let conn = &mut *conn;
         conn.session.set_timeout(deadline.as_millis().max(1) as u32);
+        let until = std::time::Instant::now() + deadline;
+        // Work that began before Ctrl-C or --timeout ends with them; what
+        // runs after them (a teardown, the evidence) keeps its own deadline.
+        let stoppable = !crate::interrupted();
         let mut run = || -> Result<ExecOutput, Source> {
             if conn.shell.is_none() {
                 conn.shell = Some(shell::Shell::open(&conn.session)?);
             }
-            let out = conn.shell.as_mut().expect("opened").run(command)?;
+            let shell = conn.shell.as_mut().expect("opened");
+            let out = shell.run(&conn.session, command, until, stoppable)?;
             Ok(ExecOutput {
                 code: out.code,
                 stdout: out.stdout,
@@ -248,6 +253,11 @@ impl Guest {
         }
         if result.is_err() {
             conn.shell = None;
+        }
+        if let Err(e) = &result
+            && e.is::<shell::Stopped>()
+        {
+            return Err(crate::stop_error());
         }
         Ok(result.map_err(|source| GuestError::Transport {
             node: self.endpoint.node.clone(),

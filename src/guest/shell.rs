@@ -10,6 +10,7 @@
 //! The tag is unique per command, so no output can fake the frame.
 
 use std::io::{Read, Write};
+use std::time::Instant;
 
 type Source = Box<dyn std::error::Error + Send + Sync>;
 
@@ -41,21 +42,33 @@ impl Shell {
         })
     }
 
-    /// Runs one command; reads are bounded by the session's timeout.
-    pub fn run(&mut self, command: &str) -> Result<Framed, Source> {
+    /// Runs one command, reading its output until `until`. The write is
+    /// bounded by the session's timeout as the caller set it; the reads
+    /// wait in slices of [`crate::wait::SLICE`], so that Ctrl-C and the
+    /// global `--timeout` end a command that was `stoppable` (one that
+    /// began before them: work in progress, not a teardown or the evidence
+    /// collected after them) within a slice, with the stop error.
+    pub fn run(
+        &mut self,
+        session: &ssh2::Session,
+        command: &str,
+        until: Instant,
+        stoppable: bool,
+    ) -> Result<Framed, Source> {
         self.seq += 1;
         let tag = format!("pc{}x{}", std::process::id(), self.seq);
         self.channel.write_all(script(command, &tag).as_bytes())?;
         self.channel.flush()?;
+        session.set_timeout(crate::wait::SLICE.as_millis() as u32);
         let head = format!("\n\x01{tag} ");
         let (at, end, code, len) = loop {
             if let Some(found) = frame(&self.buf, head.as_bytes()) {
                 break found;
             }
-            self.fill()?;
+            self.fill(until, stoppable)?;
         };
         while self.buf.len() < end + len {
-            self.fill()?;
+            self.fill(until, stoppable)?;
         }
         let stdout = String::from_utf8_lossy(&self.buf[..at]).to_string();
         let stderr = String::from_utf8_lossy(&self.buf[end..end + len]).to_string();
@@ -67,16 +80,44 @@ impl Shell {
         })
     }
 
-    fn fill(&mut self) -> Result<(), Source> {
+    /// Reads what the shell has sent, waiting a slice at a time until
+    /// `until` (or a stop, for a stoppable command).
+    fn fill(&mut self, until: Instant, stoppable: bool) -> Result<(), Source> {
         let mut chunk = [0u8; 16384];
-        let n = self.channel.read(&mut chunk)?;
-        if n == 0 {
-            return Err("the node's shell exited".into());
+        loop {
+            match self.channel.read(&mut chunk) {
+                Ok(0) => return Err("the node's shell exited".into()),
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    return Ok(());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    if stoppable && crate::interrupted() {
+                        return Err(Box::new(Stopped));
+                    }
+                    if Instant::now() >= until {
+                        return Err(e.into());
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
-        self.buf.extend_from_slice(&chunk[..n]);
-        Ok(())
     }
 }
+
+/// A command ended early by Ctrl-C or the global `--timeout`.
+#[derive(Debug)]
+pub struct Stopped;
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stopped by Ctrl-C or --timeout")
+    }
+}
+
+impl std::error::Error for Stopped {}
+
+impl Shell {}
 
 /// The text written to the shell for one command.
 fn script(command: &str, tag: &str) -> String {
