@@ -1375,10 +1375,10 @@ fn s10_lanes_broken_on_purpose() {
 }
 
 #[test]
-fn s11_rerun_five_times_from_the_snapshot() {
+fn s11_rerun_three_times_from_the_snapshot() {
     let state = ready_cluster();
     let _stop = StopOnPanic(state.clone());
-    rerun_five_times(&state);
+    rerun_three_times(&state);
 }
 
 #[test]
@@ -1408,12 +1408,12 @@ fn s15_compare_two_real_runs() {
     compare_two_real_runs();
 }
 
-/// `rerun --times 5` of the smoke lane on the shared cluster, each run from
+/// `rerun --times 3` of the smoke lane on the shared cluster, each run from
 /// the `default` snapshot: every check passes every time, each run keeps
 /// its own artifacts, report.html has the rerun section, the cluster is
 /// left running (restored), and no check changed outcome between the first
 /// and the last run.
-fn rerun_five_times(state: &Path) {
+fn rerun_three_times(state: &Path) {
     let root = artifacts_dir().join("rerun");
     let _ = std::fs::remove_dir_all(&root);
     let t = Instant::now();
@@ -1422,7 +1422,7 @@ fn rerun_five_times(state: &Path) {
         &[
             "rerun",
             "--times",
-            "5",
+            "3",
             "--snapshot",
             "default",
             "--artifacts",
@@ -1430,10 +1430,10 @@ fn rerun_five_times(state: &Path) {
             "--json",
         ],
     );
-    eprintln!("rerun --times 5: {:.1} s", t.elapsed().as_secs_f64());
+    eprintln!("rerun --times 3: {:.1} s", t.elapsed().as_secs_f64());
     let doc: Value = serde_json::from_slice(&out.stdout).expect("rerun --json");
     let checks = doc["rerun"]["checks"].as_array().unwrap();
-    // The pass rate of every check over the five runs, for the record.
+    // The pass rate of every check over the runs, for the record.
     for c in checks {
         eprintln!(
             "rerun: {} {} pass rate {}",
@@ -1451,7 +1451,7 @@ fn rerun_five_times(state: &Path) {
     );
     assert_eq!(doc["command"], "rerun");
     let runs = doc["rerun"]["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 5, "{runs:?}");
+    assert_eq!(runs.len(), 3, "{runs:?}");
     for c in checks {
         if c["verdict"] == "pass" {
             assert_eq!(c["pass_rate"], 1.0, "{c}");
@@ -1473,7 +1473,7 @@ fn rerun_five_times(state: &Path) {
     // The first and the last run: no check changed its outcome (single
     // figures may move with the host's load; they are reported, not judged
     // here).
-    let (first, last) = (dir.join("run-1"), dir.join("run-5"));
+    let (first, last) = (dir.join("run-1"), dir.join("run-3"));
     let out = common::bin()
         .args([
             "compare",
