@@ -200,6 +200,9 @@ fn check_stats(id: &str, layer: &str, runs: &[(String, RunReport)]) -> CheckStat
         _ if flaky > 0 => Outcome::Flaky,
         (true, true) => Outcome::Flaky,
         (false, true) => Outcome::Fail,
+        // Degraded (a nested guest under TCG) is no failure, but it is
+        // never reported as a pass either.
+        (true, false) if count(&|o| o == Outcome::Degraded) > 0 => Outcome::Degraded,
         (true, false) => Outcome::Pass,
         (false, false) => Outcome::Skipped,
     };
@@ -446,6 +449,22 @@ mod tests {
         assert_eq!(exit_code(&r), 0);
         let s = &r.rerun.as_ref().unwrap().checks[1];
         assert_eq!((s.verdict, s.skipped, s.pass_rate), (Skipped, 2, 0.0));
+        let runs: Vec<_> = (1..=2)
+            .map(|i| {
+                (
+                    format!("run-{i}"),
+                    run(&[("d", Degraded, 1.0)], S::Degraded),
+                )
+            })
+            .collect();
+        let mut r = summarize(runs[0].1.clone(), 2, "s", &runs);
+        r.finish(std::time::Instant::now(), None);
+        let d = &r.rerun.as_ref().unwrap().checks[0];
+        assert_eq!(
+            (d.verdict, d.pass_rate),
+            (Degraded, 1.0),
+            "degraded is never a pass"
+        );
         let runs: Vec<_> = (1..=2)
             .map(|i| (format!("run-{i}"), run(&[("a", Fail, 1.0)], S::Fail)))
             .collect();
