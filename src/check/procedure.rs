@@ -156,10 +156,7 @@ impl<'a> Procedure<'a> {
         node: Option<&str>,
         command: &str,
     ) -> Result<String> {
-        match self.exec(id, label, node, command)? {
-            (true, out, _) => Ok(out),
-            (false, out, _) => bail!("{label} failed: {}", last_line(&out)),
-        }
+        Ok(self.succeeded(id, label, node, command)?.0)
     }
 
     /// Like [`Procedure::must`], but returns stdout alone (for a listing
@@ -171,8 +168,19 @@ impl<'a> Procedure<'a> {
         node: Option<&str>,
         command: &str,
     ) -> Result<String> {
+        Ok(self.succeeded(id, label, node, command)?.1)
+    }
+
+    /// A step that must exit 0: its whole output and its stdout.
+    fn succeeded(
+        &mut self,
+        id: &str,
+        label: &str,
+        node: Option<&str>,
+        command: &str,
+    ) -> Result<(String, String)> {
         match self.exec(id, label, node, command)? {
-            (true, _, stdout) => Ok(stdout),
+            (true, out, stdout) => Ok((out, stdout)),
             (false, out, _) => bail!("{label} failed: {}", last_line(&out)),
         }
     }
