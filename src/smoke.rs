@@ -250,6 +250,14 @@ fn check_cluster(
 /// cluster booted cold has none: the lane then runs again as it is, and
 /// the note says so.
 fn reset(cluster: &Cluster, state: &StateDir, record: &RunningCluster) -> Result<String> {
+    // A restore now chooses its host ports afresh, and this lane's sessions
+    // and record still name the old ones (the engine cannot swap the record
+    // it runs with): until it can, a flaky check's rerun runs in place.
+    // `rerun` restores between whole runs, in new processes, and is not
+    // affected.
+    if record.restored_from.is_some() {
+        return Ok("ran again in place (a restore inside a lane run would move the host ports its sessions use)".into());
+    }
     let Some(name) = &record.restored_from else {
         return Ok(
             "no snapshot to restore (the cluster was booted cold): ran again in place".into(),
