@@ -296,14 +296,8 @@ fn layers_run_from_one_ready_output_and_assemble_into_the_lane() {
         "the lane ends in error: one layer did"
     );
     let r = json(&lane.join("result.json"));
-    let layers: Vec<&str> = r["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["name"].as_str().unwrap())
-        .collect();
     assert_eq!(
-        layers,
+        common::layer_names(&r),
         [
             "boot",
             "health:boot",

@@ -118,14 +118,8 @@ fn the_layered_lane_builds_the_ready_cluster_once_and_rebuilds_one_changed_layer
     );
     let out_dir = path.unwrap();
     let r = json(&out_dir.join("result.json"));
-    let layers: Vec<&str> = r["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["name"].as_str().unwrap())
-        .collect();
     assert_eq!(
-        layers,
+        common::layer_names(&r),
         [
             "boot",
             "health:boot",

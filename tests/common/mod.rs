@@ -294,3 +294,13 @@ pub fn run_until(state: &Path, args: &[&str], code: i32, within: std::time::Dura
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
 }
+
+/// The names of a result.json's layers, in order.
+pub fn layer_names(result: &serde_json::Value) -> Vec<&str> {
+    result["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect()
+}
