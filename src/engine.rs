@@ -20,8 +20,10 @@
 //! whatever the check's kind.
 
 use crate::check::{Ctx, Outcome, Verdict};
+use crate::guest::GuestPool;
 use crate::lane::{Lane, PlannedCheck};
 use crate::progress::Progress;
+use crate::state::RunningCluster;
 use crate::wait::Pause;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -29,8 +31,16 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 /// Brings the cluster back to its snapshot before a flaky check's rerun;
-/// says what it did.
-pub type Reset<'a> = &'a (dyn Fn() -> anyhow::Result<String> + Sync);
+/// says what it did, with the restored cluster's record when the guests
+/// were replaced (new processes, host ports and sessions: the engine runs
+/// on from that record), or none when the lane ran again in place.
+pub type Reset<'a> = &'a (dyn Fn() -> anyhow::Result<Restored> + Sync);
+
+/// What a reset did.
+pub struct Restored {
+    pub note: String,
+    pub record: Option<RunningCluster>,
+}
 
 /// How a lane runs.
 #[derive(Clone, Copy)]
@@ -150,13 +160,33 @@ impl LayerResult {
 }
 
 /// Runs every layer of `lane`. Never fails: a check that errors is a
-/// failed check with the error as its message.
-pub fn run(lane: &Lane, ctx: &Ctx, opts: RunOptions, lane_start: Instant) -> Vec<LayerResult> {
+/// failed check with the error as its message. Returns the layers, and the
+/// cluster's record when a flaky check's reset replaced the guests (the
+/// caller's record then names processes and ports that are gone).
+pub fn run(
+    lane: &Lane,
+    ctx: &Ctx,
+    opts: RunOptions,
+    lane_start: Instant,
+) -> (Vec<LayerResult>, Option<RunningCluster>) {
     let mut earlier: BTreeMap<String, FlakyRecord> = BTreeMap::new();
+    let mut replaced: Option<(RunningCluster, GuestPool)> = None;
     loop {
-        match run_once(lane, ctx, opts, lane_start, &mut earlier) {
-            Pass::Done(layers) => return layers,
-            Pass::Again => continue,
+        let current = match &replaced {
+            Some((record, guests)) => Ctx {
+                record,
+                guests,
+                ..*ctx
+            },
+            None => *ctx,
+        };
+        match run_once(lane, &current, opts, lane_start, &mut earlier) {
+            Pass::Done(layers) => return (layers, replaced.map(|(r, _)| r)),
+            Pass::Again(Some(record)) => {
+                let guests = GuestPool::new(&record);
+                replaced = Some((record, guests));
+            }
+            Pass::Again(None) => {}
         }
     }
 }
@@ -165,8 +195,9 @@ pub fn run(lane: &Lane, ctx: &Ctx, opts: RunOptions, lane_start: Instant) -> Vec
 enum Pass {
     Done(Vec<LayerResult>),
     /// The cluster was reset to its snapshot for a flaky check: run the
-    /// lane again from its first layer.
-    Again,
+    /// lane again from its first layer, on the restored cluster if the
+    /// guests were replaced.
+    Again(Option<RunningCluster>),
 }
 
 /// One pass over the layers; `earlier` keeps the failures of marked checks
@@ -193,8 +224,10 @@ fn run_once(
             tracing::info!("== layer {}: {} checks", layer.name, layer.checks.len());
             run_layer(&layer.checks, ctx, opts, lane_start)
         };
-        if blocked.is_none() && retry_from_snapshot(&layer.checks, &results, ctx, opts, earlier) {
-            return Pass::Again;
+        if blocked.is_none()
+            && let Some(restored) = retry_from_snapshot(&layer.checks, &results, ctx, opts, earlier)
+        {
+            return Pass::Again(restored);
         }
         for r in &mut results {
             judge_marked(r, earlier);
@@ -224,18 +257,17 @@ fn run_once(
 }
 
 /// Whether the layer's failures are all marked flaky with reruns left; if
-/// so, records them, resets the cluster to its snapshot, and says yes.
-/// An unmarked failure fails the layer whatever a rerun would do.
+/// so, records them, resets the cluster to its snapshot, and says yes
+/// (with the restored cluster's record, if the guests were replaced). An
+/// unmarked failure fails the layer whatever a rerun would do.
 fn retry_from_snapshot(
     planned: &[PlannedCheck],
     results: &[CheckResult],
     ctx: &Ctx,
     opts: RunOptions,
     earlier: &mut BTreeMap<String, FlakyRecord>,
-) -> bool {
-    let Some(reset) = opts.reset else {
-        return false;
-    };
+) -> Option<Option<RunningCluster>> {
+    let reset = opts.reset?;
     let failed: Vec<(&CheckResult, &PlannedCheck)> = results
         .iter()
         .filter(|r| r.outcome == Outcome::Fail)
@@ -248,7 +280,7 @@ fn retry_from_snapshot(
         })
     };
     if failed.is_empty() || !failed.iter().all(retriable) || (opts.interrupted)() {
-        return false;
+        return None;
     }
     tracing::warn!(
         "flaky check(s) {} failed: back to the snapshot, the lane runs again",
@@ -258,11 +290,10 @@ fn retry_from_snapshot(
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let note = match reset() {
-        Ok(note) => note,
-        Err(e) => format!("reset failed: {e:#}"),
+    let (note, restored) = match reset() {
+        Ok(done) => (done.note, Ok(done.record)),
+        Err(e) => (format!("reset failed: {e:#}"), Err(())),
     };
-    let reset_ok = !note.starts_with("reset failed");
     for (r, p) in &failed {
         let mark = p.flaky.as_ref().expect("only marked checks are retried");
         let rec = earlier.entry(r.id.clone()).or_insert_with(|| FlakyRecord {
@@ -278,11 +309,11 @@ fn retry_from_snapshot(
         });
         rec.resets.push(note.clone());
     }
-    // The guests were restored: every kept session is gone.
+    // The guests were reset: every kept session is gone.
     for node in ctx.record.nodes.keys() {
         ctx.guests.forget(node);
     }
-    reset_ok
+    restored.ok()
 }
 
 /// A marked check's result after its reruns: a pass that followed failures
@@ -578,7 +609,7 @@ mod tests {
             current_image: None,
             artifacts: None,
         };
-        run(lane, &ctx, opts, Instant::now())
+        run(lane, &ctx, opts, Instant::now()).0
     }
 
     #[test]
@@ -744,7 +775,7 @@ mod tests {
         let check = Arc::new(Scripted::new(0, Outcome::Pass));
         let mut c = planned("dns", check.clone(), 60_000);
         c.target = Some("node04".into());
-        let layers = run(
+        let (layers, _) = run(
             &lane(vec![vec![c]]),
             &ctx,
             fast(false, never),
@@ -775,9 +806,12 @@ mod tests {
     }
 
     static RESETS: AtomicU32 = AtomicU32::new(0);
-    fn counting_reset() -> anyhow::Result<String> {
+    fn counting_reset() -> anyhow::Result<Restored> {
         RESETS.fetch_add(1, Ordering::SeqCst);
-        Ok("restored".into())
+        Ok(Restored {
+            note: "restored".into(),
+            record: None,
+        })
     }
 
     /// Runs once, failing its first `fail_first` runs (each run one attempt).
@@ -811,6 +845,57 @@ mod tests {
         assert_eq!(rec.failures[0].message, "attempt 0 failed");
         assert_eq!(rec.resets, ["restored"]);
         assert!(r.message.contains("flaky"), "{}", r.message);
+    }
+
+    /// Fails until it runs on the cluster record named "restored".
+    #[derive(Debug)]
+    struct NeedsRestored(std::sync::Mutex<Vec<String>>);
+
+    impl Check for NeedsRestored {
+        fn attempt(&self, ctx: &Ctx, _: Option<&str>, _: Duration) -> anyhow::Result<Verdict> {
+            self.0.lock().unwrap().push(ctx.record.name.clone());
+            Ok(match ctx.record.name.as_str() {
+                "restored" => Verdict::pass("on the restored cluster", json!({})),
+                other => Verdict::fail(format!("on {other}"), json!({})),
+            })
+        }
+    }
+
+    fn replacing_reset() -> anyhow::Result<Restored> {
+        let mut record = record();
+        record.name = "restored".into();
+        Ok(Restored {
+            note: "restored snapshot".into(),
+            record: Some(record),
+        })
+    }
+
+    #[test]
+    fn after_a_reset_that_replaced_the_guests_the_lane_runs_on_the_new_record() {
+        let check = Arc::new(NeedsRestored(Default::default()));
+        let mut p = planned("flaky", once(0), 1000);
+        p.check = check.clone();
+        p.flaky = Some(crate::lane::FlakyMark {
+            reason: "known race".into(),
+            reruns: 1,
+        });
+        let l = lane(vec![vec![p]]);
+        let mut opts = fast(false, never);
+        opts.reset = Some(&replacing_reset);
+        let cluster = Cluster::profile("reference").unwrap();
+        let first = record();
+        let pool = GuestPool::new(&first);
+        let ctx = Ctx {
+            cluster: &cluster,
+            record: &first,
+            guests: &pool,
+            current_image: None,
+            artifacts: None,
+        };
+        let (layers, last) = run(&l, &ctx, opts, Instant::now());
+        assert_eq!(*check.0.lock().unwrap(), ["t", "restored"]);
+        assert_eq!(layers[0].checks[0].outcome, Outcome::Flaky);
+        assert_eq!(last.map(|r| r.name).as_deref(), Some("restored"));
     }
 
     #[test]

@@ -216,7 +216,8 @@ fn check_cluster(
             .map(|(name, n)| format!("{name} (pid {})", n.pid_now()))
             .collect()
     };
-    let pool = GuestPool::new(record);
+    let mut pool = GuestPool::new(record);
+    let mut replaced = None;
     let gone = dead(record);
     if gone.is_empty() {
         // The image the recipe builds now, for the image check: resolved
@@ -231,8 +232,15 @@ fn check_cluster(
         };
         let reset = || reset(cluster, state, record);
         let run = engine::RunOptions::new(opts.keep_going, Some(&reset));
-        rep.layers = engine::run(&opts.lane, &ctx, run, started);
+        (rep.layers, replaced) = engine::run(&opts.lane, &ctx, run, started);
     }
+    // A flaky check's reset replaced the guests: what follows reads the
+    // cluster that runs now (the report keeps describing the boot the lane
+    // began on; each reset's note says what replaced it).
+    if let Some(r) = &replaced {
+        pool = GuestPool::new(r);
+    }
+    let record = replaced.as_ref().unwrap_or(record);
     rep.fabric = crate::fault::fabric_status(record).ok();
     let t = Instant::now();
     rep.findings = evidence::collect(dir, state, Some(record), Some(&pool), &nodes);
@@ -246,22 +254,15 @@ fn check_cluster(
 }
 
 /// Before a flaky check's rerun: stops the cluster and restores the
-/// snapshot it was started from (same ports, keys and disks as saved). A
-/// cluster booted cold has none: the lane then runs again as it is, and
-/// the note says so.
-fn reset(cluster: &Cluster, state: &StateDir, record: &RunningCluster) -> Result<String> {
-    // A restore now chooses its host ports afresh, and this lane's sessions
-    // and record still name the old ones (the engine cannot swap the record
-    // it runs with): until it can, a flaky check's rerun runs in place.
-    // `rerun` restores between whole runs, in new processes, and is not
-    // affected.
-    if record.restored_from.is_some() {
-        return Ok("ran again in place (a restore inside a lane run would move the host ports its sessions use)".into());
-    }
+/// snapshot it was started from (its disks, memory and keys as saved, on
+/// host ports chosen afresh). A cluster booted cold has none: the lane
+/// then runs again as it is, and the note says so.
+fn reset(cluster: &Cluster, state: &StateDir, record: &RunningCluster) -> Result<engine::Restored> {
     let Some(name) = &record.restored_from else {
-        return Ok(
-            "no snapshot to restore (the cluster was booted cold): ran again in place".into(),
-        );
+        return Ok(engine::Restored {
+            note: "no snapshot to restore (the cluster was booted cold): ran again in place".into(),
+            record: None,
+        });
     };
     let t = Instant::now();
     // A `fresh-*` run owns its guests (and stops them at its end): so does
@@ -278,11 +279,14 @@ fn reset(cluster: &Cluster, state: &StateDir, record: &RunningCluster) -> Result
         keep_owner: mine.is_some(),
         fabric,
     };
-    restore(cluster, state, &to)?;
-    Ok(format!(
-        "restored snapshot {name:?} in {:.1} s",
-        t.elapsed().as_secs_f64()
-    ))
+    let restored = restore(cluster, state, &to)?;
+    Ok(engine::Restored {
+        note: format!(
+            "restored snapshot {name:?} in {:.1} s",
+            t.elapsed().as_secs_f64()
+        ),
+        record: Some(restored),
+    })
 }
 
 /// Which snapshot to restore, and how the restored cluster is owned.

@@ -249,7 +249,7 @@ fn rerun_finds_a_check_that_fails_every_other_time_flaky_and_a_mark_turns_it_fla
         even["flaky"]["resets"][0]
             .as_str()
             .unwrap()
-            .starts_with("ran again in place"),
+            .starts_with("restored snapshot \"rerun\""),
         "{even}"
     );
     let junit = std::fs::read_to_string(run.join("junit.xml")).unwrap();

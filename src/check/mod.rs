@@ -266,6 +266,7 @@ impl Verdict {
 /// What every check can reach: the cluster's definition and its running
 /// record, SSH sessions to its nodes, and the image the current recipe
 /// builds (resolved once, before the lane runs).
+#[derive(Clone, Copy)]
 pub struct Ctx<'a> {
     pub cluster: &'a Cluster,
     pub record: &'a RunningCluster,
