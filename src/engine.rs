@@ -184,7 +184,7 @@ pub fn run(
             Pass::Done(layers) => return (layers, replaced.map(|(r, _)| r)),
             Pass::Again(Some(record)) => {
                 let guests = GuestPool::new(&record);
-                replaced = Some((record, guests));
+                replaced = Some((*record, guests));
             }
             Pass::Again(None) => {}
         }
@@ -197,7 +197,7 @@ enum Pass {
     /// The cluster was reset to its snapshot for a flaky check: run the
     /// lane again from its first layer, on the restored cluster if the
     /// guests were replaced.
-    Again(Option<RunningCluster>),
+    Again(Option<Box<RunningCluster>>),
 }
 
 /// One pass over the layers; `earlier` keeps the failures of marked checks
@@ -266,7 +266,7 @@ fn retry_from_snapshot(
     ctx: &Ctx,
     opts: RunOptions,
     earlier: &mut BTreeMap<String, FlakyRecord>,
-) -> Option<Option<RunningCluster>> {
+) -> Option<Option<Box<RunningCluster>>> {
     let reset = opts.reset?;
     let failed: Vec<(&CheckResult, &PlannedCheck)> = results
         .iter()
@@ -291,7 +291,7 @@ fn retry_from_snapshot(
             .join(", ")
     );
     let (note, restored) = match reset() {
-        Ok(done) => (done.note, Ok(done.record)),
+        Ok(done) => (done.note, Ok(done.record.map(Box::new))),
         Err(e) => (format!("reset failed: {e:#}"), Err(())),
     };
     for (r, p) in &failed {
