@@ -22,280 +22,345 @@ pub fn run(cli: Cli) -> Result<i32> {
     if let Some(secs) = cli.timeout {
         crate::arm_timeout(Duration::from_secs(secs));
     }
-    // Commands that need no cluster definition.
-    match &cli.command {
-        Cmd::FabricSwitch { config } => {
-            let text = std::fs::read_to_string(config)?;
-            crate::fabric::switch::serve(serde_json::from_str(&text)?)?;
-            return Ok(0);
-        }
-        Cmd::Report { dir } => {
-            let written = crate::report::rerender(dir)?;
-            for f in written {
-                println!("{}", f.display());
-            }
-            return Ok(0);
-        }
-        Cmd::Compare { old, new, json } => {
-            let c = crate::compare::compare_paths(old, new)?;
-            if *json {
-                println!("{}", serde_json::to_string_pretty(&c)?);
-            } else {
-                print!("{}", crate::compare::render(&c));
-            }
-            return Ok(c.exit_code.into());
-        }
-        Cmd::Completions { shell } => {
-            let shells = clap_complete::env::Shells::builtins();
-            let shell = shells
-                .completer(shell)
-                .expect("clap checked the shell name");
-            let name = "photon-cluster";
-            shell.write_registration("COMPLETE", name, name, name, &mut std::io::stdout())?;
-            return Ok(0);
-        }
-        Cmd::Man => {
-            let man = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
-            man.render(&mut std::io::stdout())?;
-            return Ok(0);
-        }
-        Cmd::Check { json: true } => return check_json(&cli.target),
-        _ => {}
-    }
-    let name = format!("{:?}", cli.command);
-    let name = name
-        .split([' ', '(', '{'])
-        .next()
-        .unwrap_or_default()
-        .to_lowercase();
-    let _command = tracing::info_span!("command", name).entered();
-    let cluster = cli.target.load(cli.command.default_profile())?;
-    if let Cmd::Run(args) = &cli.command {
-        return hermetic_run(cluster, &cli.target, args);
-    }
-    let state = cli.target.state(&cluster)?;
-    // Guests of a killed `start` or `fresh-*` must not outlive it for long:
-    // any command on the state directory reaps them, and says so.
-    if let Some(note) = cluster::reap_abandoned(&state)? {
-        tracing::warn!("{note}");
-    }
+    let _command = tracing::info_span!("command", name = command_name(&cli.command)).entered();
+    let on = On {
+        target: &cli.target,
+        profile: cli.command.default_profile(),
+    };
     match cli.command {
-        Cmd::Run(_) => unreachable!("handled above"),
-        Cmd::Report { .. } | Cmd::Compare { .. } | Cmd::Completions { .. } | Cmd::Man => {
-            unreachable!("handled above")
-        }
-        Cmd::Check { .. } => {
-            println!(
-                "{}: valid ({} nodes)",
-                cluster.source.display(),
-                cluster.nodes.len()
-            );
-        }
-        Cmd::Plan { select, json } => {
-            let lane = select.load(&cluster)?;
-            if json {
-                let checks: Vec<serde_json::Value> = lane
-                    .checks()
-                    .map(|c| {
-                        serde_json::json!({
-                            "id": c.id, "layer": c.layer, "kind": c.kind,
-                            "target": c.target, "origin": c.origin,
-                        })
-                    })
-                    .collect();
-                let doc = serde_json::json!({ "lane": lane.name, "checks": checks });
-                println!("{}", serde_json::to_string_pretty(&doc)?);
-            } else {
-                for c in lane.checks() {
-                    println!("{:<14} {:<40} {:<14} {}", c.layer, c.id, c.kind, c.origin);
-                }
-            }
-        }
-        Cmd::Lanes { json: true } => {
-            let lanes: Vec<serde_json::Value> = crate::lane::LANES
-                .iter()
-                .map(|(name, _)| match lane_for(&cli.target, &cluster, name) {
-                    Ok(l) => serde_json::json!({
-                        "name": name, "valid": true, "checks": l.check_count(),
-                        "cluster": l.cluster,
-                        "layers": l.layers.iter().map(|l| &l.name).collect::<Vec<_>>(),
-                        "description": l.description,
-                    }),
-                    Err(e) => {
-                        serde_json::json!({ "name": name, "valid": false, "error": e })
-                    }
-                })
-                .collect();
-            println!("{}", serde_json::to_string_pretty(&lanes)?);
-        }
-        Cmd::Lanes { json: false } => {
-            for (name, _) in crate::lane::LANES {
-                match lane_for(&cli.target, &cluster, name) {
-                    Ok(l) => {
-                        println!(
-                            "{name:<28} {:>3} checks  {} (on {})",
-                            l.check_count(),
-                            l.description,
-                            l.cluster
-                        );
-                        let layers: Vec<&str> = l.layers.iter().map(|l| l.name.as_str()).collect();
-                        println!("{:<28} layers: {}", "", layers.join(", "));
-                    }
-                    Err(e) => println!("{name:<28} not valid for this cluster: {e}"),
-                }
-            }
-        }
-        Cmd::Validate { select, json } => {
-            let lane = select.load(&cluster)?;
-            let items = crate::validate::run(&cluster, &state, &lane);
-            if json {
-                println!("{}", serde_json::to_string_pretty(&items)?);
-            } else {
-                crate::validate::print(&items);
-            }
-            let failed = items
-                .iter()
-                .any(|i| i.outcome == crate::check::Outcome::Fail);
-            return Ok(if failed { 1 } else { 0 });
-        }
-        Cmd::Smoke(lane) => {
-            let opts = lane.options(&cluster, "smoke")?;
-            let _lock = state.lock("smoke")?;
-            return Ok(smoke::smoke(&cluster, &state, &opts)? as i32);
-        }
-        Cmd::Rerun(args) => {
-            let opts = args.options(&cluster)?;
-            let _lock = state.lock("rerun")?;
-            return Ok(crate::rerun::rerun(&cluster, &state, &opts)? as i32);
-        }
-        Cmd::FreshSmoke { lane, start } => {
-            let opts = lane.options(&cluster, "fresh-smoke")?;
-            let _lock = state.lock("fresh-smoke")?;
-            return Ok(smoke::fresh_smoke(
-                &cluster,
-                &state,
-                &opts,
-                &start.options("fresh-smoke", true),
-            )? as i32);
-        }
+        // No cluster definition.
+        Cmd::FabricSwitch { config } => fabric_switch(&config),
+        Cmd::Report { dir } => rerender(&dir),
+        Cmd::Compare { old, new, json } => compare(&old, &new, json),
+        Cmd::Completions { shell } => completions(&shell),
+        Cmd::Man => man(),
+        Cmd::Check { json: true } => check_json(&cli.target),
+        // The definition only.
+        Cmd::Check { json: false } => check(&on.cluster()?),
+        Cmd::Plan { select, json } => plan(&select.load(&on.cluster()?)?, json),
+        Cmd::Lanes { json } => lanes(&cli.target, &on.cluster()?, json),
+        Cmd::Run(args) => hermetic_run(on.cluster()?, &cli.target, &args),
+        // The definition and its state directory.
+        Cmd::Validate { select, json } => on.with(|c, s| validate(c, s, &select.load(c)?, json)),
+        Cmd::Smoke(lane) => on.with(|c, s| on_running(c, s, lane.options(c, "smoke")?)),
         Cmd::Script {
             file,
             deadline,
             lane,
-        } => {
-            let opts = lane.options(script_lane(&file, deadline, &cluster)?, "script");
-            let _lock = state.lock("script")?;
-            return Ok(smoke::smoke(&cluster, &state, &opts)? as i32);
-        }
-        Cmd::Matrix(run) => return lane_on_running(&cluster, &state, "matrix", &run),
-        Cmd::BenchStorage(run) => return lane_on_running(&cluster, &state, "bench-storage", &run),
+        } => on.with(|c, s| {
+            on_running(
+                c,
+                s,
+                lane.options(script_lane(&file, deadline, c)?, "script"),
+            )
+        }),
+        Cmd::Matrix(run) => on.with(|c, s| lane_on_running(c, s, "matrix", &run)),
+        Cmd::BenchStorage(run) => on.with(|c, s| lane_on_running(c, s, "bench-storage", &run)),
+        Cmd::Rerun(args) => on.with(|c, s| {
+            let opts = args.options(c)?;
+            let _lock = s.lock("rerun")?;
+            Ok(crate::rerun::rerun(c, s, &opts)? as i32)
+        }),
+        Cmd::FreshSmoke { lane, start } => on.with(|c, s| {
+            let opts = lane.options(c, "fresh-smoke")?;
+            fresh(c, s, &opts, &start)
+        }),
         Cmd::FreshMatrix { lane, start } => {
-            return fresh_lane(&cluster, &state, "matrix", &lane, &start, "fresh-matrix");
+            on.with(|c, s| fresh_lane(c, s, "matrix", &lane, &start, "fresh-matrix"))
         }
         Cmd::FreshBenchStorage { lane, start } => {
-            let cmd = "fresh-bench-storage";
-            return fresh_lane(&cluster, &state, "bench-storage", &lane, &start, cmd);
+            on.with(|c, s| fresh_lane(c, s, "bench-storage", &lane, &start, "fresh-bench-storage"))
         }
         Cmd::BenchCoronafsLocalMatrix { lane, start } => {
-            let name = "bench-coronafs-local-matrix";
-            return running_or_fresh(&cluster, &state, name, &lane, &start);
+            on.with(|c, s| running_or_fresh(c, s, "bench-coronafs-local-matrix", &lane, &start))
         }
         Cmd::ProviderVmRealityProof { lane, start } => {
-            let name = "provider-vm-reality-proof";
-            return running_or_fresh(&cluster, &state, name, &lane, &start);
+            on.with(|c, s| running_or_fresh(c, s, "provider-vm-reality-proof", &lane, &start))
         }
-        Cmd::Build => {
-            let _lock = state.lock("build")?;
-            let img = image::build(&cluster, &state)?;
-            println!("kernel  {}", img.kernel.display());
-            println!("initrd  {}", img.initrd.display());
-            if img.rootfs.as_os_str().is_empty() {
-                println!("rootfs  (none: the nodes boot from the store)");
-            } else {
-                println!("rootfs  {}", img.rootfs.display());
-            }
-        }
-        Cmd::Start(args) => {
-            let _lock = state.lock("start")?;
-            cluster::start(&cluster, &state, &args.options("start", false))?;
-            status::print(&status::collect(&require_running(&state)?), false)?;
-        }
-        Cmd::Status { json } => {
-            let record = require_running(&state)?;
-            if let Some(owner) = record.owner.as_ref().filter(|o| o.starting && o.alive()) {
-                // Answer at once: the guests are still booting, and their
-                // sessions belong to `start`.
-                let doc = serde_json::json!({
-                    "state": "starting",
-                    "owner": owner,
-                    "launched": record.nodes.keys().collect::<Vec<_>>(),
-                });
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&doc)?);
-                } else {
-                    println!(
-                        "cluster {} is starting (`{}`, pid {}): {} node(s) launched: {}",
-                        record.name,
-                        owner.command,
-                        owner.pid,
-                        record.nodes.len(),
-                        record.nodes.keys().cloned().collect::<Vec<_>>().join(", ")
-                    );
-                }
-                return Ok(0);
-            }
-            status::print(&status::collect(&record), json)?;
-        }
-        Cmd::Ssh { node, command } => {
-            let record = require_running(&state)?;
-            if command.is_empty() {
-                return interactive_ssh(&record, &node);
-            }
-            let guest = crate::guest::connect(&record, &node)?;
-            let out = guest.exec(&remote_command(&command)?, Duration::from_secs(600))?;
-            print!("{}", out.stdout);
-            eprint!("{}", out.stderr);
-            return Ok(out.code);
-        }
-        Cmd::Bench { start, execs, out } => {
-            let _lock = state.lock("bench")?;
-            crate::bench::suite(&cluster, &state, &start.options("bench", true), execs, &out)?;
-        }
-        Cmd::BenchBoot(args) => {
-            let _lock = state.lock("bench-boot")?;
-            crate::bench::boot(&cluster, &state, &args.options("bench-boot", true))?;
-        }
-        Cmd::Stop { grace } => {
-            let _lock = state.lock("stop")?;
-            let notes = cluster::stop(&state, Duration::from_secs(grace))?;
-            if notes.is_empty() {
-                println!("no cluster running in {}", state.root);
-            }
-            for (node, note) in notes {
-                println!("{node}: {note}");
-            }
-        }
-        Cmd::Snapshot(cmd) => snapshot_command(&cluster, &state, cmd)?,
+        Cmd::Build => on.with(build),
+        Cmd::Start(args) => on.with(|c, s| start(c, s, &args)),
+        Cmd::Status { json } => on.with(|_, s| status_command(s, json)),
+        Cmd::Ssh { node, command } => on.with(|_, s| ssh(s, &node, &command)),
+        Cmd::Stop { grace } => on.with(|_, s| stop(s, grace)),
+        Cmd::Clean { all } => on.with(|_, s| {
+            let _lock = s.lock("clean")?;
+            cluster::clean(s, all)?;
+            println!("cleaned {}", s.root);
+            Ok(0)
+        }),
+        Cmd::Snapshot(cmd) => on.with(|c, s| snapshot_command(c, s, cmd).map(|()| 0)),
+        Cmd::Fault(cmd) => on.with(|_, s| fault_command(&require_running(s)?, cmd).map(|()| 0)),
+        Cmd::Restart {
+            node,
+            ready_timeout,
+        } => on.with(|_, s| {
+            let timeout = Duration::from_secs(ready_timeout);
+            println!(
+                "{}",
+                crate::fault::restart(&require_running(s)?, &node, timeout)?.0
+            );
+            Ok(0)
+        }),
+        Cmd::Capture(cmd) => on.with(|_, s| capture(s, cmd)),
+        Cmd::Bench { start, execs, out } => on.with(|c, s| {
+            let _lock = s.lock("bench")?;
+            crate::bench::suite(c, s, &start.options("bench", true), execs, &out)?;
+            Ok(0)
+        }),
+        Cmd::BenchBoot(args) => on.with(|c, s| {
+            let _lock = s.lock("bench-boot")?;
+            crate::bench::boot(c, s, &args.options("bench-boot", true))?;
+            Ok(0)
+        }),
         Cmd::BenchFabric {
             start,
             from,
             to,
             transfers,
-        } => {
-            let _lock = state.lock("bench-fabric")?;
+        } => on.with(|c, s| {
+            let _lock = s.lock("bench-fabric")?;
             let opts = start.options("bench-fabric", true);
-            crate::bench::fabric(&cluster, &state, &opts, (&from, &to), transfers)?;
+            crate::bench::fabric(c, s, &opts, (&from, &to), transfers)?;
+            Ok(0)
+        }),
+    }
+}
+
+/// The command's name for the log's span: its variant, in lower case.
+fn command_name(cmd: &Cmd) -> String {
+    let name = format!("{cmd:?}");
+    name.split([' ', '(', '{'])
+        .next()
+        .unwrap_or_default()
+        .to_lowercase()
+}
+
+/// What a command stands on, loaded only when its arm asks: the cluster's
+/// definition, and with it the state directory.
+struct On<'a> {
+    target: &'a Target,
+    /// The cluster when the command line names none (`Cmd::default_profile`).
+    profile: &'static str,
+}
+
+impl On<'_> {
+    fn cluster(&self) -> Result<Cluster> {
+        self.target.load(self.profile)
+    }
+
+    /// Runs `f` on the cluster and its state directory.
+    fn with<T>(&self, f: impl FnOnce(&Cluster, &StateDir) -> Result<T>) -> Result<T> {
+        let cluster = self.cluster()?;
+        let state = self.target.state(&cluster)?;
+        // Guests of a killed `start` or `fresh-*` must not outlive it for
+        // long: any command on the state directory reaps them, and says so.
+        if let Some(note) = cluster::reap_abandoned(&state)? {
+            tracing::warn!("{note}");
         }
-        Cmd::Fault(cmd) => fault_command(&require_running(&state)?, cmd)?,
-        Cmd::Restart {
-            node,
-            ready_timeout,
-        } => {
-            let record = require_running(&state)?;
-            let timeout = Duration::from_secs(ready_timeout);
-            println!("{}", crate::fault::restart(&record, &node, timeout)?.0);
+        f(&cluster, &state)
+    }
+}
+
+/// The fabric's switch process (started by `start`, never by hand).
+fn fabric_switch(config: &std::path::Path) -> Result<i32> {
+    let text = std::fs::read_to_string(config)?;
+    crate::fabric::switch::serve(serde_json::from_str(&text)?)?;
+    Ok(0)
+}
+
+fn rerender(dir: &std::path::Path) -> Result<i32> {
+    for f in crate::report::rerender(dir)? {
+        println!("{}", f.display());
+    }
+    Ok(0)
+}
+
+fn compare(old: &std::path::Path, new: &std::path::Path, json: bool) -> Result<i32> {
+    let c = crate::compare::compare_paths(old, new)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&c)?);
+    } else {
+        print!("{}", crate::compare::render(&c));
+    }
+    Ok(c.exit_code.into())
+}
+
+fn completions(shell: &str) -> Result<i32> {
+    let shells = clap_complete::env::Shells::builtins();
+    let shell = shells
+        .completer(shell)
+        .expect("clap checked the shell name");
+    let name = "photon-cluster";
+    shell.write_registration("COMPLETE", name, name, name, &mut std::io::stdout())?;
+    Ok(0)
+}
+
+fn man() -> Result<i32> {
+    let man = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
+    man.render(&mut std::io::stdout())?;
+    Ok(0)
+}
+
+fn check(cluster: &Cluster) -> Result<i32> {
+    println!(
+        "{}: valid ({} nodes)",
+        cluster.source.display(),
+        cluster.nodes.len()
+    );
+    Ok(0)
+}
+
+fn plan(lane: &Lane, json: bool) -> Result<i32> {
+    if json {
+        let checks: Vec<serde_json::Value> = lane
+            .checks()
+            .map(|c| {
+                serde_json::json!({
+                    "id": c.id, "layer": c.layer, "kind": c.kind,
+                    "target": c.target, "origin": c.origin,
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({ "lane": lane.name, "checks": checks });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        for c in lane.checks() {
+            println!("{:<14} {:<40} {:<14} {}", c.layer, c.id, c.kind, c.origin);
         }
-        Cmd::Capture(CaptureCmd::Start { file }) => {
+    }
+    Ok(0)
+}
+
+/// The embedded lanes, each expanded against its cluster (or why it cannot be).
+fn lanes(target: &Target, cluster: &Cluster, json: bool) -> Result<i32> {
+    let each = crate::lane::LANES
+        .iter()
+        .map(|(name, _)| (*name, lane_for(target, cluster, name)));
+    if json {
+        let doc: Vec<serde_json::Value> = each
+            .map(|(name, lane)| match lane {
+                Ok(l) => serde_json::json!({
+                    "name": name, "valid": true, "checks": l.check_count(),
+                    "cluster": l.cluster,
+                    "layers": l.layers.iter().map(|l| &l.name).collect::<Vec<_>>(),
+                    "description": l.description,
+                }),
+                Err(e) => serde_json::json!({ "name": name, "valid": false, "error": e }),
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(0);
+    }
+    for (name, lane) in each {
+        match lane {
+            Ok(l) => {
+                println!(
+                    "{name:<28} {:>3} checks  {} (on {})",
+                    l.check_count(),
+                    l.description,
+                    l.cluster
+                );
+                let layers: Vec<&str> = l.layers.iter().map(|l| l.name.as_str()).collect();
+                println!("{:<28} layers: {}", "", layers.join(", "));
+            }
+            Err(e) => println!("{name:<28} not valid for this cluster: {e}"),
+        }
+    }
+    Ok(0)
+}
+
+/// `validate`: exit 1 when any item failed.
+fn validate(cluster: &Cluster, state: &StateDir, lane: &Lane, json: bool) -> Result<i32> {
+    let items = crate::validate::run(cluster, state, lane);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&items)?);
+    } else {
+        crate::validate::print(&items);
+    }
+    let failed = items
+        .iter()
+        .any(|i| i.outcome == crate::check::Outcome::Fail);
+    Ok(if failed { 1 } else { 0 })
+}
+
+fn build(cluster: &Cluster, state: &StateDir) -> Result<i32> {
+    let _lock = state.lock("build")?;
+    let img = image::build(cluster, state)?;
+    println!("kernel  {}", img.kernel.display());
+    println!("initrd  {}", img.initrd.display());
+    if img.rootfs.as_os_str().is_empty() {
+        println!("rootfs  (none: the nodes boot from the store)");
+    } else {
+        println!("rootfs  {}", img.rootfs.display());
+    }
+    Ok(0)
+}
+
+fn start(cluster: &Cluster, state: &StateDir, args: &StartArgs) -> Result<i32> {
+    let _lock = state.lock("start")?;
+    cluster::start(cluster, state, &args.options("start", false))?;
+    status::print(&status::collect(&require_running(state)?), false)?;
+    Ok(0)
+}
+
+fn status_command(state: &StateDir, json: bool) -> Result<i32> {
+    let record = require_running(state)?;
+    let Some(owner) = record.owner.as_ref().filter(|o| o.starting && o.alive()) else {
+        status::print(&status::collect(&record), json)?;
+        return Ok(0);
+    };
+    // Answer at once: the guests are still booting, and their sessions
+    // belong to `start`.
+    if json {
+        let doc = serde_json::json!({
+            "state": "starting",
+            "owner": owner,
+            "launched": record.nodes.keys().collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        println!(
+            "cluster {} is starting (`{}`, pid {}): {} node(s) launched: {}",
+            record.name,
+            owner.command,
+            owner.pid,
+            record.nodes.len(),
+            record.nodes.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(0)
+}
+
+/// `ssh NODE [CMD...]`: an interactive shell, or one command's output and
+/// exit code.
+fn ssh(state: &StateDir, node: &str, command: &[String]) -> Result<i32> {
+    let record = require_running(state)?;
+    if command.is_empty() {
+        return interactive_ssh(&record, node);
+    }
+    let guest = crate::guest::connect(&record, node)?;
+    let out = guest.exec(&remote_command(command)?, Duration::from_secs(600))?;
+    print!("{}", out.stdout);
+    eprint!("{}", out.stderr);
+    Ok(out.code)
+}
+
+fn stop(state: &StateDir, grace: u64) -> Result<i32> {
+    let _lock = state.lock("stop")?;
+    let notes = cluster::stop(state, Duration::from_secs(grace))?;
+    if notes.is_empty() {
+        println!("no cluster running in {}", state.root);
+    }
+    for (node, note) in notes {
+        println!("{node}: {note}");
+    }
+    Ok(0)
+}
+
+fn capture(state: &StateDir, cmd: CaptureCmd) -> Result<i32> {
+    let record = require_running(state)?;
+    match cmd {
+        CaptureCmd::Start { file } => {
             let file = file.unwrap_or_else(|| {
                 let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
                 state
@@ -303,23 +368,12 @@ pub fn run(cli: Cli) -> Result<i32> {
                     .join(format!("fabric/capture-{stamp}.pcap"))
                     .into()
             });
-            println!(
-                "{}",
-                crate::fault::capture_start(&require_running(&state)?, &file)?
-            );
+            println!("{}", crate::fault::capture_start(&record, &file)?);
         }
-        Cmd::Capture(CaptureCmd::Stop) => {
-            match crate::fault::capture_stop(&require_running(&state)?)? {
-                (Some(file), frames) => println!("{frames} frames in {}", file.display()),
-                (None, _) => println!("no capture was running"),
-            }
-        }
-        Cmd::FabricSwitch { .. } => unreachable!("handled above"),
-        Cmd::Clean { all } => {
-            let _lock = state.lock("clean")?;
-            cluster::clean(&state, all)?;
-            println!("cleaned {}", state.root);
-        }
+        CaptureCmd::Stop => match crate::fault::capture_stop(&record)? {
+            (Some(file), frames) => println!("{frames} frames in {}", file.display()),
+            (None, _) => println!("no capture was running"),
+        },
     }
     Ok(0)
 }
@@ -499,12 +553,32 @@ fn hermetic_run(mut cluster: Cluster, target: &Target, args: &RunArgs) -> Result
     Ok(code as i32)
 }
 
+/// A lane against the running cluster.
+fn on_running(cluster: &Cluster, state: &StateDir, opts: LaneOptions) -> Result<i32> {
+    let _lock = state.lock(&opts.command)?;
+    Ok(smoke::smoke(cluster, state, &opts)? as i32)
+}
+
+/// A lane on a fresh cluster, booted and stopped for it.
+fn fresh(
+    cluster: &Cluster,
+    state: &StateDir,
+    opts: &LaneOptions,
+    start: &StartArgs,
+) -> Result<i32> {
+    let _lock = state.lock(&opts.command)?;
+    let start = start.options(&opts.command, true);
+    Ok(smoke::fresh_smoke(cluster, state, opts, &start)? as i32)
+}
+
 /// An embedded lane against the running cluster (`smoke --lane <name>`),
 /// from the command of the lane's name.
 fn lane_on_running(cluster: &Cluster, state: &StateDir, lane: &str, run: &LaneRun) -> Result<i32> {
-    let opts = run.options(Lane::embedded(lane, cluster)?, lane);
-    let _lock = state.lock(lane)?;
-    Ok(smoke::smoke(cluster, state, &opts)? as i32)
+    on_running(
+        cluster,
+        state,
+        run.options(Lane::embedded(lane, cluster)?, lane),
+    )
 }
 
 /// An embedded lane on a fresh cluster (`fresh-smoke --lane <name>`).
@@ -516,9 +590,12 @@ fn fresh_lane(
     start: &StartArgs,
     command: &str,
 ) -> Result<i32> {
-    let opts = run.options(Lane::embedded(lane, cluster)?, command);
-    let _lock = state.lock(&format!("fresh-{lane}"))?;
-    Ok(smoke::fresh_smoke(cluster, state, &opts, &start.options(command, true))? as i32)
+    fresh(
+        cluster,
+        state,
+        &run.options(Lane::embedded(lane, cluster)?, command),
+        start,
+    )
 }
 
 /// An embedded lane, expanded against the cluster the command line names,
