@@ -80,13 +80,15 @@ fn refuse_if_running(state: &StateDir) -> Result<()> {
 /// Boots every node in dependency order and waits until each is ready: SSH
 /// answers and its expected units are active. On failure or Ctrl-C, every
 /// QEMU started here is killed before returning.
+///
+/// The steps: refuse what cannot start (a running cluster, a stale
+/// snapshot, a missing tool, a taken port) before anything runs; choose
+/// the accelerator; prepare every node's disks and QEMU configuration;
+/// start the fabric; launch the guests; wait until each is ready.
 pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result<RunningCluster> {
     refuse_if_running(state)?;
     let image = image::resolve(cluster, state)?;
-    crate::host::require_program(machine::QEMU, "qemu-system-x86")?;
-    crate::host::require_program("qemu-img", "qemu-utils")?;
-    crate::host::require_program("mkfs.ext4", "e2fsprogs")?;
-    crate::host::require_program("ssh-keygen", "openssh-client")?;
+    require_tools()?;
     // A snapshot is checked before anything starts: a stale one is refused.
     let restore = match &opts.from_snapshot {
         Some(name) => Some(snapshot::open(
@@ -99,125 +101,253 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
     // Host ports are chosen afresh, also for a restore: the guests never see
     // them, and several restores of one snapshot then run side by side.
     let ports = fabric::allocate_ports(cluster)?;
-    let accel = match &restore {
-        // The saved state only runs under the accelerator it was saved from.
-        Some(m) => m.record.accel.clone(),
-        None => machine::accel::choose(
-            opts.accel,
-            &image.kernel,
-            state.accel_probe().as_std_path(),
-            state.root.join("probe").as_std_path(),
-        )?,
-    };
-    let accel_used = accel.used;
-    match &accel.fallback_reason {
-        Some(r) => tracing::info!("accel: using TCG (software emulation): {r}"),
-        None => tracing::info!("accel: using {}", accel.used.name().to_uppercase()),
-    }
+    let accel = choose_accel(state, &image, restore.as_ref(), opts.accel)?;
     if let Some(m) = &restore {
         tracing::info!("snapshot: restoring {:?} saved {}", m.name, m.created);
         m.restore_files(state)?;
     }
     let keys = provision::cluster_keys(state.ssh().as_std_path())?;
-    let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
-    let mut segment = fabric::Segment::plan(
-        opts.fabric,
-        state.root.as_std_path(),
-        &names,
-        &ports
-            .values()
-            .flat_map(|p| p.all())
-            .map(|f| f.host)
-            .collect(),
-    )?;
-
-    // Prepare every node's disks before launching any, so bad input or a
-    // full disk stops us before a single QEMU runs.
-    let mut prepared = Vec::new();
-    for (index, node) in cluster.nodes.iter().enumerate() {
-        let name = node.name.clone();
-        let dir = state.node(&name);
-        let overlay = dir.join("overlay.qcow2");
-        let (kernel, initrd, rootfs, extra_append) = image.for_node(&name);
-        let store = image.store_for(&name);
-        // A pidfile from an earlier run must not stand for the new QEMU.
-        let _ = fs::remove_file(dir.join("qemu.pid"));
-        let host_key = match &restore {
-            Some(m) => m.host_key(&name)?,
-            None => {
-                let _ = fs::remove_dir_all(&dir);
-                state.create_node(&name)?;
-                match &store {
-                    // A store-booted NixOS node: a blank state disk, which
-                    // NixOS formats at first boot (nix/roles/common.nix).
-                    Some(_) => run(Command::new("qemu-img")
-                        .args(["create", "-q", "-f", "qcow2"])
-                        .arg(&overlay)
-                        .arg(STATE_DISK)),
-                    None => run(Command::new("qemu-img")
-                        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-                        .arg(&rootfs)
-                        .arg(&overlay)),
-                }
-                .with_context(|| format!("{name}: creating the copy-on-write overlay"))?;
-                provision::config_disk(cluster, index, node, &keys, dir.as_std_path())?
-            }
-        };
-        let (host_mac, fabric_mac) = fabric::macs(index);
-        let node_ports = ports[&name].clone();
-        let mut config = MachineConfig {
-            name: name.clone(),
-            accel: accel_used,
-            memory_mib: node.memory_mib,
-            vcpus: node.vcpus,
-            kernel,
-            initrd,
-            extra_append,
-            overlay: overlay.into(),
-            config_disk: dir.join("config.img").into(),
-            serial_log: dir.join("vm.log").into(),
-            qmp_socket: dir.join("qmp.sock").into(),
-            pidfile: dir.join("qemu.pid").into(),
-            forwards: node_ports.all(),
-            host_mac,
-            fabric_mac,
-            fabric: segment.links[&name].clone(),
-            machine_id: hex::encode(
-                &Sha256::digest(format!("{}/{name}", state.root).as_bytes())[..16],
-            ),
-            incoming: None,
-            store,
-        };
-        if let Some(m) = &restore {
-            m.check_machine(&name, &machine::qemu_args(&config), state.root.as_str())?;
-            config.incoming = Some(m.memory(&name));
-        }
-        prepared.push((node, config, node_ports, host_key));
-    }
+    let segment = plan_segment(cluster, state, opts.fabric, &ports)?;
+    let plan = Plan {
+        cluster,
+        state,
+        image: &image,
+        restore: restore.as_ref(),
+        keys: &keys,
+        accel: accel.used,
+    };
+    // Every node's disks before any launch, so bad input or a full disk
+    // stops us before a single QEMU runs.
+    let prepared = cluster
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(index, node)| {
+            let link = segment.links[&node.name].clone();
+            prepare_node(&plan, index, node, ports[&node.name].clone(), link)
+        })
+        .collect::<Result<Vec<_>>>()?;
     let known_hosts = state.ssh().join("known_hosts");
-    fs::write(
-        &known_hosts,
-        prepared
-            .iter()
-            .map(|(_, _, p, k)| format!("[127.0.0.1]:{} {k}\n", p.ssh))
-            .collect::<String>(),
-    )?;
-
-    let mut record = RunningCluster {
+    fs::write(&known_hosts, known_hosts_text(&prepared))?;
+    let record = RunningCluster {
         name: cluster.name.clone(),
         source: cluster.source.display().to_string(),
-        accel: accel.clone(),
+        accel,
         started_unix: chrono::Utc::now().timestamp(),
         ssh_key: keys.private_key.clone(),
         known_hosts: known_hosts.into(),
-        image,
+        image: image.clone(),
         nodes: BTreeMap::new(),
         restored_from: restore.as_ref().map(|m| m.name.clone()),
         owner: Some(state::Owner::me(&opts.command, true)),
         fabric: None,
     };
-    // The switch watches the record: save it first, then start the switch
-    // before any guest sends a frame.
+    let mut record = start_fabric(state, record, segment)?;
+    let t0 = Instant::now();
+    let launched = launch_and_wait(&plan, &mut record, &prepared, opts, t0);
+    let ready = match launched {
+        Ok(ready) => ready,
+        Err(e) => {
+            tracing::warn!("start failed; stopping every node it launched");
+            teardown(&record);
+            let _ = fs::remove_file(state.cluster_file());
+            return Err(e);
+        }
+    };
+    for (name, phases) in ready {
+        if let Some(n) = record.nodes.get_mut(&name) {
+            n.ready_after_s = phases.ready_s;
+            n.phases = Some(phases);
+        }
+    }
+    record.owner = opts
+        .keep_owner
+        .then(|| state::Owner::me(&opts.command, false));
+    state.save_running(&record)?;
+    crate::release_owned();
+    tracing::info!(
+        "cluster {}: {} nodes ready in {:.1} s (accel {})",
+        record.name,
+        record.nodes.len(),
+        t0.elapsed().as_secs_f64(),
+        record.accel.summary()
+    );
+    Ok(record)
+}
+
+/// The host programs a start needs, each refused with its package's name.
+fn require_tools() -> Result<()> {
+    crate::host::require_program(machine::QEMU, "qemu-system-x86")?;
+    crate::host::require_program("qemu-img", "qemu-utils")?;
+    crate::host::require_program("mkfs.ext4", "e2fsprogs")?;
+    crate::host::require_program("ssh-keygen", "openssh-client")
+}
+
+/// The accelerator: a restore's is the one its memory was saved under.
+fn choose_accel(
+    state: &StateDir,
+    image: &state::ImageRecord,
+    restore: Option<&snapshot::Manifest>,
+    request: AccelRequest,
+) -> Result<machine::accel::AccelChoice> {
+    let accel = match restore {
+        Some(m) => m.record.accel.clone(),
+        None => machine::accel::choose(
+            request,
+            &image.kernel,
+            state.accel_probe().as_std_path(),
+            state.root.join("probe").as_std_path(),
+        )?,
+    };
+    match &accel.fallback_reason {
+        Some(r) => tracing::info!("accel: using TCG (software emulation): {r}"),
+        None => tracing::info!("accel: using {}", accel.used.name().to_uppercase()),
+    }
+    Ok(accel)
+}
+
+/// The L2 segment's links, on ports none of the forwards use.
+fn plan_segment(
+    cluster: &Cluster,
+    state: &StateDir,
+    kind: fabric::Kind,
+    ports: &BTreeMap<String, fabric::NodePorts>,
+) -> Result<fabric::Segment> {
+    let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
+    let taken = ports
+        .values()
+        .flat_map(|p| p.all())
+        .map(|f| f.host)
+        .collect();
+    fabric::Segment::plan(kind, state.root.as_std_path(), &names, &taken)
+}
+
+/// What preparing the nodes of one start shares.
+struct Plan<'a> {
+    cluster: &'a Cluster,
+    state: &'a StateDir,
+    image: &'a state::ImageRecord,
+    restore: Option<&'a snapshot::Manifest>,
+    keys: &'a provision::ClusterKeys,
+    accel: machine::Accel,
+}
+
+/// A node ready to launch: its definition, QEMU configuration, host ports
+/// and the host key SSH will pin.
+struct Prepared<'a> {
+    node: &'a crate::spec::Node,
+    config: MachineConfig,
+    ports: fabric::NodePorts,
+    host_key: String,
+}
+
+/// Writes a node's disks (or takes a snapshot's) and says how QEMU runs it.
+fn prepare_node<'a>(
+    plan: &Plan,
+    index: usize,
+    node: &'a crate::spec::Node,
+    ports: fabric::NodePorts,
+    link: fabric::Link,
+) -> Result<Prepared<'a>> {
+    let name = &node.name;
+    let dir = plan.state.node(name);
+    // A pidfile from an earlier run must not stand for the new QEMU.
+    let _ = fs::remove_file(dir.join("qemu.pid"));
+    let host_key = match plan.restore {
+        Some(m) => m.host_key(name)?,
+        None => fresh_disks(plan, index, node)?,
+    };
+    let mut config = machine_config(plan, node, index, &ports, link);
+    if let Some(m) = plan.restore {
+        m.check_machine(name, &machine::qemu_args(&config), plan.state.root.as_str())?;
+        config.incoming = Some(m.memory(name));
+    }
+    Ok(Prepared {
+        node,
+        config,
+        ports,
+        host_key,
+    })
+}
+
+/// A booted node's new disks: a copy-on-write overlay of its image (or a
+/// blank state disk for a store-booted NixOS node) and its config disk.
+/// Returns the host key the config disk gives it.
+fn fresh_disks(plan: &Plan, index: usize, node: &crate::spec::Node) -> Result<String> {
+    let name = &node.name;
+    let dir = plan.state.node(name);
+    let overlay = dir.join("overlay.qcow2");
+    let (_, _, rootfs, _) = plan.image.for_node(name);
+    let _ = fs::remove_dir_all(&dir);
+    plan.state.create_node(name)?;
+    match plan.image.store_for(name) {
+        // NixOS formats the blank disk at first boot (nix/roles/common.nix).
+        Some(_) => run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&overlay)
+            .arg(STATE_DISK)),
+        None => run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&rootfs)
+            .arg(&overlay)),
+    }
+    .with_context(|| format!("{name}: creating the copy-on-write overlay"))?;
+    provision::config_disk(plan.cluster, index, node, plan.keys, dir.as_std_path())
+}
+
+/// How QEMU runs a node: files in its node directory, its host ports and
+/// MACs, and a machine id fixed by the state directory and the node's name.
+fn machine_config(
+    plan: &Plan,
+    node: &crate::spec::Node,
+    index: usize,
+    ports: &fabric::NodePorts,
+    link: fabric::Link,
+) -> MachineConfig {
+    let name = &node.name;
+    let dir = plan.state.node(name);
+    let (kernel, initrd, _, extra_append) = plan.image.for_node(name);
+    let (host_mac, fabric_mac) = fabric::macs(index);
+    MachineConfig {
+        name: name.clone(),
+        accel: plan.accel,
+        memory_mib: node.memory_mib,
+        vcpus: node.vcpus,
+        kernel,
+        initrd,
+        extra_append,
+        overlay: dir.join("overlay.qcow2").into(),
+        config_disk: dir.join("config.img").into(),
+        serial_log: dir.join("vm.log").into(),
+        qmp_socket: dir.join("qmp.sock").into(),
+        pidfile: dir.join("qemu.pid").into(),
+        forwards: ports.all(),
+        host_mac,
+        fabric_mac,
+        fabric: link,
+        machine_id: hex::encode(
+            &Sha256::digest(format!("{}/{name}", plan.state.root).as_bytes())[..16],
+        ),
+        incoming: None,
+        store: plan.image.store_for(name),
+    }
+}
+
+/// known_hosts pinning each node's host key on its SSH port.
+fn known_hosts_text(prepared: &[Prepared]) -> String {
+    prepared
+        .iter()
+        .map(|p| format!("[127.0.0.1]:{} {}\n", p.ports.ssh, p.host_key))
+        .collect()
+}
+
+/// Saves the record, then starts the switch, which watches it, before any
+/// guest sends a frame.
+fn start_fabric(
+    state: &StateDir,
+    mut record: RunningCluster,
+    mut segment: fabric::Segment,
+) -> Result<RunningCluster> {
     state.save_running(&record)?;
     if let Err(e) = segment.start(
         state.root.join("fabric").as_std_path(),
@@ -228,79 +358,53 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
     }
     record.fabric = Some(segment);
     state.save_running(&record)?;
+    Ok(record)
+}
 
+/// Launches every node, resumes a restore, and waits until each is ready;
+/// returns each node's boot phases. The caller tears down on error.
+fn launch_and_wait(
+    plan: &Plan,
+    record: &mut RunningCluster,
+    prepared: &[Prepared],
+    opts: &StartOptions,
+    t0: Instant,
+) -> Result<Vec<(String, state::BootPhases)>> {
     // Launch in dependency order. Guests boot concurrently (under TCG a
     // sequential boot would multiply the wall time); dependency order decides
     // the launch order and when each node's readiness is judged.
-    let order: Vec<String> = cluster
+    let order: Vec<String> = plan
+        .cluster
         .boot_order()
         .iter()
         .map(|n| n.name.clone())
         .collect();
-    let t0 = Instant::now();
     for name in &order {
         if crate::interrupted() {
-            teardown(&record);
-            let _ = fs::remove_file(state.cluster_file());
             return Err(crate::stop_error());
         }
-        let (node, config, node_ports, _) = prepared
+        let p = prepared
             .iter()
-            .find(|p| p.1.name == *name)
+            .find(|p| p.config.name == *name)
             .expect("every ordered node was prepared");
-        let dir = state.node(name);
-        let child = match machine::launch(config, dir.join("qemu.log").as_std_path()) {
-            Ok(c) => c,
-            Err(e) => {
-                teardown(&record);
-                return Err(e);
-            }
-        };
-        crate::own_pid(child.id() as i32);
-        record.nodes.insert(
-            name.clone(),
-            RunningNode {
-                role: node.role,
-                address: node.address.to_string(),
-                pid: child.id() as i32,
-                ssh_port: node_ports.ssh,
-                forwards: node_ports.forwards.clone(),
-                units: node.units.clone(),
-                dir: dir.clone().into(),
-                booted_unix: chrono::Utc::now().timestamp(),
-                ready_after_s: None,
-                phases: Some(state::BootPhases {
-                    launched_s: t0.elapsed().as_secs_f64(),
-                    ..Default::default()
-                }),
-                qemu_args: machine::qemu_args(config),
-            },
-        );
-        // The Child is dropped without waiting: QEMU outlives `start`.
-        drop(child);
-        state.save_running(&record)?;
+        launch(plan.state, record, p, t0)?;
     }
-
-    if restore.is_some() {
-        let resumed = snapshot::resume(&record, opts.ready_timeout);
-        if let Err(e) = resumed {
-            tracing::warn!("restore failed; stopping every node it launched");
-            teardown(&record);
-            let _ = fs::remove_file(state.cluster_file());
-            return Err(e);
-        }
+    if plan.restore.is_some() {
+        snapshot::resume(record, opts.ready_timeout).inspect_err(|_| {
+            tracing::warn!("restore failed");
+        })?;
     }
     let progress = Progress::new(&order);
     let result = match opts.readiness {
         Readiness::Full => wait_ready(
-            cluster,
-            &record,
-            &prepared_endpoints(&record, &prepared),
+            plan.cluster,
+            record,
+            &prepared_endpoints(record, prepared),
             (opts, t0),
             &progress,
         ),
         Readiness::ConsoleLogin => {
-            wait_console_login(&record, opts.ready_timeout, &progress).map(|ready| {
+            wait_console_login(record, opts.ready_timeout, &progress).map(|ready| {
                 let phases = |name: &String, secs| state::BootPhases {
                     ready_s: Some(secs),
                     ..record.nodes[name].phases.clone().unwrap_or_default()
@@ -313,54 +417,56 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
         }
     };
     progress.finish();
-    match result {
-        Ok(ready) => {
-            for (name, phases) in ready {
-                if let Some(n) = record.nodes.get_mut(&name) {
-                    n.ready_after_s = phases.ready_s;
-                    n.phases = Some(phases);
-                }
-            }
-            record.owner = opts
-                .keep_owner
-                .then(|| state::Owner::me(&opts.command, false));
-            state.save_running(&record)?;
-            crate::release_owned();
-            tracing::info!(
-                "cluster {}: {} nodes ready in {:.1} s (accel {})",
-                record.name,
-                record.nodes.len(),
-                t0.elapsed().as_secs_f64(),
-                record.accel.summary()
-            );
-            Ok(record)
-        }
-        Err(e) => {
-            tracing::warn!("start failed; stopping every node it launched");
-            teardown(&record);
-            let _ = fs::remove_file(state.cluster_file());
-            Err(e)
-        }
-    }
+    result
 }
 
-/// A node's host key line from a saved cluster's known_hosts.
+/// Starts one node's QEMU and records it (saved at once, so that a killed
+/// `start` leaves a record the next command can reap from).
+fn launch(state: &StateDir, record: &mut RunningCluster, p: &Prepared, t0: Instant) -> Result<()> {
+    let name = &p.config.name;
+    let dir = state.node(name);
+    let child = machine::launch(&p.config, dir.join("qemu.log").as_std_path())?;
+    crate::own_pid(child.id() as i32);
+    record.nodes.insert(
+        name.clone(),
+        RunningNode {
+            role: p.node.role,
+            address: p.node.address.to_string(),
+            pid: child.id() as i32,
+            ssh_port: p.ports.ssh,
+            forwards: p.ports.forwards.clone(),
+            units: p.node.units.clone(),
+            dir: dir.clone().into(),
+            booted_unix: chrono::Utc::now().timestamp(),
+            ready_after_s: None,
+            phases: Some(state::BootPhases {
+                launched_s: t0.elapsed().as_secs_f64(),
+                ..Default::default()
+            }),
+            qemu_args: machine::qemu_args(&p.config),
+        },
+    );
+    // The Child is dropped without waiting: QEMU outlives `start`.
+    drop(child);
+    state.save_running(record)
+}
+
+/// Each node's SSH endpoint: its port, the cluster key, its pinned host key.
 fn prepared_endpoints(
     record: &RunningCluster,
-    prepared: &[(&crate::spec::Node, MachineConfig, fabric::NodePorts, String)],
+    prepared: &[Prepared],
 ) -> BTreeMap<String, Endpoint> {
     prepared
         .iter()
-        .map(|(_, c, p, k)| {
-            (
-                c.name.clone(),
-                Endpoint {
-                    node: c.name.clone(),
-                    port: p.ssh,
-                    key: record.ssh_key.clone(),
-                    host_key: k.clone(),
-                },
-            )
+        .map(|p| {
+            let name = p.config.name.clone();
+            let endpoint = Endpoint {
+                node: name.clone(),
+                port: p.ports.ssh,
+                key: record.ssh_key.clone(),
+                host_key: p.host_key.clone(),
+            };
+            (name, endpoint)
         })
         .collect()
 }
@@ -708,4 +814,95 @@ fn run(cmd: &mut Command) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// The steps of `start` that need no QEMU: ports, the fabric's links,
+    /// each node's configuration and the known_hosts that pins them.
+    #[test]
+    fn start_prepares_each_node_from_its_ports_link_and_state_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cluster = Cluster::profile("reference").unwrap();
+        let state = StateDir::new(tmp.path().join("a")).unwrap();
+        let image: state::ImageRecord = serde_json::from_value(serde_json::json!({
+            "provider": "prebuilt", "kernel": "/img/k", "initrd": "/img/i",
+            "rootfs": "/img/r", "id": "x"
+        }))
+        .unwrap();
+        let keys = provision::cluster_keys(tmp.path().join("ssh").as_path()).unwrap();
+        let plan = Plan {
+            cluster: &cluster,
+            state: &state,
+            image: &image,
+            restore: None,
+            keys: &keys,
+            accel: machine::Accel::Tcg,
+        };
+        let ports = fabric::allocate_ports(&cluster).unwrap();
+        let segment = plan_segment(&cluster, &state, fabric::Kind::Switch, &ports).unwrap();
+        let forwarded: BTreeSet<u16> = ports
+            .values()
+            .flat_map(|p| p.all())
+            .map(|f| f.host)
+            .collect();
+        let mut prepared = Vec::new();
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            let link = segment.links[&node.name].clone();
+            let fabric::Link::Switch {
+                switch_port,
+                qemu_port,
+            } = link
+            else {
+                panic!("a switched segment");
+            };
+            assert!(!forwarded.contains(&switch_port) && !forwarded.contains(&qemu_port));
+            let c = machine_config(&plan, node, i, &ports[&node.name], link);
+            assert_eq!(
+                (c.forwards[0].guest, c.forwards[0].host),
+                (22, ports[&node.name].ssh)
+            );
+            assert!(c.overlay.starts_with(state.node(&node.name).as_std_path()));
+            assert_eq!(c.kernel, std::path::Path::new("/img/k"));
+            assert_eq!(c.accel, machine::Accel::Tcg);
+            prepared.push(Prepared {
+                node,
+                config: c,
+                ports: ports[&node.name].clone(),
+                host_key: format!("ssh-ed25519 KEY{i}"),
+            });
+        }
+        let distinct = |f: &dyn Fn(&MachineConfig) -> String| {
+            prepared
+                .iter()
+                .map(|p| f(&p.config))
+                .collect::<BTreeSet<_>>()
+                .len()
+        };
+        let n = cluster.nodes.len();
+        assert_eq!(distinct(&|c| c.machine_id.clone()), n);
+        assert_eq!(distinct(&|c| c.fabric_mac.clone()), n);
+        // The machine id is the state directory's and the node's: the same
+        // node in another state directory is another machine.
+        let other = StateDir::new(tmp.path().join("b")).unwrap();
+        let elsewhere = Plan {
+            state: &other,
+            ..plan
+        };
+        let first = &cluster.nodes[0];
+        let p0 = &ports[&first.name];
+        let link = segment.links[&first.name].clone();
+        let again = machine_config(&plan, first, 0, p0, link.clone());
+        assert_eq!(again.machine_id, prepared[0].config.machine_id);
+        assert_ne!(
+            machine_config(&elsewhere, first, 0, p0, link).machine_id,
+            again.machine_id
+        );
+        let hosts = known_hosts_text(&prepared);
+        assert_eq!(hosts.lines().count(), n);
+        assert!(hosts.starts_with(&format!("[127.0.0.1]:{} ssh-ed25519 KEY0\n", p0.ssh)));
+    }
 }
