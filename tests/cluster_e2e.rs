@@ -483,6 +483,23 @@ fn provider_lifecycles(dir: &Path, migration: &Value) {
         );
         assert!(lb["evidence"]["closed"][n]["seconds"].is_number(), "{lb}");
     }
+    // The lifecycle's steps, by id (src/check/procedure.rs), not by prose.
+    let ids: Vec<&str> = lb["evidence"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    for id in [
+        "closed-before",
+        "publish",
+        "traffic",
+        "runtime-view",
+        "retract",
+        "closed-after",
+    ] {
+        assert!(ids.contains(&id), "step {id} missing from {ids:?}");
+    }
 
     let port = &migration["evidence"]["port"];
     assert_eq!(

@@ -10,6 +10,7 @@
 //! the validation and the runtime API's view of the new pool are evidence.
 
 use super::lb_drain::{Drain, drain};
+use super::procedure::Procedure;
 use super::{Check, Ctx, Verdict};
 use crate::spec::Cluster;
 use crate::text::shell_quote;
@@ -102,21 +103,24 @@ impl Check for LbListener {
     }
 
     fn attempt(&self, ctx: &Ctx, _target: Option<&str>, budget: Duration) -> Result<Verdict> {
-        let deadline = Instant::now() + budget;
-        let mut ev =
+        let evidence =
             json!({ "listener": self.name, "port": self.port, "config": self.config(ctx.cluster) });
-        match self.lifecycle(ctx, deadline, &mut ev) {
-            Ok(summary) => Ok(Verdict::pass(summary, ev)),
-            Err(e) => {
-                // Retract whatever happened, so a failure leaves no listener.
+        Ok(Procedure::new(ctx, &self.balancers[0], budget)?.conclude(
+            |run| self.lifecycle(ctx, run),
+            // Retract whatever happened, so a failure leaves no listener.
+            |run| {
                 for b in &self.balancers {
-                    if let Ok(g) = ctx.guests.get(b) {
-                        let _ = g.exec(&self.retract_cmd(), Duration::from_secs(30));
-                    }
+                    run.step(
+                        "teardown",
+                        "retract the listener",
+                        Some(b),
+                        &self.retract_cmd(),
+                    )?;
                 }
-                Ok(Verdict::fail(e.to_string(), ev))
-            }
-        }
+                Ok(())
+            },
+            evidence,
+        ))
     }
 }
 
@@ -170,13 +174,17 @@ impl LbListener {
         format!("curl -sS -m 3 http://{addr}:{}/", self.port)
     }
 
-    fn lifecycle(&self, ctx: &Ctx, deadline: Instant, ev: &mut Value) -> Result<String> {
-        let left = || deadline.saturating_duration_since(Instant::now());
+    /// Closed before, published and validated, carrying traffic on each
+    /// balancer; drained and restored on the first; retracted and closed.
+    fn lifecycle(&self, ctx: &Ctx, run: &mut Procedure) -> Result<String> {
         for b in &self.balancers {
-            let g = ctx.guests.get(b)?;
-            let out = g.exec(&self.probe(ctx, b), Duration::from_secs(10))?;
-            ev["before"][b] = json!(out.stderr.trim());
-            if out.ok() {
+            let (answered, _) = run.step(
+                "closed-before",
+                "port closed before",
+                Some(b),
+                &self.probe(ctx, b),
+            )?;
+            if answered {
                 bail!(
                     "{b} already answers on port {} before publication",
                     self.port
@@ -184,29 +192,44 @@ impl LbListener {
             }
         }
         for b in &self.balancers {
-            let g = ctx.guests.get(b)?;
-            let out = g.exec(&self.publish_cmd(ctx.cluster), Duration::from_secs(180))?;
-            ev["published"][b] =
-                json!({ "exit": out.code, "output": format!("{}{}", out.stdout, out.stderr) });
-            if !out.ok() {
-                bail!("publishing on {b} failed: {}", out.stderr.trim());
-            }
-        }
-        for b in &self.balancers {
-            let g = ctx.guests.get(b)?;
-            let (seen, secs) = until(&g, &self.probe(ctx, b), true, left())?;
-            ev["traffic"][b] = json!({ "answer": seen.trim(), "seconds_after_publication": secs });
-            let stat = g.exec(
-                &format!(
-                    "echo 'show stat {} -1 -1' | socat stdio TCP:127.0.0.1:9999",
-                    self.pool()
-                ),
-                Duration::from_secs(15),
+            run.must(
+                "publish",
+                "publish the listener",
+                Some(b),
+                &self.publish_cmd(ctx.cluster),
             )?;
-            ev["runtime_view"][b] = json!(stat.stdout);
+        }
+        let mut traffic = serde_json::Map::new();
+        for b in &self.balancers {
+            let limit = run.deadline().saturating_duration_since(Instant::now());
+            let secs = run.until(
+                "traffic",
+                "traffic through the listener",
+                Some(b),
+                &self.probe(ctx, b),
+                true,
+                limit,
+            )?;
+            let answer = run.last_output().trim().to_string();
+            traffic.insert(
+                b.clone(),
+                json!({ "answer": answer, "seconds_after_publication": secs }),
+            );
+            run.note("traffic", Value::Object(traffic.clone()));
+            let show = format!(
+                "echo 'show stat {} -1 -1' | socat stdio TCP:127.0.0.1:9999",
+                self.pool()
+            );
+            run.step(
+                "runtime-view",
+                "the runtime API's view of the pool",
+                Some(b),
+                &show,
+            )?;
         }
         let first = &self.balancers[0];
-        let drain_v = drain(
+        let left = run.deadline().saturating_duration_since(Instant::now());
+        let drained = drain(
             &*ctx.guests.get(first)?,
             &Drain {
                 frontend: &format!("http://127.0.0.1:{}/", self.port),
@@ -215,22 +238,32 @@ impl LbListener {
                 server: self.drain.as_deref().unwrap_or(&self.backends[0]),
                 requests: 4 * self.backends.len() as u32,
             },
-            left().min(Duration::from_secs(120)),
+            left.min(Duration::from_secs(120)),
         )?;
-        ev["drain"] = json!({ "node": first, "outcome": drain_v.outcome, "message": drain_v.message, "evidence": drain_v.evidence });
-        if drain_v.outcome != super::Outcome::Pass {
-            bail!("drain on {first}: {}", drain_v.message);
+        run.note("drain", json!({ "node": first, "outcome": drained.outcome, "message": drained.message, "evidence": drained.evidence }));
+        if drained.outcome != super::Outcome::Pass {
+            bail!("drain on {first}: {}", drained.message);
         }
+        let mut closed = serde_json::Map::new();
         for b in &self.balancers {
-            let g = ctx.guests.get(b)?;
-            let out = g.exec(&self.retract_cmd(), Duration::from_secs(180))?;
-            ev["retracted"][b] =
-                json!({ "exit": out.code, "output": format!("{}{}", out.stdout, out.stderr) });
-            if !out.ok() {
-                bail!("retracting on {b} failed: {}", out.stderr.trim());
-            }
-            let (err, secs) = until(&g, &self.probe(ctx, b), false, left())?;
-            ev["closed"][b] = json!({ "answer": err.trim(), "seconds": secs });
+            run.must(
+                "retract",
+                "retract the listener",
+                Some(b),
+                &self.retract_cmd(),
+            )?;
+            let limit = run.deadline().saturating_duration_since(Instant::now());
+            let secs = run.until(
+                "closed-after",
+                "port closed after",
+                Some(b),
+                &self.probe(ctx, b),
+                false,
+                limit,
+            )?;
+            let answer = run.last_output().trim().to_string();
+            closed.insert(b.clone(), json!({ "answer": answer, "seconds": secs }));
+            run.note("closed", Value::Object(closed.clone()));
         }
         Ok(format!(
             "listener {} on :{} published on {} (traffic on each), drained and restored {} on {first}, retracted and closed everywhere",
@@ -240,23 +273,6 @@ impl LbListener {
             self.drain.as_deref().unwrap_or("?"),
         ))
     }
-}
-
-/// Repeats `probe` until its success is `want` (or `budget` runs out): what
-/// it printed (stdout on success, stderr otherwise) and the seconds taken.
-fn until(
-    g: &crate::guest::Guest,
-    probe: &str,
-    want: bool,
-    budget: Duration,
-) -> Result<(String, f64)> {
-    let (out, secs) = g.exec_until(
-        probe,
-        want,
-        Instant::now() + budget,
-        Duration::from_millis(500),
-    )?;
-    Ok((if want { out.stdout } else { out.stderr }, secs))
 }
 
 #[cfg(test)]

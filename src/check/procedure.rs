@@ -80,6 +80,11 @@ impl<'a> Procedure<'a> {
         self.deadline
     }
 
+    /// The output of the last step run (an `until`'s last try: what held).
+    pub fn last_output(&self) -> &str {
+        self.steps.last().map_or("", |s| s.output.as_str())
+    }
+
     /// Keeps a finding beside the steps, as `evidence[key]`.
     pub fn note(&mut self, key: &str, value: Value) {
         self.notes.insert(key.to_string(), value);
