@@ -179,3 +179,41 @@ fn scripts_pass_fail_with_evidence_and_run_as_lane_checks() {
     );
     assert!(common::pids_mentioning("python3", "photon_machine").is_empty());
 }
+
+/// `script --fresh`: a cluster of its own, booted for the script and
+/// stopped after it, with nothing left running.
+#[test]
+fn a_script_with_fresh_boots_its_own_cluster_and_stops_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    common::image_dir_with_cmdline(&images, "");
+    let cluster = common::one_node_cluster(tmp.path(), &images);
+    let state = tmp.path().join("state");
+    let _stop = StopOnDrop(&state, &cluster);
+    let c = cluster.to_str().unwrap();
+    let artifacts = tmp.path().join("artifacts");
+    let script = fixture("passes.py");
+    let args = [
+        "--cluster",
+        c,
+        "script",
+        "--fresh",
+        "--accel",
+        "tcg",
+        "--artifacts",
+        artifacts.to_str().unwrap(),
+        script.to_str().unwrap(),
+    ];
+    let out = common::run(&state, &args);
+    assert_eq!(out.status.code(), Some(0), "script --fresh passes");
+    let result = result(&artifacts, "passes");
+    assert_eq!(result["command"], "script");
+    assert_eq!(result["boot"]["mode"], "cold", "{}", result["boot"]);
+    assert_eq!(
+        common::qemu_pids_mentioning(state.to_str().unwrap()),
+        Vec::<i32>::new(),
+        "the script's own cluster is stopped"
+    );
+    let out = common::run(&state, &["--cluster", c, "status"]);
+    assert_eq!(out.status.code(), Some(2), "no cluster left running");
+}

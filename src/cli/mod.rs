@@ -258,21 +258,27 @@ pub enum Cmd {
         #[command(flatten)]
         start: StartArgs,
     },
-    /// Provider and VM-hosting evidence in one dated root
-    /// (work/provider-vm-reality-proof/<timestamp>/network-provider, vm-hosting):
     /// Run a Python test script (NixOS test driver names: node01.succeed,
-    /// wait_for_unit, subtest, ...) against the running cluster; its
-    /// subtests and steps land in result.json, junit.xml and report.html.
-    /// See docs/scripts.md.
+    /// wait_for_unit, subtest, ...) against the running cluster (or a fresh
+    /// one with --fresh); its subtests and steps land in result.json,
+    /// junit.xml and report.html. See docs/scripts.md.
     Script {
         /// The script (Python 3, standard library; its module is provided).
         file: PathBuf,
         /// The script's time limit, in seconds.
         #[arg(long, default_value_t = 1800)]
         deadline: u64,
+        /// On a fresh cluster (clean, build, start, script, stop), like the
+        /// `fresh-*` commands, instead of the running one.
+        #[arg(long)]
+        fresh: bool,
         #[command(flatten)]
         lane: LaneRun,
+        #[command(flatten)]
+        start: StartArgs,
     },
+    /// Provider and VM-hosting evidence in one dated root
+    /// (work/provider-vm-reality-proof/<timestamp>/network-provider, vm-hosting):
     /// against the running cluster, or a fresh one (clean, build, start,
     /// lane, stop) when none runs.
     ProviderVmRealityProof {

@@ -46,13 +46,15 @@ pub fn run(cli: Cli) -> Result<i32> {
         Cmd::Script {
             file,
             deadline,
+            fresh: on_fresh,
             lane,
+            start,
         } => on.with(|c, s| {
-            on_running(
-                c,
-                s,
-                lane.options(script_lane(&file, deadline, c)?, "script"),
-            )
+            let opts = lane.options(script_lane(&file, deadline, c)?, "script");
+            match on_fresh {
+                true => fresh(c, s, &opts, &start),
+                false => on_running(c, s, opts),
+            }
         }),
         Cmd::Matrix(run) => on.with(|c, s| lane_on_running(c, s, "matrix", &run)),
         Cmd::BenchStorage(run) => on.with(|c, s| lane_on_running(c, s, "bench-storage", &run)),
