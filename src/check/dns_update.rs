@@ -11,6 +11,7 @@
 //! does not leave it in the zone; the ADD deletes any leftover first.
 
 use super::dns::{self, Answer};
+use super::procedure::Procedure;
 use super::{Check, Ctx, Verdict, require_forward};
 use crate::provision::dns::{TSIG_KEY, TSIG_SECRET_FILE};
 use crate::spec::{Cluster, Proto, Role};
@@ -114,13 +115,10 @@ impl Check for DnsUpdate {
     }
 
     fn attempt(&self, ctx: &Ctx, _target: Option<&str>, budget: Duration) -> Result<Verdict> {
-        let started = Instant::now();
         let (Some(primary), Some(Nodes::Many(secondaries))) = (&self.primary, &self.secondaries)
         else {
             bail!("dns_update was not bound to the cluster");
         };
-        let zone = Name::from_ascii(format!("{}.", self.zone))?;
-        let name = Name::from_ascii(format!("{}.{}.", self.record, self.zone))?;
         let signer = match self.sign {
             true => Some(signer(&read_secret(ctx)?)?),
             false => None,
@@ -129,76 +127,152 @@ impl Check for DnsUpdate {
         for node in std::iter::once(primary).chain(secondaries) {
             servers.push((node.clone(), ctx.forward(node, &self.forward)?.host));
         }
-        let port = servers[0].1;
-        let address = self.address.to_string();
-        let mut evidence = json!({
-            "zone": zone.to_string(), "name": name.to_string(), "address": address,
-            "primary": primary, "secondaries": secondaries, "signed": self.sign,
+        let up = Update {
+            zone: Name::from_ascii(format!("{}.", self.zone))?,
+            name: Name::from_ascii(format!("{}.{}.", self.record, self.zone))?,
+            port: servers[0].1,
+            signer,
+        };
+        let evidence = json!({
+            "zone": up.zone.to_string(), "name": up.name.to_string(),
+            "address": self.address.to_string(), "primary": primary,
+            "secondaries": secondaries, "signed": self.sign,
         });
-        let timeout =
-            |left: Duration| left.clamp(Duration::from_millis(200), Duration::from_secs(5));
+        Ok(Procedure::on_host(ctx, budget).conclude(
+            |run| self.lifecycle(run, &up, &servers),
+            // Whatever propagation did, the record leaves the zone (the
+            // primary may have applied an add it did not answer).
+            |run| {
+                up.send(run, "teardown", "remove the record", None)
+                    .map(drop)
+            },
+            evidence,
+        ))
+    }
+}
 
-        let add = add_message(&zone, &name, self.address, self.ttl);
-        let (ev, added) = update(port, add, signer.as_ref(), timeout(budget))?;
-        evidence["add"] = ev;
-        if let Err(why) = added {
-            // The primary may have applied it all the same (no answer, or an
-            // answer without a valid TSIG).
-            let delete = delete_message(&zone, &name);
-            if let Ok((ev, _)) = update(port, delete, signer.as_ref(), timeout(budget)) {
-                evidence["remove"] = ev;
-            }
-            return Ok(Verdict::fail(format!("{primary}: the add {why}"), evidence));
+/// The updates of one check: to the zone, of the name, through the
+/// primary's forward, signed or not.
+struct Update {
+    zone: Name,
+    name: Name,
+    port: u16,
+    signer: Option<TSigner>,
+}
+
+impl Update {
+    /// Sends the add (`Some(record)`) or the removal as a host step; its
+    /// exchange is kept as `evidence[key]` when the step has one.
+    fn send(
+        &self,
+        run: &mut Procedure,
+        id: &str,
+        label: &str,
+        add: Option<(Ipv4Addr, u32)>,
+    ) -> Result<String> {
+        let (msg, what) = match add {
+            Some((a, ttl)) => (
+                add_message(&self.zone, &self.name, a, ttl),
+                format!("UPDATE {}: add {} A {a}", self.zone, self.name),
+            ),
+            None => (
+                delete_message(&self.zone, &self.name),
+                format!("UPDATE {}: delete {} A", self.zone, self.name),
+            ),
+        };
+        let timeout = run
+            .deadline()
+            .saturating_duration_since(Instant::now())
+            .clamp(Duration::from_millis(200), Duration::from_secs(5));
+        let mut exchange = Value::Null;
+        let said = run.host(id, label, &what, || {
+            let (ev, outcome) = update(self.port, msg, self.signer.as_ref(), timeout)
+                .map_err(|e| format!("{e:#}"))?;
+            exchange = ev;
+            outcome.map(|()| "NOERROR".to_string())
+        });
+        if !exchange.is_null() && id != "teardown" {
+            run.note(id, exchange);
         }
+        said
+    }
+}
+
+impl DnsUpdate {
+    /// Added on the primary, seen on every server, removed, gone from every
+    /// server. Times count from each update's answer, so they measure
+    /// NOTIFY and zone transfer, not the driver.
+    fn lifecycle(
+        &self,
+        run: &mut Procedure,
+        up: &Update,
+        servers: &[(String, u16)],
+    ) -> Result<String> {
+        let primary = &servers[0].0;
+        let address = self.address.to_string();
+        up.send(
+            run,
+            "add",
+            &format!("{primary}: the add"),
+            Some((self.address, self.ttl)),
+        )?;
         let since = Instant::now();
         // Half of what is left, so the removal has its share.
-        let until = since + budget.saturating_sub(started.elapsed()) / 2;
+        let until = since + run.deadline().saturating_duration_since(since) / 2;
         let has = |a: &Answer| a.authoritative && a.answers.contains(&address);
-        let (seen, late) = watch(&servers, &name, &zone, since, until, has);
-        evidence["propagation"] = seen;
-
-        let left = budget.saturating_sub(started.elapsed());
-        let (ev, removed) = update(
-            port,
-            delete_message(&zone, &name),
-            signer.as_ref(),
-            timeout(left),
-        )?;
-        evidence["remove"] = ev;
-        if let Some((node, last)) = late {
-            let s = (until - since).as_secs_f64();
-            let msg = format!("{node} does not answer {address} after {s:.0} s (last: {last})");
-            return Ok(Verdict::fail(msg, evidence));
-        }
-        if let Err(why) = removed {
-            return Ok(Verdict::fail(
-                format!("{primary}: the remove {why}"),
-                evidence,
-            ));
-        }
+        let mut seen = Value::Null;
+        let arrived = run.host(
+            "propagation",
+            "the record on every server",
+            "ask every server",
+            || {
+                let late;
+                (seen, late) = watch(servers, &up.name, &up.zone, since, until, has);
+                let s = (until - since).as_secs_f64();
+                late.map_or(Ok("every server answers".into()), |(node, last)| {
+                    Err(format!(
+                        "{node} does not answer {address} after {s:.0} s (last: {last})"
+                    ))
+                })
+            },
+        );
+        run.note("propagation", seen);
+        // Removed whether or not it arrived everywhere.
+        let removed = up.send(run, "remove", &format!("{primary}: the remove"), None);
+        arrived?;
+        removed?;
         let since = Instant::now();
-        let until = started + budget;
+        let until = run.deadline();
         let gone = |a: &Answer| {
             a.authoritative
                 && a.answers.is_empty()
                 && matches!(a.rcode, ResponseCode::NoError | ResponseCode::NXDomain)
         };
-        let (seen, late) = watch(&servers, &name, &zone, since, until, gone);
-        evidence["removal_propagation"] = seen;
-        if let Some((node, last)) = late {
-            let s = until.saturating_duration_since(since).as_secs_f64();
-            let msg = match last.contains(&address) {
-                true => format!("{node} still answers {address} after {s:.0} s"),
-                false => format!("{node} has not dropped {address} after {s:.0} s (last: {last})"),
-            };
-            return Ok(Verdict::fail(msg, evidence));
-        }
-        Ok(Verdict::pass(
-            format!(
-                "{name} A {address} added on {primary}, seen and then gone on {} servers",
-                servers.len()
-            ),
-            evidence,
+        let mut seen = Value::Null;
+        let dropped = run.host(
+            "removal-propagation",
+            "the record gone from every server",
+            "ask every server",
+            || {
+                let late;
+                (seen, late) = watch(servers, &up.name, &up.zone, since, until, gone);
+                let s = until.saturating_duration_since(since).as_secs_f64();
+                late.map_or(Ok("every server dropped it".into()), |(node, last)| {
+                    Err(match last.contains(&address) {
+                        true => format!("{node} still answers {address} after {s:.0} s"),
+                        false => format!(
+                            "{node} has not dropped {address} after {s:.0} s (last: {last})"
+                        ),
+                    })
+                })
+            },
+        );
+        run.note("removal_propagation", seen);
+        dropped?;
+        Ok(format!(
+            "{} A {address} added on {primary}, seen and then gone on {} servers",
+            up.name,
+            servers.len()
         ))
     }
 }

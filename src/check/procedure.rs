@@ -49,8 +49,8 @@ pub struct Step {
 pub struct Procedure<'a> {
     ctx: &'a Ctx<'a>,
     /// The node a step without one runs on (the OVN central, the bundle's
-    /// worker).
-    home: Arc<Guest>,
+    /// worker); none for a procedure the driver runs from the host.
+    home: Option<Arc<Guest>>,
     began: Instant,
     deadline: Instant,
     steps: Vec<Step>,
@@ -64,15 +64,24 @@ pub struct Procedure<'a> {
 impl<'a> Procedure<'a> {
     /// A procedure whose steps default to `home`, ending by `budget`.
     pub fn new(ctx: &'a Ctx<'a>, home: &str, budget: Duration) -> Result<Self> {
-        Ok(Procedure {
+        let mut run = Procedure::on_host(ctx, budget);
+        run.home = Some(ctx.guests.get(home)?);
+        Ok(run)
+    }
+
+    /// A procedure whose steps the driver takes from the host (protocol
+    /// exchanges through the nodes' forwards: [`Procedure::host`]); steps
+    /// on a node must name it.
+    pub fn on_host(ctx: &'a Ctx<'a>, budget: Duration) -> Self {
+        Procedure {
             ctx,
-            home: ctx.guests.get(home)?,
+            home: None,
             began: Instant::now(),
             deadline: Instant::now() + budget,
             steps: Vec::new(),
             notes: serde_json::Map::new(),
             tearing_down: false,
-        })
+        }
     }
 
     /// The check's deadline, for waits of a procedure's own.
@@ -114,9 +123,10 @@ impl<'a> Procedure<'a> {
         if crate::interrupted() && !self.tearing_down {
             return Err(crate::stop_error());
         }
-        let guest = match node {
-            Some(n) => self.ctx.guests.get(n)?,
-            None => self.home.clone(),
+        let guest = match (node, &self.home) {
+            (Some(n), _) => self.ctx.guests.get(n)?,
+            (None, Some(home)) => home.clone(),
+            (None, None) => bail!("step {id}: a procedure run from the host names its node"),
         };
         let at = Instant::now();
         // A step may take what is left of the check's budget: one slow
@@ -150,6 +160,43 @@ impl<'a> Procedure<'a> {
             outcome,
         });
         Ok((out.ok(), output, out.stdout))
+    }
+
+    /// A step the driver takes itself, from the host (an exchange through a
+    /// node's forward): kept with node `host`, `what` as its command and
+    /// what `f` said as its output. `f` says `Ok(said)` when the step held;
+    /// `Err(said)` ends the procedure with the label and what it said.
+    pub fn host(
+        &mut self,
+        id: &str,
+        label: &str,
+        what: &str,
+        f: impl FnOnce() -> std::result::Result<String, String>,
+    ) -> Result<String> {
+        if crate::interrupted() && !self.tearing_down {
+            return Err(crate::stop_error());
+        }
+        let at = Instant::now();
+        let said = f();
+        let output = match &said {
+            Ok(s) | Err(s) => s.clone(),
+        };
+        self.steps.push(Step {
+            id: id.to_string(),
+            label: label.to_string(),
+            node: "host".into(),
+            command: what.to_string(),
+            exit: if said.is_ok() { 0 } else { 1 },
+            output,
+            at_s: (at - self.began).as_secs_f64(),
+            seconds: at.elapsed().as_secs_f64(),
+            outcome: match (self.tearing_down, said.is_ok()) {
+                (true, _) => "teardown",
+                (false, true) => "ok",
+                (false, false) => "failed",
+            },
+        });
+        said.map_err(|s| anyhow::anyhow!("{label}: {s}"))
     }
 
     /// Like [`Procedure::step`], but a failure ends the procedure with the
