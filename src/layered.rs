@@ -14,6 +14,7 @@ use crate::cluster::{self, StartOptions};
 use crate::error::bad_input;
 use crate::hermetic::Hermetic;
 use crate::lane::Lane;
+use crate::ledger::Ledger;
 use crate::report::{self, RunReport, Step};
 use crate::secrets::Secrets;
 use crate::snapshot;
@@ -179,8 +180,10 @@ pub fn assemble(inputs: &[PathBuf], out: &Path, keep_failed: bool, json: bool) -
     };
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let started = Instant::now();
-    let mut rep = merged(first.report.clone(), &runs);
-    rep.finish(started, None);
+    let header = header(&first.report);
+    let mut rep = merged(&runs).into_report(header, started, None);
+    // The lane took its layers' time, wherever and whenever they ran; not
+    // this assembly's.
     rep.duration_s = runs.iter().map(|r| r.report.duration_s).sum();
     for r in &runs {
         copy_tree(&r.dir, &out.join("layers").join(&r.name))?;
@@ -192,54 +195,68 @@ pub fn assemble(inputs: &[PathBuf], out: &Path, keep_failed: bool, json: bool) -
     Ok(if keep_failed { 0 } else { rep.exit_code })
 }
 
-/// The whole lane's report from its layers' reports.
-fn merged(mut rep: RunReport, runs: &[LayerRun]) -> RunReport {
-    rep.command = "run --assemble".into();
-    rep.command_line = Some(std::env::args().collect::<Vec<_>>().join(" "));
-    (rep.layers, rep.steps, rep.findings) = (Vec::new(), Vec::new(), Vec::new());
-    rep.error = None;
-    rep.error_kind = None;
-    rep.artifacts.clear();
-    let mut failed = Vec::new();
-    for r in runs {
-        for mut l in r.report.layers.clone() {
-            if l.name == "health" {
-                l.name = format!("health:{}", r.name);
-            }
-            rep.layers.push(l);
-        }
-        for mut s in r.report.steps.clone() {
-            s.name = format!("{}:{}", r.name, s.name);
-            rep.steps.push(s);
-        }
-        rep.findings.extend(r.report.findings.clone());
-        if rep.error.is_none() && r.report.error.is_some() {
-            rep.error = r
-                .report
-                .error
-                .as_ref()
-                .map(|e| format!("layer {}: {e}", r.name));
-            rep.error_kind = r.report.error_kind;
-        }
-        if r.report.exit_code != 0 {
-            failed.push(r.name.clone());
-        }
+/// The assembled lane's header: the first layer's (lane, cluster, start,
+/// `hermetic`), as this command, with no artifacts yet.
+fn header(first: &RunReport) -> RunReport {
+    let mut header = first.clone();
+    header.command = "run --assemble".into();
+    header.command_line = Some(std::env::args().collect::<Vec<_>>().join(" "));
+    header.artifacts.clear();
+    header
+}
+
+/// The whole lane's ledger from its layers' reports: every layer's results,
+/// its health layer as `health:<layer>`, its steps as `<layer>:<step>`, the
+/// first error, and an `assemble` step naming the layers that failed.
+fn merged(runs: &[LayerRun]) -> Ledger {
+    let mut ledger = Ledger::default();
+    if let Some(first) = runs.first() {
+        // Every layer restored the same ready cluster; the fabric counters
+        // are the first layer's switch's (not summed).
+        ledger.describe_as(&first.report);
+        ledger.fabric = first.report.fabric.clone();
     }
+    for r in runs {
+        record_layer(&mut ledger, r);
+    }
+    let failed: Vec<&str> = runs
+        .iter()
+        .filter(|r| r.report.exit_code != 0)
+        .map(|r| r.name.as_str())
+        .collect();
+    ledger.steps.push(assemble_step(runs.len(), &failed));
+    ledger
+}
+
+/// One layer's report in the whole lane's ledger.
+fn record_layer(ledger: &mut Ledger, r: &LayerRun) {
+    for mut l in r.report.layers.clone() {
+        if l.name == "health" {
+            l.name = format!("health:{}", r.name);
+        }
+        ledger.layers.push(l);
+    }
+    for mut s in r.report.steps.clone() {
+        s.name = format!("{}:{}", r.name, s.name);
+        ledger.steps.push(s);
+    }
+    ledger.findings.extend(r.report.findings.clone());
+    ledger.carry_error(&format!("layer {}", r.name), &r.report);
+}
+
+/// The assembly as a step: failed when a layer did, naming the first.
+fn assemble_step(layers: usize, failed: &[&str]) -> Step {
     let message = match failed.first() {
-        None => format!(
-            "{} layers, each from the ready cluster: all passed",
-            runs.len()
-        ),
+        None => format!("{layers} layers, each from the ready cluster: all passed"),
         // Each layer started from the same ready cluster: a later failure
         // cannot follow from an earlier one.
         Some(first) => format!(
-            "{} layers, each from the ready cluster; first failed: {first}; failed: {} \
+            "{layers} layers, each from the ready cluster; first failed: {first}; failed: {} \
              (independent: no layer ran after another)",
-            runs.len(),
             failed.join(", ")
         ),
     };
-    rep.steps.push(Step {
+    Step {
         name: "assemble".into(),
         outcome: if failed.is_empty() {
             Outcome::Pass
@@ -248,8 +265,7 @@ fn merged(mut rep: RunReport, runs: &[LayerRun]) -> RunReport {
         },
         duration_s: 0.0,
         message,
-    });
-    rep
+    }
 }
 
 /// Copies the files under `from` into `to`, writable by their owner (the

@@ -23,6 +23,7 @@ pub mod host;
 pub mod image;
 pub mod lane;
 pub mod layered;
+pub mod ledger;
 pub mod log;
 pub mod machine;
 pub mod progress;

@@ -9,6 +9,7 @@
 //! flaky, 2 on bad input (before anything starts), else the run's own.
 
 use crate::error::bad_input;
+use crate::ledger::Ledger;
 use crate::report::{self, RunReport};
 use crate::secrets::Secrets;
 use crate::smoke::{self, LaneOptions, Restore};
@@ -147,14 +148,15 @@ fn save(cluster: &Cluster, state: &StateDir, record: &RunningCluster) -> Result<
 /// Sums the runs up, writes the rerun's root and prints its tables.
 fn conclude(cluster: &Cluster, state: &StateDir, opts: &RerunOptions, done: Done) -> Result<u8> {
     let lane = &opts.lane.lane;
-    let (root, started) = (done.root, done.started);
-    let base = RunReport::new("rerun", &lane.name, &lane.source, cluster);
-    let mut rep = report::rerun::summarize(base, opts.times, done.snapshot, &done.runs);
-    if let Some(e) = &done.failed {
-        rep.error = Some(format!("{e:#}"));
-        rep.error_kind = Some(crate::error::kind_of(e));
-    }
-    rep.finish(started, crate::stopped_as());
+    let root = done.root;
+    let mut header = RunReport::new("rerun", &lane.name, &lane.source, cluster);
+    let summary = report::rerun::summarize(opts.times, done.snapshot, &done.runs);
+    header.rerun = Some(summary.rerun);
+    let mut ledger = ledger(&done);
+    (ledger.layers, ledger.steps) = (summary.layers, summary.steps);
+    let mut rep = ledger.into_report(header, done.started, crate::stopped_as());
+    // The rerun's own exit contract (module doc): a check flaky over the
+    // runs fails the rerun, which a single run's status does not say.
     rep.exit_code = report::rerun::exit_code(&rep);
     report::write(root, &mut rep, &Secrets::load(state))?;
     let table = report::rerun::render(&rep);
@@ -168,4 +170,22 @@ fn conclude(cluster: &Cluster, state: &StateDir, opts: &RerunOptions, done: Done
         return Err(crate::stop_error());
     }
     Ok(rep.exit_code)
+}
+
+/// The rerun's error and cluster: the error that ended the reruns early,
+/// else the first run's own error; the cluster as the last run found it.
+fn ledger(done: &Done) -> Ledger {
+    let mut ledger = Ledger::default();
+    // First, so that it wins: it came after the runs' errors, but it is
+    // what stopped the rerun.
+    if let Some(e) = &done.failed {
+        ledger.fail_with(e);
+    }
+    for (i, (_, r)) in done.runs.iter().enumerate() {
+        ledger.carry_error(&format!("run {}", i + 1), r);
+    }
+    if let Some((_, last)) = done.runs.last() {
+        ledger.describe_as(last);
+    }
+    ledger
 }

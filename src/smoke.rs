@@ -2,12 +2,13 @@
 //! build, start, smoke, stop). Both always leave the artifact tree, also
 //! when a step or a check fails, and return the exit code to use.
 
-use crate::check::{Ctx, Outcome};
+use crate::check::Ctx;
 use crate::cluster::{self, StartOptions};
 use crate::error::{RunStatus, bad_input};
 use crate::guest::GuestPool;
 use crate::hermetic::{Hermetic, write_nix_support};
 use crate::lane::Lane;
+use crate::ledger::Ledger;
 use crate::report::{self, RunReport, Step};
 use crate::secrets::Secrets;
 use crate::spec::Cluster;
@@ -47,9 +48,17 @@ pub fn smoke(cluster: &Cluster, state: &StateDir, opts: &LaneOptions) -> Result<
     })?;
     let dir = report::create_dir(&opts.artifacts, &opts.lane.name)?;
     let started = Instant::now();
-    let mut rep = RunReport::new(&opts.command, &opts.lane.name, &opts.lane.source, cluster);
-    check_cluster(&mut rep, cluster, state, &record, opts, &dir, started);
-    conclude(rep, &dir, state, started, opts)
+    let header = header(cluster, opts);
+    let mut ledger = Ledger::default();
+    check_cluster(&mut ledger, cluster, state, &record, opts, &dir, started);
+    let rep = ledger.into_report(header, started, crate::stopped_as());
+    conclude(rep, &dir, state, opts)
+}
+
+/// The report's header for a lane run: the command, the lane, the
+/// cluster, and now as its start.
+fn header(cluster: &Cluster, opts: &LaneOptions) -> RunReport {
+    RunReport::new(&opts.command, &opts.lane.name, &opts.lane.source, cluster)
 }
 
 /// Runs the lane against the running `record` and writes its artifacts
@@ -63,9 +72,10 @@ pub fn lane_into(
 ) -> Result<RunReport> {
     std::fs::create_dir_all(dir)?;
     let started = Instant::now();
-    let mut rep = RunReport::new(&opts.command, &opts.lane.name, &opts.lane.source, cluster);
-    check_cluster(&mut rep, cluster, state, record, opts, dir, started);
-    rep.finish(started, crate::stopped_as());
+    let header = header(cluster, opts);
+    let mut ledger = Ledger::default();
+    check_cluster(&mut ledger, cluster, state, record, opts, dir, started);
+    let mut rep = ledger.into_report(header, started, crate::stopped_as());
     report::write(dir, &mut rep, &Secrets::load(state))?;
     Ok(rep)
 }
@@ -80,16 +90,18 @@ pub fn fresh_smoke(
 ) -> Result<u8> {
     let dir = report::create_dir(&opts.artifacts, &opts.lane.name)?;
     let started = Instant::now();
-    let mut rep = RunReport::new(&opts.command, &opts.lane.name, &opts.lane.source, cluster);
-    let ok = step(&mut rep, "clean", || {
+    let header = header(cluster, opts);
+    let mut ledger = Ledger::default();
+    let ok = ledger.step("clean", || {
         cluster::clean(state, false).map(|_| "runtime state removed".into())
-    }) && step(&mut rep, "build", || {
+    }) && ledger.step("build", || {
         image::build(cluster, state).map(|i| format!("{} image {}", i.provider, i.id))
     });
     if ok {
-        boot_check_stop(&mut rep, cluster, state, opts, start, &dir, started);
+        boot_check_stop(&mut ledger, cluster, state, opts, start, &dir, started);
     }
-    conclude(rep, &dir, state, started, opts)
+    let rep = ledger.into_report(header, started, crate::stopped_as());
+    conclude(rep, &dir, state, opts)
 }
 
 /// `run`: the hermetic form for Nix builders. The images are given, so
@@ -107,10 +119,11 @@ pub fn hermetic(
 ) -> Result<u8> {
     std::fs::create_dir_all(out)?;
     let started = Instant::now();
-    let mut rep = RunReport::new(&opts.command, &opts.lane.name, &opts.lane.source, cluster);
-    rep.hermetic = Some(paths);
-    boot_check_stop(&mut rep, cluster, state, opts, start, out, started);
-    rep.finish(started, crate::stopped_as());
+    let mut header = header(cluster, opts);
+    header.hermetic = Some(paths);
+    let mut ledger = Ledger::default();
+    boot_check_stop(&mut ledger, cluster, state, opts, start, out, started);
+    let mut rep = ledger.into_report(header, started, crate::stopped_as());
     let failed = rep.exit_code != 0;
     report::write(out, &mut rep, &Secrets::load(state))?;
     write_nix_support(out, failed && keep_failed, &rep.metrics())?;
@@ -124,7 +137,7 @@ pub fn hermetic(
 /// start, the lane, stop (always, once start succeeded). A failed start
 /// leaves the consoles of whatever booted as evidence.
 fn boot_check_stop(
-    rep: &mut RunReport,
+    ledger: &mut Ledger,
     cluster: &Cluster,
     state: &StateDir,
     opts: &LaneOptions,
@@ -133,7 +146,7 @@ fn boot_check_stop(
     started: Instant,
 ) {
     let mut record: Option<RunningCluster> = None;
-    step(rep, "start", || {
+    ledger.step("start", || {
         let r = cluster::start(cluster, state, start)?;
         let msg = format!("{} nodes ready; accel {}", r.nodes.len(), r.accel.summary());
         record = Some(r);
@@ -142,28 +155,22 @@ fn boot_check_stop(
     let Some(r) = &record else {
         let nodes: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
         let t = Instant::now();
-        rep.findings = evidence::collect(dir, state, None, None, &nodes);
-        rep.layers
-            .push(evidence::health_layer(&nodes, &rep.findings, t, started));
+        ledger.findings = evidence::collect(dir, state, None, None, &nodes);
+        let health = evidence::health_layer(&nodes, &ledger.findings, t, started);
+        ledger.layers.push(health);
         return;
     };
     let t = Instant::now();
-    check_cluster(rep, cluster, state, r, opts, dir, started);
-    let outcome = engine::overall(rep.layers.iter().map(|l| l.outcome));
-    let checks: usize = rep.layers.iter().map(|l| l.checks.len()).sum();
-    rep.steps.push(Step {
-        name: "smoke".into(),
-        outcome,
-        duration_s: t.elapsed().as_secs_f64(),
-        message: format!("{checks} checks"),
-    });
+    check_cluster(ledger, cluster, state, r, opts, dir, started);
+    let lane = lane_step(&ledger.layers, t);
+    ledger.steps.push(lane);
     if let Some(end) = &opts.save_end {
-        step(rep, "save-end", || {
+        ledger.step("save-end", || {
             crate::layered::save_end(cluster, state, r, end)
                 .map(|bytes| format!("end state saved in {} ({bytes} bytes)", end.display()))
         });
     }
-    step(rep, "stop", || {
+    ledger.step("stop", || {
         let notes = cluster::stop(state, opts.grace)?;
         Ok(notes
             .iter()
@@ -173,33 +180,21 @@ fn boot_check_stop(
     });
 }
 
-/// Runs one step, records it, and turns an error into the run's error.
-fn step(rep: &mut RunReport, name: &str, f: impl FnOnce() -> Result<String>) -> bool {
-    tracing::info!("== {name}");
-    let t = Instant::now();
-    let result = f();
-    let (outcome, message) = match &result {
-        Ok(m) => (Outcome::Pass, m.clone()),
-        Err(e) => (Outcome::Fail, format!("{e:#}")),
-    };
-    if let Err(e) = &result
-        && rep.error.is_none()
-    {
-        rep.error = Some(format!("{name}: {message}"));
-        rep.error_kind = Some(crate::error::kind_of(e));
-    }
-    rep.steps.push(Step {
-        name: name.into(),
-        outcome,
+/// The lane as one step of a run that also starts and stops the cluster:
+/// its worst outcome, and how many checks it ran.
+fn lane_step(layers: &[engine::LayerResult], t: Instant) -> Step {
+    let checks: usize = layers.iter().map(|l| l.checks.len()).sum();
+    Step {
+        name: "smoke".into(),
+        outcome: engine::overall(layers.iter().map(|l| l.outcome)),
         duration_s: t.elapsed().as_secs_f64(),
-        message,
-    });
-    result.is_ok()
+        message: format!("{checks} checks"),
+    }
 }
 
 /// The lane's layers, then evidence collection and the health layer.
 fn check_cluster(
-    rep: &mut RunReport,
+    ledger: &mut Ledger,
     cluster: &Cluster,
     state: &StateDir,
     record: &RunningCluster,
@@ -207,7 +202,7 @@ fn check_cluster(
     dir: &Path,
     started: Instant,
 ) {
-    rep.describe(record);
+    ledger.describe(record);
     let nodes: Vec<String> = record.nodes.keys().cloned().collect();
     let dead = |r: &RunningCluster| -> Vec<String> {
         r.nodes
@@ -232,7 +227,7 @@ fn check_cluster(
         };
         let reset = || reset(cluster, state, record);
         let run = engine::RunOptions::new(opts.keep_going, Some(&reset));
-        (rep.layers, replaced) = engine::run(&opts.lane, &ctx, run, started);
+        (ledger.layers, replaced) = engine::run(&opts.lane, &ctx, run, started);
     }
     // A flaky check's reset replaced the guests: what follows reads the
     // cluster that runs now (the report keeps describing the boot the lane
@@ -241,15 +236,15 @@ fn check_cluster(
         pool = GuestPool::new(r);
     }
     let record = replaced.as_ref().unwrap_or(record);
-    rep.fabric = crate::fault::fabric_status(record).ok();
+    ledger.fabric = crate::fault::fabric_status(record).ok();
     let t = Instant::now();
-    rep.findings = evidence::collect(dir, state, Some(record), Some(&pool), &nodes);
-    rep.layers
-        .push(evidence::health_layer(&nodes, &rep.findings, t, started));
+    ledger.findings = evidence::collect(dir, state, Some(record), Some(&pool), &nodes);
+    let health = evidence::health_layer(&nodes, &ledger.findings, t, started);
+    ledger.layers.push(health);
     let gone = dead(record);
-    if !gone.is_empty() && rep.error.is_none() {
-        rep.error = Some(format!("QEMU is not running for {}", gone.join(", ")));
-        rep.error_kind = Some(crate::error::ErrorKind::NodeGone);
+    if !gone.is_empty() {
+        let message = format!("QEMU is not running for {}", gone.join(", "));
+        ledger.fail(message, Some(crate::error::ErrorKind::NodeGone));
     }
 }
 
@@ -319,14 +314,9 @@ pub fn restore(cluster: &Cluster, state: &StateDir, to: &Restore) -> Result<Runn
     cluster::start(cluster, state, &opts)
 }
 
-fn conclude(
-    mut rep: RunReport,
-    dir: &Path,
-    state: &StateDir,
-    started: Instant,
-    opts: &LaneOptions,
-) -> Result<u8> {
-    rep.finish(started, crate::stopped_as());
+/// Writes the run's artifacts, publishes its benchmark report if asked,
+/// prints its summary; returns its exit code (a stopped run's error).
+fn conclude(mut rep: RunReport, dir: &Path, state: &StateDir, opts: &LaneOptions) -> Result<u8> {
     report::write(dir, &mut rep, &Secrets::load(state))?;
     if let Some(to) = &opts.publish {
         match report::bench::publish(dir, &rep.lane, to)? {

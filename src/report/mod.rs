@@ -16,7 +16,7 @@ use crate::evidence::Finding;
 use crate::files::write_atomic;
 use crate::machine::accel::AccelChoice;
 use crate::secrets::Secrets;
-use crate::state::{ImageRecord, RunningCluster};
+use crate::state::ImageRecord;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -25,7 +25,8 @@ use std::path::{Path, PathBuf};
 
 pub const SCHEMA: &str = "photon-cluster/result/v1";
 
-/// `result.json`.
+/// `result.json`. A run does not edit it as it goes: it records into a
+/// `ledger::Ledger`, which makes the report once the run is over.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunReport {
     pub schema: String,
@@ -103,6 +104,8 @@ pub struct Step {
 }
 
 impl RunReport {
+    /// The header of a run's report: what runs, and when it started. Its
+    /// status stays `error` until `Ledger::into_report` decides it.
     pub fn new(
         command: &str,
         lane: &str,
@@ -137,66 +140,6 @@ impl RunReport {
             fabric: None,
             rerun: None,
         }
-    }
-
-    /// Records what the running cluster is (accel, image, boot times).
-    pub fn describe(&mut self, record: &RunningCluster) {
-        self.accel = Some(record.accel.clone());
-        self.boot = Some(Boot {
-            mode: if record.restored_from.is_some() {
-                "warm"
-            } else {
-                "cold"
-            }
-            .into(),
-            snapshot: record.restored_from.clone(),
-        });
-        self.image = Some(record.image.clone());
-        self.nodes = record
-            .nodes
-            .iter()
-            .map(|(name, n)| {
-                let summary = NodeSummary {
-                    role: n.role,
-                    address: n.address.clone(),
-                    ready_after_s: n.ready_after_s,
-                    phases: n.phases.clone(),
-                };
-                (name.clone(), summary)
-            })
-            .collect();
-    }
-
-    /// Decides status and exit code from what was recorded; `interrupted`
-    /// says whether the user stopped the run.
-    /// Decides the status; `stopped` says how the run was cut short, if it
-    /// was (`timeout` or `interrupted`), which wins over what it found.
-    pub fn finish(&mut self, started: std::time::Instant, stopped: Option<RunStatus>) {
-        self.finished = chrono::Utc::now().to_rfc3339();
-        self.duration_s = started.elapsed().as_secs_f64();
-        let outcomes = self
-            .layers
-            .iter()
-            .map(|l| l.outcome)
-            .chain(self.steps.iter().map(|s| s.outcome));
-        if stopped.is_some() && self.error.is_none() {
-            let err = crate::stop_error();
-            self.error = Some(format!("{err:#}"));
-            self.error_kind = Some(crate::error::kind_of(&err));
-        }
-        self.status = if let Some(s) = stopped {
-            s
-        } else if self.error.is_some() {
-            RunStatus::Error
-        } else {
-            match crate::engine::overall(outcomes) {
-                Outcome::Fail => RunStatus::Fail,
-                Outcome::Degraded => RunStatus::Degraded,
-                Outcome::Flaky => RunStatus::Flaky,
-                _ => RunStatus::Pass,
-            }
-        };
-        self.exit_code = for_status(self.status);
     }
 
     /// The run's figures, for Hydra's `nix-support/hydra-metrics`: name,

@@ -1,9 +1,10 @@
 //! The rerun report: one lane run N times from the same snapshot, summed
 //! up per check (passes, failures, pass rate, the spread of its duration
-//! and figures) into a result.json-shaped report whose checks carry the
-//! verdict over every run: `pass`, `fail`, or `flaky` when the same check
-//! both passed and failed (with a failing run's evidence beside a passing
-//! one's). The command that runs the lane is `crate::rerun`.
+//! and figures) into the layers, steps and `rerun` section of a
+//! result.json-shaped report whose checks carry the verdict over every run:
+//! `pass`, `fail`, or `flaky` when the same check both passed and failed
+//! (with a failing run's evidence beside a passing one's). The command that
+//! runs the lane, and records the summary in its ledger, is `crate::rerun`.
 
 use super::{RunReport, Step};
 use crate::check::Outcome;
@@ -94,16 +95,37 @@ impl Spread {
     }
 }
 
-/// Sums up the runs (`(dir, report)`, dir relative to the rerun's root)
-/// into the rerun's report: `base` (command, lane, cluster) with one step
-/// per run, the checks in lane order with their verdict over every run,
-/// and `rerun` set. Its status is left for `RunReport::finish`.
-pub fn summarize(
-    mut base: RunReport,
-    times: u32,
-    snapshot: &str,
-    runs: &[(String, RunReport)],
-) -> RunReport {
+/// The runs summed up: what the rerun records (its ledger's layers and
+/// steps) and its `rerun` section.
+pub struct Summary {
+    /// The checks in lane order, with their verdict over every run.
+    pub layers: Vec<LayerResult>,
+    /// One step per run.
+    pub steps: Vec<Step>,
+    pub rerun: Rerun,
+}
+
+/// Sums up the runs (`(dir, report)`, dir relative to the rerun's root).
+/// The rerun's error and cluster come from the runs too; `crate::rerun`
+/// records them, beside this, in its ledger.
+pub fn summarize(times: u32, snapshot: &str, runs: &[(String, RunReport)]) -> Summary {
+    let (layers, checks) = summed_layers(runs);
+    let rerun = Rerun {
+        times,
+        snapshot: snapshot.into(),
+        runs: run_summaries(runs),
+        checks,
+    };
+    Summary {
+        layers,
+        steps: run_steps(runs),
+        rerun,
+    }
+}
+
+/// Each layer once, in the order the runs met them, with each check's
+/// verdict over every run; and those checks' records.
+fn summed_layers(runs: &[(String, RunReport)]) -> (Vec<LayerResult>, Vec<CheckStats>) {
     let mut stats: Vec<CheckStats> = Vec::new();
     let mut layers: Vec<LayerResult> = Vec::new();
     for layer in runs.iter().flat_map(|(_, r)| &r.layers) {
@@ -128,9 +150,11 @@ pub fn summarize(
             duration,
         ));
     }
-    base.layers = layers;
-    base.steps = runs
-        .iter()
+    (layers, stats)
+}
+
+fn run_steps(runs: &[(String, RunReport)]) -> Vec<Step> {
+    runs.iter()
         .enumerate()
         .map(|(i, (dir, r))| Step {
             name: format!("run {}", i + 1),
@@ -138,37 +162,19 @@ pub fn summarize(
             duration_s: r.duration_s,
             message: format!("{} ({dir})", r.status.name()),
         })
-        .collect();
-    if let Some((i, (_, r))) = runs
-        .iter()
+        .collect()
+}
+
+fn run_summaries(runs: &[(String, RunReport)]) -> Vec<RunSummary> {
+    runs.iter()
         .enumerate()
-        .find(|(_, (_, r))| r.error.is_some())
-    {
-        base.error = r.error.as_ref().map(|e| format!("run {}: {e}", i + 1));
-        base.error_kind = r.error_kind;
-    }
-    if let Some((_, last)) = runs.last() {
-        base.accel = last.accel.clone();
-        base.boot = last.boot.clone();
-        base.image = last.image.clone();
-        base.nodes = last.nodes.clone();
-    }
-    base.rerun = Some(Rerun {
-        times,
-        snapshot: snapshot.into(),
-        runs: runs
-            .iter()
-            .enumerate()
-            .map(|(i, (dir, r))| RunSummary {
-                index: i as u32 + 1,
-                dir: dir.clone(),
-                status: r.status,
-                duration_s: r.duration_s,
-            })
-            .collect(),
-        checks: stats,
-    });
-    base
+        .map(|(i, (dir, r))| RunSummary {
+            index: i as u32 + 1,
+            dir: dir.clone(),
+            status: r.status,
+            duration_s: r.duration_s,
+        })
+        .collect()
 }
 
 /// A run as one step: it failed only when it did not finish (an error, a
@@ -374,6 +380,17 @@ mod tests {
         r
     }
 
+    /// The rerun's report as `crate::rerun` makes it from runs without
+    /// errors: the summary in a ledger, turned into a report.
+    fn concluded(times: u32, snapshot: &str, runs: &[(String, RunReport)]) -> RunReport {
+        let s = summarize(times, snapshot, runs);
+        let mut ledger = crate::ledger::Ledger::default();
+        (ledger.layers, ledger.steps) = (s.layers, s.steps);
+        let mut header = runs[0].1.clone();
+        header.rerun = Some(s.rerun);
+        ledger.into_report(header, std::time::Instant::now(), None)
+    }
+
     #[test]
     fn a_check_that_passed_and_failed_is_flaky_with_both_runs_evidence() {
         use crate::error::RunStatus as S;
@@ -392,9 +409,7 @@ mod tests {
                 run(&[("a", Pass, 2.0), ("b", Fail, 2.5)], S::Fail),
             ),
         ];
-        let base = runs[0].1.clone();
-        let mut r = summarize(base, 3, "rerun", &runs);
-        r.finish(std::time::Instant::now(), None);
+        let r = concluded(3, "rerun", &runs);
         let stats = &r.rerun.as_ref().unwrap().checks;
         let a = &stats[0];
         assert_eq!(
@@ -444,8 +459,7 @@ mod tests {
                 )
             })
             .collect();
-        let mut r = summarize(runs[0].1.clone(), 2, "s", &runs);
-        r.finish(std::time::Instant::now(), None);
+        let r = concluded(2, "s", &runs);
         assert_eq!(exit_code(&r), 0);
         let s = &r.rerun.as_ref().unwrap().checks[1];
         assert_eq!((s.verdict, s.skipped, s.pass_rate), (Skipped, 2, 0.0));
@@ -457,8 +471,7 @@ mod tests {
                 )
             })
             .collect();
-        let mut r = summarize(runs[0].1.clone(), 2, "s", &runs);
-        r.finish(std::time::Instant::now(), None);
+        let r = concluded(2, "s", &runs);
         let d = &r.rerun.as_ref().unwrap().checks[0];
         assert_eq!(
             (d.verdict, d.pass_rate),
@@ -468,8 +481,7 @@ mod tests {
         let runs: Vec<_> = (1..=2)
             .map(|i| (format!("run-{i}"), run(&[("a", Fail, 1.0)], S::Fail)))
             .collect();
-        let mut r = summarize(runs[0].1.clone(), 2, "s", &runs);
-        r.finish(std::time::Instant::now(), None);
+        let r = concluded(2, "s", &runs);
         assert_eq!(r.rerun.as_ref().unwrap().checks[0].verdict, Fail);
         assert_eq!(exit_code(&r), 1);
         assert!(r.rerun.as_ref().unwrap().checks[0].passing.is_none());
