@@ -288,6 +288,7 @@ fn summary_check(first: &CheckResult, s: &CheckStats) -> CheckResult {
         evidence: json!({ "rerun": s }),
         artifact: None,
         flaky: None,
+        part_of: first.part_of.clone(),
     }
 }
 
