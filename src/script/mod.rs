@@ -17,6 +17,7 @@ use serde_json::Value;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 pub use server::{Session, Step, Subtest};
@@ -80,7 +81,7 @@ pub fn run(
     let lib = dir.join("lib");
     std::fs::create_dir_all(&lib)?;
     std::fs::write(lib.join("photon_machine.py"), MODULE)?;
-    let sock = socket_path(dir);
+    let sock = socket_path();
     let _ = std::fs::remove_file(&sock);
     let listener =
         UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
@@ -120,14 +121,12 @@ pub fn run(
 }
 
 /// A short socket path: Unix socket paths are limited to about 100 bytes,
-/// and artifact directories can be deep.
-fn socket_path(dir: &Path) -> PathBuf {
-    let id = format!(
-        "photon-script-{}-{}.sock",
-        std::process::id(),
-        dir.to_string_lossy().len() ^ (Instant::now().elapsed().subsec_nanos() as usize)
-    );
-    std::env::temp_dir().join(id)
+/// and artifact directories can be deep. Unique within the process (a
+/// counter), so that scripts run side by side never share one.
+fn socket_path() -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("photon-script-{}-{n}.sock", std::process::id()))
 }
 
 fn spawn(script: &Path, lib: &Path, sock: &Path, dir: &Path) -> Result<Child> {
