@@ -28,6 +28,9 @@ pub const MODULE: &str = include_str!("photon_machine.py");
 /// What a finished script left: its exit, its subtests and its output.
 #[derive(Debug, Serialize)]
 pub struct Run {
+    /// When python3 was started: the subtests' `started_s` count from it.
+    #[serde(skip)]
+    pub started: Instant,
     pub exit: Option<i32>,
     pub seconds: f64,
     pub subtests: Vec<Subtest>,
@@ -87,7 +90,7 @@ pub fn run(
         UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
     let started = Instant::now();
     let mut child = spawn(script, &lib, &sock, dir)?;
-    let session = Session::new(record, guests, dir.to_path_buf(), started + budget);
+    let session = Session::new(record, guests, dir.to_path_buf(), started, started + budget);
     let served = std::thread::scope(|s| {
         let server = s.spawn(|| session.serve(&listener));
         let waited = wait_child(&mut child, script, budget);
@@ -111,6 +114,7 @@ pub fn run(
     }
     let exit = served?;
     Ok(Run {
+        started,
         exit,
         seconds: started.elapsed().as_secs_f64(),
         subtests,
