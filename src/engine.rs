@@ -19,7 +19,7 @@
 //! session broke drops that session, so the next attempt opens a new one,
 //! whatever the check's kind.
 
-use crate::check::{Ctx, Outcome, Verdict};
+use crate::check::{Ctx, Outcome, Part, Verdict};
 use crate::guest::GuestPool;
 use crate::lane::{Lane, PlannedCheck};
 use crate::progress::Progress;
@@ -114,6 +114,10 @@ pub struct CheckResult {
     /// retried after (its outcome is `flaky` when it passed after them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flaky: Option<FlakyRecord>,
+    /// A part of another check (a script's subtest): that check's id. It
+    /// comes right after that check, and that check failed if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part_of: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -270,7 +274,8 @@ fn retry_from_snapshot(
     let reset = opts.reset?;
     let failed: Vec<(&CheckResult, &PlannedCheck)> = results
         .iter()
-        .filter(|r| r.outcome == Outcome::Fail)
+        // A part's failure is its check's failure: the check decides.
+        .filter(|r| r.outcome == Outcome::Fail && r.part_of.is_none())
         .filter_map(|r| Some((r, planned.iter().find(|p| p.id == r.id)?)))
         .collect();
     let retriable = |(r, p): &(&CheckResult, &PlannedCheck)| {
@@ -348,7 +353,8 @@ fn run_layer(
         let key = c.target.clone().unwrap_or_else(|| "(host)".into());
         queues.entry(key).or_default().push(c);
     }
-    let mut results: Vec<CheckResult> = std::thread::scope(|s| {
+    // Each check's results: itself, then its parts.
+    let mut results: Vec<Vec<CheckResult>> = std::thread::scope(|s| {
         let handles: Vec<_> = queues
             .values()
             .map(|queue| {
@@ -358,12 +364,15 @@ fn run_layer(
                         .iter()
                         .map(|c| {
                             if (opts.interrupted)() {
-                                return skipped(c, "interrupted", lane_start);
+                                return vec![skipped(c, "interrupted", lane_start)];
                             }
                             progress.set(&c.id, &format!("running ({})", c.kind));
-                            let r = run_check(c, ctx, opts, lane_start);
-                            progress.done(&c.id, &format!("{}: {}", r.outcome.name(), r.message));
-                            r
+                            let rs = run_check(c, ctx, opts, lane_start);
+                            progress.done(
+                                &c.id,
+                                &format!("{}: {}", rs[0].outcome.name(), rs[0].message),
+                            );
+                            rs
                         })
                         .collect::<Vec<_>>()
                 })
@@ -375,19 +384,27 @@ fn run_layer(
             .collect()
     });
     progress.finish();
-    // Back into lane order.
-    results.sort_by_key(|r| ids.iter().position(|i| *i == r.id));
-    results
+    // Back into lane order, each check's parts right after it.
+    results.sort_by_key(|rs| ids.iter().position(|i| *i == rs[0].id));
+    results.into_iter().flatten().collect()
 }
 
 /// One check: attempts until it passes, the kind says not to retry, or the
-/// deadline has passed. The last attempt's verdict and evidence stand.
-fn run_check(c: &PlannedCheck, ctx: &Ctx, opts: RunOptions, lane_start: Instant) -> CheckResult {
+/// deadline has passed. The last attempt's verdict and evidence stand, and
+/// so do its parts only (those of earlier attempts are dropped with them):
+/// the check's result comes first, then one per part.
+fn run_check(
+    c: &PlannedCheck,
+    ctx: &Ctx,
+    opts: RunOptions,
+    lane_start: Instant,
+) -> Vec<CheckResult> {
     let _check = tracing::info_span!("check", id = %c.id, kind = c.kind).entered();
     let started = Instant::now();
     let deadline = started + c.deadline;
     let mut attempts = 0;
-    let verdict = loop {
+    let (mut verdict, attempt_started) = loop {
+        let attempt_started = Instant::now();
         let budget = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_secs(2));
@@ -415,10 +432,12 @@ fn run_check(c: &PlannedCheck, ctx: &Ctx, opts: RunOptions, lane_start: Instant)
         let out_of_time = Instant::now() + pause >= deadline;
         let stop = !c.shape.retried || out_of_time || final_error || (opts.interrupted)();
         if v.outcome != Outcome::Fail || stop {
-            break v;
+            break (v, attempt_started);
         }
         std::thread::sleep(pause);
     };
+    let parts = std::mem::take(&mut verdict.parts);
+    fail_with_parts(&mut verdict, &parts);
     let mut message = verdict.message;
     if verdict.outcome == Outcome::Fail && attempts > 1 {
         message = format!(
@@ -426,7 +445,7 @@ fn run_check(c: &PlannedCheck, ctx: &Ctx, opts: RunOptions, lane_start: Instant)
             started.elapsed().as_secs_f64()
         );
     }
-    CheckResult {
+    let check = CheckResult {
         id: c.id.clone(),
         kind: c.kind.to_string(),
         target: c.target.clone(),
@@ -439,7 +458,59 @@ fn run_check(c: &PlannedCheck, ctx: &Ctx, opts: RunOptions, lane_start: Instant)
         evidence: verdict.evidence,
         artifact: c.artifact.clone(),
         flaky: None,
+        part_of: None,
+    };
+    let attempt_s = attempt_started.duration_since(lane_start).as_secs_f64();
+    let mut out = vec![check];
+    out.extend(part_results(&out[0], parts, attempt_s));
+    out
+}
+
+/// A check stands for its parts: if one failed, so did the check, so that
+/// the layer, the exit code and a flaky check's rerun are all decided by
+/// the check alone.
+fn fail_with_parts(verdict: &mut Verdict, parts: &[Part]) {
+    if verdict.outcome == Outcome::Fail {
+        return;
     }
+    if let Some(p) = parts.iter().find(|p| p.outcome == Outcome::Fail) {
+        verdict.outcome = Outcome::Fail;
+        verdict.message = format!("{} {:?} failed: {}", p.kind, p.name, p.message);
+    }
+}
+
+/// The results of `check`'s parts, whose attempt started `attempt_s`
+/// seconds into the lane: ids `<check id>/<name>`, a repeated name with
+/// `#2`, `#3`, ... so that every id stays unique.
+fn part_results(check: &CheckResult, parts: Vec<Part>, attempt_s: f64) -> Vec<CheckResult> {
+    let mut seen = std::collections::BTreeSet::new();
+    parts
+        .into_iter()
+        .map(|p| {
+            let base = format!("{}/{}", check.id, p.name);
+            let mut id = base.clone();
+            let mut n = 1;
+            while !seen.insert(id.clone()) {
+                n += 1;
+                id = format!("{base}#{n}");
+            }
+            CheckResult {
+                id,
+                kind: p.kind.to_string(),
+                target: check.target.clone(),
+                outcome: p.outcome,
+                message: p.message,
+                started_s: attempt_s + p.offset.as_secs_f64(),
+                duration_s: p.duration.as_secs_f64(),
+                attempts: 1,
+                origin: p.origin.unwrap_or_else(|| check.origin.clone()),
+                evidence: p.evidence,
+                artifact: None,
+                flaky: None,
+                part_of: Some(check.id.clone()),
+            }
+        })
+        .collect()
 }
 
 /// The error for a target whose QEMU is no longer running, if it is gone.
@@ -469,6 +540,7 @@ fn skipped(c: &PlannedCheck, reason: &str, lane_start: Instant) -> CheckResult {
         evidence: json!({}),
         artifact: None,
         flaky: None,
+        part_of: None,
     }
 }
 
@@ -529,6 +601,7 @@ mod tests {
                     outcome: self.then,
                     message: format!("attempt {n}"),
                     evidence: json!({ "n": n }),
+                    parts: Vec::new(),
                 }
             })
         }
@@ -923,6 +996,161 @@ mod tests {
             fast(false, never),
         );
         assert_eq!(layers[0].checks[0].outcome, Outcome::Fail);
+    }
+
+    /// A stand-in script: fails its first `fail_first` attempts (each with a
+    /// part named after it), then gives `then` with `parts`.
+    #[derive(Debug)]
+    struct WithParts {
+        fail_first: u32,
+        then: Outcome,
+        parts: Vec<Part>,
+        attempts: AtomicU32,
+    }
+
+    /// A part that starts `offset_ms` into its attempt and lasts `ms`.
+    fn part(name: &str, outcome: Outcome, offset_ms: u64, ms: u64) -> Part {
+        Part {
+            name: name.into(),
+            kind: "subtest",
+            outcome,
+            message: format!("{name}: {}", outcome.name()),
+            offset: Duration::from_millis(offset_ms),
+            duration: Duration::from_millis(ms),
+            origin: (name != "no line").then(|| format!("s.py:{}", name.len())),
+            evidence: json!({ "name": name }),
+        }
+    }
+
+    impl Check for WithParts {
+        fn attempt(&self, _: &Ctx, _: Option<&str>, _: Duration) -> anyhow::Result<Verdict> {
+            let n = self.attempts.fetch_add(1, Ordering::SeqCst);
+            if n < self.fail_first {
+                let p = part(&format!("attempt {n}"), Outcome::Fail, 0, 1);
+                return Ok(Verdict::fail("early", json!({})).with_parts(vec![p]));
+            }
+            let v = Verdict::pass("script ran", json!({})).with_parts(self.parts.clone());
+            Ok(Verdict {
+                outcome: self.then,
+                ..v
+            })
+        }
+    }
+
+    fn with_parts(id: &str, fail_first: u32, then: Outcome, parts: Vec<Part>) -> PlannedCheck {
+        let mut c = planned(id, Arc::new(Scripted::new(0, Outcome::Pass)), 5000);
+        c.check = Arc::new(WithParts {
+            fail_first,
+            then,
+            parts,
+            attempts: AtomicU32::new(0),
+        });
+        c.shape = crate::check::Shape::ONCE;
+        c
+    }
+
+    #[test]
+    fn a_check_with_parts_is_followed_by_one_result_per_part() {
+        let parts = vec![
+            part("one", Outcome::Pass, 30, 20),
+            part("no line", Outcome::Pass, 60, 5),
+            part("one", Outcome::Pass, 70, 5),
+        ];
+        let l = lane(vec![vec![
+            with_parts("s", 0, Outcome::Pass, parts),
+            planned("after", Arc::new(Scripted::new(0, Outcome::Pass)), 1000),
+        ]]);
+        let layers = run_lane(&l, fast(false, never));
+        let rs = &layers[0].checks;
+        let ids: Vec<&str> = rs.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["s", "s/one", "s/no line", "s/one#2", "after"]);
+        let (check, one) = (&rs[0], &rs[1]);
+        assert_eq!(
+            (check.outcome, check.part_of.as_deref()),
+            (Outcome::Pass, None)
+        );
+        assert_eq!(one.kind, "subtest");
+        assert_eq!(one.part_of.as_deref(), Some("s"));
+        assert_eq!(
+            (one.origin.as_str(), rs[2].origin.as_str()),
+            ("s.py:3", "test.toml:1")
+        );
+        assert_eq!(
+            (one.attempts, &one.evidence),
+            (1, &json!({ "name": "one" }))
+        );
+        // The offset counts from the attempt, which began with the check.
+        let offset = one.started_s - check.started_s;
+        assert!((0.030..0.080).contains(&offset), "{offset}");
+        assert!((one.duration_s - 0.020).abs() < 1e-9, "{}", one.duration_s);
+        assert!(rs[3].started_s > rs[2].started_s);
+    }
+
+    #[test]
+    fn a_failed_part_fails_its_check_and_the_layer() {
+        let parts = vec![
+            part("fine", Outcome::Pass, 0, 1),
+            part("broken", Outcome::Fail, 1, 1),
+        ];
+        let l = lane(vec![
+            vec![with_parts("s", 0, Outcome::Pass, parts)],
+            vec![planned(
+                "later",
+                Arc::new(Scripted::new(0, Outcome::Pass)),
+                1000,
+            )],
+        ]);
+        let layers = run_lane(&l, fast(false, never));
+        let rs = &layers[0].checks;
+        assert_eq!(rs[1].outcome, Outcome::Pass);
+        assert_eq!(rs[2].outcome, Outcome::Fail);
+        assert_eq!(rs[2].message, "broken: fail");
+        // The kind said pass, but a check stands for its parts.
+        assert_eq!(rs[0].outcome, Outcome::Fail);
+        assert_eq!(rs[0].message, "subtest \"broken\" failed: broken: fail");
+        assert_eq!(layers[0].outcome, Outcome::Fail);
+        assert_eq!(layers[1].outcome, Outcome::Skipped);
+    }
+
+    #[test]
+    fn only_the_last_attempts_parts_are_kept() {
+        let mut c = with_parts(
+            "s",
+            2,
+            Outcome::Pass,
+            vec![part("last", Outcome::Pass, 0, 1)],
+        );
+        c.shape = crate::check::Shape::CLUSTER_PROBE;
+        let layers = run_lane(&lane(vec![vec![c]]), fast(false, never));
+        let rs = &layers[0].checks;
+        let ids: Vec<&str> = rs.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["s", "s/last"]);
+        assert_eq!(rs[0].attempts, 3);
+        assert!(
+            rs[1].started_s > rs[0].started_s,
+            "the third attempt began later"
+        );
+    }
+
+    #[test]
+    fn a_marked_check_with_failed_parts_reruns_once_and_keeps_the_last_parts() {
+        let mut c = with_parts("s", 1, Outcome::Pass, vec![part("ok", Outcome::Pass, 0, 1)]);
+        c.flaky = Some(crate::lane::FlakyMark {
+            reason: "known race".into(),
+            reruns: 1,
+        });
+        let mut opts = fast(false, never);
+        opts.reset = Some(&counting_reset);
+        let layers = run_lane(&lane(vec![vec![c]]), opts);
+        let rs = &layers[0].checks;
+        let ids: Vec<&str> = rs.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["s", "s/ok"], "no part of the failed run is left");
+        assert_eq!(rs[0].outcome, Outcome::Flaky);
+        assert_eq!(rs[0].flaky.as_ref().unwrap().failures.len(), 1);
+        assert_eq!(
+            (rs[1].outcome, rs[1].flaky.is_none()),
+            (Outcome::Pass, true)
+        );
     }
 
     #[test]

@@ -191,6 +191,7 @@ pub fn health_layer(
                 evidence: json!({ "findings": mine }),
                 artifact: None,
                 flaky: None,
+                part_of: None,
             }
         })
         .collect();

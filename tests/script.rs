@@ -26,6 +26,41 @@ fn result(root: &Path, lane: &str) -> serde_json::Value {
     serde_json::from_str(&text).unwrap()
 }
 
+/// The subtest `name` of the script check `script`, a check of its own:
+/// its kind, parent, outcome and origin (`file.py:LINE`) checked here.
+fn subtest<'a>(
+    res: &'a serde_json::Value,
+    script: &str,
+    name: &str,
+    outcome: &str,
+    line: u32,
+) -> &'a serde_json::Value {
+    let c = common::check(res, &format!("{script}/{name}"));
+    assert_eq!(
+        (&c["kind"], &c["part_of"], &c["outcome"]),
+        (
+            &serde_json::json!("subtest"),
+            &serde_json::json!(script),
+            &serde_json::json!(outcome)
+        ),
+        "{c:#}"
+    );
+    let origin = c["origin"].as_str().unwrap();
+    assert!(origin.ends_with(&format!(".py:{line}")), "{c:#}");
+    c
+}
+
+/// The ids of the result's checks, in order.
+fn ids(res: &serde_json::Value) -> Vec<String> {
+    res["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|l| l["checks"].as_array().unwrap())
+        .map(|c| c["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
 /// A script that does not parse is refused with exit 2 and its file:line,
 /// and nothing starts (no cluster runs here at all).
 #[test]
@@ -89,7 +124,20 @@ fn scripts_pass_fail_with_evidence_and_run_as_lane_checks() {
     let subs = check["evidence"]["subtests"].as_array().unwrap();
     assert_eq!(subs.len(), 2, "{check:#}");
     assert!(subs.iter().all(|s| s["passed"] == true));
-    let steps = subs[0]["steps"].as_array().unwrap();
+    // Each subtest is a check of its own, right after the script's.
+    let first = "ssh answers and files travel both ways";
+    let second = "waits end when the condition holds";
+    assert_eq!(
+        ids(&res)[..3],
+        [
+            "passes".to_string(),
+            format!("passes/{first}"),
+            format!("passes/{second}")
+        ],
+        "{res:#}"
+    );
+    let sub = subtest(&res, "passes", first, "pass", 6);
+    let steps = sub["evidence"]["steps"].as_array().unwrap();
     assert!(
         steps
             .iter()
@@ -97,6 +145,21 @@ fn scripts_pass_fail_with_evidence_and_run_as_lane_checks() {
         "{steps:?}"
     );
     assert!(steps.iter().all(|s| s["seconds"].as_f64().is_some()));
+    // Its time lies within the script check's, after the first subtest's.
+    let later = subtest(&res, "passes", second, "pass", 19);
+    let span = |c: &serde_json::Value| {
+        let at = c["started_s"].as_f64().unwrap();
+        (at, at + c["duration_s"].as_f64().unwrap())
+    };
+    let (script, (a0, a1), (b0, b1)) = (span(check), span(sub), span(later));
+    assert!(
+        script.0 <= a0 + 1e-6 && a1 <= b0 + 1e-3 && b1 <= script.1 + 0.01,
+        "{script:?} {a0}..{a1} {b0}..{b1}"
+    );
+    assert!(
+        b1 - b0 >= 1.9,
+        "the second waits for a 2 s sleep: {later:#}"
+    );
 
     let bad = fixture("fails.py");
     let args = [
@@ -114,7 +177,27 @@ fn scripts_pass_fail_with_evidence_and_run_as_lane_checks() {
     assert_eq!(check["outcome"], "fail", "{check:#}");
     let subs = check["evidence"]["subtests"].as_array().unwrap();
     assert_eq!(subs.len(), 2, "the third subtest never ran: {check:#}");
-    let failed = &subs[1];
+    subtest(&res, "fails", "first passes", "pass", 3);
+    let failed = subtest(&res, "fails", "a missing file", "fail", 6);
+    assert!(
+        !ids(&res).contains(&"fails/never reached".to_string()),
+        "{res:#}"
+    );
+    assert_eq!(res["layers"][0]["outcome"], "fail");
+    let message = failed["message"].as_str().unwrap();
+    assert!(message.contains("cat /no/such/file"), "{message}");
+    let junit = std::fs::read_to_string(root.join("fails/latest/junit.xml")).unwrap();
+    assert!(
+        junit.contains("<testcase name=\"fails/first passes\"")
+            && junit.contains("<testcase name=\"fails/a missing file\""),
+        "{junit}"
+    );
+    let html = std::fs::read_to_string(root.join("fails/latest/report.html")).unwrap();
+    assert!(
+        html.contains("<td>fails/a missing file</td>") && html.contains("part-row"),
+        "report.html lists it and draws its row"
+    );
+    let failed = &failed["evidence"];
     assert_eq!(failed["passed"], false);
     assert_eq!(failed["command"], "echo looking for it; cat /no/such/file");
     let output = failed["output"].as_str().unwrap();
@@ -149,8 +232,34 @@ fn scripts_pass_fail_with_evidence_and_run_as_lane_checks() {
     assert_eq!(out.status.code(), Some(0), "lane with a script");
     let res = result(&root, "script-lane");
     assert_eq!(common::check(&res, "passes")["outcome"], "pass");
+    subtest(
+        &res,
+        "passes",
+        "ssh answers and files travel both ways",
+        "pass",
+        6,
+    );
+    subtest(
+        &res,
+        "passes",
+        "waits end when the condition holds",
+        "pass",
+        19,
+    );
+    let scenario = &res["layers"][1];
+    assert_eq!(
+        (
+            &scenario["name"],
+            scenario["checks"].as_array().unwrap().len()
+        ),
+        (&serde_json::json!("scenario"), 3),
+        "{scenario:#}"
+    );
     let junit = std::fs::read_to_string(root.join("script-lane/latest/junit.xml")).unwrap();
-    assert!(junit.contains("passes"), "{junit}");
+    assert!(
+        junit.contains("<testcase name=\"passes/waits end when the condition holds\""),
+        "{junit}"
+    );
     assert!(common::pids_mentioning("python3", "photon_machine").is_empty());
 
     // The global --timeout ends a script inside a wait: exit 124, the

@@ -237,6 +237,30 @@ pub struct Verdict {
     pub outcome: Outcome,
     pub message: String,
     pub evidence: Value,
+    /// Named parts of the attempt that are reported as checks of their own
+    /// (a script's subtests), each right after this check. Empty for most kinds.
+    pub parts: Vec<Part>,
+}
+
+/// A named part of one attempt (a script's subtest). The engine turns it
+/// into a check of its own, `<check id>/<name>`, so that result.json,
+/// JUnit, the reports, `rerun` and `compare` see it without knowing the
+/// kind; the check's own verdict must already account for it (a failed
+/// part fails its check: the engine makes sure of that).
+#[derive(Debug, Clone)]
+pub struct Part {
+    pub name: String,
+    /// The kind shown for it (`subtest`); not a kind a lane file can name.
+    pub kind: &'static str,
+    pub outcome: Outcome,
+    pub message: String,
+    /// From the start of the attempt to the start of the part.
+    pub offset: Duration,
+    pub duration: Duration,
+    /// Where the part is written, `file:line`, when the kind knows it;
+    /// else the check's own origin.
+    pub origin: Option<String>,
+    pub evidence: Value,
 }
 
 impl Verdict {
@@ -245,6 +269,7 @@ impl Verdict {
             outcome: Outcome::Pass,
             message: message.into(),
             evidence,
+            parts: Vec::new(),
         }
     }
     pub fn fail(message: impl Into<String>, evidence: Value) -> Verdict {
@@ -252,6 +277,7 @@ impl Verdict {
             outcome: Outcome::Fail,
             message: message.into(),
             evidence,
+            parts: Vec::new(),
         }
     }
     pub fn degraded(message: impl Into<String>, evidence: Value) -> Verdict {
@@ -259,7 +285,11 @@ impl Verdict {
             outcome: Outcome::Degraded,
             message: message.into(),
             evidence,
+            parts: Vec::new(),
         }
+    }
+    pub fn with_parts(self, parts: Vec<Part>) -> Verdict {
+        Verdict { parts, ..self }
     }
 }
 

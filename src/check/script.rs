@@ -1,16 +1,19 @@
 //! `script`: a Python test script (see docs/scripts.md) run against the
 //! cluster as one check. `file` is relative to the lane file. The check
-//! passes when the script exits 0 and every subtest passed; the evidence
-//! holds each subtest with its timed steps, and a failure's traceback,
-//! command, output and console tail.
+//! passes when the script exits 0 and every subtest passed. Each subtest is
+//! a part of the verdict, so the engine reports it as a check of its own
+//! (`<check id>/<subtest>`, kind `subtest`) with its timed steps, and a
+//! failure's traceback, command, output and console tail, as evidence; the
+//! script's own evidence sums them up.
 
-use super::{Check, Ctx, Verdict};
+use super::{Check, Ctx, Outcome, Part, Verdict};
+use crate::script::Subtest;
 use crate::text::tail;
 use anyhow::Result;
 use serde::Deserialize;
 use serde_json::json;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,6 +32,7 @@ impl Check for Script {
     }
 
     fn attempt(&self, ctx: &Ctx, _target: Option<&str>, budget: Duration) -> Result<Verdict> {
+        let began = Instant::now();
         let stem = self.file.file_stem().unwrap_or_default().to_string_lossy();
         let dir = match ctx.artifact_path(&format!("script-{stem}")) {
             Some(d) => d,
@@ -37,27 +41,136 @@ impl Check for Script {
             }
         };
         let run = crate::script::run(ctx.record, ctx.guests, &self.file, &dir, budget)?;
+        // The subtests are checks of their own: here, only what they were.
+        let summary: Vec<_> = run
+            .subtests
+            .iter()
+            .map(|s| json!({ "name": s.name, "passed": s.passed, "seconds": s.seconds }))
+            .collect();
         let evidence = json!({
             "script": self.file.display().to_string(),
             "exit": run.exit,
             "seconds": run.seconds,
-            "subtests": run.subtests,
+            "subtests": summary,
             "steps": run.steps,
             "stdout": tail(&run.stdout, 40),
             "stderr": tail(&run.stderr, 40),
         });
+        // Subtests count from python3's start, parts from the attempt's.
+        let lead = run.started.saturating_duration_since(began);
+        let parts = run.subtests.iter().map(|s| self.part(s, lead)).collect();
         let passed = run.subtests.iter().filter(|s| s.passed).count();
-        if let Some(f) = run.failed() {
+        let verdict = if let Some(f) = run.failed() {
             let msg = f.message.clone().unwrap_or_else(|| "failed".into());
-            return Ok(Verdict::fail(
-                format!("subtest {:?}: {msg}", f.name),
-                evidence,
-            ));
-        }
-        if run.exit != Some(0) {
+            Verdict::fail(format!("subtest {:?}: {msg}", f.name), evidence)
+        } else if run.exit != Some(0) {
             let why = format!("python3 exited {:?}: {}", run.exit, tail(&run.stderr, 3));
-            return Ok(Verdict::fail(why, evidence));
+            Verdict::fail(why, evidence)
+        } else {
+            Verdict::pass(format!("{passed} subtests passed"), evidence)
+        };
+        Ok(verdict.with_parts(parts))
+    }
+}
+
+impl Script {
+    /// A subtest as a part: its place in time, `file.py:LINE`, and its
+    /// whole record as evidence.
+    fn part(&self, s: &Subtest, lead: Duration) -> Part {
+        let secs = |x: f64| Duration::try_from_secs_f64(x).unwrap_or_default();
+        let file = self.file.display();
+        let message = match (&s.message, s.passed) {
+            (Some(m), _) => m.clone(),
+            (None, true) => format!("passed: {} steps", s.steps.len()),
+            (None, false) => "failed".into(),
+        };
+        Part {
+            name: s.name.clone(),
+            kind: "subtest",
+            outcome: if s.passed {
+                Outcome::Pass
+            } else {
+                Outcome::Fail
+            },
+            message,
+            offset: lead + secs(s.started_s),
+            duration: secs(s.seconds),
+            origin: Some(match s.line {
+                Some(l) => format!("{file}:{l}"),
+                None => file.to_string(),
+            }),
+            evidence: serde_json::to_value(s).unwrap_or_default(),
         }
-        Ok(Verdict::pass(format!("{passed} subtests passed"), evidence))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::GuestPool;
+    use crate::spec::Cluster;
+    use crate::state::RunningCluster;
+
+    /// Runs `text` as a script on a cluster without nodes (it calls none).
+    fn attempt(dir: &std::path::Path, text: &str) -> (Verdict, PathBuf) {
+        let file = dir.join("s.py");
+        std::fs::write(&file, text).unwrap();
+        let record: RunningCluster = serde_json::from_value(json!({
+            "name": "t", "source": "t.toml", "started_unix": 0,
+            "accel": { "used": "tcg", "requested": "tcg", "fallback_reason": null },
+            "ssh_key": "/nonexistent", "known_hosts": "/nonexistent",
+            "image": { "provider": "prebuilt", "kernel": "k", "initrd": "i", "rootfs": "r", "id": "x" },
+            "nodes": {}
+        }))
+        .unwrap();
+        let cluster = Cluster::profile("reference").unwrap();
+        let guests = GuestPool::new(&record);
+        let ctx = Ctx {
+            cluster: &cluster,
+            record: &record,
+            guests: &guests,
+            current_image: None,
+            artifacts: Some(dir),
+        };
+        let check = Script { file: file.clone() };
+        let v = check.attempt(&ctx, None, Duration::from_secs(60)).unwrap();
+        (v, file)
+    }
+
+    #[test]
+    fn each_subtest_is_a_part_with_its_line_time_and_record() {
+        let text = "import time\n\
+            with subtest(\"first\"):\n    time.sleep(0.3)\n\
+            with subtest(\"second\"):\n    assert 1 == 2, \"one is not two\"\n";
+        let dir = tempfile::tempdir().unwrap();
+        let (v, file) = attempt(dir.path(), text);
+        assert_eq!(v.outcome, Outcome::Fail, "{}", v.message);
+        let names: Vec<&str> = v.parts.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["first", "second"]);
+        let (first, second) = (&v.parts[0], &v.parts[1]);
+        assert_eq!((first.kind, first.outcome), ("subtest", Outcome::Pass));
+        assert_eq!(first.origin, Some(format!("{}:2", file.display())));
+        assert!(first.duration >= Duration::from_millis(300), "{first:?}");
+        assert!(second.offset >= first.offset + first.duration, "{v:?}");
+        assert_eq!(second.outcome, Outcome::Fail);
+        assert_eq!(second.message, "AssertionError: one is not two");
+        assert_eq!(second.origin, Some(format!("{}:4", file.display())));
+        let tb = second.evidence["traceback"].as_str().unwrap();
+        assert!(tb.contains("line 5"), "{tb}");
+        // The script's own evidence only sums them up.
+        assert_eq!(v.evidence["subtests"][1]["passed"], false);
+        assert!(v.evidence["subtests"][0].get("steps").is_none());
+    }
+
+    #[test]
+    fn an_exception_outside_any_subtest_is_the_part_script_at_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let (v, file) = attempt(dir.path(), "x = 1\nraise RuntimeError('outside')\n");
+        assert_eq!(v.outcome, Outcome::Fail);
+        assert_eq!(v.parts.len(), 1, "{v:?}");
+        let p = &v.parts[0];
+        assert_eq!((p.name.as_str(), p.outcome), ("script", Outcome::Fail));
+        assert_eq!(p.origin, Some(format!("{}:2", file.display())));
+        assert_eq!(p.message, "RuntimeError: outside");
     }
 }

@@ -258,6 +258,17 @@ pub fn parse(file: &Path, text: &str, cluster: &Cluster) -> Result<Lane, SpecErr
             let origin = format!("{}:{}", file.display(), line_of(text, spanned.span().start));
             let mut table = spanned.get_ref().clone();
             let name = match table.remove("name") {
+                // `/` separates a check from its parts (a script's
+                // subtests): ids of checks and parts never collide.
+                Some(toml::Value::String(s)) if s.contains('/') => {
+                    return Err(at(
+                        span(),
+                        &field("name"),
+                        format!(
+                            "{s:?}: a check's name may not hold '/' (it names a script's subtests)"
+                        ),
+                    ));
+                }
                 Some(toml::Value::String(s)) => s,
                 _ => {
                     return Err(at(
@@ -530,6 +541,14 @@ url = "http://{node}:8080/healthz"
         assert_eq!(ids, ["web@node04", "web@node05"]);
         let check = format!("{:?}", lane.layers[0].checks[1].check);
         assert!(check.contains("\"http://node05:8080/healthz\""), "{check}");
+    }
+
+    #[test]
+    fn a_check_name_with_a_slash_is_refused_at_its_line() {
+        let text = "[lane]\nname = \"t\"\n[[layer]]\nname = \"x\"\n[[layer.check]]\nname = \"s/a\"\nkind = \"image\"\n";
+        let e = parse(Path::new("t.toml"), text, &reference()).unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (5, "layer[0].check[0].name"));
+        assert!(e.to_string().contains("may not hold '/'"), "{e}");
     }
 
     #[test]

@@ -131,7 +131,7 @@ fn failures(s: &mut String, r: &RunReport) {
              <p class=\"meta\">{} · {} · {:.1} s · <code>{}</code></p>\
              <p class=\"message\">{}</p>",
             c.outcome.name(),
-            attr(&c.id),
+            attr(&anchor(&c.id)),
             text(&c.id),
             c.outcome.name(),
             text(&c.kind),
@@ -298,7 +298,16 @@ fn legend(s: &mut String, r: &RunReport) {
     s.push_str("</p>");
 }
 
-/// Every layer and check, in a table that scrolls sideways on a phone.
+/// A check's id as part of an element id: a subtest's name may hold
+/// spaces, which an element id may not.
+fn anchor(id: &str) -> String {
+    id.chars()
+        .map(|c| if c.is_whitespace() { '-' } else { c })
+        .collect()
+}
+
+/// Every layer and check, in a table that scrolls sideways on a phone; a
+/// check's parts (a script's subtests) indented under it.
 fn checks(s: &mut String, r: &RunReport) {
     s.push_str(
         "<section id=\"checks\"><h2>Checks</h2><div class=\"scroll\"><table>\
@@ -306,9 +315,10 @@ fn checks(s: &mut String, r: &RunReport) {
     );
     for l in &r.layers {
         for c in &l.checks {
+            let part = if c.part_of.is_some() { " part" } else { "" };
             let _ = writeln!(
                 s,
-                "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{:.1} s</td><td>{}</td></tr>",
+                "<tr class=\"{}{part}\"><td>{}</td><td>{}</td><td>{}</td><td>{:.1} s</td><td>{}</td></tr>",
                 c.outcome.name(),
                 text(&c.id),
                 text(&l.name),
@@ -372,4 +382,21 @@ fn tail(t: &str, n: usize) -> String {
     }
     out.push_str(&lines[skip..].join("\n"));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn subtests_are_listed_and_a_failed_one_shows_its_evidence() {
+        let dir = tempfile::tempdir().unwrap();
+        let page = super::render(&super::super::tests::with_subtests(), dir.path());
+        assert!(
+            page.contains("<tr class=\"pass part\"><td>s/boots</td>"),
+            "{page}"
+        );
+        assert!(page.contains("id=\"check-s/breaks\""), "{page}");
+        assert!(page.contains("Traceback (most recent call last)"), "{page}");
+        assert!(page.contains("4 checks: 2 passed, 2 failed"), "{page}");
+        assert_eq!(super::anchor("s/a missing file"), "s/a-missing-file");
+    }
 }

@@ -1,5 +1,6 @@
-//! `junit.xml`: one test suite per layer, one test case per check, written
-//! with quick-junit. Degraded checks pass in JUnit terms (the lane exits 0)
+//! `junit.xml`: one test suite per layer, one test case per check (a
+//! script's subtests too, each with the property `part_of`), written with
+//! quick-junit. Degraded checks pass in JUnit terms (the lane exits 0)
 //! but carry `outcome=degraded` as a property and the reason in system-out,
 //! so CI dashboards can still show them.
 
@@ -55,6 +56,9 @@ pub fn render(report: &RunReport) -> Result<String> {
             case.add_property(Property::new("outcome", c.outcome.name()));
             case.add_property(Property::new("kind", c.kind.clone()));
             case.add_property(Property::new("origin", c.origin.clone()));
+            if let Some(of) = &c.part_of {
+                case.add_property(Property::new("part_of", of.clone()));
+            }
             if c.outcome != Outcome::Fail {
                 case.set_system_out(format!(
                     "{}: {}\n{}",
@@ -75,4 +79,31 @@ pub fn render(report: &RunReport) -> Result<String> {
         junit.add_test_suite(suite);
     }
     Ok(junit.to_string()?)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn each_part_is_a_testcase_and_a_failed_one_carries_its_evidence() {
+        let xml = super::render(&super::super::tests::with_subtests()).unwrap();
+        let case = |id: &str| {
+            let from = xml.find(&format!("<testcase name=\"{id}\"")).expect(id);
+            let to = from + xml[from..].find("</testcase>").unwrap();
+            xml[from..to].to_string()
+        };
+        assert_eq!(xml.matches("<testcase ").count(), 4, "{xml}");
+        let boots = case("s/boots");
+        assert!(boots.contains("part_of\" value=\"s\""), "{boots}");
+        assert!(!boots.contains("<failure"), "{boots}");
+        let breaks = case("s/breaks");
+        assert!(
+            breaks.contains("<failure message=\"AssertionError: no\" type=\"subtest\""),
+            "{breaks}"
+        );
+        assert!(breaks.contains("Traceback"), "{breaks}");
+        assert!(breaks.contains("origin\" value=\"s.py:7\""), "{breaks}");
+        // In lane order: the script, then its subtests, then the next check.
+        let at = |id: &str| xml.find(&format!("name=\"{id}\"")).unwrap();
+        assert!(at("s") < at("s/boots") && at("s/breaks") < at("other"));
+    }
 }

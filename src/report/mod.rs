@@ -441,8 +441,54 @@ fn summary(report: &RunReport, dir: &Path) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A run of one failed layer: the script check `s` (1-6 s), its
+    /// subtests `s/boots` (passed, 1.5-2.5 s) and `s/breaks` (failed,
+    /// 3-5 s), and a check `other`; for the renderers' tests.
+    pub(crate) fn with_subtests() -> RunReport {
+        let check = |id: &str, kind: &str, outcome: &str, at: f64, secs: f64| {
+            let c = json!({
+                "id": id, "kind": kind, "target": null, "outcome": outcome,
+                "message": format!("{id} {outcome}"), "started_s": at, "duration_s": secs,
+                "attempts": 1, "origin": "lane.toml:3", "evidence": {}
+            });
+            serde_json::from_value::<crate::engine::CheckResult>(c).unwrap()
+        };
+        let mut boots = check("s/boots", "subtest", "pass", 1.5, 1.0);
+        let mut breaks = check("s/breaks", "subtest", "fail", 3.0, 2.0);
+        breaks.message = "AssertionError: no".into();
+        breaks.origin = "s.py:7".into();
+        breaks.evidence = json!({ "traceback": "Traceback (most recent call last):\n  boom\n" });
+        for p in [&mut boots, &mut breaks] {
+            p.part_of = Some("s".into());
+        }
+        let checks = vec![
+            check("s", "script", "fail", 1.0, 5.0),
+            boots,
+            breaks,
+            check("other", "exec", "pass", 0.0, 0.5),
+        ];
+        let mut r: RunReport = serde_json::from_value(json!({
+            "schema": SCHEMA, "command": "script", "lane": "s", "lane_source": "lane.toml",
+            "cluster": "c", "cluster_source": "c", "status": "fail", "exit_code": 1,
+            "started": "", "finished": "", "duration_s": 7.0, "accel": null,
+            "image": null, "nodes": {}, "steps": [], "layers": [], "findings": [],
+            "error": null, "artifacts": {}
+        }))
+        .unwrap();
+        r.layers.push(LayerResult::new("script", "", checks, 6.0));
+        r
+    }
+
+    #[test]
+    fn subtests_are_checks_in_the_markdown_report() {
+        let md = markdown::render(&with_subtests());
+        assert!(md.contains("| s/boots | script | pass | 1.0 s |"), "{md}");
+        assert!(md.contains("### s/breaks (fail, s.py:7)"), "{md}");
+        assert_eq!(with_subtests().layers[0].outcome, Outcome::Fail);
+    }
 
     #[test]
     fn metrics_carry_boot_duration_counts_and_benchmark_figures() {

@@ -133,7 +133,7 @@ fn summed_layers(runs: &[(String, RunReport)]) -> (Vec<LayerResult>, Vec<CheckSt
             continue;
         }
         let mut checks = Vec::new();
-        for c in &layer.checks {
+        for c in checks_of(&layer.name, runs) {
             let s = check_stats(&c.id, &layer.name, runs);
             checks.push(summary_check(c, &s));
             stats.push(s);
@@ -175,6 +175,27 @@ fn run_summaries(runs: &[(String, RunReport)]) -> Vec<RunSummary> {
             duration_s: r.duration_s,
         })
         .collect()
+}
+
+/// Every check of the layer `name` in any run, each where its run had it:
+/// a script's subtests differ between runs (one that a run never reached
+/// is not among its checks), and the first run need not have them all.
+fn checks_of<'a>(name: &str, runs: &'a [(String, RunReport)]) -> Vec<&'a CheckResult> {
+    let mut out: Vec<&CheckResult> = Vec::new();
+    let layers = runs.iter().flat_map(|(_, r)| &r.layers);
+    for l in layers.filter(|l| l.name == name) {
+        let mut next = 0;
+        for c in &l.checks {
+            next = match out.iter().position(|o| o.id == c.id) {
+                Some(i) => i + 1,
+                None => {
+                    out.insert(next, c);
+                    next + 1
+                }
+            };
+        }
+    }
+    out
 }
 
 /// A run as one step: it failed only when it did not finish (an error, a
@@ -294,6 +315,7 @@ fn summary_check(first: &CheckResult, s: &CheckStats) -> CheckResult {
         evidence: json!({ "rerun": s }),
         artifact: None,
         flaky: None,
+        part_of: first.part_of.clone(),
     }
 }
 
@@ -445,6 +467,38 @@ mod tests {
         assert_eq!(r.steps.len(), 3);
         assert_eq!(r.status, crate::error::RunStatus::Flaky);
         assert_eq!(exit_code(&r), 1);
+    }
+
+    #[test]
+    fn a_subtest_only_a_later_run_reached_is_listed_after_its_script() {
+        use crate::error::RunStatus as S;
+        use Outcome::*;
+        let runs = vec![
+            (
+                "run-1".to_string(),
+                run(
+                    &[("s", Fail, 1.0), ("s/a", Fail, 1.0), ("t", Pass, 1.0)],
+                    S::Fail,
+                ),
+            ),
+            (
+                "run-2".to_string(),
+                run(
+                    &[
+                        ("s", Pass, 1.0),
+                        ("s/a", Pass, 1.0),
+                        ("s/b", Pass, 1.0),
+                        ("t", Pass, 1.0),
+                    ],
+                    S::Pass,
+                ),
+            ),
+        ];
+        let r = summarize(runs[0].1.clone(), 2, "s", &runs);
+        let ids: Vec<&str> = r.layers[0].checks.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["s", "s/a", "s/b", "t"]);
+        let b = &r.rerun.as_ref().unwrap().checks[2];
+        assert_eq!((b.verdict, b.outcomes.as_slice()), (Pass, &[Pass][..]));
     }
 
     #[test]

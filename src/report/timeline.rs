@@ -1,11 +1,14 @@
 //! The run's timeline as an SVG picture, for report.html: one row per node
 //! with its boot phases (QEMU launched, kernel, sshd, dependencies, units,
 //! ready), then one row per layer with its checks as bars, so a person sees
-//! at a glance what was slow and what failed. The two panels have their own
-//! time axes: boot counts from the first QEMU launch, the lane from its start.
+//! at a glance what was slow and what failed. A check's parts (a script's
+//! subtests) get a row of their own under their layer's: drawn over their
+//! check they would hide each other. The two panels have their own time
+//! axes: boot counts from the first QEMU launch, the lane from its start.
 
 use super::RunReport;
 use crate::check::Outcome;
+use crate::engine::{CheckResult, LayerResult};
 use svg::Document;
 use svg::node::element::{Group, Line, Rectangle, Text, Title};
 
@@ -100,41 +103,26 @@ pub fn render(r: &RunReport) -> Option<String> {
             .flat_map(|l| &l.checks)
             .map(|c| c.started_s + c.duration_s)
             .fold(1.0, f64::max);
-        let (axis, _) = panel("lane: seconds from its start", end, y, layers.len());
+        let rows: usize = layers.iter().map(|l| 1 + part_groups(l).len()).sum();
+        let (axis, _) = panel("lane: seconds from its start", end, y, rows);
         doc = doc.add(axis);
         y += 2.0 * ROW;
         for l in layers {
-            let mut row = Group::new()
+            let own: Vec<_> = l.checks.iter().filter(|c| c.part_of.is_none()).collect();
+            let row = Group::new()
                 .set("class", format!("layer-row {}", l.outcome.name()))
-                .set("data-layer", l.name.replace('"', "'"));
-            row = row.add(label(&l.name, y));
-            // Failures drawn last, so that parallel checks never hide them.
-            let mut drawn: Vec<_> = l.checks.iter().collect();
-            drawn.sort_by_key(|c| c.outcome == Outcome::Fail);
-            for c in drawn {
-                let title = format!(
-                    "{} ({}): {} in {:.1} s at {:.1} s; {}",
-                    c.id,
-                    c.kind,
-                    c.outcome.name(),
-                    c.duration_s,
-                    c.started_s,
-                    c.message
-                );
-                let class = format!("check-bar {}", c.outcome.name());
-                let to = c.started_s + c.duration_s;
-                row = row.add(bar(c.started_s, to, end, y, &class, &title));
-            }
-            let failed = l
-                .checks
-                .iter()
-                .filter(|c| c.outcome == Outcome::Fail)
-                .count();
-            if failed > 0 {
-                row = row.add(note(&format!("{failed} failed"), WIDTH - 70.0, y));
-            }
-            doc = doc.add(row);
+                .set("data-layer", l.name.replace('"', "'"))
+                .add(label(&l.name, y));
+            doc = doc.add(check_bars(row, own, end, y));
             y += ROW;
+            for (check, parts) in part_groups(l) {
+                let row = Group::new()
+                    .set("class", "part-row")
+                    .set("data-check", check.replace('"', "'"))
+                    .add(label(&format!("\u{21b3} {}", short(check, 20)), y));
+                doc = doc.add(check_bars(row, parts, end, y));
+                y += ROW;
+            }
         }
     }
     let height = y + 6.0;
@@ -149,6 +137,55 @@ pub fn render(r: &RunReport) -> Option<String> {
         )))
         .add(doc);
     Some(svg.to_string())
+}
+
+/// The layer's parts, by the check they belong to, in lane order.
+fn part_groups(l: &LayerResult) -> Vec<(&str, Vec<&CheckResult>)> {
+    let mut groups: Vec<(&str, Vec<&CheckResult>)> = Vec::new();
+    for c in &l.checks {
+        let Some(of) = c.part_of.as_deref() else {
+            continue;
+        };
+        match groups.iter_mut().find(|g| g.0 == of) {
+            Some(g) => g.1.push(c),
+            None => groups.push((of, vec![c])),
+        }
+    }
+    groups
+}
+
+/// `checks` as bars on `row`, with a note of how many failed.
+fn check_bars(mut row: Group, mut checks: Vec<&CheckResult>, end: f64, y: f64) -> Group {
+    // Failures drawn last, so that parallel checks never hide them.
+    checks.sort_by_key(|c| c.outcome == Outcome::Fail);
+    for c in &checks {
+        let title = format!(
+            "{} ({}): {} in {:.1} s at {:.1} s; {}",
+            c.id,
+            c.kind,
+            c.outcome.name(),
+            c.duration_s,
+            c.started_s,
+            c.message
+        );
+        let class = format!("check-bar {}", c.outcome.name());
+        let to = c.started_s + c.duration_s;
+        row = row.add(bar(c.started_s, to, end, y, &class, &title));
+    }
+    let failed = checks.iter().filter(|c| c.outcome == Outcome::Fail).count();
+    if failed > 0 {
+        row = row.add(note(&format!("{failed} failed"), WIDTH - 70.0, y));
+    }
+    row
+}
+
+/// At most `n` characters: a row's label has a fixed width.
+fn short(text: &str, n: usize) -> String {
+    if text.chars().count() <= n {
+        return text.to_string();
+    }
+    let cut: String = text.chars().take(n - 1).collect();
+    format!("{cut}\u{2026}")
 }
 
 /// A panel's heading and its time axis with ticks; returns it and the
@@ -232,6 +269,33 @@ fn bar(from: f64, to: f64, end: f64, y: f64, class: &str, title: &str) -> Rectan
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parts_get_a_row_under_their_layer_with_a_bar_each() {
+        let svg = render(&super::super::tests::with_subtests()).unwrap();
+        let row = |class: &str| {
+            let from = svg.find(&format!("<g class=\"{class}")).expect(class);
+            let to = from + svg[from..].find("</g>").unwrap();
+            svg[from..to].to_string()
+        };
+        let layer = row("layer-row");
+        assert_eq!(layer.matches("<rect").count(), 2, "s and other: {layer}");
+        let parts = row("part-row");
+        assert!(parts.contains("data-check=\"s\""), "{parts}");
+        assert_eq!(parts.matches("<rect").count(), 2, "{parts}");
+        assert!(
+            parts.contains("s/breaks (subtest): fail in 2.0 s at 3.0 s"),
+            "{parts}"
+        );
+        assert!(parts.contains("1 failed"), "{parts}");
+        assert!(svg.find("layer-row").unwrap() < svg.find("part-row").unwrap());
+    }
+
+    #[test]
+    fn long_labels_are_cut() {
+        assert_eq!(short("scenario", 20), "scenario");
+        assert_eq!(short("abcdefghij", 5), "abcd\u{2026}");
+    }
 
     #[test]
     fn ticks_are_round_numbers() {

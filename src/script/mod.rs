@@ -17,6 +17,7 @@ use serde_json::Value;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 pub use server::{Session, Step, Subtest};
@@ -27,6 +28,9 @@ pub const MODULE: &str = include_str!("photon_machine.py");
 /// What a finished script left: its exit, its subtests and its output.
 #[derive(Debug, Serialize)]
 pub struct Run {
+    /// When python3 was started: the subtests' `started_s` count from it.
+    #[serde(skip)]
+    pub started: Instant,
     pub exit: Option<i32>,
     pub seconds: f64,
     pub subtests: Vec<Subtest>,
@@ -80,13 +84,13 @@ pub fn run(
     let lib = dir.join("lib");
     std::fs::create_dir_all(&lib)?;
     std::fs::write(lib.join("photon_machine.py"), MODULE)?;
-    let sock = socket_path(dir);
+    let sock = socket_path();
     let _ = std::fs::remove_file(&sock);
     let listener =
         UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
     let started = Instant::now();
     let mut child = spawn(script, &lib, &sock, dir)?;
-    let session = Session::new(record, guests, dir.to_path_buf(), started + budget);
+    let session = Session::new(record, guests, dir.to_path_buf(), started, started + budget);
     let served = std::thread::scope(|s| {
         let server = s.spawn(|| session.serve(&listener));
         let waited = wait_child(&mut child, script, budget);
@@ -110,6 +114,7 @@ pub fn run(
     }
     let exit = served?;
     Ok(Run {
+        started,
         exit,
         seconds: started.elapsed().as_secs_f64(),
         subtests,
@@ -120,14 +125,12 @@ pub fn run(
 }
 
 /// A short socket path: Unix socket paths are limited to about 100 bytes,
-/// and artifact directories can be deep.
-fn socket_path(dir: &Path) -> PathBuf {
-    let id = format!(
-        "photon-script-{}-{}.sock",
-        std::process::id(),
-        dir.to_string_lossy().len() ^ (Instant::now().elapsed().subsec_nanos() as usize)
-    );
-    std::env::temp_dir().join(id)
+/// and artifact directories can be deep. Unique within the process (a
+/// counter), so that scripts run side by side never share one.
+fn socket_path() -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("photon-script-{}-{n}.sock", std::process::id()))
 }
 
 fn spawn(script: &Path, lib: &Path, sock: &Path, dir: &Path) -> Result<Child> {

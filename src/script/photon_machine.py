@@ -37,7 +37,8 @@ class _Driver:
 
     def _request(self, op, **args):
         args["op"] = args.get("op", op)
-        args["line"] = _script_line()
+        if args.get("line") is None:
+            args["line"] = _script_line()
         self.sock.sendall((json.dumps(args) + "\n").encode())
         reply = self.reader.readline()
         if not reply:
@@ -65,6 +66,16 @@ def _script_line():
             return frame.f_lineno
         frame = frame.f_back
     return None
+
+
+def _raised_at(e):
+    """The last line of the user's script in the exception's traceback."""
+    lines = [
+        f.lineno
+        for f in traceback.extract_tb(e.__traceback__)
+        if f.filename == _script_file
+    ]
+    return lines[-1] if lines else None
 
 
 class Machine:
@@ -288,6 +299,8 @@ def _run(path):
             _driver._request(
                 "subtest_end",
                 name=None,
+                # The script's frame is gone by now: its line is in the traceback.
+                line=_raised_at(e),
                 passed=False,
                 message="%s: %s" % (type(e).__name__, e),
                 traceback=traceback.format_exc(),

@@ -42,7 +42,12 @@ pub struct Subtest {
     pub name: String,
     pub passed: bool,
     pub started_unix: f64,
+    /// Seconds from the script's start (its own clock: a check's timeline
+    /// places the subtest with it).
+    pub started_s: f64,
     pub seconds: f64,
+    /// The script's line that opened it (`with subtest(...)`), when known.
+    pub line: Option<u64>,
     pub steps: Vec<Step>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -71,6 +76,7 @@ pub struct Session<'a> {
     record: &'a RunningCluster,
     guests: &'a GuestPool,
     dir: PathBuf,
+    started: Instant,
     deadline: Instant,
     stopped: AtomicBool,
     log: Mutex<Log>,
@@ -98,12 +104,14 @@ impl<'a> Session<'a> {
         record: &'a RunningCluster,
         guests: &'a GuestPool,
         dir: PathBuf,
+        started: Instant,
         deadline: Instant,
     ) -> Self {
         Session {
             record,
             guests,
             dir,
+            started,
             deadline,
             stopped: AtomicBool::new(false),
             log: Mutex::new(Log::default()),
@@ -484,7 +492,9 @@ impl<'a> Session<'a> {
             name,
             passed: true,
             started_unix,
+            started_s: self.started.elapsed().as_secs_f64(),
             seconds: 0.0,
+            line: req["line"].as_u64(),
             steps: Vec::new(),
             message: None,
             traceback: None,
@@ -507,6 +517,8 @@ impl<'a> Session<'a> {
                 let steps = std::mem::take(&mut log.loose);
                 let mut s = blank("script");
                 s.steps = steps;
+                s.started_s = self.started.elapsed().as_secs_f64();
+                s.line = req["line"].as_u64();
                 (s, Instant::now())
             }
         };
@@ -540,7 +552,9 @@ fn blank(name: &str) -> Subtest {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0),
+        started_s: 0.0,
         seconds: 0.0,
+        line: None,
         steps: Vec::new(),
         message: None,
         traceback: None,
