@@ -62,6 +62,9 @@
         } // builtins.listToAttrs (map layer (photonLib.laneLayerNames ./checks/smoke.toml));
     in
     {
+      # mkClusterCheck, mkHydraJob, mkLayeredCheck and the TOML helpers
+      # (nix/lib/default.nix); mkClusterCheck takes a lane, a lane file or a
+      # Python `testScript` with `python = pkgs.python3` (docs/nix.md).
       lib = photonLib // {
         # { nixpkgs, system ? ..., clusterFile, extraModules ? [ ] } -> { configurations, nodeImages, all, ... }
         mkNodeImages = args: import ./nix/images.nix ({ inherit photonLib; } // args);

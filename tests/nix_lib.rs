@@ -128,6 +128,8 @@ fn pure_library_tests_pass() {
         "stub-flake-checks-fail-failed-lanes",
         "stub-flake-hydra-jobs-keep-failed",
         "builders-name-no-bin",
+        "test-script-text",
+        "test-script-needs-python",
     ] {
         assert!(names.contains(&name.to_string()), "missing test {name}");
     }
@@ -288,6 +290,229 @@ fn images_outside_the_store_are_refused_at_eval_unless_impure() {
         ok("impure images allowed", &allowed)
             .trim()
             .ends_with("-x.drv")
+    );
+}
+
+/// A Nix string literal with this text.
+fn nix_string(text: &str) -> String {
+    let escaped = text
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('$', "\\$")
+        .replace('\n', "\\n");
+    format!("\"{escaped}\"")
+}
+
+/// nix-instantiate of mkClusterCheck with a test script: a stand-in driver
+/// (Cargo.toml) and a stand-in python package (a derivation that is never
+/// built), coreutils from /usr/bin as impure. `args` is Nix merged over the
+/// defaults (`testScript`, `python = null;`, `laneFile`, ...).
+fn instantiate_script_check(args: &str) -> Output {
+    let expr = format!(
+        r#"let
+  lib = import ./nix/lib {{ }};
+  python = derivation {{ name = "python3"; system = "x86_64-linux"; builder = "/bin/sh"; }};
+in
+lib.mkClusterCheck ({{
+  name = "scripted";
+  driver = ./Cargo.toml;
+  images = builtins.toFile "images" "stand-in";
+  coreutils = "/usr/bin";
+  impurePaths = [ "/usr/bin" ];
+  inherit python;
+}} // {args})"#
+    );
+    nix("nix-instantiate", &["-E", &expr])
+}
+
+/// The check's .drv, its lane file (from `--lane-file` in its args) and
+/// that lane parsed; the lane file is in the store (builtins.toFile wrote it
+/// at instantiation).
+fn script_check(args: &str) -> (Value, PathBuf, toml::Table) {
+    let drv = ok(
+        "nix-instantiate mkClusterCheck with testScript",
+        &instantiate_script_check(args),
+    );
+    let drv = drv.trim();
+    assert!(drv.ends_with("-scripted.drv"), "{drv}");
+    let d = show_derivation(drv);
+    let run_args = strings(&d["args"]);
+    assert!(
+        !run_args.contains(&"--lane".to_string()),
+        "a script check runs its own lane file, not an embedded lane: {run_args:?}"
+    );
+    let lane_file = run_args
+        .windows(2)
+        .find(|w| w[0] == "--lane-file")
+        .map(|w| PathBuf::from(&w[1]))
+        .unwrap_or_else(|| panic!("no --lane-file: {run_args:?}"));
+    assert!(
+        lane_file.starts_with("/nix/store")
+            && lane_file.to_string_lossy().ends_with("-scripted-lane.toml"),
+        "{}",
+        lane_file.display()
+    );
+    let srcs = strings(&d["inputSrcs"]);
+    assert!(
+        srcs.contains(&lane_file.to_string_lossy().into_owned()),
+        "the lane file is an input of the check: {srcs:?}"
+    );
+    let text = std::fs::read_to_string(&lane_file).unwrap();
+    let lane: toml::Table = text
+        .parse()
+        .unwrap_or_else(|e| panic!("{}: {e}\n{text}", lane_file.display()));
+    (d, lane_file, lane)
+}
+
+/// The lane's one check (one layer `script`, one check), as script_lane in
+/// src/cli/run.rs makes it for `photon-cluster script`.
+fn only_script_check(lane: &toml::Table) -> toml::Table {
+    let layers = lane["layer"].as_array().unwrap();
+    assert_eq!(layers.len(), 1, "{lane:?}");
+    assert_eq!(layers[0]["name"].as_str(), Some("script"));
+    let checks = layers[0]["check"].as_array().unwrap();
+    assert_eq!(checks.len(), 1, "{lane:?}");
+    let check = checks[0].as_table().unwrap().clone();
+    assert_eq!(check["kind"].as_str(), Some("script"), "{check:?}");
+    check
+}
+
+/// The first entry of the driver's PATH is the stand-in python's bin/, and
+/// the python derivation is an input of the check.
+fn assert_python_first_on_path(d: &Value) -> Vec<String> {
+    let path: Vec<String> = d["env"]["PATH"]
+        .as_str()
+        .unwrap()
+        .split(':')
+        .map(String::from)
+        .collect();
+    assert!(
+        path[0].starts_with("/nix/store/") && path[0].ends_with("-python3/bin"),
+        "python's bin/ first on the driver's PATH: {path:?}"
+    );
+    let inputs = d["inputDrvs"].as_object().unwrap();
+    assert!(
+        inputs.keys().any(|k| k.ends_with("-python3.drv")),
+        "{inputs:?}"
+    );
+    path
+}
+
+/// The driver's own plan of the generated lane file: it reads it as the
+/// lane of one script check.
+fn driver_plans_script_lane(lane_file: &Path, id: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_photon-cluster"))
+        .args(["plan", "--profile", "reference", "--json", "--lane-file"])
+        .arg(lane_file)
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    let plan: Value =
+        serde_json::from_str(&ok("photon-cluster plan --lane-file <generated>", &out)).unwrap();
+    assert_eq!(plan["lane"], "scripted", "{plan}");
+    assert_eq!(
+        plan["checks"],
+        serde_json::json!([{
+            "id": id, "kind": "script", "layer": "script", "target": null,
+            "origin": format!("{}:9", lane_file.display()),
+        }]),
+        "{plan}"
+    );
+}
+
+#[test]
+fn test_script_text_is_written_into_the_store_as_the_lanes_one_check() {
+    let script = "start_all()\n\nwith subtest(\"it's \\\"quoted\\\" ${not nix}\"):\n    solo.succeed(\"echo $HOME\")\n";
+    let (d, lane_file, lane) = script_check(&format!("{{ testScript = {}; }}", nix_string(script)));
+    assert_eq!(lane["lane"]["name"].as_str(), Some("scripted"));
+    assert_eq!(
+        lane["lane"]["description"].as_str(),
+        Some("test script scripted.py")
+    );
+    let check = only_script_check(&lane);
+    assert_eq!(check["name"].as_str(), Some("scripted"));
+    assert_eq!(check["deadline"].as_integer(), Some(1800));
+    let file = PathBuf::from(check["file"].as_str().unwrap());
+    assert!(
+        file.starts_with("/nix/store") && file.to_string_lossy().ends_with("-scripted.py"),
+        "the script by absolute store path: {}",
+        file.display()
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), script);
+    let path = assert_python_first_on_path(&d);
+    assert_eq!(path.len(), 1, "{path:?}");
+    assert_eq!(d["env"]["lane"], "scripted");
+    driver_plans_script_lane(&lane_file, "scripted");
+}
+
+#[test]
+fn test_script_file_is_the_lanes_one_check() {
+    let fixture = repo().join("tests/fixtures/scripts/passes.py");
+    let (d, lane_file, lane) = script_check(&format!(
+        "{{ testScript = {}; testScriptDeadline = 300; path = [ \"/usr/bin\" ]; }}",
+        fixture.display()
+    ));
+    let check = only_script_check(&lane);
+    assert_eq!(check["name"].as_str(), Some("passes"));
+    assert_eq!(check["deadline"].as_integer(), Some(300));
+    assert_eq!(
+        lane["lane"]["description"].as_str(),
+        Some("test script passes.py")
+    );
+    let file = PathBuf::from(check["file"].as_str().unwrap());
+    assert!(
+        file.starts_with("/nix/store") && file.to_string_lossy().ends_with("-passes.py"),
+        "the file is copied into the store: {}",
+        file.display()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        std::fs::read_to_string(&fixture).unwrap()
+    );
+    let path = assert_python_first_on_path(&d);
+    assert_eq!(path[1..], ["/usr/bin".to_string()], "{path:?}");
+    driver_plans_script_lane(&lane_file, "passes");
+}
+
+#[test]
+fn test_script_without_python_or_with_another_lane_is_refused_at_eval() {
+    let refused = |args: &str, says: &[&str]| {
+        let out = instantiate_script_check(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args}: must be refused");
+        for s in says {
+            assert!(err.contains(s), "{args}: expected {s:?} in\n{err}");
+        }
+    };
+    refused(
+        "{ testScript = \"start_all()\"; python = null; }",
+        &[
+            "mkClusterCheck scripted: testScript needs Python 3",
+            "pass python = pkgs.python3",
+            "impurePaths",
+        ],
+    );
+    refused(
+        "{ testScript = \"start_all()\"; laneFile = ./checks/smoke.toml; }",
+        &[
+            "mkClusterCheck scripted: testScript and laneFile are both set",
+            "kind = \"script\"",
+        ],
+    );
+    refused(
+        "{ testScript = \"start_all()\"; lane = \"matrix\"; }",
+        &["testScript and lane = \"matrix\" are both set"],
+    );
+    refused(
+        "{ testScript = \"start_all()\"; python = \"/opt/python/bin\"; }",
+        &[
+            "python /opt/python/bin is outside /nix/store",
+            "impurePaths",
+        ],
+    );
+    refused(
+        "{ laneFile = ./tests/fixtures/scripts/lane.toml; cluster = ./tests/fixtures/one-node.toml; python = null; }",
+        &["has script checks (passes), which need Python 3"],
     );
 }
 
@@ -667,6 +892,104 @@ fn check_builder_enforces_the_timeout_and_annotates_for_hydra() {
         fake_sleeps(),
         0,
         "the fake driver's sleep outlived the build"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Stand-in for `photon-cluster run` with a test script (a /bin/sh script,
+/// run with the sandbox off): reads the script's file from the lane file it
+/// is given and runs it with the `python3` found on PATH, then writes a
+/// passed lane's artifacts with the script's output and the lane file.
+const FAKE_SCRIPT_DRIVER: &str = r#"#!/bin/sh
+out= lane=
+while [ $# -gt 0 ]; do
+  case $1 in
+    --out) out=$2; shift ;;
+    --lane-file) lane=$2; shift ;;
+  esac
+  shift
+done
+mkdir -p "$out/nix-support" || exit 3
+script=$(sed -n 's/^file = "\(.*\)"$/\1/p' "$lane")
+python3 "$script" > "$out/script-output.txt" || exit 1
+cp "$lane" "$out/lane.toml"
+echo '{"status":"pass"}' > "$out/result.json"
+printf 'report markdown %s/report.md\n' "$out" > "$out/nix-support/hydra-build-products"
+"#;
+
+/// A test script check built for real (nix/ci/check.nix, the sandbox off):
+/// the driver finds the given python first on its PATH and runs the script
+/// from the generated lane. The script's text interpolates a derivation's
+/// output, which builtins.toFile cannot write: the script and its lane are
+/// then written by derivations of their own, built first.
+#[test]
+fn a_test_script_check_builds_and_runs_the_script_with_the_given_python() {
+    let dir = temp("test-script-build");
+    let driver = dir.join("photon-cluster");
+    std::fs::write(&driver, FAKE_SCRIPT_DRIVER).unwrap();
+    std::fs::set_permissions(&driver, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    // python3 here: a wrapper that says it ran, then the host's Python.
+    let python = dir.join("python");
+    std::fs::create_dir_all(&python).unwrap();
+    let host_python = ["/usr/bin/python3", "/bin/python3"]
+        .iter()
+        .find(|p| Path::new(p).is_file())
+        .expect("no /usr/bin/python3");
+    std::fs::write(
+        python.join("python3"),
+        format!("#!/bin/sh\necho 'the given python3'\nexec {host_python} \"$@\"\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        python.join("python3"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let n = nonce();
+    let expr = format!(
+        r#"let
+  marker = derivation {{
+    name = "marker";
+    system = "x86_64-linux";
+    builder = "/bin/sh";
+    args = [ "-c" "echo built before the script > $out" ];
+    nonce = {nonce};
+  }};
+in
+import {repo}/nix/ci/check.nix {{
+  name = "t-script";
+  driver = {driver};
+  images = "{images}";
+  python = "{python}";
+  testScript = ''
+    print("hello from the test script")
+    print(open("${{marker}}").read().strip())
+  '';
+  nonce = {nonce};
+}}"#,
+        repo = repo().display(),
+        driver = driver.display(),
+        images = images.display(),
+        python = python.display(),
+        nonce = nix_string(&n),
+    );
+    let file = dir.join("script-check.nix");
+    std::fs::write(&file, expr).unwrap();
+    let (out, path) = nix_build(&[file.to_str().unwrap()], false);
+    let o = path.unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    let said = std::fs::read_to_string(o.join("script-output.txt")).unwrap();
+    assert_eq!(
+        said,
+        "the given python3\nhello from the test script\nbuilt before the script\n"
+    );
+    let lane = std::fs::read_to_string(o.join("lane.toml")).unwrap();
+    assert!(lane.contains("kind = \"script\""), "{lane}");
+    assert!(lane.contains("name = \"t-script\""), "{lane}");
+    assert!(
+        o.join("nix-support/hydra-build-products").is_file(),
+        "annotated like any check"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -17,7 +17,9 @@
 #
 # Add --arg keepFailed true to keep a failed lane's evidence (nix-support/failed),
 # --arg laneFile ./some-lane.toml for a lane file, --argstr nonce "$(date +%s)"
-# to rerun an identical derivation. See docs/nix.md.
+# to rerun an identical derivation. See docs/nix.md. A test script instead
+# of a lane (docs/scripts.md), with the host's python3:
+#   --arg testScript ./my-test.py --argstr python /usr/bin
 { driver
 , images
 , lane ? "smoke"
@@ -25,7 +27,13 @@
 , cluster ? null
 , profile ? "reference"
 , keepFailed ? false
-, name ? "fresh-${lane}"
+  # A Python test script (a path, or the script's text) instead of a lane,
+  # the directory holding python3 (listed as impure unless in hostBin or
+  # the store), and the script's deadline in seconds.
+, testScript ? null
+, python ? null
+, testScriptDeadline ? 1800
+, name ? (if testScript == null then "fresh-${lane}" else "test-script")
   # Host directories holding qemu-system-x86_64, qemu-img, ssh-keygen and
   # mkfs.ext4 (in /usr/sbin on Debian).
 , hostBin ? [ "/usr/bin" "/bin" "/usr/sbin" "/sbin" ]
@@ -49,14 +57,17 @@ let
   tracked = p: if p == null || builtins.isPath p || inStore (toString p) then p else /. + p;
   imagesArg = if copyImages then tracked images else toString images;
   imagesImpure = if builtins.isPath imagesArg || inStore imagesArg then [ ] else [ imagesArg ];
+  # A host directory not already listed: impure.
+  extraImpure = d: if builtins.isString d && !(inStore d) && !(builtins.elem d hostBin) then [ d ] else [ ];
 in
 lib.mkClusterCheck {
   inherit name lane keepFailed profile timeout killAfter extraArgs validate coreutils;
+  inherit testScript python testScriptDeadline;
   driver = tracked driver;
   laneFile = tracked laneFile;
   cluster = tracked cluster;
   images = imagesArg;
   path = hostBin;
-  impurePaths = hostBin ++ (if builtins.isString coreutils && !(inStore coreutils) && !(builtins.elem coreutils hostBin) then [ coreutils ] else [ ]) ++ imagesImpure;
+  impurePaths = hostBin ++ extraImpure coreutils ++ extraImpure python ++ imagesImpure;
   env = if nonce == "" then { } else { inherit nonce; };
 }

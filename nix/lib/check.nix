@@ -6,9 +6,12 @@
 # with the sandbox off); every other tool is named by absolute path from
 # `coreutils` and `path`, so CI can instantiate and build it with Debian's
 # nix-bin and nothing else, and the flake with nixpkgs' store paths only.
+# With `testScript` (a Python file, or its text) the check's lane is the
+# script alone, like runNixOSTest's testScript, and `python` goes on the
+# driver's PATH.
 { util, defs, defaultSystem }:
 let
-  inherit (util) concatMap shellQuote shellWords pathString inStore underAny;
+  inherit (util) concatMap shellQuote shellWords pathString inStore underAny hasSuffix;
 
   # A PATH entry: a string is a directory; a derivation (or anything with an
   # outPath) contributes its bin/ like nixpkgs' lib.makeBinPath.
@@ -129,6 +132,20 @@ rec {
     , lane ? "smoke"
       # A lane file instead of the embedded lane (passed as --lane-file).
     , laneFile ? null
+      # A test script instead of a lane (docs/scripts.md): a Python file (a
+      # Nix path, or a package such as pkgs.writeText "t.py" ...), or the
+      # script's text (a string, as runNixOSTest's testScript). The check's
+      # lane is then a generated lane file holding the script as its one
+      # check; neither laneFile nor another lane may be given with it.
+    , testScript ? null
+      # Seconds the script may run (the script check's `deadline`, as
+      # `photon-cluster script --deadline`). `timeout` still bounds the
+      # whole lane, boot included.
+    , testScriptDeadline ? 1800
+      # A Python 3 for scripts: a package (its bin/ goes first on the
+      # driver's PATH) or a directory holding python3. Required with
+      # testScript, and with a lane file that has `kind = "script"` checks.
+    , python ? null
       # A directory with vmlinuz, initrd.img and rootfs.img.
     , images
       # A cluster definition (TOML); null runs the embedded `profile`.
@@ -175,9 +192,28 @@ rec {
       imagesStr = pathString images;
       clusterStr = if cluster == null then null else pathString cluster;
       laneFileStr = if laneFile == null then null else pathString laneFile;
-      pathEntries = map pathEntry path;
+      pythonBin = if python == null then null else pathEntry python;
+      pathEntries = (if pythonBin == null then [ ] else [ pythonBin ]) ++ map pathEntry path;
       coreutilsBin = if coreutils == null then null else pathEntry coreutils;
       shellStr = pathString shell;
+
+      # A file in the store with this text: written at eval time with
+      # builtins.toFile, or, when the text refers to a derivation's output
+      # (a package interpolated into the script, or a script that is a
+      # package), which toFile cannot write, by a derivation of shell
+      # builtins (printf) with `shell`.
+      refersToOutputs = s: builtins.any (c: c ? outputs || (c.allOutputs or false)) (builtins.attrValues (builtins.getContext s));
+      writeFile = fileName: text:
+        if !(refersToOutputs text) then builtins.toFile fileName text
+        else
+          "${derivation {
+            name = fileName;
+            inherit system text;
+            builder = shellStr;
+            args = [ "-c" "printf '%s' \"$text\" > \"$out\"" ];
+            PATH = "";
+            preferLocalBuild = true;
+          }}";
 
       # Hermeticity, as the driver will judge it, but at eval time and with
       # the fix in the message.
@@ -186,7 +222,8 @@ rec {
         else [ "${what} ${s} is outside ${builtins.storeDir}: pass it as a Nix path (copied into the store) or list it in impurePaths (recorded in result.json as impure)" ];
       hermeticErrors =
         outside "images" imagesStr
-        ++ concatMap (p: outside "path entry" p) pathEntries
+        ++ concatMap (p: outside "path entry" p) (map pathEntry path)
+        ++ (if pythonBin == null then [ ] else outside "python" pythonBin)
         ++ (if coreutilsBin == null then [ "coreutils is required: pass pkgs.coreutils (or a directory holding timeout, date, mkdir and chmod, listed in impurePaths)" ] else outside "coreutils" coreutilsBin)
         ++ (if shellStr == "/bin/sh" then [ ] else outside "shell" shellStr)
         ++ (if clusterStr == null then [ ] else outside "cluster" clusterStr)
@@ -207,8 +244,10 @@ rec {
       # on the reference cluster), else `checks/<lane>.toml`.
       clusterName = if clusterDef == null then profile else (if clusterDef.name == null then profile else clusterDef.name);
       ownForm = repo + "/checks/${lane}.${clusterName}.toml";
+      # A test script's lane is generated: one check, no targets to validate.
       laneDef =
-        if laneFile != null then (if builtins.isPath laneFile then defs.laneFromToml laneFile else null)
+        if testScript != null then null
+        else if laneFile != null then (if builtins.isPath laneFile then defs.laneFromToml laneFile else null)
         else if builtins.pathExists ownForm then defs.laneFromToml ownForm
         else if builtins.pathExists (repo + "/checks/${lane}.toml") then defs.laneFromToml (repo + "/checks/${lane}.toml")
         else null;
@@ -216,21 +255,68 @@ rec {
         if !validate || clusterDef == null || laneDef == null then [ ]
         else clusterDef.errors ++ defs.validateLane clusterDef laneDef;
 
-      errors = hermeticErrors ++ numberErrors ++ laneErrors;
+      # The test script, as a file in the store, and the lane that runs it.
+      hasScript = testScript != null;
+      scriptIsText = builtins.isString testScript;
+      scriptIsFile = builtins.isPath testScript || (builtins.isAttrs testScript && testScript ? outPath);
+      # Its file name: a path's own, a package's name, <name>.py for text.
+      scriptName =
+        if scriptIsText then "${name}.py"
+        else if builtins.isPath testScript then baseNameOf (toString testScript)
+        else testScript.name or (baseNameOf (toString testScript));
+      scriptStem = if hasSuffix ".py" scriptName then builtins.substring 0 (builtins.stringLength scriptName - 3) scriptName else scriptName;
+      scriptFile = if scriptIsText then writeFile scriptName testScript else pathString testScript;
+      # The shape of `photon-cluster script` (script_lane in src/cli/run.rs):
+      # one layer, one check of kind script, its file by absolute store path.
+      scriptLaneText = ''
+        # Generated by mkClusterCheck ${name} from testScript ${scriptName}.
+        [lane]
+        name = ${builtins.toJSON name}
+        description = ${builtins.toJSON "test script ${scriptName}"}
+
+        [[layer]]
+        name = "script"
+
+        [[layer.check]]
+        name = ${builtins.toJSON scriptStem}
+        kind = "script"
+        file = ${builtins.toJSON scriptFile}
+        deadline = ${toString testScriptDeadline}
+      '';
+      scriptLaneFile = writeFile "${name}-lane.toml" scriptLaneText;
+
+      # Checks of kind script in a lane file read here: they need python too.
+      scriptChecks = if laneDef == null then [ ] else map (c: c.name) (builtins.filter (c: c.kind == "script") laneDef.checks);
+      scriptErrors =
+        if !hasScript then
+          (if python == null && scriptChecks != [ ] then [ "${laneLabel} has script checks (${builtins.concatStringsSep ", " scriptChecks}), which need Python 3: pass python = pkgs.python3 (or a directory holding python3, listed in impurePaths)" ] else [ ])
+        else if !(scriptIsText || scriptIsFile) then [ "testScript must be a Python file (a path or a package) or the script's text (a string), not ${builtins.typeOf testScript}" ]
+        else
+          (if laneFile != null then [ "testScript and laneFile are both set: the check runs one lane; drop laneFile, or drop testScript and put the script in the lane file as a check (kind = \"script\", file = \"${scriptName}\")" ] else [ ])
+          ++ (if lane != "smoke" then [ "testScript and lane = \"${lane}\" are both set: the check runs one lane; drop lane, or drop testScript and put the script in a lane file as a check (kind = \"script\")" ] else [ ])
+          ++ (if python == null then [ "testScript needs Python 3: pass python = pkgs.python3 (or a directory holding python3, listed in impurePaths)" ] else [ ])
+          ++ (if builtins.isInt testScriptDeadline && testScriptDeadline > 0 then [ ] else [ "testScriptDeadline must be a whole number of seconds > 0, not ${builtins.toJSON testScriptDeadline}" ]);
+
+      errors = hermeticErrors ++ numberErrors ++ laneErrors ++ scriptErrors;
+
+      # The lane file the driver runs: the script's, or the one given.
+      runLaneFile = if hasScript then scriptLaneFile else laneFileStr;
 
       # Names for people: the file's own name, not its store path.
       fileName = f: if builtins.isPath f then baseNameOf (toString f) else baseNameOf f;
       laneName =
-        if laneFile == null then lane
+        if hasScript then name
+        else if laneFile == null then lane
         else if laneDef != null && laneDef.name != null then laneDef.name
         else fileName laneFile;
       laneLabel =
-        if laneFile == null then "lane ${lane}"
+        if hasScript then "test script ${scriptName}"
+        else if laneFile == null then "lane ${lane}"
         else "lane ${laneName} from lane file ${fileName laneFile}";
       clusterLabel = if cluster == null then "profile ${profile}" else "cluster ${fileName cluster}";
 
       runArgs =
-        (if laneFileStr != null then [ "--lane-file" laneFileStr ] else [ "--lane" lane ])
+        (if runLaneFile != null then [ "--lane-file" runLaneFile ] else [ "--lane" lane ])
         ++ (if clusterStr != null then [ "--cluster" clusterStr ] else [ "--profile" profile ])
         ++ [ "--image-dir" imagesStr ]
         ++ (if keepFailed then [ "--keep-failed" ] else [ ])
@@ -238,7 +324,7 @@ rec {
         ++ extraArgs;
 
       targetArgs = if clusterStr != null then [ "--cluster" clusterStr ] else [ "--profile" profile ];
-      laneArgs = if laneFileStr != null then [ "--lane-file" laneFileStr ] else [ "--lane" lane ];
+      laneArgs = if runLaneFile != null then [ "--lane-file" runLaneFile ] else [ "--lane" lane ];
       driverExe = ''if [ -d ${shellQuote driverStr} ]; then exe=${shellQuote "${driverStr}/bin/photon-cluster"}; else exe=${shellQuote driverStr}; fi'';
 
       interactiveName = "${name}-driver-interactive";
@@ -283,7 +369,9 @@ rec {
         photonCluster = {
           inherit profile;
           lane = laneName;
-          laneFile = laneFileStr;
+          laneFile = runLaneFile;
+          testScript = if hasScript then scriptFile else null;
+          python = pythonBin;
           cluster = clusterStr;
           images = imagesStr;
           driver = driverStr;

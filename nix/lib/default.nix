@@ -3,6 +3,9 @@
 #
 #   lib = import ./nix/lib { };          # or { system = "aarch64-linux"; }
 #   lib.mkClusterCheck { name = "fresh-smoke"; driver = ...; images = ...; }
+#   lib.mkClusterCheck { name = "failover"; testScript = ./failover.py;  # or the script's text
+#                        python = pkgs.python3; driver = ...; images = ...; }
+#     (a Python test script as the check's lane, like runNixOSTest; docs/scripts.md)
 #   lib.mkLayeredCheck { name = "smoke"; laneFile = ./checks/smoke.toml; ... }
 #     (the ready cluster, one derivation per layer, the lane assembled)
 #   lib.clusterFromToml ./profiles/reference.toml

@@ -493,6 +493,50 @@ let
       expected = [ true true false true false ];
     };
 
+    # --- testScript: a Python script as the check's lane (docs/scripts.md)
+    test-script-text = {
+      expr = let c = mk { testScript = "start_all()\n"; python = fakePkg "python3"; }; in
+        [ (hasPair "--lane-file" c.photonCluster.laneFile c.args) (builtins.elem "--lane" c.args)
+          (hasSuffix "-fresh-smoke-lane.toml" c.photonCluster.laneFile) (hasSuffix "-fresh-smoke.py" c.photonCluster.testScript)
+          c.lane c.meta.description c.PATH ];
+      expected = [ true false true true "fresh-smoke" "photon-cluster test script fresh-smoke.py on profile reference" "${fakeStorePath "python3"}/bin" ];
+    };
+    test-script-file = {
+      expr = let c = mk { name = "s"; testScript = ../../tests/fixtures/scripts/passes.py; python = fakePkg "python3"; path = [ "/usr/bin" ]; impurePaths = [ "/usr/bin" ]; }; in
+        [ (hasSuffix "-passes.py" c.photonCluster.testScript) c.meta.description c.PATH c.photonCluster.python ];
+      expected = [ true "photon-cluster test script passes.py on profile reference" "${fakeStorePath "python3"}/bin:/usr/bin" "${fakeStorePath "python3"}/bin" ];
+    };
+    test-script-package = {
+      expr = (mk { testScript = fakePkg "t.py"; python = fakePkg "python3"; }).meta.description;
+      expected = "photon-cluster test script t.py on profile reference";
+    };
+    test-script-interactive-path = {
+      expr = builtins.elem "PATH='${fakeStorePath "python3"}/bin'\${PATH:+:$PATH}"
+        (builtins.split "\n" (mk { testScript = "x"; python = fakePkg "python3"; }).driverInteractive.text);
+      expected = true;
+    };
+    test-script-on-any-cluster = {
+      expr = evaluates (mk { testScript = "x"; python = fakePkg "python3"; cluster = ../../tests/fixtures/one-node.toml; }).drvPath;
+      expected = true;
+    };
+    test-script-needs-python = { expr = throws (mk { testScript = "x"; }).drvPath; expected = true; };
+    test-script-not-with-lane-file = { expr = throws (mk { testScript = "x"; python = fakePkg "python3"; laneFile = ../../checks/smoke.toml; }).drvPath; expected = true; };
+    test-script-not-with-lane = { expr = throws (mk { testScript = "x"; python = fakePkg "python3"; lane = "matrix"; }).drvPath; expected = true; };
+    test-script-not-a-function = { expr = throws (mk { testScript = _: "x"; python = fakePkg "python3"; }).drvPath; expected = true; };
+    test-script-deadline = {
+      expr = map (d: evaluates (mk { testScript = "x"; python = fakePkg "python3"; testScriptDeadline = d; }).drvPath) [ 60 0 "60" ];
+      expected = [ true false false ];
+    };
+    test-script-python-hermetic = {
+      expr = map (i: evaluates (mk { testScript = "x"; python = "/opt/python/bin"; impurePaths = i; }).drvPath) [ [ ] [ "/opt/python" ] ];
+      expected = [ false true ];
+    };
+    lane-file-script-checks-need-python = {
+      expr = map (p: evaluates (mk ({ laneFile = ../../tests/fixtures/scripts/lane.toml; cluster = ../../tests/fixtures/one-node.toml; } // p)).drvPath)
+        [ { } { python = fakePkg "python3"; } ];
+      expected = [ false true ];
+    };
+
     # --- mkClusterChecks
     many = {
       expr = let cs = lib.mkClusterChecks { lanes = { fresh-smoke = "smoke"; fresh-matrix = "matrix"; }; driver = fakeDriver; images = fakeImages; coreutils = fakeCoreutils; }; in
