@@ -132,9 +132,7 @@ pub fn suite(
         ));
         pairs.push(exec_pair(&cold, execs)?);
         tracing::info!("bench: snapshot save");
-        let key = snapshot::key(cluster, &cold.image)?;
-        let machines = running_machines(&cold, state.root.as_str())?;
-        snapshot::save(state, &cold, key, machines, "bench", snapshot::After::Stop)?;
+        snapshot::save_running(cluster, state, &cold, "bench", snapshot::After::Stop)?;
         // The guests have quit; stopping the cluster also ends its fabric
         // switch, whose ports the restore takes again.
         cluster::stop(state, Duration::from_secs(20))?;
@@ -234,26 +232,6 @@ fn all_active_s(g: &guest::Guest, units: &[String]) -> Result<f64> {
         .max()
         .unwrap_or(0);
     Ok(max_us as f64 / 1e6)
-}
-
-/// Each node's QEMU command line as it runs, hashed for a snapshot.
-pub fn running_machines(
-    record: &RunningCluster,
-    state_root: &str,
-) -> Result<std::collections::BTreeMap<String, String>> {
-    let mut machines = std::collections::BTreeMap::new();
-    for (node, n) in &record.nodes {
-        let raw = std::fs::read(format!("/proc/{}/cmdline", n.pid_now()))
-            .with_context(|| format!("{node}: QEMU (pid {}) is not running", n.pid_now()))?;
-        let args: Vec<String> = String::from_utf8_lossy(&raw)
-            .split('\0')
-            .skip(1)
-            .filter(|a| !a.is_empty())
-            .map(str::to_string)
-            .collect();
-        machines.insert(node.clone(), snapshot::machine_hash(&args, state_root));
-    }
-    Ok(machines)
 }
 
 fn peak_rss_mib() -> f64 {

@@ -40,16 +40,7 @@ pub fn ready(
     copy_consoles(cluster, state, out);
     let record = started?;
     let boot_s = t.elapsed().as_secs_f64();
-    let key = snapshot::key(cluster, &record.image)?;
-    let machines = crate::bench::running_machines(&record, state.root.as_str())?;
-    let saved = snapshot::save(
-        state,
-        &record,
-        key,
-        machines,
-        "ready",
-        snapshot::After::Stop,
-    );
+    let saved = snapshot::save_running(cluster, state, &record, "ready", snapshot::After::Stop);
     cluster::stop(state, Duration::from_secs(20))?;
     let m = saved?;
     copy_tree(m.dir(), out)?;
@@ -98,9 +89,7 @@ pub fn save_end(
     record: &crate::state::RunningCluster,
     to: &Path,
 ) -> Result<u64> {
-    let key = snapshot::key(cluster, &record.image)?;
-    let machines = crate::bench::running_machines(record, state.root.as_str())?;
-    let m = snapshot::save(state, record, key, machines, "end", snapshot::After::Resume)?;
+    let m = snapshot::save_running(cluster, state, record, "end", snapshot::After::Resume)?;
     copy_tree(m.dir(), to)?;
     Ok(m.bytes)
 }

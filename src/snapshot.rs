@@ -150,7 +150,7 @@ fn hash(bytes: &[u8]) -> String {
 }
 
 /// Refuses a name that could leave the snapshots directory.
-fn check_name(name: &str) -> Result<()> {
+pub fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name
             .chars()
@@ -321,6 +321,40 @@ impl Manifest {
         record.known_hosts = self.dir().join("ssh").join("known_hosts");
         Ok(crate::guest::endpoint(&record, node)?.host_key)
     }
+}
+
+/// Saves the running cluster as `name` under its key, with each QEMU's
+/// command line as it runs (what a restore must match).
+pub fn save_running(
+    cluster: &Cluster,
+    state: &StateDir,
+    record: &RunningCluster,
+    name: &str,
+    after: After,
+) -> Result<Manifest> {
+    let key = key(cluster, &record.image)?;
+    let machines = running_machines(record, state.root.as_str())?;
+    save(state, record, key, machines, name, after)
+}
+
+/// Each node's QEMU command line as it runs, hashed for a snapshot.
+fn running_machines(
+    record: &RunningCluster,
+    state_root: &str,
+) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut machines = std::collections::BTreeMap::new();
+    for (node, n) in &record.nodes {
+        let raw = std::fs::read(format!("/proc/{}/cmdline", n.pid_now()))
+            .with_context(|| format!("{node}: QEMU (pid {}) is not running", n.pid_now()))?;
+        let args: Vec<String> = String::from_utf8_lossy(&raw)
+            .split('\0')
+            .skip(1)
+            .filter(|a| !a.is_empty())
+            .map(str::to_string)
+            .collect();
+        machines.insert(node.clone(), machine_hash(&args, state_root));
+    }
+    Ok(machines)
 }
 
 /// Saves the running cluster as `name`, replacing an older one of that name.

@@ -452,12 +452,9 @@ fn snapshot_command(cluster: &Cluster, state: &StateDir, cmd: SnapshotCmd) -> Re
         SnapshotCmd::Save { name, stop } => {
             let _lock = state.lock("snapshot save")?;
             let record = require_running(state)?;
-            let key = snapshot::key(cluster, &record.image)?;
-            // The command line each QEMU really runs, for the restore to match.
-            let machines = crate::bench::running_machines(&record, state.root.as_str())?;
             let after = if stop { After::Stop } else { After::Resume };
             let t = std::time::Instant::now();
-            let m = snapshot::save(state, &record, key, machines, &name, after)?;
+            let m = snapshot::save_running(cluster, state, &record, &name, after)?;
             if stop {
                 // The guests have quit; this ends the fabric switch too, so
                 // a restore finds its ports free.
