@@ -13,7 +13,7 @@ use crate::report::{self, RunReport, Step};
 use crate::secrets::Secrets;
 use crate::spec::Cluster;
 use crate::state::{RunningCluster, StateDir};
-use crate::{engine, evidence, image};
+use crate::{engine, evidence, image, snapshot};
 use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -35,6 +35,9 @@ pub struct LaneOptions {
     /// Save the cluster's end state here after the lane, before the stop
     /// (`run --save-end`: a later layer continues from it, `after`).
     pub save_end: Option<PathBuf>,
+    /// Save the ready cluster as this snapshot before the lane runs
+    /// (`fresh-smoke --save-ready`: later warm starts restore it).
+    pub save_ready: Option<String>,
 }
 
 /// Runs the lane against the cluster that is running in `state`.
@@ -160,6 +163,17 @@ fn boot_check_stop(
         ledger.layers.push(health);
         return;
     };
+    if let Some(name) = &opts.save_ready {
+        ledger.step("save-ready", || {
+            let m = snapshot::save_running(cluster, state, r, name, snapshot::After::Resume)?;
+            Ok(format!(
+                "snapshot {name:?}: {} nodes, {:.0} MiB (guests paused {:.1} s)",
+                m.record.nodes.len(),
+                m.bytes as f64 / 1048576.0,
+                m.paused_s
+            ))
+        });
+    }
     let t = Instant::now();
     check_cluster(ledger, cluster, state, r, opts, dir, started);
     let lane = lane_step(&ledger.layers, t);

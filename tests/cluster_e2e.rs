@@ -1,11 +1,11 @@
 //! End to end: real QEMU guests of the reference cluster, as scenarios
 //! `s01`..`s15` that run in the order of their names and share one booted
-//! cluster. Boot is the expensive part, so there are two cold boots in all:
-//! one `start` (s02, saved as the `default` snapshot right after it is
-//! ready) shared by the CLI assertions, the lanes and the broken-on-purpose
-//! smoke, and one `fresh-smoke` (s14). A scenario that needs a clean
-//! cluster again, or runs alone, or follows one that failed, restores the
-//! snapshot (`ready_cluster`).
+//! cluster. Boot is the expensive part, so there is one cold boot in all:
+//! the README's `fresh-smoke` (s02), which saves the ready cluster as the
+//! `default` snapshot (`--save-ready`) before its smoke. Every later
+//! scenario (the CLI assertions, the lanes, the broken-on-purpose smoke)
+//! restores that snapshot when it needs a cluster (`ready_cluster`), as
+//! does a scenario that runs alone or follows one that failed.
 //!
 //! Images are built (or found cached) in the shared test state directory.
 
@@ -839,10 +839,23 @@ fn faults_by_hand(state: &Path) {
 fn fresh_smoke_passes_with_evidence(state: &Path) {
     let needle = state.to_str().unwrap();
     let root = artifacts_dir().join("fresh");
+    // The ready cluster is saved as `default` on the way (`--save-ready`):
+    // the scenarios after this one restore it instead of booting again.
+    // Twice the default ready timeout, as `boot_cold`: a slow host is
+    // measured, not failed.
+    let t = Instant::now();
     let out = common::run(
         state,
-        &["fresh-smoke", "--artifacts", root.to_str().unwrap()],
+        &[
+            "fresh-smoke",
+            "--save-ready",
+            "--ready-timeout",
+            "1200",
+            "--artifacts",
+            root.to_str().unwrap(),
+        ],
     );
+    eprintln!("fresh-smoke: {:.1} s", t.elapsed().as_secs_f64());
     assert_eq!(out.status.code(), Some(0), "fresh-smoke");
     let table = stdout(&out);
     for layer in [
@@ -875,10 +888,15 @@ fn fresh_smoke_passes_with_evidence(state: &Path) {
         .map(|s| (s["name"].as_str().unwrap(), s["outcome"].as_str().unwrap()))
         .collect();
     let names: Vec<&str> = steps.iter().map(|s| s.0).collect();
-    assert_eq!(names, ["clean", "build", "start", "smoke", "stop"]);
-    assert!(steps.iter().all(|s| s.1 != "fail"), "{steps:?}");
     assert_eq!(
-        steps[3].1,
+        names,
+        ["clean", "build", "start", "save-ready", "smoke", "stop"]
+    );
+    assert!(steps.iter().all(|s| s.1 != "fail"), "{steps:?}");
+    let out = common::run(state, &["snapshot", "list"]);
+    assert!(stdout(&out).starts_with("default "), "{}", stdout(&out));
+    assert_eq!(
+        steps[4].1,
         result["status"].as_str().unwrap(),
         "the smoke step sums up the layers"
     );
@@ -1326,13 +1344,15 @@ fn s01_interrupt_and_sigkill_during_start() {
     sigkill_during_start_is_reaped_by_the_next_command(&state);
 }
 
+/// The README's first command boots the shared cluster from nothing and
+/// saves it ready; every later scenario restores that snapshot.
 #[test]
-fn s02_cold_boot_and_the_cli() {
+fn s02_fresh_smoke_then_the_cli_on_its_saved_cluster() {
     let state = built_state();
     let _stop = StopOnPanic(state.clone());
-    boot_cold(&state);
+    fresh_smoke_passes_with_evidence(&state);
+    let state = ready_cluster();
     the_cli_on_the_ready_cluster(&state);
-    snapshot_the_ready_cluster(&state);
 }
 
 #[test]
@@ -1407,17 +1427,15 @@ fn s12_stop_leaves_nothing() {
 
 #[test]
 fn s13_warm_restore_passes_smoke() {
-    let state = ready_cluster();
+    // It restores the `default` snapshot itself: a stopped cluster is all it
+    // needs (run alone, `ready_cluster` saves the snapshot first).
+    let state = built_state();
+    if !state.join("snapshots/default/manifest.json").is_file() {
+        ready_cluster();
+    }
     common::run(&state, &["stop"]);
     let _stop = StopOnPanic(state.clone());
     warm_restore_passes_smoke(&state);
-}
-
-#[test]
-fn s14_fresh_smoke_passes_with_evidence() {
-    let state = built_state();
-    let _stop = StopOnPanic(state.clone());
-    fresh_smoke_passes_with_evidence(&state);
 }
 
 #[test]
@@ -1618,7 +1636,7 @@ fn the_cli_on_the_ready_cluster(state: &Path) {
 }
 
 /// `compare` on two real runs of this suite: the warm smoke (s13) against
-/// the fresh one (s14). Their checks are the same; the boot differs and is
+/// the fresh one (s02). Their checks are the same; the boot differs and is
 /// named. The exit code follows what the comparison found, in both forms.
 /// Run alone, without those two runs, it makes two smoke runs of its own on
 /// the shared cluster.

@@ -219,6 +219,12 @@ pub enum Cmd {
         lane: LaneArgs,
         #[command(flatten)]
         start: StartArgs,
+        /// Once every node is ready, save the cluster as snapshot NAME
+        /// (`default` if no NAME) before the lane runs, so that a later
+        /// `fresh-smoke --warm` or `start --warm` restores it instead of
+        /// booting. The save is a step of the run, in result.json.
+        #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "default")]
+        save_ready: Option<String>,
     },
     /// The matrix lane against the running cluster: composed scenarios (DNS +
     /// load balancer + backends, VM live migration on shared volumes,
@@ -599,6 +605,7 @@ impl RerunArgs {
             json: self.json,
             publish: None,
             save_end: None,
+            save_ready: None,
         };
         Ok(crate::rerun::RerunOptions {
             lane,
@@ -628,6 +635,7 @@ impl LaneRun {
             json: self.json,
             publish: self.publish.clone(),
             save_end: None,
+            save_ready: None,
         }
     }
 }

@@ -63,8 +63,16 @@ pub fn run(cli: Cli) -> Result<i32> {
             let _lock = s.lock("rerun")?;
             Ok(crate::rerun::rerun(c, s, &opts)? as i32)
         }),
-        Cmd::FreshSmoke { lane, start } => on.with(|c, s| {
-            let opts = lane.options(c, "fresh-smoke")?;
+        Cmd::FreshSmoke {
+            lane,
+            start,
+            save_ready,
+        } => on.with(|c, s| {
+            let mut opts = lane.options(c, "fresh-smoke")?;
+            if let Some(name) = &save_ready {
+                crate::snapshot::check_name(name)?;
+            }
+            opts.save_ready = save_ready;
             fresh(c, s, &opts, &start)
         }),
         Cmd::FreshMatrix { lane, start } => {
@@ -538,6 +546,7 @@ fn hermetic_run(mut cluster: Cluster, target: &Target, args: &RunArgs) -> Result
         json: args.json,
         publish: None,
         save_end: args.save_end.then(|| args.out.join("end")),
+        save_ready: None,
     };
     let _lock = state.lock("run")?;
     let code = smoke::hermetic(
