@@ -199,7 +199,24 @@ pub fn crash(record: &RunningCluster, node: &str) -> Result<String> {
     ))
 }
 
-/// `<node dir>/crashed-by-fault`: the pid `crash` killed.
+/// Powers a node down cleanly, as its power button does (systemd stops
+/// its services), killing it if it has not exited within `grace`. Marked
+/// like a crash: the node is down on purpose, `restore` boots it again.
+pub fn shutdown(record: &RunningCluster, node: &str, grace: Duration) -> Result<String> {
+    known(record, node)?;
+    let n = &record.nodes[node];
+    let pid = n.pid_now();
+    if !machine::is_running(pid) {
+        return Err(anyhow!(
+            "{node}: QEMU (pid {pid}) is not running; nothing to shut down"
+        ));
+    }
+    let _ = fs::write(crash_marker(record, node), pid.to_string());
+    let how = machine::stop(pid, &n.dir.join("qmp.sock"), grace);
+    Ok(format!("shut down {node}: {how}"))
+}
+
+/// `<node dir>/crashed-by-fault`: the pid `crash` or `shutdown` ended.
 fn crash_marker(record: &RunningCluster, node: &str) -> std::path::PathBuf {
     record.nodes[node].dir.join("crashed-by-fault")
 }

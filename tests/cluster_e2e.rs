@@ -1418,6 +1418,46 @@ fn s11_rerun_three_times_from_the_snapshot() {
     rerun_three_times(&state);
 }
 
+/// Test scripts on the shared cluster, in the style of nixpkgs' own tests
+/// for the same servers: DNS primary and secondaries, HAProxy losing a
+/// backend, a partition and its heal, an etcd member shut down and back.
+/// Every subtest is a check of its own in result.json and JUnit.
+#[test]
+fn s11b_test_scripts_in_the_nixpkgs_style() {
+    let state = ready_cluster();
+    let _stop = StopOnPanic(state.clone());
+    let t = Instant::now();
+    let (code, result) = fixture_lane(&state, "nixpkgs-style-scripts");
+    eprintln!("nixpkgs-style scripts: {:.1} s", t.elapsed().as_secs_f64());
+    assert_eq!(code, Some(0), "{result}");
+    let checks: Vec<&Value> = result["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|l| l["checks"].as_array().unwrap())
+        .collect();
+    for (script, subtests) in [
+        ("dns-zone", 4),
+        ("haproxy-backend", 3),
+        ("partition", 2),
+        ("etcd-member", 3),
+    ] {
+        let parts: Vec<&&Value> = checks.iter().filter(|c| c["part_of"] == script).collect();
+        assert_eq!(parts.len(), subtests, "{script}: {parts:?}");
+        for p in parts {
+            assert_eq!(p["kind"], "subtest", "{p}");
+            assert_eq!(p["outcome"], "pass", "{p}");
+            assert!(p["id"].as_str().unwrap().starts_with(&format!("{script}/")));
+        }
+    }
+    let dir = artifacts_dir().join("lanes/nixpkgs-style-scripts/latest");
+    let junit = std::fs::read_to_string(dir.join("junit.xml")).unwrap();
+    assert!(
+        junit.contains("etcd-member/the member comes back and catches up"),
+        "{junit}"
+    );
+}
+
 #[test]
 fn s12_stop_leaves_nothing() {
     let state = ready_cluster();

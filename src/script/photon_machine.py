@@ -171,6 +171,11 @@ class Machine:
         """Kills the node's QEMU at once, like pulling the plug."""
         self._call("crash")
 
+    def shutdown(self, timeout=120):
+        """Powers the node down cleanly (its power button: systemd stops its
+        services) and waits until it is off; killed after `timeout` s."""
+        self._call("shutdown", timeout=timeout)
+
     def start(self):
         """Boots the node again (a no-op if it runs) and waits until ready."""
         self._call("start")

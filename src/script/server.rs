@@ -248,6 +248,11 @@ impl<'a> Session<'a> {
                 self.guests.forget(node);
                 crate::fault::crash(self.record, node)?
             }
+            "shutdown" => {
+                self.guests.forget(node);
+                let grace = self.timeout(req);
+                crate::fault::shutdown(self.record, node, grace)?
+            }
             "pause" => crate::fault::pause(self.record, node, true)?,
             "resume" => crate::fault::pause(self.record, node, false)?,
             "start" => self.start(node)?,
