@@ -116,7 +116,7 @@ fn scripts_pass_fail_with_evidence_and_run_as_lane_checks() {
         "--artifacts",
         r,
     ];
-    let out = common::echo(&args, common::run(&state, &args));
+    let out = common::run(&state, &args);
     assert_eq!(out.status.code(), Some(0), "passing script");
     let res = result(&root, "passes");
     let check = common::check(&res, "passes");
@@ -170,7 +170,7 @@ fn scripts_pass_fail_with_evidence_and_run_as_lane_checks() {
         "--artifacts",
         r,
     ];
-    let out = common::echo(&args, common::run(&state, &args));
+    let out = common::run(&state, &args);
     assert_eq!(out.status.code(), Some(1), "failing script");
     let res = result(&root, "fails");
     let check = common::check(&res, "fails");
@@ -228,7 +228,7 @@ fn scripts_pass_fail_with_evidence_and_run_as_lane_checks() {
         "--artifacts",
         r,
     ];
-    let out = common::echo(&args, common::run(&state, &args));
+    let out = common::run(&state, &args);
     assert_eq!(out.status.code(), Some(0), "lane with a script");
     let res = result(&root, "script-lane");
     assert_eq!(common::check(&res, "passes")["outcome"], "pass");
@@ -276,7 +276,7 @@ fn scripts_pass_fail_with_evidence_and_run_as_lane_checks() {
         r,
     ];
     let t = std::time::Instant::now();
-    let out = common::echo(&args, common::run(&state, &args));
+    let out = common::run(&state, &args);
     assert_eq!(out.status.code(), Some(124), "timeout");
     assert!(t.elapsed().as_secs() < 60, "{:?}", t.elapsed());
     assert!(root.join("outlasts-timeout/latest/result.json").exists());
@@ -285,6 +285,39 @@ fn scripts_pass_fail_with_evidence_and_run_as_lane_checks() {
     assert!(
         so_far.contains("waits forever") && so_far.contains("wait_until"),
         "{so_far}"
+    );
+    assert!(common::pids_mentioning("python3", "photon_machine").is_empty());
+
+    // --interactive: the same objects at a Python prompt, here fed from
+    // stdin; Ctrl-D (the end of input) ends it and the command.
+    use std::io::Write;
+    let mut child = common::bin()
+        .args(["--state-dir", state.to_str().unwrap()])
+        .args(["--cluster", c, "script", "--interactive"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(b"print('hostname:', solo.succeed('hostname').strip())\nsolo.no_such_method()\n")
+        .unwrap();
+    drop(stdin);
+    let out = common::echo(
+        &["script", "--interactive"],
+        child.wait_with_output().unwrap(),
+    );
+    assert_eq!(out.status.code(), Some(0), "the prompt ends at Ctrl-D");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("hostname: solo"),
+        "a statement ran on the node"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("photon-cluster: solo"), "{err}");
+    assert!(
+        err.contains("AttributeError") && err.contains("no_such_method"),
+        "an error at the prompt is shown, and the prompt goes on: {err}"
     );
     assert!(common::pids_mentioning("python3", "photon_machine").is_empty());
 }

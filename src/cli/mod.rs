@@ -270,7 +270,14 @@ pub enum Cmd {
     /// junit.xml and report.html. See docs/scripts.md.
     Script {
         /// The script (Python 3, standard library; its module is provided).
-        file: PathBuf,
+        #[arg(required_unless_present = "interactive")]
+        file: Option<PathBuf>,
+        /// A Python prompt instead of a script, with the same objects (one
+        /// per node, `start_all`, `partition`, ...) on the running cluster,
+        /// as NixOS's `driverInteractive`. End it with Ctrl-D; Ctrl-C stops
+        /// the command at the prompt, not the cluster.
+        #[arg(long, conflicts_with_all = ["file", "fresh"])]
+        interactive: bool,
         /// The script's time limit, in seconds.
         #[arg(long, default_value_t = 1800)]
         deadline: u64,

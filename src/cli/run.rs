@@ -44,12 +44,21 @@ pub fn run(cli: Cli) -> Result<i32> {
         Cmd::Validate { select, json } => on.with(|c, s| validate(c, s, &select.load(c)?, json)),
         Cmd::Smoke(lane) => on.with(|c, s| on_running(c, s, lane.options(c, "smoke")?)),
         Cmd::Script {
+            interactive: true, ..
+        } => on.with(|_, s| {
+            let record = require_running(s)?;
+            crate::script::interactive(&record, &s.root.join("interactive").into_std_path_buf())
+        }),
+        Cmd::Script {
             file,
             deadline,
             fresh: on_fresh,
             lane,
             start,
+            ..
         } => on.with(|c, s| {
+            // clap asks for FILE unless --interactive.
+            let file = file.ok_or_else(|| bad_input("script: a FILE, or --interactive"))?;
             let opts = lane.options(script_lane(&file, deadline, c)?, "script");
             match on_fresh {
                 true => fresh(c, s, &opts, &start),

@@ -124,6 +124,57 @@ pub fn run(
     })
 }
 
+/// A Python prompt on the running cluster (`script --interactive`), with
+/// the script's objects, served like a script until the prompt ends. The
+/// prompt owns the terminal: Ctrl-C interrupts the line being run (the
+/// prompt's KeyboardInterrupt), and the wait goes on through it.
+pub fn interactive(record: &RunningCluster, dir: &Path) -> Result<i32> {
+    std::fs::create_dir_all(dir.join("lib"))
+        .with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join("lib/photon_machine.py"), MODULE)?;
+    let sock = socket_path();
+    let _ = std::fs::remove_file(&sock);
+    let listener =
+        UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
+    let mut child = Command::new("python3")
+        .args([
+            "-i",
+            "-c",
+            "from photon_machine import _interactive; globals().update(_interactive())",
+        ])
+        .env("PYTHONPATH", dir.join("lib"))
+        .env("PHOTON_SCRIPT_SOCKET", &sock)
+        .env("out", dir)
+        .spawn()
+        .map_err(|e| anyhow!("cannot run python3 (scripts need it on PATH): {e}"))?;
+    let guests = GuestPool::new(record);
+    let started = Instant::now();
+    // A prompt has no deadline of its own; a day bounds a forgotten one.
+    let session = Session::new(record, &guests, dir.to_path_buf(), started, started + DAY);
+    let exit = std::thread::scope(|s| {
+        let server = s.spawn(|| session.serve(&listener));
+        let exit = Wait::new("the interactive prompt", DAY)
+            .through_interrupt()
+            .pause(Pause::Every(Duration::from_millis(100)))
+            .run(|| {
+                Ok(match child.try_wait()? {
+                    Some(status) => Probe::Done(status.code().unwrap_or(1)),
+                    None => Probe::Pending("still running".into()),
+                })
+            });
+        if exit.is_err() {
+            kill(&mut child);
+        }
+        session.stop();
+        let _ = server.join();
+        exit
+    });
+    let _ = std::fs::remove_file(&sock);
+    exit
+}
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
 /// A short socket path: Unix socket paths are limited to about 100 bytes,
 /// and artifact directories can be deep. Unique within the process (a
 /// counter), so that scripts run side by side never share one.

@@ -283,16 +283,32 @@ def subtest(name):
 machines = []
 
 
-def _run(path):
-    global _driver, _script_file
-    _driver = _Driver(os.environ["PHOTON_SCRIPT_SOCKET"])
-    _script_file = os.path.abspath(path)
+def _objects():
+    """One Machine per node (by its name), the globals, and `machines`."""
     env = {k: globals()[k] for k in __all__}
     for name in _driver._request("nodes"):
         m = Machine(name)
         machines.append(m)
         env[name.replace("-", "_")] = m
     env["machines"] = machines
+    return env
+
+
+def _interactive():
+    """The objects of a script, for `script --interactive`'s prompt."""
+    global _driver
+    _driver = _Driver(os.environ["PHOTON_SCRIPT_SOCKET"])
+    env = _objects()
+    print("photon-cluster: %s; files copied out go to %s" % (
+        ", ".join(m.name for m in machines), os.environ["out"]), file=sys.stderr)
+    return env
+
+
+def _run(path):
+    global _driver, _script_file
+    _driver = _Driver(os.environ["PHOTON_SCRIPT_SOCKET"])
+    _script_file = os.path.abspath(path)
+    env = _objects()
     env["__file__"] = _script_file
     env["__name__"] = "__main__"
     with open(_script_file) as f:
