@@ -526,6 +526,18 @@ fn dead_target(ctx: &Ctx, target: Option<&str>) -> Option<anyhow::Error> {
     })
 }
 
+/// Every layer of `lane` with every check skipped for `reason`: a lane
+/// that could not start (its ready cluster is missing), reported in full.
+pub fn skipped_lane(lane: &Lane, reason: &str, lane_start: Instant) -> Vec<LayerResult> {
+    lane.layers
+        .iter()
+        .map(|l| {
+            let checks = l.checks.iter().map(|c| skipped(c, reason, lane_start));
+            LayerResult::new(&l.name, &l.description, checks.collect(), 0.0)
+        })
+        .collect()
+}
+
 fn skipped(c: &PlannedCheck, reason: &str, lane_start: Instant) -> CheckResult {
     CheckResult {
         id: c.id.clone(),

@@ -26,19 +26,25 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Boots the cluster, saves it into `out` and stops it. A boot that fails
-/// still leaves the consoles in `out` before the error is returned.
+/// still leaves the consoles in `out`; with `keep_failed` it is an output
+/// of its own (`boot.json` says why, `nix-support/failed` is set) whose
+/// layers report themselves skipped ([`missing`]), else the error.
 pub fn ready(
     cluster: &Cluster,
     state: &StateDir,
     start: &StartOptions,
     out: &Path,
     paths: Hermetic,
+    keep_failed: bool,
 ) -> Result<u8> {
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let t = Instant::now();
     let started = cluster::start(cluster, state, start);
     copy_consoles(cluster, state, out);
-    let record = started?;
+    let record = match started {
+        Err(e) if keep_failed => return failed_boot(cluster, out, &e, paths),
+        started => started?,
+    };
     let boot_s = t.elapsed().as_secs_f64();
     let saved = snapshot::save_running(cluster, state, &record, "ready", snapshot::After::Stop);
     cluster::stop(state, Duration::from_secs(20))?;
@@ -79,6 +85,49 @@ pub fn ready(
         m.bytes as f64 / 1048576.0
     );
     Ok(0)
+}
+
+/// A ready output whose boot failed: why, in `boot.json` and
+/// `nix-support/failed`, beside the consoles already copied.
+fn failed_boot(cluster: &Cluster, out: &Path, e: &anyhow::Error, paths: Hermetic) -> Result<u8> {
+    let why = format!("{e:#}");
+    let boot = serde_json::json!({
+        "failed": why, "error_kind": crate::error::kind_of(e), "hermetic": paths,
+    });
+    crate::files::write_atomic(&out.join("boot.json"), &serde_json::to_vec_pretty(&boot)?)?;
+    let support = out.join("nix-support");
+    fs::create_dir_all(&support)?;
+    let o = out.display();
+    let mut products = format!("file boot-timeline {o}/boot.json\n");
+    for n in &cluster.nodes {
+        products.push_str(&format!("file console-{0} {o}/consoles/{0}.log\n", n.name));
+    }
+    fs::write(support.join("hydra-build-products"), products)?;
+    fs::write(support.join("failed"), &why)?;
+    eprintln!("the ready cluster's boot failed; its evidence is kept in {o}: {why}");
+    Ok(0)
+}
+
+/// Why a ready output (`run --from-ready DIR`) holds no cluster, if it
+/// holds none: its boot failed (kept with keepFailed), or it is no ready
+/// output at all.
+pub fn missing(dir: &Path) -> Option<String> {
+    if dir.join("manifest.json").is_file() {
+        return None;
+    }
+    let boot: Option<serde_json::Value> = fs::read(dir.join("boot.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    Some(match boot.as_ref().and_then(|b| b["failed"].as_str()) {
+        Some(why) => format!(
+            "the ready cluster is missing: its boot failed ({}): {why}",
+            dir.join("boot.json").display()
+        ),
+        None => format!(
+            "the ready cluster is missing: {} holds no manifest.json",
+            dir.display()
+        ),
+    })
 }
 
 /// Saves the running cluster (a layer's end) into `to`, and resumes it for

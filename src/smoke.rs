@@ -126,7 +126,42 @@ pub fn hermetic(
     header.hermetic = Some(paths);
     let mut ledger = Ledger::default();
     boot_check_stop(&mut ledger, cluster, state, opts, start, out, started);
-    let mut rep = ledger.into_report(header, started, crate::stopped_as());
+    let rep = ledger.into_report(header, started, crate::stopped_as());
+    conclude_hermetic(rep, state, opts, out, keep_failed)
+}
+
+/// `run --from-ready` when the ready cluster is missing (its boot failed;
+/// `reason` says so): nothing starts, and every check of the layer is
+/// reported skipped because of it, so the lane still assembles in full.
+pub fn hermetic_without_ready(
+    cluster: &Cluster,
+    state: &StateDir,
+    opts: &LaneOptions,
+    out: &Path,
+    paths: Hermetic,
+    reason: &str,
+    keep_failed: bool,
+) -> Result<u8> {
+    std::fs::create_dir_all(out)?;
+    let started = Instant::now();
+    let mut header = header(cluster, opts);
+    header.hermetic = Some(paths);
+    let mut ledger = Ledger::default();
+    ledger.fail(reason, Some(crate::error::ErrorKind::SnapshotMissing));
+    ledger.layers = engine::skipped_lane(&opts.lane, reason, started);
+    let rep = ledger.into_report(header, started, crate::stopped_as());
+    conclude_hermetic(rep, state, opts, out, keep_failed)
+}
+
+/// Writes a hermetic run's artifacts and Hydra's files; with `keep_failed`
+/// a failed run exits 0 and marks `nix-support/failed`.
+fn conclude_hermetic(
+    mut rep: RunReport,
+    state: &StateDir,
+    opts: &LaneOptions,
+    out: &Path,
+    keep_failed: bool,
+) -> Result<u8> {
     let failed = rep.exit_code != 0;
     report::write(out, &mut rep, &Secrets::load(state))?;
     write_nix_support(out, failed && keep_failed, &rep.metrics())?;

@@ -173,3 +173,81 @@ fn the_layered_lane_builds_the_ready_cluster_once_and_rebuilds_one_changed_layer
     let r = json(&path.unwrap().join("result.json"));
     assert_eq!(common::check(&r, "hostname@solo")["outcome"], "pass");
 }
+
+/// A ready cluster whose boot fails (a kernel that cannot mount its root):
+/// with keepFailed its evidence is an output of its own, and the lane
+/// still assembles, every check of every layer skipped because the ready
+/// cluster is missing, rather than a bare dependency failure.
+#[test]
+fn a_failed_ready_boot_keeps_its_evidence_and_every_layer_reports_skipped() {
+    let reference = common::reference_images();
+    // Hard links beside the reference images (one file system), so that
+    // the image directory holds its files rather than links out of it.
+    let work = tempfile::tempdir_in(repo().join("target")).unwrap();
+    let solo = work.path().join("images/solo");
+    std::fs::create_dir_all(&solo).unwrap();
+    for f in ["vmlinuz", "initrd.img", "rootfs.img"] {
+        std::fs::hard_link(reference.join(f), solo.join(f)).unwrap();
+    }
+    std::fs::write(solo.join("cmdline"), "rdinit=/nonexistent root=/dev/vdz").unwrap();
+    let images = work.path().join("images");
+    let nonce = format!("{:?}", std::time::SystemTime::now());
+    let args = [
+        "--argstr",
+        "images",
+        images.to_str().unwrap(),
+        "--arg",
+        "cluster",
+        "./tests/fixtures/one-node.toml",
+        "--arg",
+        "laneFile",
+        "./tests/fixtures/layered.toml",
+        "--arg",
+        "keepFailed",
+        "true",
+        "--argstr",
+        "nonce",
+        &nonce,
+    ];
+    let (out, path, secs) = nix_build(&args);
+    assert!(out.status.success(), "kept failed, the lane still builds");
+    eprintln!("figures: a lane on a failed ready boot {secs:.1} s");
+    let lane = path.unwrap();
+    assert!(lane.join("nix-support/failed").exists());
+    let r = json(&lane.join("result.json"));
+    assert_eq!(r["status"], "error", "{r:#}");
+    let checks: Vec<&Value> = r["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|l| l["checks"].as_array().unwrap())
+        .collect();
+    assert_eq!(checks.len(), 3, "{r:#}");
+    for c in checks {
+        assert_eq!(c["outcome"], "skipped", "{c}");
+        let why = c["message"].as_str().unwrap();
+        assert!(
+            why.contains("the ready cluster is missing: its boot failed"),
+            "{why}"
+        );
+    }
+    // The ready output is the failed boot's evidence: why, and the console.
+    let ready = PathBuf::from(
+        String::from_utf8_lossy(
+            &Command::new("nix-build")
+                .args(["nix/ci/layers.nix", "-A", "ready", "--no-out-link"])
+                .args(["--arg", "driver", env!("CARGO_BIN_EXE_photon-cluster")])
+                .args(args)
+                .current_dir(repo())
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .trim(),
+    );
+    let boot = json(&ready.join("boot.json"));
+    assert_eq!(boot["error_kind"], "kernel_panic", "{boot:#}");
+    assert!(ready.join("nix-support/failed").exists());
+    let console = std::fs::read_to_string(ready.join("consoles/solo.log")).unwrap();
+    assert!(console.contains("Kernel panic"), "{console}");
+}

@@ -56,7 +56,11 @@ in
         lane = "smoke";
         laneFile = null;
         validate = false;
-        keepFailed = false;
+        # With keepFailed a boot that fails is an output too (its consoles,
+        # boot.json says why), and every layer reports itself skipped
+        # because the ready cluster is missing, instead of a bare
+        # dependency failure.
+        inherit keepFailed;
         extraArgs = extraArgs ++ [ "--ready" ];
       });
 

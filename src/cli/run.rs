@@ -539,7 +539,15 @@ fn hermetic_run(mut cluster: Cluster, target: &Target, args: &RunArgs) -> Result
     let mut start = args.start.options("run", true);
     if args.ready {
         let _lock = state.lock("run --ready")?;
-        return Ok(crate::layered::ready(&cluster, &state, &start, &args.out, checked)? as i32);
+        let code = crate::layered::ready(
+            &cluster,
+            &state,
+            &start,
+            &args.out,
+            checked,
+            args.keep_failed,
+        )?;
+        return Ok(code as i32);
     }
     let mut lane = args.select.load(&cluster)?;
     if let (Some(ready), Some(layer)) = (&args.from_ready, &args.layer) {
@@ -558,6 +566,12 @@ fn hermetic_run(mut cluster: Cluster, target: &Target, args: &RunArgs) -> Result
         save_ready: None,
     };
     let _lock = state.lock("run")?;
+    if let Some(why) = args.from_ready.as_deref().and_then(crate::layered::missing) {
+        let (out, keep) = (&args.out, args.keep_failed);
+        let code =
+            smoke::hermetic_without_ready(&cluster, &state, &opts, out, checked, &why, keep)?;
+        return Ok(code as i32);
+    }
     let code = smoke::hermetic(
         &cluster,
         &state,
