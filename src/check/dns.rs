@@ -23,7 +23,7 @@ pub struct Dns {
     #[serde(default = "record_a")]
     record: String,
     expect: Vec<String>,
-    #[serde(default = "yes")]
+    #[serde(default = "crate::spec::default::yes")]
     authoritative: bool,
 }
 
@@ -32,9 +32,6 @@ fn dns_forward() -> String {
 }
 fn record_a() -> String {
     "A".into()
-}
-fn yes() -> bool {
-    true
 }
 
 impl Check for Dns {

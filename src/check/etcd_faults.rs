@@ -50,10 +50,10 @@ pub struct EtcdFaults {
     #[serde(default = "default_rate")]
     rate: f64,
     /// Seconds of each phase (healthy, partitioned, crashed).
-    #[serde(default = "default_phase")]
+    #[serde(default = "crate::spec::default::u64::<12>")]
     phase_s: u64,
     /// Seconds a member may take to serve every acknowledged key.
-    #[serde(default = "default_catch_up")]
+    #[serde(default = "crate::spec::default::u64::<90>")]
     catch_up_s: u64,
     /// Test only: ignore this member's final read (proves the check can fail).
     #[serde(default)]
@@ -68,12 +68,6 @@ fn default_forward() -> String {
 }
 fn default_rate() -> f64 {
     10.0
-}
-fn default_phase() -> u64 {
-    12
-}
-fn default_catch_up() -> u64 {
-    90
 }
 
 impl Check for EtcdFaults {

@@ -31,7 +31,7 @@ pub struct ExportMatrix {
     /// The volume's format; qcow2 like the node's own export.
     #[serde(default = "qcow2")]
     format: Format,
-    #[serde(default = "port")]
+    #[serde(default = "crate::spec::default::u16::<10900>")]
     port: u16,
     #[serde(default = "runtime_s")]
     runtime_s: u32,
@@ -39,7 +39,7 @@ pub struct ExportMatrix {
     size_mib: u32,
     #[serde(default = "iodepth")]
     iodepth: u32,
-    #[serde(default = "runs")]
+    #[serde(default = "crate::spec::default::u32::<3>")]
     runs: u32,
     #[serde(default)]
     gates: Gates,
@@ -87,12 +87,6 @@ fn aios() -> Vec<Aio> {
 }
 fn qcow2() -> Format {
     Format::Qcow2
-}
-fn port() -> u16 {
-    10900
-}
-fn runs() -> u32 {
-    3
 }
 
 /// The node's own export, which the matrix must leave alone.

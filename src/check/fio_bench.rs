@@ -28,7 +28,7 @@ pub struct FioBench {
     size_mib: u32,
     #[serde(default = "iodepth")]
     iodepth: u32,
-    #[serde(default = "runs")]
+    #[serde(default = "crate::spec::default::u32::<3>")]
     runs: u32,
     #[serde(default)]
     gates: Gates,
@@ -42,9 +42,6 @@ pub(super) fn size_mib() -> u32 {
 }
 pub(super) fn iodepth() -> u32 {
     8
-}
-fn runs() -> u32 {
-    3
 }
 
 /// Fewer than 3 runs per side leave a median that one outlier decides.

@@ -33,16 +33,12 @@ impl Check for Http {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct HttpExpect {
-    #[serde(default = "ok")]
+    #[serde(default = "crate::spec::default::u16::<200>")]
     pub status: u16,
     pub body_contains: Option<String>,
     /// A JSON pointer into the body (`/health`), compared with `json_equals`.
     pub json_pointer: Option<String>,
     pub json_equals: Option<Value>,
-}
-
-fn ok() -> u16 {
-    200
 }
 
 impl Default for HttpExpect {

@@ -28,12 +28,8 @@ use std::time::{Duration, Instant};
 #[serde(deny_unknown_fields)]
 pub struct KubeBundle {
     client: String,
-    #[serde(default = "default_port")]
+    #[serde(default = "crate::spec::default::u16::<8088>")]
     port: u16,
-}
-
-fn default_port() -> u16 {
-    8088
 }
 
 /// Ports the reference nodes already serve (ssh, nginx, NBD, S3, exporter).

@@ -31,7 +31,7 @@ pub struct LbDrain {
     runtime: String,
     backend: String,
     server: String,
-    #[serde(default = "lb_requests")]
+    #[serde(default = "crate::spec::default::u32::<8>")]
     requests: u32,
 }
 
@@ -40,9 +40,6 @@ fn lb_frontend() -> String {
 }
 fn lb_runtime() -> String {
     "127.0.0.1:9999".into()
-}
-fn lb_requests() -> u32 {
-    8
 }
 
 impl Check for LbDrain {

@@ -36,7 +36,7 @@ pub struct LbFailover {
     /// The backend node whose link is cut; its answers end with its name.
     backend: String,
     /// Requests in a row that must avoid the cut backend.
-    #[serde(default = "default_streak")]
+    #[serde(default = "crate::spec::default::u32::<8>")]
     streak: u32,
 }
 
@@ -45,9 +45,6 @@ fn default_forward() -> String {
 }
 fn default_path() -> String {
     "/".into()
-}
-fn default_streak() -> u32 {
-    8
 }
 
 impl Check for LbFailover {

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 pub struct LbListener {
     #[serde(default = "default_name")]
     name: String,
-    #[serde(default = "default_port")]
+    #[serde(default = "crate::spec::default::u16::<8090>")]
     port: u16,
     /// The nodes running the load balancer; default: every node that runs
     /// haproxy.service.
@@ -42,9 +42,6 @@ pub struct LbListener {
 
 fn default_name() -> String {
     "runtime".into()
-}
-fn default_port() -> u16 {
-    8090
 }
 
 const BALANCER_UNIT: &str = "haproxy.service";

@@ -24,25 +24,15 @@ use std::time::{Duration, Instant};
 pub struct Materialize {
     /// The storage node that creates and exports each new volume.
     from: String,
-    #[serde(default = "size_mib")]
+    #[serde(default = "crate::spec::default::u32::<256>")]
     size_mib: u32,
-    #[serde(default = "runs")]
+    #[serde(default = "crate::spec::default::u32::<5>")]
     runs: u32,
     /// First NBD port of the new exports; each volume gets its own.
-    #[serde(default = "port")]
+    #[serde(default = "crate::spec::default::u16::<10850>")]
     port: u16,
     #[serde(default)]
     gates: Gates,
-}
-
-fn size_mib() -> u32 {
-    256
-}
-fn runs() -> u32 {
-    5
-}
-fn port() -> u16 {
-    10850
 }
 
 const DIR: &str = "/var/tmp/photon-materialize";

@@ -30,12 +30,8 @@ pub struct NestedGuest {
     /// `auto` (linux on a KVM cluster, multiboot otherwise), `linux`, `multiboot`.
     #[serde(default)]
     payload: Payload,
-    #[serde(default = "nested_memory")]
+    #[serde(default = "crate::spec::default::u32::<192>")]
     memory_mib: u32,
-}
-
-fn nested_memory() -> u32 {
-    192
 }
 
 impl Check for NestedGuest {

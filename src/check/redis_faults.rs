@@ -33,21 +33,15 @@ pub struct RedisFaults {
     #[serde(default = "default_rate")]
     rate: f64,
     /// Seconds healthy, and seconds partitioned.
-    #[serde(default = "default_phase")]
+    #[serde(default = "crate::spec::default::u64::<12>")]
     phase_s: u64,
     /// Seconds a replica may take to converge after the heal.
-    #[serde(default = "default_converge")]
+    #[serde(default = "crate::spec::default::u64::<90>")]
     converge_s: u64,
 }
 
 fn default_rate() -> f64 {
     4.0
-}
-fn default_phase() -> u64 {
-    12
-}
-fn default_converge() -> u64 {
-    90
 }
 
 impl Check for RedisFaults {

@@ -55,13 +55,13 @@ pub struct S3Bench {
     endpoint: String,
     #[serde(default = "default_bucket")]
     bucket: String,
-    #[serde(default = "default_large_mib")]
+    #[serde(default = "crate::spec::default::u32::<64>")]
     large_mib: u32,
-    #[serde(default = "default_large_count")]
+    #[serde(default = "crate::spec::default::u32::<2>")]
     large_count: u32,
-    #[serde(default = "default_small_count")]
+    #[serde(default = "crate::spec::default::u32::<1000>")]
     small_count: u32,
-    #[serde(default = "default_runs")]
+    #[serde(default = "crate::spec::default::u32::<3>")]
     runs: u32,
     #[serde(default)]
     gates: Gates,
@@ -69,18 +69,6 @@ pub struct S3Bench {
 
 fn default_bucket() -> String {
     s3::BUCKETS[0].to_string()
-}
-fn default_large_mib() -> u32 {
-    64
-}
-fn default_large_count() -> u32 {
-    2
-}
-fn default_small_count() -> u32 {
-    1000
-}
-fn default_runs() -> u32 {
-    3
 }
 
 impl Check for S3Bench {

@@ -35,20 +35,13 @@ use std::time::{Duration, Instant};
 pub struct VmMigration {
     to: String,
     volume: String,
-    #[serde(default = "vm_memory")]
+    #[serde(default = "crate::spec::default::u32::<32>")]
     memory_mib: u32,
-    #[serde(default = "vm_port")]
+    #[serde(default = "crate::spec::default::u16::<4444>")]
     port: u16,
     /// The VM's NIC on an OVN logical port, moved with the VM.
     #[serde(default)]
     nic: Option<VmPort>,
-}
-
-fn vm_memory() -> u32 {
-    32
-}
-fn vm_port() -> u16 {
-    4444
 }
 
 impl Check for VmMigration {

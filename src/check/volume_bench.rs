@@ -24,23 +24,13 @@ use std::time::Instant;
 pub struct VolumeBench {
     baseline: String,
     subject: String,
-    #[serde(default = "bench_block_kib")]
+    #[serde(default = "crate::spec::default::u32::<64>")]
     block_kib: u32,
-    #[serde(default = "bench_count")]
+    #[serde(default = "crate::spec::default::u32::<1000>")]
     count: u32,
-    #[serde(default = "bench_runs")]
+    #[serde(default = "crate::spec::default::u32::<3>")]
     runs: u32,
     min_ratio: Option<f64>,
-}
-
-fn bench_block_kib() -> u32 {
-    64
-}
-fn bench_count() -> u32 {
-    1000
-}
-fn bench_runs() -> u32 {
-    3
 }
 
 impl Check for VolumeBench {

@@ -92,9 +92,9 @@ struct NodeSpec {
     name: Spanned<String>,
     role: Spanned<String>,
     address: Spanned<Ipv4Addr>,
-    #[serde(default = "default_memory")]
+    #[serde(default = "crate::spec::default::u32::<1024>")]
     memory_mib: u32,
-    #[serde(default = "default_vcpus")]
+    #[serde(default = "crate::spec::default::u32::<1>")]
     vcpus: u32,
     #[serde(default)]
     depends_on: Vec<Spanned<String>>,
@@ -103,13 +103,6 @@ struct NodeSpec {
     units: Vec<String>,
     #[serde(default)]
     forward: Vec<Spanned<Forward>>,
-}
-
-fn default_memory() -> u32 {
-    1024
-}
-fn default_vcpus() -> u32 {
-    1
 }
 
 // The type itself is declared in `error` (see there why); how it is built

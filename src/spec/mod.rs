@@ -5,6 +5,7 @@
 //! on this model without them: diagnostics are made there, and nowhere
 //! later needs to know where in the file a value came from.
 
+pub mod default;
 mod load;
 
 pub use crate::error::SpecError;
