@@ -517,6 +517,67 @@ pub fn resume(record: &RunningCluster, timeout: Duration) -> Result<()> {
     Ok(())
 }
 
+/// Saves every node's state inside its own disk (QEMU's `savevm`: memory
+/// and devices into the qcow2 overlay), the guests paused together for one
+/// instant of the whole cluster. Unlike [`save`], the cluster can only go
+/// back to it in place ([`load_in_place`]): same QEMU processes, ports and
+/// record, which is what a test script needs. Returns the seconds paused.
+pub fn save_in_place(record: &RunningCluster, name: &str) -> Result<f64> {
+    check_name(name)?;
+    paused_together(record, &format!("savevm {name}"))
+}
+
+/// Puts every node back to the state `save_in_place` saved as `name`, the
+/// guests paused together; their clocks are then the save's until they are
+/// set again ([`set_clock_command`]). Returns the seconds paused.
+pub fn load_in_place(record: &RunningCluster, name: &str) -> Result<f64> {
+    check_name(name)?;
+    paused_together(record, &format!("loadvm {name}"))
+}
+
+/// Pauses every node, runs the monitor command `hmp` on each (at once),
+/// and resumes them all, also when one failed.
+fn paused_together(record: &RunningCluster, hmp: &str) -> Result<f64> {
+    // The monitor answers once its node's state is written or read.
+    let wait = Duration::from_secs(600);
+    let mut qmps = Vec::new();
+    for (node, n) in &record.nodes {
+        let q =
+            Qmp::connect(&n.dir.join("qmp.sock"), wait).with_context(|| format!("{node}: QMP"))?;
+        qmps.push((node, q));
+    }
+    let t = Instant::now();
+    for (node, q) in &mut qmps {
+        q.execute("stop")
+            .with_context(|| format!("{node}: pausing"))?;
+    }
+    let done: Vec<Result<()>> = std::thread::scope(|s| {
+        let handles: Vec<_> = qmps
+            .iter_mut()
+            .map(|(node, q)| s.spawn(move || monitor(q, node, hmp)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("monitor thread"))
+            .collect()
+    });
+    for (node, q) in &mut qmps {
+        q.execute("cont")
+            .with_context(|| format!("{node}: resuming"))?;
+    }
+    done.into_iter().collect::<Result<Vec<()>>>()?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// One human monitor command; it says nothing when it succeeded.
+fn monitor(q: &mut Qmp, node: &str, hmp: &str) -> Result<()> {
+    let said = q.call("human-monitor-command", json!({ "command-line": hmp }))?;
+    match said.as_str().map(str::trim).unwrap_or("") {
+        "" => Ok(()),
+        err => bail!("{node}: {hmp}: {err}"),
+    }
+}
+
 /// The shell command that sets a guest's clock to the host's time now.
 pub fn set_clock_command() -> String {
     let now = chrono::Utc::now();

@@ -288,6 +288,25 @@ fn scripts_pass_fail_with_evidence_and_run_as_lane_checks() {
     );
     assert!(common::pids_mentioning("python3", "photon_machine").is_empty());
 
+    // snapshot_save and snapshot_restore: the cluster back in place.
+    let snap = fixture("snapshot.py");
+    let args = [
+        "--cluster",
+        c,
+        "script",
+        snap.to_str().unwrap(),
+        "--artifacts",
+        r,
+    ];
+    let out = common::run(&state, &args);
+    assert_eq!(out.status.code(), Some(0), "snapshot script");
+    let res = result(&root, "snapshot");
+    let part = common::check(&res, "snapshot/a restore puts the cluster back to the save");
+    let steps = part["evidence"]["steps"].as_array().unwrap();
+    let restore = steps.iter().find(|s| s["op"] == "snapshot_restore");
+    let restore = restore.unwrap_or_else(|| panic!("a snapshot_restore step: {part:#}"));
+    eprintln!("snapshot_restore: {} s", restore["seconds"]);
+
     // --interactive: the same objects at a Python prompt, here fed from
     // stdin; Ctrl-D (the end of input) ends it and the command.
     use std::io::Write;

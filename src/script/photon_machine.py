@@ -240,6 +240,17 @@ def capture_stop():
     return _driver._request("capture_stop")
 
 
+def snapshot_save(name="script"):
+    """Saves the whole cluster, paused together, inside each node's disk."""
+    return _driver._request("snapshot_save", name=name)
+
+
+def snapshot_restore(name="script"):
+    """Puts the whole cluster back to `snapshot_save(name)`, in place; every
+    node's clock is set to now again."""
+    return _driver._request("snapshot_restore", name=name)
+
+
 def retry(fn, timeout=900):
     """Calls fn(last_try) until it returns true, at most timeout seconds."""
     deadline = time.monotonic() + timeout
@@ -335,6 +346,6 @@ def _run(path):
 
 __all__ = [
     "Machine", "ScriptError", "start_all", "sleep", "partition", "heal",
-    "capture_start", "capture_stop",
+    "capture_start", "capture_stop", "snapshot_save", "snapshot_restore",
     "retry", "subtest",
 ]

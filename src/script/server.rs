@@ -226,6 +226,14 @@ impl<'a> Session<'a> {
             "write_file" => self.write_file(req),
             "read_file" => self.read_file(req),
             "heal" => Ok(json!(crate::fault::heal(self.record)?)),
+            "snapshot_save" => {
+                let name = req["name"].as_str().unwrap_or("script");
+                let paused = crate::snapshot::save_in_place(self.record, name)?;
+                Ok(json!(format!(
+                    "saved {name:?} in each node's disk (paused {paused:.1} s)"
+                )))
+            }
+            "snapshot_restore" => self.restore(req),
             "partition" => self.partition(req),
             "capture_start" => {
                 let name = req["name"].as_str().unwrap_or("capture.pcap");
@@ -284,6 +292,37 @@ impl<'a> Session<'a> {
             .filter(|n| *n != node)
             .cloned()
             .collect()
+    }
+
+    /// The cluster back to a `snapshot_save`, in place. The guests' TCP
+    /// state went back too, so every session is new, and each clock is set
+    /// to the host's again before the call returns.
+    fn restore(&self, req: &Value) -> Result<Value, CallError> {
+        let name = req["name"].as_str().unwrap_or("script");
+        let paused = crate::snapshot::load_in_place(self.record, name)?;
+        let clock = crate::snapshot::set_clock_command();
+        for node in self.record.nodes.keys() {
+            self.guests.forget(node);
+            let within = self.left().min(Duration::from_secs(120));
+            Wait::new(format!("{node}: SSH after the restore"), within)
+                .pause(Pause::Every(Duration::from_secs(1)))
+                .run(|| {
+                    let set = self
+                        .guests
+                        .get(node)
+                        .and_then(|g| g.succeed(&clock, within));
+                    Ok(match set {
+                        Ok(_) => Probe::Done(()),
+                        Err(e) => {
+                            self.guests.forget(node);
+                            Probe::Pending(format!("{e:#}"))
+                        }
+                    })
+                })?;
+        }
+        Ok(json!(format!(
+            "restored {name:?} (paused {paused:.1} s); clocks set"
+        )))
     }
 
     /// Boots a node that is down (a no-op when it runs), until it is ready.
