@@ -1439,7 +1439,7 @@ fn s11b_test_scripts_in_the_nixpkgs_style() {
     for (script, subtests) in [
         ("dns-zone", 4),
         ("haproxy-backend", 3),
-        ("partition", 2),
+        ("partition", 3),
         ("etcd-member", 3),
     ] {
         let parts: Vec<&&Value> = checks.iter().filter(|c| c["part_of"] == script).collect();
