@@ -111,12 +111,14 @@ class Machine:
         return out
 
     def wait_until_succeeds(self, command, timeout=900):
-        """Repeats command until it exits 0 (at most timeout seconds)."""
-        return self._call("wait_until", command=command, success=True, timeout=timeout)
+        """Repeats command until it exits 0 (at most timeout seconds).
+        Returns the stdout of the try that did."""
+        return self._call("wait_until", command=command, success=True, timeout=timeout)["stdout"]
 
     def wait_until_fails(self, command, timeout=900):
-        """Repeats command until it exits non-zero (at most timeout seconds)."""
-        return self._call("wait_until", command=command, success=False, timeout=timeout)
+        """Repeats command until it exits non-zero (at most timeout seconds).
+        Returns the stdout of the try that did."""
+        return self._call("wait_until", command=command, success=False, timeout=timeout)["stdout"]
 
     def systemctl(self, q, user=None):
         """systemctl q; returns (status, stdout)."""
