@@ -442,6 +442,20 @@ mod tests {
         Cluster::profile("reference").unwrap()
     }
 
+    /// docs/scripts.md writes one scenario three ways; its lane must be one.
+    #[test]
+    fn the_lane_in_docs_scripts_md_expands_against_the_reference_cluster() {
+        let doc = include_str!("../../docs/scripts.md");
+        let from = doc
+            .find("```toml\n[lane]\nname = \"partition-by-lane\"")
+            .unwrap();
+        let text = &doc[from + "```toml\n".len()..];
+        let text = &text[..text.find("```").unwrap()];
+        let lane = parse(Path::new("docs/scripts.md"), text, &reference())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(lane.check_count(), 5);
+    }
+
     #[test]
     fn embedded_lanes_expand_against_their_profiles() {
         for (name, _) in LANES {
