@@ -547,24 +547,39 @@ fn paused_together(record: &RunningCluster, hmp: &str) -> Result<f64> {
         qmps.push((node, q));
     }
     let t = Instant::now();
+    let paused: Result<Vec<()>> = qmps
+        .iter_mut()
+        .map(|(node, q)| {
+            q.execute("stop")
+                .map(drop)
+                .with_context(|| format!("{node}: pausing"))
+        })
+        .collect();
+    // Only once every node is paused: one instant of the whole cluster.
+    let done: Vec<Result<()>> = match &paused {
+        Ok(_) => std::thread::scope(|s| {
+            let handles: Vec<_> = qmps
+                .iter_mut()
+                .map(|(node, q)| s.spawn(move || monitor(q, node, hmp)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("monitor thread"))
+                .collect()
+        }),
+        Err(_) => Vec::new(),
+    };
+    // Every node resumes, also after a failed pause or monitor command.
+    let mut resumed = Ok(());
     for (node, q) in &mut qmps {
-        q.execute("stop")
-            .with_context(|| format!("{node}: pausing"))?;
+        if let Err(e) = q.execute("cont")
+            && resumed.is_ok()
+        {
+            resumed = Err(e.context(format!("{node}: resuming")));
+        }
     }
-    let done: Vec<Result<()>> = std::thread::scope(|s| {
-        let handles: Vec<_> = qmps
-            .iter_mut()
-            .map(|(node, q)| s.spawn(move || monitor(q, node, hmp)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("monitor thread"))
-            .collect()
-    });
-    for (node, q) in &mut qmps {
-        q.execute("cont")
-            .with_context(|| format!("{node}: resuming"))?;
-    }
+    resumed?;
+    paused?;
     done.into_iter().collect::<Result<Vec<()>>>()?;
     Ok(t.elapsed().as_secs_f64())
 }
