@@ -120,10 +120,7 @@ pub fn hermetic(
     paths: Hermetic,
     keep_failed: bool,
 ) -> Result<u8> {
-    std::fs::create_dir_all(out)?;
-    let started = Instant::now();
-    let mut header = header(cluster, opts);
-    header.hermetic = Some(paths);
+    let (started, header) = hermetic_header(cluster, opts, out, paths)?;
     let mut ledger = Ledger::default();
     boot_check_stop(&mut ledger, cluster, state, opts, start, out, started);
     let rep = ledger.into_report(header, started, crate::stopped_as());
@@ -142,15 +139,26 @@ pub fn hermetic_without_ready(
     reason: &str,
     keep_failed: bool,
 ) -> Result<u8> {
-    std::fs::create_dir_all(out)?;
-    let started = Instant::now();
-    let mut header = header(cluster, opts);
-    header.hermetic = Some(paths);
+    let (started, header) = hermetic_header(cluster, opts, out, paths)?;
     let mut ledger = Ledger::default();
     ledger.fail(reason, Some(crate::error::ErrorKind::SnapshotMissing));
     ledger.layers = engine::skipped_lane(&opts.lane, reason, started);
     let rep = ledger.into_report(header, started, crate::stopped_as());
     conclude_hermetic(rep, state, opts, out, keep_failed)
+}
+
+/// A hermetic run's output directory, its start, and its report's header
+/// with the store paths it was checked against.
+fn hermetic_header(
+    cluster: &Cluster,
+    opts: &LaneOptions,
+    out: &Path,
+    paths: Hermetic,
+) -> Result<(Instant, RunReport)> {
+    std::fs::create_dir_all(out)?;
+    let mut header = header(cluster, opts);
+    header.hermetic = Some(paths);
+    Ok((Instant::now(), header))
 }
 
 /// Writes a hermetic run's artifacts and Hydra's files; with `keep_failed`
