@@ -341,6 +341,38 @@ fn proof_lane(state: &Path) {
             .unwrap()
             .contains("read 65536/65536")
     );
+    // The migration is a procedure: its steps by id (src/check/vm_migration.rs).
+    let ids: Vec<&str> = migration["evidence"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    for id in [
+        "prepare",
+        "port-create",
+        "port-plug",
+        "launch-source",
+        "boot",
+        "volume-write",
+        "launch-destination",
+        "port-before",
+        "migrate",
+        "migration-completed",
+        "port-activated",
+        "port-finalized",
+        "resume",
+        "volume-read",
+        "restarted",
+        "stop",
+        "port-unbound",
+        "port-left",
+    ] {
+        assert!(
+            ids.contains(&id),
+            "migration step {id} missing from {ids:?}"
+        );
+    }
     assert_eq!(
         result["artifacts"]["check:vm-live-migration@node04"],
         "vm-hosting/migration.json"

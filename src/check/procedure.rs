@@ -89,6 +89,11 @@ impl<'a> Procedure<'a> {
         self.deadline
     }
 
+    /// What is left of the check's budget.
+    pub fn left(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
     /// The output of the last step run (an `until`'s last try: what held).
     pub fn last_output(&self) -> &str {
         self.steps.last().map_or("", |s| s.output.as_str())
@@ -97,6 +102,15 @@ impl<'a> Procedure<'a> {
     /// Keeps a finding beside the steps, as `evidence[key]`.
     pub fn note(&mut self, key: &str, value: Value) {
         self.notes.insert(key.to_string(), value);
+    }
+
+    /// Keeps a finding as `evidence[outer][key]` (`outer` an object).
+    pub fn note_in(&mut self, outer: &str, key: &str, value: Value) {
+        let slot = self
+            .notes
+            .entry(outer.to_string())
+            .or_insert_with(|| Value::Object(Default::default()));
+        slot[key] = value;
     }
 
     /// Runs `command` on `node` (None: the home node) and keeps it as a
@@ -249,20 +263,81 @@ impl<'a> Procedure<'a> {
         want: bool,
         limit: Duration,
     ) -> Result<f64> {
+        let still = if want {
+            "still failing"
+        } else {
+            "still succeeding"
+        };
+        let every = Duration::from_secs(2);
+        let tries = Tries {
+            id,
+            label,
+            node,
+            command,
+            limit,
+            every,
+            still,
+        };
+        Ok(self
+            .repeat(tries, |ok, _| Ok((ok == want).then_some(())))?
+            .1)
+    }
+
+    /// Repeats `command` every `every` until `holds` finds in its stdout
+    /// what it waits for, for at most `limit` and never past the check's
+    /// deadline; every try is a step (a try that did not hold is
+    /// `failed`). Returns what `holds` found and the seconds it took.
+    #[allow(clippy::too_many_arguments)]
+    pub fn watch<T>(
+        &mut self,
+        id: &str,
+        label: &str,
+        node: Option<&str>,
+        command: &str,
+        limit: Duration,
+        every: Duration,
+        mut holds: impl FnMut(&str) -> Result<Option<T>>,
+    ) -> Result<(T, f64)> {
+        let still = "not yet";
+        let tries = Tries {
+            id,
+            label,
+            node,
+            command,
+            limit,
+            every,
+            still,
+        };
+        self.repeat(
+            tries,
+            |ok, stdout| if ok { holds(stdout) } else { Ok(None) },
+        )
+    }
+
+    /// The one loop of [`Procedure::until`] and [`Procedure::watch`],
+    /// through the wait helper; `found` looks at each try's exit and stdout.
+    fn repeat<T>(
+        &mut self,
+        t: Tries,
+        mut found: impl FnMut(bool, &str) -> Result<Option<T>>,
+    ) -> Result<(T, f64)> {
         let started = Instant::now();
-        let still = if want { "failing" } else { "succeeding" };
-        Wait::new(label, Duration::ZERO)
-            .until((started + limit).min(self.deadline))
-            .pause(Pause::Every(Duration::from_secs(2)))
+        let got = Wait::new(t.label, Duration::ZERO)
+            .until((started + t.limit).min(self.deadline))
+            .pause(Pause::Every(t.every))
             .run(|| {
-                let (ok, out) = self.step(id, label, node, command)?;
-                Ok(if ok == want {
-                    Probe::Done(())
-                } else {
-                    Probe::Pending(format!("still {still}: {}", last_line(&out)))
+                let (ok, out, stdout) = self.exec(t.id, t.label, t.node, t.command)?;
+                Ok(match found(ok, &stdout)? {
+                    Some(v) => Probe::Done(v),
+                    None => {
+                        if let Some(s) = self.steps.last_mut() {
+                            s.outcome = "failed";
+                        }
+                        Probe::Pending(format!("{}: {}", t.still, last_line(&out)))
+                    }
                 })
             })?;
-        Ok(started.elapsed().as_secs_f64())
+        Ok((got, started.elapsed().as_secs_f64()))
     }
 
     /// Runs `body`; when it fails (Ctrl-C and `--timeout` included), runs
@@ -290,6 +365,18 @@ impl<'a> Procedure<'a> {
             Err(failure) => Verdict::fail(failure.to_string(), evidence),
         }
     }
+}
+
+/// What a repeated step is: its command on its node, how long and how
+/// often it is tried, and what a try that did not hold says.
+struct Tries<'s> {
+    id: &'s str,
+    label: &'s str,
+    node: Option<&'s str>,
+    command: &'s str,
+    limit: Duration,
+    every: Duration,
+    still: &'s str,
 }
 
 /// The last non-blank line of a command's output, for one-line messages.

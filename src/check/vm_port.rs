@@ -12,13 +12,12 @@
 //! VM and its tap are deleted, when nothing may be left behind.
 
 use super::ovn;
-use crate::guest::Guest;
+use super::procedure::Procedure;
 use crate::spec::Cluster;
-use crate::wait::{Pause, Probe, Wait};
 use anyhow::{Result, bail};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// `nic = { network = "tenant-vm", address = "10.88.1.20" }`
 #[derive(Debug, Deserialize)]
@@ -89,11 +88,14 @@ impl VmPort {
         )
     }
 
-    /// Creates the logical port, bound to both chassis for the migration.
-    pub fn create(&self, central: &Guest, src: &str, dst: &str) -> Result<Value> {
+    /// Creates the logical port on `central`, bound to both chassis for
+    /// the migration (`port.create`).
+    pub fn create(&self, run: &mut Procedure, central: &str, src: &str, dst: &str) -> Result<()> {
         let (ls, p) = (&self.network, self.name());
-        let out = sh(
-            central,
+        let out = run.must_stdout(
+            "port-create",
+            "create the VM's logical port, bound to both chassis",
+            Some(central),
             &format!(
                 "ovn-nbctl --may-exist ls-add {ls} -- --may-exist lsp-add {ls} {p} \
                  -- lsp-set-addresses {p} '{m} {a}' \
@@ -103,150 +105,166 @@ impl VmPort {
                 a = self.address
             ),
         )?;
-        Ok(json!(out))
-    }
-
-    /// The VM's tap on `guest`, plugged into br-int with the port's iface-id.
-    pub fn plug(&self, guest: &Guest) -> Result<Value> {
-        let p = self.name();
-        Ok(json!(sh(
-            guest,
-            &format!(
-                "ip link del {p} 2>/dev/null; ip tuntap add dev {p} mode tap && ip link set {p} up && \
-                 ovs-vsctl --may-exist add-port br-int {p} -- set interface {p} external_ids:iface-id={p} && \
-                 ovs-vsctl --columns=name,ofport,external_ids list interface {p}"
-            ),
-        )?))
-    }
-
-    pub fn binding(&self, central: &Guest) -> Result<Binding> {
-        let p = self.name();
-        let out = sh(
-            central,
-            &format!(
-                "for col in chassis additional_chassis; do printf '%s:' $col; \
-                 for u in $(ovn-sbctl --bare --columns=$col find port_binding logical_port={p}); do \
-                 printf ' %s' $(ovn-sbctl --bare --columns=name list chassis $u); done; echo; done; \
-                 printf 'options: '; ovn-sbctl --bare --columns=options find port_binding logical_port={p}"
-            ),
-        )?;
-        let field = |name: &str| -> Vec<String> {
-            out.lines()
-                .find_map(|l| l.strip_prefix(&format!("{name}:")))
-                .map(|v| v.split_whitespace().map(str::to_string).collect())
-                .unwrap_or_default()
-        };
-        Ok(Binding {
-            chassis: field("chassis"),
-            additional: field("additional_chassis"),
-            options: out
-                .lines()
-                .find_map(|l| l.strip_prefix("options: "))
-                .unwrap_or("")
-                .trim()
-                .to_string(),
-        })
-    }
-
-    /// Polls the binding until `ok` holds; every state seen is returned.
-    pub fn until(
-        &self,
-        central: &Guest,
-        limit: Duration,
-        what: &str,
-        ok: impl Fn(&Binding) -> bool,
-    ) -> Result<(Value, f64)> {
-        let started = Instant::now();
-        let mut seen: Vec<Binding> = Vec::new();
-        let got = Wait::new(format!("port {}: {what}", self.name()), limit)
-            .pause(Pause::Every(Duration::from_millis(500)))
-            .run_or_none(|| {
-                let b = self.binding(central)?;
-                let done = ok(&b);
-                if seen.last() != Some(&b) {
-                    seen.push(b.clone());
-                }
-                Ok(if done {
-                    Probe::Done(b)
-                } else {
-                    Probe::Pending("not yet".into())
-                })
-            })?;
-        let secs = started.elapsed().as_secs_f64();
-        match got {
-            Some(b) => Ok((json!({ "seconds": secs, "binding": b.json() }), secs)),
-            None => {
-                let states: Vec<Value> = seen.iter().map(Binding::json).collect();
-                bail!(
-                    "port {}: {what} not seen after {secs:.0} s (states: {})",
-                    self.name(),
-                    json!(states)
-                )
-            }
-        }
-    }
-
-    /// The move is complete: only the destination is requested.
-    pub fn finalize(&self, central: &Guest, dst: &str) -> Result<()> {
-        sh(
-            central,
-            &format!(
-                "ovn-nbctl lsp-set-options {} requested-chassis={dst}",
-                self.name()
-            ),
-        )?;
+        run.note_in("port", "create", json!(out));
         Ok(())
     }
 
-    /// Deletes the VM's taps, then the port and its switch; fails if the
-    /// port stays bound, an OVS interface stays, or the port stays in
-    /// either database.
-    pub fn delete(&self, central: &Guest, nodes: &[&Guest]) -> Result<Value> {
+    /// The VM's tap on each of `nodes`, plugged into br-int with the port's
+    /// iface-id (`port.plug.<node>`).
+    pub fn plug(&self, run: &mut Procedure, nodes: &[&str]) -> Result<()> {
+        let p = self.name();
+        let mut plugged = json!({});
+        for node in nodes {
+            plugged[*node] = json!(run.must_stdout(
+                "port-plug",
+                "plug the VM's tap into br-int",
+                Some(node),
+                &format!(
+                    "ip link del {p} 2>/dev/null; ip tuntap add dev {p} mode tap && ip link set {p} up && \
+                     ovs-vsctl --may-exist add-port br-int {p} -- set interface {p} external_ids:iface-id={p} && \
+                     ovs-vsctl --columns=name,ofport,external_ids list interface {p}"
+                ),
+            )?);
+        }
+        run.note_in("port", "plug", plugged);
+        Ok(())
+    }
+
+    /// Prints the southbound binding's chassis by name and its options.
+    fn binding_command(&self) -> String {
+        let p = self.name();
+        format!(
+            "for col in chassis additional_chassis; do printf '%s:' $col; \
+             for u in $(ovn-sbctl --bare --columns=$col find port_binding logical_port={p}); do \
+             printf ' %s' $(ovn-sbctl --bare --columns=name list chassis $u); done; echo; done; \
+             printf 'options: '; ovn-sbctl --bare --columns=options find port_binding logical_port={p}"
+        )
+    }
+
+    /// Watches the binding on `central` until `ok` holds (every state seen
+    /// is a step); `{seconds, binding}` and the seconds.
+    pub fn until(
+        &self,
+        run: &mut Procedure,
+        central: &str,
+        id: &str,
+        what: &str,
+        ok: impl Fn(&Binding) -> bool,
+    ) -> Result<(Value, f64)> {
+        let label = format!("port {}: {what}", self.name());
+        let limit = Duration::from_secs(60);
+        let (b, secs) = run.watch(
+            id,
+            &label,
+            Some(central),
+            &self.binding_command(),
+            limit,
+            Duration::from_millis(500),
+            |out| Ok(Some(Binding::parse(out)).filter(|b| ok(b))),
+        )?;
+        Ok((json!({ "seconds": secs, "binding": b.json() }), secs))
+    }
+
+    /// The move is complete: only the destination is requested.
+    pub fn finalize(&self, run: &mut Procedure, central: &str, dst: &str) -> Result<()> {
+        let label = "request the destination chassis alone";
+        let command = format!(
+            "ovn-nbctl lsp-set-options {} requested-chassis={dst}",
+            self.name()
+        );
+        run.must("port-finalize", label, Some(central), &command)?;
+        Ok(())
+    }
+
+    /// Deletes the VM's taps on `nodes`, then the port and its switch
+    /// (`port.deleted`); fails if the port stays bound, an OVS interface
+    /// stays, or the port stays in either database.
+    pub fn delete(&self, run: &mut Procedure, central: &str, nodes: &[&str]) -> Result<()> {
         let p = self.name();
         let mut ev = json!({});
-        for g in nodes {
-            sh(
-                g,
-                &format!(
-                    "ovs-vsctl --if-exists del-port br-int {p}; ip link del {p} 2>/dev/null; true"
-                ),
-            )?;
-        }
-        let (unbound, _) = self.until(central, Duration::from_secs(60), "unbinding", |b| {
+        self.unplug(run, nodes)?;
+        let (unbound, _) = self.until(run, central, "port-unbound", "unbinding", |b| {
             b.chassis.is_empty() && b.additional.is_empty()
         })?;
         ev["after_tap_deleted"] = unbound;
-        for g in nodes {
-            let ports = sh(g, "ovs-vsctl list-ports br-int")?;
-            ev["ovs_ports"][&g.endpoint.node] = json!(ports);
+        for node in nodes {
+            let list = "ovs-vsctl list-ports br-int";
+            let ports =
+                run.must_stdout("port-ovs-ports", "list br-int's ports", Some(node), list)?;
+            ev["ovs_ports"][*node] = json!(ports);
             if ports.lines().any(|l| l.trim() == p) {
-                bail!(
-                    "{}: OVS interface {p} left behind after deletion",
-                    g.endpoint.node
-                );
+                bail!("{node}: OVS interface {p} left behind after deletion");
             }
         }
-        sh(
-            central,
-            &format!("ovn-nbctl lsp-del {p} -- ls-del {}", self.network),
+        let drop = format!("ovn-nbctl lsp-del {p} -- ls-del {}", self.network);
+        run.must(
+            "port-delete",
+            "delete the port and its switch",
+            Some(central),
+            &drop,
         )?;
-        let left = sh(
-            central,
+        let left = run.must_stdout(
+            "port-left",
+            "find the port in either database",
+            Some(central),
             &format!(
                 "ovn-nbctl --bare --columns=name find logical_switch_port name={p}; \
                  ovn-sbctl --bare --columns=logical_port find port_binding logical_port={p}"
             ),
         )?;
         ev["left_in_databases"] = json!(left.trim());
+        run.note_in("port", "deleted", ev);
         if !left.trim().is_empty() {
             bail!("port {p} left behind in the OVN databases after deletion");
         }
-        Ok(ev)
+        Ok(())
+    }
+
+    /// Removes the VM's tap from br-int and the node on each of `nodes`.
+    pub fn unplug(&self, run: &mut Procedure, nodes: &[&str]) -> Result<()> {
+        let p = self.name();
+        let command =
+            format!("ovs-vsctl --if-exists del-port br-int {p}; ip link del {p} 2>/dev/null; true");
+        for node in nodes {
+            run.must("port-unplug", "delete the VM's tap", Some(node), &command)?;
+        }
+        Ok(())
+    }
+
+    /// Best effort after a failure: the taps, the port and its switch go.
+    pub fn remove(&self, run: &mut Procedure, central: &str, nodes: &[&str]) -> Result<()> {
+        self.unplug(run, nodes)?;
+        let drop = format!(
+            "ovn-nbctl --if-exists lsp-del {} -- --if-exists ls-del {}",
+            self.name(),
+            self.network
+        );
+        run.step(
+            "teardown-port",
+            "delete the port and its switch",
+            Some(central),
+            &drop,
+        )?;
+        Ok(())
     }
 }
 
-fn sh(g: &Guest, command: &str) -> Result<String> {
-    g.succeed(command, Duration::from_secs(120))
+impl Binding {
+    /// `chassis: a b`, `additional_chassis: c` and `options: ...` lines.
+    fn parse(out: &str) -> Binding {
+        let field = |name: &str| -> Vec<String> {
+            out.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}:")))
+                .map(|v| v.split_whitespace().map(str::to_string).collect())
+                .unwrap_or_default()
+        };
+        let options = out.lines().find_map(|l| l.strip_prefix("options: "));
+        Binding {
+            chassis: field("chassis"),
+            additional: field("additional_chassis"),
+            options: options.unwrap_or("").trim().to_string(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -273,5 +291,18 @@ mod tests {
             address: "10.88.1".into(),
         };
         assert!(bad.check(&cluster, &["node04"]).is_err());
+    }
+
+    #[test]
+    fn a_binding_is_read_from_its_listing() {
+        let b = Binding::parse(
+            "chassis: node04\nadditional_chassis: node05\noptions: activation-strategy=rarp requested-chassis=\"node04,node05\"\n",
+        );
+        assert_eq!(b.chassis, ["node04"]);
+        assert_eq!(b.additional, ["node05"]);
+        assert!(b.options.starts_with("activation-strategy=rarp"));
+        let none = Binding::parse("chassis:\nadditional_chassis:\noptions: \n");
+        assert!(none.chassis.is_empty() && none.additional.is_empty());
+        assert_eq!(none.options, "");
     }
 }
