@@ -16,6 +16,7 @@ pub mod evidence;
 pub mod fabric;
 pub mod fault;
 pub mod files;
+pub mod graph;
 pub mod guest;
 pub mod hermetic;
 pub mod history;

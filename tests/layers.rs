@@ -324,11 +324,12 @@ fn layers_run_from_one_ready_output_and_assemble_into_the_lane() {
     assert_eq!(common::qemu_pids_mentioning(needle), Vec::<i32>::new());
 }
 
-/// `after`: a layer continues from an earlier layer's saved end state, as
-/// mkLayeredCheck wires it (`--save-end`, then `--from-ready <out>/end`);
-/// a layer without `after` still starts from the ready cluster.
+/// `after`: a layer continues from an earlier layer's saved end state, and
+/// a layer without `after` still starts from the ready cluster. Run as the
+/// graph outside Nix (`run --jobs 2`), which wires it as mkLayeredCheck
+/// does (`--save-end`, then `--from-ready <out>/end`).
 #[test]
-fn a_layer_after_another_continues_from_its_end_state() {
+fn a_layer_after_another_continues_from_its_end_state_in_a_graph_of_two_jobs() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
@@ -338,35 +339,43 @@ fn a_layer_after_another_continues_from_its_end_state() {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/layered-after.toml"
     );
-    let run = |name: &str, extra: &[&str]| {
-        let out = tmp.path().join(name);
-        let state = tmp.path().join(format!("s-{name}"));
-        let o = hermetic_lane(&state, &cluster, &images, &out, lane, extra);
-        (o, out)
-    };
-    let (o, ready) = run("ready", &["--ready"]);
-    ok("ready", &o);
-    read_only(&ready);
-    let r = ready.to_str().unwrap().to_string();
-    let (o, mark) = run(
-        "mark",
-        &["--from-ready", &r, "--layer", "mark", "--save-end"],
+    let (state, out) = (tmp.path().join("s"), tmp.path().join("lane"));
+    let o = hermetic_lane(&state, &cluster, &images, &out, lane, &["--jobs", "0"]);
+    assert_eq!(o.status.code(), Some(2), "--jobs 0 is refused");
+
+    let t = std::time::Instant::now();
+    let o = hermetic_lane(&state, &cluster, &images, &out, lane, &["--jobs", "2"]);
+    let log = String::from_utf8_lossy(&o.stderr).to_string();
+    eprintln!("run --jobs 2: {:.1} s\n{log}", t.elapsed().as_secs_f64());
+    ok("run --jobs 2", &o);
+    let r = json(&out.join("result.json"));
+    assert_eq!(r["status"], "pass", "{}", r["layers"]);
+    assert_eq!(
+        common::layer_names(&r),
+        [
+            "mark",
+            "health:mark",
+            "continued",
+            "health:continued",
+            "fresh",
+            "health:fresh"
+        ]
     );
-    ok("mark", &o);
-    assert!(mark.join("end/manifest.json").is_file());
-    let end = mark.join("end").to_str().unwrap().to_string();
-    let (o, continued) = run("continued", &["--from-ready", &end, "--layer", "continued"]);
-    ok("continued", &o);
-    let (o, fresh) = run("fresh", &["--from-ready", &r, "--layer", "fresh"]);
-    ok("fresh", &o);
-    for d in [&mark, &continued, &fresh] {
-        assert_eq!(
-            json(&d.join("result.json"))["status"],
-            "pass",
-            "{}",
-            d.display()
-        );
+    for id in ["leave-a-mark@solo", "mark-is-there@solo", "no-mark@solo"] {
+        assert_eq!(common::check(&r, id)["outcome"], "pass", "{id}");
     }
+    // Two at a time: `fresh` started beside `mark`, `continued` after it.
+    let at = |line: &str| {
+        log.find(line)
+            .unwrap_or_else(|| panic!("{line:?} not in {log}"))
+    };
+    assert!(at("graph: layer fresh started") < at("graph: layer mark pass"));
+    assert!(at("graph: layer mark pass") < at("graph: layer continued started"));
+    assert!(out.join("jobs/continued.log").is_file());
+    assert!(
+        !tmp.path().join("lane.parts").exists(),
+        "the parts are removed"
+    );
     let needle = tmp.path().to_str().unwrap();
     assert_eq!(common::qemu_pids_mentioning(needle), Vec::<i32>::new());
 }

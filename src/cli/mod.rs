@@ -585,6 +585,14 @@ pub struct RunArgs {
     /// a later layer that says `after = "<this layer>"`.
     #[arg(long, requires = "layer")]
     pub save_end: bool,
+    /// Run the lane as its graph of layers, as a Nix build of
+    /// mkLayeredCheck does but without Nix: the ready cluster once, then
+    /// each layer in a restore of its own, N at a time (a layer with
+    /// `after` once that layer saved its end), then the lane assembled in
+    /// --out. Each layer's log is kept in <out>/jobs/.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..),
+          conflicts_with_all = ["ready", "from_ready", "assemble"])]
+    pub jobs: Option<u16>,
     /// Boot nothing: assemble the lane's artifacts in --out from the
     /// outputs of its layers (`run --from-ready ... --layer`), in order;
     /// repeatable.

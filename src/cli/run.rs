@@ -550,6 +550,10 @@ fn hermetic_run(mut cluster: Cluster, target: &Target, args: &RunArgs) -> Result
         return Ok(code as i32);
     }
     let mut lane = args.select.load(&cluster)?;
+    if let Some(jobs) = args.jobs {
+        let (out, keep, json) = (&args.out, args.keep_failed, args.json);
+        return Ok(crate::graph::run(&lane, out, jobs.into(), keep, json)? as i32);
+    }
     if let (Some(ready), Some(layer)) = (&args.from_ready, &args.layer) {
         lane = crate::layered::only_layer(lane, layer)?;
         start.from_snapshot = Some(std::path::absolute(ready)?.display().to_string());
