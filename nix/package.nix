@@ -12,6 +12,7 @@
 , qemu_kvm
 , openssh
 , e2fsprogs
+, zstd
 , mmdebstrap
 }:
 let
@@ -54,7 +55,7 @@ rustPlatform.buildRustPackage {
 
   postInstall = ''
     wrapProgram $out/bin/photon-cluster \
-      --suffix PATH : ${lib.makeBinPath [ qemu_kvm openssh e2fsprogs mmdebstrap ]}
+      --suffix PATH : ${lib.makeBinPath [ qemu_kvm openssh e2fsprogs zstd mmdebstrap ]}
   '';
 
   meta = {

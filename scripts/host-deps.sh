@@ -45,6 +45,8 @@ have qemu-img || need+=(qemu-utils)
 have mmdebstrap || need+=(mmdebstrap)
 have mkfs.ext4 || [ -x /sbin/mkfs.ext4 ] || need+=(e2fsprogs)
 have ssh-keygen || need+=(openssh-client)
+# Saved clusters' guest state is compressed with it (a raw save without).
+have zstd || need+=(zstd)
 have pkg-config || need+=(pkg-config)
 have nix-instantiate || need+=(nix-bin)
 # A static busybox: the Nix library tests build in a real sandbox with it.

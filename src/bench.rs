@@ -132,7 +132,14 @@ pub fn suite(
         ));
         pairs.push(exec_pair(&cold, execs)?);
         tracing::info!("bench: snapshot save");
-        snapshot::save_running(cluster, state, &cold, "bench", snapshot::After::Stop)?;
+        snapshot::save_running(
+            cluster,
+            state,
+            &cold,
+            "bench",
+            snapshot::After::Stop,
+            snapshot::Memory::Raw,
+        )?;
         // The guests have quit; stopping the cluster also ends its fabric
         // switch, whose ports the restore takes again.
         cluster::stop(state, Duration::from_secs(20))?;

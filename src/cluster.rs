@@ -260,7 +260,7 @@ fn prepare_node<'a>(
     let mut config = machine_config(plan, node, index, &ports, link);
     if let Some(m) = plan.restore {
         m.check_machine(name, &machine::qemu_args(&config), plan.state.root.as_str())?;
-        config.incoming = Some(m.memory(name));
+        config.incoming = Some(m.memory(name)?);
     }
     Ok(Prepared {
         node,

@@ -46,7 +46,14 @@ pub fn ready(
         started => started?,
     };
     let boot_s = t.elapsed().as_secs_f64();
-    let saved = snapshot::save_running(cluster, state, &record, "ready", snapshot::After::Stop);
+    let saved = snapshot::save_running(
+        cluster,
+        state,
+        &record,
+        "ready",
+        snapshot::After::Stop,
+        snapshot::Memory::Zstd,
+    );
     cluster::stop(state, Duration::from_secs(20))?;
     let m = saved?;
     copy_tree(m.dir(), out)?;
@@ -138,7 +145,14 @@ pub fn save_end(
     record: &crate::state::RunningCluster,
     to: &Path,
 ) -> Result<u64> {
-    let m = snapshot::save_running(cluster, state, record, "end", snapshot::After::Resume)?;
+    let m = snapshot::save_running(
+        cluster,
+        state,
+        record,
+        "end",
+        snapshot::After::Resume,
+        snapshot::Memory::Zstd,
+    )?;
     copy_tree(m.dir(), to)?;
     Ok(m.bytes)
 }

@@ -125,7 +125,14 @@ struct Done<'a> {
 /// Saves the running cluster as the `rerun` snapshot, and stops it (every
 /// run restores it, the first one too).
 fn save(cluster: &Cluster, state: &StateDir, record: &RunningCluster) -> Result<String> {
-    let m = snapshot::save_running(cluster, state, record, SNAPSHOT, snapshot::After::Stop)?;
+    let m = snapshot::save_running(
+        cluster,
+        state,
+        record,
+        SNAPSHOT,
+        snapshot::After::Stop,
+        snapshot::Memory::Raw,
+    )?;
     // The guests have quit: this ends the fabric switch, freeing its ports.
     cluster::stop(state, Duration::from_secs(1))?;
     tracing::info!(

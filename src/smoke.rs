@@ -208,7 +208,14 @@ fn boot_check_stop(
     };
     if let Some(name) = &opts.save_ready {
         ledger.step("save-ready", || {
-            let m = snapshot::save_running(cluster, state, r, name, snapshot::After::Resume)?;
+            let m = snapshot::save_running(
+                cluster,
+                state,
+                r,
+                name,
+                snapshot::After::Resume,
+                snapshot::Memory::Raw,
+            )?;
             Ok(format!(
                 "snapshot {name:?}: {} nodes, {:.0} MiB (guests paused {:.1} s)",
                 m.record.nodes.len(),

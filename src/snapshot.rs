@@ -5,10 +5,11 @@
 //!
 //! How: every guest is paused first (QMP `stop`, all within a few
 //! milliseconds), then each one's state is streamed by QEMU's own migration
-//! into a file (`exec:cat > memory.bin`: QEMU 7.2 has no `file:` URI), its
+//! into a file (`exec:cat > memory.bin`: QEMU 7.2 has no `file:` URI; a
+//! ready output for Nix goes through `zstd -1` into `memory.bin.zst`), its
 //! overlay is copied while nothing writes to it, and the guests resume (or
 //! stop). A restore launches each QEMU with the same command line plus
-//! `-incoming exec:cat memory.bin`, resumes all guests together, and sets
+//! `-incoming exec:zstd -dc memory.bin.zst` (or `cat`), resumes all guests together, and sets
 //! their clocks to the host's before anything else talks to them.
 //!
 //! A snapshot is keyed by what would make it wrong to use: the image id,
@@ -23,7 +24,7 @@
 //!
 //! Layout: `<state>/snapshots/<name>/manifest.json` (written last: a
 //! directory without it is an unfinished save), `ssh/`, and `<node>/`
-//! with `memory.bin`, `overlay.qcow2`, `config.img`.
+//! with `memory.bin.zst` (or `memory.bin`), `overlay.qcow2`, `config.img`.
 
 use crate::error::BadInput;
 use crate::files::write_atomic;
@@ -74,6 +75,19 @@ pub struct Manifest {
 pub enum After {
     Resume,
     Stop,
+}
+
+/// How a save keeps each guest's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Memory {
+    /// As QEMU streams it (`memory.bin`): the fastest restore, for the
+    /// state directory's own snapshots.
+    Raw,
+    /// Through `zstd -1` (`memory.bin.zst`), about a third of the size, for
+    /// outputs that travel (a Nix ready output, a binary cache); a restore
+    /// costs a few seconds more on a loaded host (docs/performance.md).
+    /// Raw when the host has no zstd.
+    Zstd,
 }
 
 pub const DEFAULT: &str = "default";
@@ -310,9 +324,21 @@ impl Manifest {
         Ok(())
     }
 
-    /// The file QEMU reads the node's state from (read-only: it is only read).
-    pub fn memory(&self, node: &str) -> PathBuf {
-        self.dir().join(node).join("memory.bin")
+    /// The file QEMU reads the node's state from (read-only: it is only
+    /// read): compressed if the save had zstd, raw otherwise. Refused (exit
+    /// 2) when it is compressed and this host has no zstd to read it.
+    pub fn memory(&self, node: &str) -> Result<PathBuf> {
+        let zst = self.dir().join(node).join(MEMORY_ZSTD);
+        if !zst.is_file() {
+            return Ok(self.dir().join(node).join(MEMORY_RAW));
+        }
+        if !zstd_on_path() {
+            return Err(crate::error::bad_input(format!(
+                "{}: the guest state is compressed with zstd, and `zstd` is not on PATH",
+                zst.display()
+            )));
+        }
+        Ok(zst)
     }
 
     /// The saved host key of `node`, from the snapshot's own known_hosts.
@@ -331,10 +357,11 @@ pub fn save_running(
     record: &RunningCluster,
     name: &str,
     after: After,
+    memory: Memory,
 ) -> Result<Manifest> {
     let key = key(cluster, &record.image)?;
     let machines = running_machines(record, state.root.as_str())?;
-    save(state, record, key, machines, name, after)
+    save(state, record, key, machines, name, (after, memory))
 }
 
 /// Each node's QEMU command line as it runs, hashed for a snapshot.
@@ -364,9 +391,13 @@ pub fn save(
     key: Key,
     machines: BTreeMap<String, String>,
     name: &str,
-    after: After,
+    (after, memory): (After, Memory),
 ) -> Result<Manifest> {
     check_name(name)?;
+    let file = match memory {
+        Memory::Zstd if zstd_on_path() => MEMORY_ZSTD,
+        _ => MEMORY_RAW,
+    };
     let target = dir(state, name);
     let work = state.snapshots().join(format!(".{name}.partial"));
     let _ = fs::remove_dir_all(&work);
@@ -395,7 +426,7 @@ pub fn save(
             .map(|(node, q)| {
                 let out = work.join(node.as_str());
                 let n = &record.nodes[node.as_str()];
-                s.spawn(move || save_node(q, node, &n.dir, out.as_std_path()))
+                s.spawn(move || save_node(q, node, &n.dir, &out.as_std_path().join(file)))
             })
             .collect();
         handles
@@ -434,11 +465,32 @@ pub fn save(
     Ok(manifest)
 }
 
-/// Streams one paused guest's state into `out/memory.bin`, then copies its
-/// disks (the migration flushed them and QEMU writes nothing until `cont`).
-fn save_node(q: &mut Qmp, node: &str, node_dir: &Path, out: &Path) -> Result<u64> {
+/// The guest state as QEMU's migration stream wrote it.
+const MEMORY_RAW: &str = "memory.bin";
+/// The same, through `zstd -1` ([`Memory::Zstd`]).
+const MEMORY_ZSTD: &str = "memory.bin.zst";
+
+/// Whether `zstd` is on PATH (a save compresses only then).
+fn zstd_on_path() -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).any(|d| d.join("zstd").is_file())
+}
+
+/// The shell command QEMU's `exec:` migration runs to write `file`.
+fn save_command(file: &Path) -> String {
+    let quoted = crate::text::shell_quote(&file.display().to_string());
+    match file.extension().is_some_and(|e| e == "zst") {
+        true => format!("zstd -q -1 -T1 > {quoted}"),
+        false => format!("cat > {quoted}"),
+    }
+}
+
+/// Streams one paused guest's state into `memory` (raw, or compressed
+/// when it ends in `.zst`), then copies its disks beside it (the migration
+/// flushed them and QEMU writes nothing until `cont`).
+fn save_node(q: &mut Qmp, node: &str, node_dir: &Path, memory: &Path) -> Result<u64> {
+    let out = memory.parent().expect("a file in the node's directory");
     fs::create_dir_all(out)?;
-    let memory = out.join("memory.bin");
     // The guest is paused, so there is no downtime to limit: let it go fast.
     q.call(
         "migrate-set-parameters",
@@ -446,7 +498,7 @@ fn save_node(q: &mut Qmp, node: &str, node_dir: &Path, out: &Path) -> Result<u64
     )?;
     q.call(
         "migrate",
-        json!({ "uri": format!("exec:cat > {}", crate::text::shell_quote(&memory.display().to_string())) }),
+        json!({ "uri": format!("exec:{}", save_command(memory)) }),
     )?;
     Wait::new(format!("{node}: state saved"), Duration::from_secs(600))
         .pause(Pause::Backoff {
@@ -461,7 +513,7 @@ fn save_node(q: &mut Qmp, node: &str, node_dir: &Path, out: &Path) -> Result<u64
                 s => Ok(Probe::Pending(s.to_string())),
             }
         })?;
-    let mut bytes = fs::metadata(&memory)?.len();
+    let mut bytes = fs::metadata(memory)?.len();
     for f in ["overlay.qcow2", "config.img"] {
         bytes += copy(&node_dir.join(f), &out.join(f))?;
     }

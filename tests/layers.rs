@@ -228,7 +228,7 @@ fn layers_run_from_one_ready_output_and_assemble_into_the_lane() {
         "manifest.json",
         "boot.json",
         "consoles/solo.log",
-        "solo/memory.bin",
+        "solo/memory.bin.zst",
         "ssh/known_hosts",
     ] {
         assert!(ready.join(f).is_file(), "{f} in the ready output");

@@ -63,6 +63,7 @@ let
     qemu_kvm = fakePkg "qemu";
     openssh = fakePkg "openssh";
     e2fsprogs = fakePkg "e2fsprogs";
+    zstd = fakePkg "zstd";
   };
   stubNixpkgs = {
     outPath = fakeStorePath "nixpkgs";
@@ -88,7 +89,7 @@ let
     rustPlatform.buildRustPackage = attrs: attrs;
     rustc.version = rustcVersion;
     pkg-config = null; openssl = null; zlib = null; makeWrapper = null;
-    qemu_kvm = null; openssh = null; e2fsprogs = null; mmdebstrap = null;
+    qemu_kvm = null; openssh = null; e2fsprogs = null; zstd = null; mmdebstrap = null;
   };
   pinnedRust = builtins.fromJSON (builtins.readFile ../nixpkgs-rust.json);
 
@@ -454,7 +455,7 @@ let
         "${fakeStorePath "coreutils"}/bin"
         "${fakeStorePath "bash"}/bin/bash"
         "${fakeStorePath "coreutils"}/bin"
-        "${fakeStorePath "qemu"}/bin:${fakeStorePath "openssh"}/bin:${fakeStorePath "e2fsprogs"}/bin"
+        "${fakeStorePath "qemu"}/bin:${fakeStorePath "openssh"}/bin:${fakeStorePath "e2fsprogs"}/bin:${fakeStorePath "zstd"}/bin"
         true
       ];
     };

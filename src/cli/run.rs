@@ -471,7 +471,14 @@ fn snapshot_command(cluster: &Cluster, state: &StateDir, cmd: SnapshotCmd) -> Re
             let record = require_running(state)?;
             let after = if stop { After::Stop } else { After::Resume };
             let t = std::time::Instant::now();
-            let m = snapshot::save_running(cluster, state, &record, &name, after)?;
+            let m = snapshot::save_running(
+                cluster,
+                state,
+                &record,
+                &name,
+                after,
+                snapshot::Memory::Raw,
+            )?;
             if stop {
                 // The guests have quit; this ends the fabric switch too, so
                 // a restore finds its ports free.

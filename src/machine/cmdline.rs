@@ -159,7 +159,12 @@ pub fn qemu_args(c: &MachineConfig) -> Vec<String> {
     arg(&["-pidfile", &path(&c.pidfile)]);
     if let Some(state) = &c.incoming {
         let quoted = format!("'{}'", path(state).replace('\'', r"'\''"));
-        arg(&["-incoming", &format!("exec:cat {quoted}")]);
+        // A compressed state (snapshot.rs) is read through zstd.
+        let read = match state.extension().is_some_and(|e| e == "zst") {
+            true => "zstd -dc",
+            false => "cat",
+        };
+        arg(&["-incoming", &format!("exec:{read} {quoted}")]);
     }
     a
 }
@@ -228,6 +233,11 @@ mod tests {
             [r"exec:cat '/s/snap/it'\''s/memory.bin'"]
         );
         assert_eq!(warm[..cold.len()], cold[..], "same machine, same devices");
+        c.incoming = Some("/s/snap/n/memory.bin.zst".into());
+        assert_eq!(
+            after(&qemu_args(&c), "-incoming"),
+            ["exec:zstd -dc '/s/snap/n/memory.bin.zst'"]
+        );
     }
 
     fn after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
