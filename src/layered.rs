@@ -271,13 +271,22 @@ fn merged(runs: &[LayerRun]) -> Ledger {
     for r in runs {
         record_layer(&mut ledger, r);
     }
-    let failed: Vec<&str> = runs
+    let (skipped, failed): (Vec<&LayerRun>, Vec<&LayerRun>) = runs
         .iter()
         .filter(|r| r.report.exit_code != 0)
-        .map(|r| r.name.as_str())
-        .collect();
-    ledger.steps.push(assemble_step(runs.len(), &failed));
+        .partition(|r| ran_nothing(r));
+    let names = |rs: Vec<&LayerRun>| rs.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
     ledger
+        .steps
+        .push(assemble_step(runs.len(), &names(failed), &names(skipped)));
+    ledger
+}
+
+/// A layer that ran none of its checks: each one is skipped (the ready
+/// cluster it starts from is missing), which is not a failure of its own.
+fn ran_nothing(r: &LayerRun) -> bool {
+    let mut checks = r.report.layers.iter().flat_map(|l| &l.checks).peekable();
+    checks.peek().is_some() && checks.all(|c| c.outcome == Outcome::Skipped)
 }
 
 /// One layer's report in the whole lane's ledger.
@@ -296,18 +305,29 @@ fn record_layer(ledger: &mut Ledger, r: &LayerRun) {
     ledger.carry_error(&format!("layer {}", r.name), &r.report);
 }
 
-/// The assembly as a step: failed when a layer did, naming the first.
-fn assemble_step(layers: usize, failed: &[&str]) -> Step {
-    let message = match failed.first() {
-        None => format!("{layers} layers, each from the ready cluster: all passed"),
-        // Each layer started from the same ready cluster: a later failure
-        // cannot follow from an earlier one.
+/// The assembly as a step: failed when a layer failed or was skipped,
+/// naming the first that failed and those that ran nothing.
+fn assemble_step(layers: usize, failed: &[String], skipped: &[String]) -> Step {
+    let mut message = match failed.first() {
+        None if skipped.is_empty() => {
+            format!("{layers} layers, each from the ready cluster: all passed")
+        }
+        None => format!("{layers} layers, each from the ready cluster"),
+        // Each layer started from the ready cluster (or an earlier layer's
+        // saved end, with `after`): a failure follows from another only
+        // along an `after`.
         Some(first) => format!(
-            "{layers} layers, each from the ready cluster; first failed: {first}; failed: {} \
-             (independent: no layer ran after another)",
+            "{layers} layers, each from the ready cluster; first failed: {first}; failed: {}",
             failed.join(", ")
         ),
     };
+    if !skipped.is_empty() {
+        message.push_str(&format!(
+            "; skipped, their cluster missing: {}",
+            skipped.join(", ")
+        ));
+    }
+    let failed = [failed, skipped].concat();
     Step {
         name: "assemble".into(),
         outcome: if failed.is_empty() {

@@ -231,6 +231,11 @@ fn a_failed_ready_boot_keeps_its_evidence_and_every_layer_reports_skipped() {
             "{why}"
         );
     }
+    // The assembly says the layers ran nothing, not that they failed.
+    let assemble = r["steps"].as_array().unwrap().last().unwrap();
+    let said = assemble["message"].as_str().unwrap();
+    assert!(said.contains("skipped, their cluster missing:"), "{said}");
+    assert!(!said.contains("failed"), "{said}");
     // The ready output is the failed boot's evidence: why, and the console.
     let ready = PathBuf::from(
         String::from_utf8_lossy(
