@@ -255,4 +255,10 @@ fn a_failed_ready_boot_keeps_its_evidence_and_every_layer_reports_skipped() {
     assert!(ready.join("nix-support/failed").exists());
     let console = std::fs::read_to_string(ready.join("consoles/solo.log")).unwrap();
     assert!(console.contains("Kernel panic"), "{console}");
+    // Hydra opens it at boot.json: it has no report.
+    let products = std::fs::read_to_string(ready.join("nix-support/hydra-build-products")).unwrap();
+    assert!(
+        products.contains(&format!("report artifacts {} boot.json", ready.display())),
+        "{products}"
+    );
 }

@@ -758,7 +758,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 mkdir -p "$out/nix-support"
-products() { printf 'report markdown %s/report.md\nfile result-json %s/result.json\n' "$out" "$out" > "$out/nix-support/hydra-build-products"; }
+products() { : > "$out/report.md"; printf 'report markdown %s/report.md\nfile result-json %s/result.json\n' "$out" "$out" > "$out/nix-support/hydra-build-products"; }
 if [ $mode = pass ]; then echo '{"status":"pass"}' > "$out/result.json"; products; exit 0; fi
 on_term() { echo '{"status":"interrupted"}' > "$out/result.json"; products; if [ -n "$keep" ]; then : > "$out/nix-support/failed"; fi; exit 130; }
 if [ $mode = ignore ]; then trap '' TERM; else trap on_term TERM; fi

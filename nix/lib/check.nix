@@ -54,10 +54,14 @@ let
         done < "$out/nix-support/hydra-build-products"
       fi
       if [ -z "$listed" ]; then
-        # The tree opens at report.html (the driver writes it), else report.md.
-        default=report.md
-        if [ -e "$out/report.html" ]; then default=report.html; fi
-        echo "report artifacts $out $default" >> "$out/nix-support/hydra-build-products"
+        # The tree opens at report.html (the driver writes it), else
+        # report.md, else boot.json (a ready output whose boot failed has
+        # no report), else at the tree itself.
+        default=
+        for f in report.html report.md boot.json; do
+          if [ -z "$default" ] && [ -e "$out/$f" ]; then default=" $f"; fi
+        done
+        echo "report artifacts $out$default" >> "$out/nix-support/hydra-build-products"
       fi
       echo "lane-wall-time $((finished - started)) s" >> "$out/nix-support/hydra-metrics"
       echo "lane-timed-out $1" >> "$out/nix-support/hydra-metrics"

@@ -403,7 +403,7 @@ let
     };
     hydra-script-products-and-metrics = {
       expr = map (re: builtins.match re (builtins.elemAt check.args 1) != null) [
-        ".*default=report.html.*report artifacts \\$out \\$default.*nix-support/hydra-build-products.*"
+        ".*for f in report.html report.md boot.json.*report artifacts \\$out\\$default.*nix-support/hydra-build-products.*"
         ".*lane-wall-time .* s.*nix-support/hydra-metrics.*"
       ];
       expected = [ true true ];
