@@ -278,22 +278,33 @@ fn provider_lifecycles_naming_what_does_not_exist_exit_2() {
 }
 
 #[test]
-fn fresh_smoke_with_a_bad_ready_snapshot_name_exits_2_before_the_clean() {
-    let dir = temp("save-ready");
-    fs::create_dir_all(dir.join("nodes/node01")).unwrap();
-    let out = common::run(
-        &dir,
-        &[
-            "fresh-smoke",
-            "--save-ready",
-            "../elsewhere",
-            "--artifacts",
-            dir.join("work").to_str().unwrap(),
-        ],
-    );
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("snapshot name \"../elsewhere\""), "{err}");
-    assert!(!dir.join("work").exists(), "no artifacts for refused input");
-    assert!(dir.join("nodes/node01").is_dir(), "nothing cleaned");
+fn a_fresh_lane_with_a_bad_ready_snapshot_name_exits_2_before_the_clean() {
+    for command in ["fresh-smoke", "fresh-matrix", "fresh-bench-storage"] {
+        let dir = temp(&format!("save-ready-{command}"));
+        fs::create_dir_all(dir.join("nodes/node01")).unwrap();
+        let out = common::run(
+            &dir,
+            &[
+                command,
+                "--save-ready",
+                "../elsewhere",
+                "--artifacts",
+                dir.join("work").to_str().unwrap(),
+            ],
+        );
+        assert_eq!(out.status.code(), Some(2), "{command}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("snapshot name \"../elsewhere\""),
+            "{command}: {err}"
+        );
+        assert!(
+            !dir.join("work").exists(),
+            "{command}: no artifacts for refused input"
+        );
+        assert!(
+            dir.join("nodes/node01").is_dir(),
+            "{command}: nothing cleaned"
+        );
+    }
 }

@@ -219,12 +219,8 @@ pub enum Cmd {
         lane: LaneArgs,
         #[command(flatten)]
         start: StartArgs,
-        /// Once every node is ready, save the cluster as snapshot NAME
-        /// (`default` if no NAME) before the lane runs, so that a later
-        /// `fresh-smoke --warm` or `start --warm` restores it instead of
-        /// booting. The save is a step of the run, in result.json.
-        #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "default")]
-        save_ready: Option<String>,
+        #[command(flatten)]
+        save: SaveReady,
     },
     /// The matrix lane against the running cluster: composed scenarios (DNS +
     /// load balancer + backends, VM live migration on shared volumes,
@@ -236,6 +232,8 @@ pub enum Cmd {
         lane: LaneRun,
         #[command(flatten)]
         start: StartArgs,
+        #[command(flatten)]
+        save: SaveReady,
     },
     /// The bench-storage lane against the running storage cluster
     /// (reference-storage unless --profile/--cluster says otherwise): fio on
@@ -251,6 +249,8 @@ pub enum Cmd {
         lane: LaneRun,
         #[command(flatten)]
         start: StartArgs,
+        #[command(flatten)]
+        save: SaveReady,
     },
     /// The local export matrix on the running storage cluster: one
     /// qemu-storage-daemon export on one node for every cache mode x aio
@@ -534,6 +534,29 @@ pub struct RerunArgs {
     /// Print the rerun's result.json on stdout (the tables go to stderr).
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--save-ready` of the `fresh-*` lanes.
+#[derive(Args, Debug, Default)]
+pub struct SaveReady {
+    /// Once every node is ready, save the cluster as snapshot NAME
+    /// (`default` if no NAME) before the lane runs, so that a later
+    /// `fresh-* --warm` or `start --warm` restores it instead of booting.
+    /// The save is a step of the run, in result.json.
+    #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "default")]
+    pub save_ready: Option<String>,
+}
+
+impl SaveReady {
+    /// Puts the save into a lane's options; a bad name is refused (exit 2)
+    /// before anything starts.
+    pub fn apply(self, opts: &mut LaneOptions) -> Result<()> {
+        if let Some(name) = &self.save_ready {
+            crate::snapshot::check_name(name)?;
+        }
+        opts.save_ready = self.save_ready;
+        Ok(())
+    }
 }
 
 #[derive(Args, Debug, Clone)]

@@ -72,24 +72,22 @@ pub fn run(cli: Cli) -> Result<i32> {
             let _lock = s.lock("rerun")?;
             Ok(crate::rerun::rerun(c, s, &opts)? as i32)
         }),
-        Cmd::FreshSmoke {
-            lane,
-            start,
-            save_ready,
-        } => on.with(|c, s| {
+        Cmd::FreshSmoke { lane, start, save } => on.with(|c, s| {
             let mut opts = lane.options(c, "fresh-smoke")?;
-            if let Some(name) = &save_ready {
-                crate::snapshot::check_name(name)?;
-            }
-            opts.save_ready = save_ready;
+            save.apply(&mut opts)?;
             fresh(c, s, &opts, &start)
         }),
-        Cmd::FreshMatrix { lane, start } => {
-            on.with(|c, s| fresh_lane(c, s, "matrix", &lane, &start, "fresh-matrix"))
-        }
-        Cmd::FreshBenchStorage { lane, start } => {
-            on.with(|c, s| fresh_lane(c, s, "bench-storage", &lane, &start, "fresh-bench-storage"))
-        }
+        Cmd::FreshMatrix { lane, start, save } => on.with(|c, s| {
+            let mut opts = lane.options(Lane::embedded("matrix", c)?, "fresh-matrix");
+            save.apply(&mut opts)?;
+            fresh(c, s, &opts, &start)
+        }),
+        Cmd::FreshBenchStorage { lane, start, save } => on.with(|c, s| {
+            let lane_file = Lane::embedded("bench-storage", c)?;
+            let mut opts = lane.options(lane_file, "fresh-bench-storage");
+            save.apply(&mut opts)?;
+            fresh(c, s, &opts, &start)
+        }),
         Cmd::BenchCoronafsLocalMatrix { lane, start } => {
             on.with(|c, s| running_or_fresh(c, s, "bench-coronafs-local-matrix", &lane, &start))
         }
@@ -623,23 +621,6 @@ fn lane_on_running(cluster: &Cluster, state: &StateDir, lane: &str, run: &LaneRu
     )
 }
 
-/// An embedded lane on a fresh cluster (`fresh-smoke --lane <name>`).
-fn fresh_lane(
-    cluster: &Cluster,
-    state: &StateDir,
-    lane: &str,
-    run: &LaneRun,
-    start: &StartArgs,
-    command: &str,
-) -> Result<i32> {
-    fresh(
-        cluster,
-        state,
-        &run.options(Lane::embedded(lane, cluster)?, command),
-        start,
-    )
-}
-
 /// An embedded lane, expanded against the cluster the command line names,
 /// else against the lane's own default profile (`lanes`).
 fn lane_for(target: &Target, cluster: &Cluster, name: &str) -> Result<Lane, String> {
@@ -662,7 +643,12 @@ fn running_or_fresh(
     if state.load_running()?.is_some() {
         lane_on_running(cluster, state, lane, run)
     } else {
-        fresh_lane(cluster, state, lane, run, start, lane)
+        fresh(
+            cluster,
+            state,
+            &run.options(Lane::embedded(lane, cluster)?, lane),
+            start,
+        )
     }
 }
 
