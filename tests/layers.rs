@@ -235,6 +235,37 @@ fn layers_run_from_one_ready_output_and_assemble_into_the_lane() {
     }
     read_only(&ready);
 
+    // A fresh-* lane restores the ready output instead of booting.
+    let lane_file = tmp.path().join("hostname.toml");
+    fs::write(
+        &lane_file,
+        "[lane]\nname = \"hostname\"\n[[layer]]\nname = \"boot\"\n[[layer.check]]\n\
+         name = \"hostname\"\nkind = \"exec\"\ntargets = \"all\"\ncommand = \"hostname\"\n\
+         stdout_equals = \"solo\"\n",
+    )
+    .unwrap();
+    let work = tmp.path().join("fresh-work");
+    let o = common::run(
+        &tmp.path().join("s-fresh"),
+        &[
+            "--cluster",
+            cluster.to_str().unwrap(),
+            "fresh-smoke",
+            "--accel",
+            "tcg",
+            "--from-snapshot",
+            ready.to_str().unwrap(),
+            "--lane-file",
+            lane_file.to_str().unwrap(),
+            "--artifacts",
+            work.to_str().unwrap(),
+        ],
+    );
+    ok("fresh-smoke --from-snapshot <ready output>", &o);
+    let r = json(&work.join("hostname/latest/result.json"));
+    assert_eq!(r["boot"]["mode"], "warm", "{}", r["boot"]);
+    assert_eq!(common::check(&r, "hostname@solo")["outcome"], "pass");
+
     let layer = |name: &'static str| {
         let (c, i, r) = (cluster.clone(), images.clone(), ready.clone());
         let (state, out) = (tmp.path().join(format!("s-{name}")), tmp.path().join(name));
