@@ -15,7 +15,7 @@ use crate::guest::Guest;
 use crate::wait::{Pause, Probe, Wait};
 use anyhow::{Result, bail};
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -104,13 +104,16 @@ impl<'a> Procedure<'a> {
         self.notes.insert(key.to_string(), value);
     }
 
-    /// Keeps a finding as `evidence[outer][key]` (`outer` an object).
-    pub fn note_in(&mut self, outer: &str, key: &str, value: Value) {
+    /// Keeps the fields of `findings` (an object) in `evidence[outer]`,
+    /// beside those kept there before.
+    pub fn note_in(&mut self, outer: &str, findings: Value) {
         let slot = self
             .notes
             .entry(outer.to_string())
-            .or_insert_with(|| Value::Object(Default::default()));
-        slot[key] = value;
+            .or_insert_with(|| json!({}));
+        if let (Some(slot), Value::Object(new)) = (slot.as_object_mut(), findings) {
+            slot.extend(new);
+        }
     }
 
     /// Runs `command` on `node` (None: the home node) and keeps it as a

@@ -29,17 +29,12 @@ pub struct VmPort {
 }
 
 /// A port's southbound state, with chassis by name.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Binding {
     pub chassis: Vec<String>,
+    #[serde(rename = "additional_chassis")]
     pub additional: Vec<String>,
     pub options: String,
-}
-
-impl Binding {
-    fn json(&self) -> Value {
-        json!({ "chassis": self.chassis, "additional_chassis": self.additional, "options": self.options })
-    }
 }
 
 impl VmPort {
@@ -105,7 +100,7 @@ impl VmPort {
                 a = self.address
             ),
         )?;
-        run.note_in("port", "create", json!(out));
+        run.note_in("port", json!({ "create": out }));
         Ok(())
     }
 
@@ -126,7 +121,7 @@ impl VmPort {
                 ),
             )?);
         }
-        run.note_in("port", "plug", plugged);
+        run.note_in("port", json!({ "plug": plugged }));
         Ok(())
     }
 
@@ -162,7 +157,7 @@ impl VmPort {
             Duration::from_millis(500),
             |out| Ok(Some(Binding::parse(out)).filter(|b| ok(b))),
         )?;
-        Ok((json!({ "seconds": secs, "binding": b.json() }), secs))
+        Ok((json!({ "seconds": secs, "binding": b }), secs))
     }
 
     /// The move is complete: only the destination is requested.
@@ -213,7 +208,7 @@ impl VmPort {
             ),
         )?;
         ev["left_in_databases"] = json!(left.trim());
-        run.note_in("port", "deleted", ev);
+        run.note_in("port", json!({ "deleted": ev }));
         if !left.trim().is_empty() {
             bail!("port {p} left behind in the OVN databases after deletion");
         }
