@@ -320,6 +320,7 @@ fn machine_config(
         config_disk: dir.join("config.img").into(),
         serial_log: dir.join("vm.log").into(),
         qmp_socket: dir.join("qmp.sock").into(),
+        agent_socket: dir.join("agent.sock").into(),
         pidfile: dir.join("qemu.pid").into(),
         forwards: ports.all(),
         host_mac,
