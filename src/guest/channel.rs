@@ -356,16 +356,25 @@ mod tests {
         };
         std::thread::sleep(Duration::from_millis(200));
         for i in 0..3 {
-            assert_eq!(ch.exec(&format!("echo {i}"), SECS).unwrap().stdout, format!("{i}\n"));
+            assert_eq!(
+                ch.exec(&format!("echo {i}"), SECS).unwrap().stdout,
+                format!("{i}\n")
+            );
         }
-        assert!(!hung.is_finished(), "the quick ones finished while the hung one runs");
+        assert!(
+            !hung.is_finished(),
+            "the quick ones finished while the hung one runs"
+        );
         let t = Instant::now();
         let err = hung.join().unwrap().unwrap_err();
         assert!(
             matches!(err.downcast_ref(), Some(GuestError::Deadline { .. })),
             "{err:#}"
         );
-        assert!(t.elapsed() < Duration::from_secs(4) + GRACE, "ended at its deadline");
+        assert!(
+            t.elapsed() < Duration::from_secs(4) + GRACE,
+            "ended at its deadline"
+        );
         assert!(!ch.is_broken(), "a deadline leaves the channel usable");
         assert_eq!(ch.exec("echo after", SECS).unwrap().stdout, "after\n");
     }

@@ -21,6 +21,7 @@ mod pool;
 mod ready;
 mod shell;
 
+pub use crate::state::ChannelKind;
 pub use channel::Channel;
 pub use pool::{GuestPool, connect, connect_ssh, endpoint, openssh};
 pub use ready::{Stop, unit_states, wait_for_ssh, wait_for_units};
@@ -135,16 +136,6 @@ pub struct Guest {
 enum Transport {
     Ssh(Mutex<Connection>),
     Agent(Channel),
-}
-
-/// Which way the driver reaches a node (status, result.json).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ChannelKind {
-    /// The guest agent on its virtio-serial port.
-    Agent,
-    /// SSH (a guest without the agent: a foreign image).
-    Ssh,
 }
 
 /// The session and the shell that runs on it; both are used under one lock
