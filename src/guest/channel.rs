@@ -35,6 +35,9 @@ type Waiting = Arc<Mutex<Waiters>>;
 struct Waiters {
     by_id: HashMap<u64, Sender<Value>>,
     broken: Option<String>,
+    /// Whether an agent has answered on this stream: its `started` event
+    /// after that means it died and a new one runs.
+    answered: bool,
 }
 
 /// A channel to one node's agent.
@@ -68,7 +71,9 @@ impl Channel {
             node: node.to_string(),
             writer: Mutex::new(Box::new(writer)),
             waiting,
-            next_id: AtomicU64::new(1),
+            // Ids unique across channels and driver runs: an answer a dead
+            // channel's agent still had queued can match no new request.
+            next_id: AtomicU64::new(first_id()),
             close: Box::new(close),
         }
     }
@@ -263,18 +268,31 @@ fn read_answers(reader: impl Read, waiting: &Waiting) {
             Ok(v) => v,
             Err(e) => break format!("an unreadable frame from the agent ({e})"),
         };
+        let mut w = waiting.lock().unwrap_or_else(|p| p.into_inner());
         let Some(id) = answer["id"].as_u64() else {
-            // The agent's answer to a line it could not read: ours are
-            // always whole, so this is a stale line from an older driver.
+            if answer["event"] == "started" && w.answered {
+                break "the agent restarted; its running requests are lost".to_string();
+            }
+            // An agent's start queued before this stream (or the answer to
+            // a line it could not read: ours are whole, so an older driver's).
             tracing::debug!("agent frame without a request id: {answer}");
             continue;
         };
-        let w = waiting.lock().unwrap_or_else(|p| p.into_inner());
+        w.answered = true;
         if let Some(tx) = w.by_id.get(&id) {
             let _ = tx.send(answer);
         }
     };
     fail_all(waiting, &why);
+}
+
+fn first_id() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    // Room below 2^53: JSON numbers stay exact in any reader.
+    nanos % (1 << 52) + 1
 }
 
 fn fail_all(waiting: &Waiting, why: &str) {
@@ -426,6 +444,24 @@ mod tests {
             "{err:#}"
         );
         assert!(ch.is_broken());
+    }
+
+    #[test]
+    fn an_agent_that_restarts_breaks_the_channel_only_after_it_answered() {
+        let started = b"{\"id\":null,\"event\":\"started\",\"monotonic\":1.0}\n";
+        // Queued from before this stream: ignored, the channel lives.
+        let (mut agent, driver) = std::os::unix::net::UnixStream::pair().unwrap();
+        let ch = Channel::over("n1", driver.try_clone().unwrap(), driver, || {});
+        agent.write_all(started).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!ch.is_broken());
+        // After an answer, a start means the agent died and came back.
+        agent.write_all(b"{\"id\":7}\n").unwrap();
+        agent.write_all(started).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(ch.is_broken());
+        let err = ch.exec("true", SECS).unwrap_err();
+        assert!(format!("{err}").contains("restarted"), "{err}");
     }
 
     #[test]
