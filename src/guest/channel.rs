@@ -9,6 +9,15 @@
 //! A stream that ends or a frame that cannot be read breaks the channel:
 //! every waiting request fails with [`GuestError::Channel`] (named
 //! `channel_broken`) and the pool opens a new channel on the next attempt.
+//!
+//! QEMU's end of the port (`-chardev socket,server=on,wait=off`) serves one
+//! client at a time: it accepts the next only once the current one hung up,
+//! and its listen queue holds one. When the guest's agent dies the client
+//! gets no EOF (the agent's `started` event on restart is all it hears), so
+//! a channel is closed as soon as it breaks, for whatever reason, and every
+//! step has a deadline: the connect (a full queue would block a plain
+//! connect in the kernel for good), each write (a port whose guest end is
+//! closed takes nothing once the socket buffer is full) and each answer.
 
 use super::{ExecOutput, GuestError};
 use crate::error::{ErrorKind, named};
@@ -46,8 +55,14 @@ pub struct Channel {
     writer: Mutex<Box<dyn Write + Send>>,
     waiting: Waiting,
     next_id: AtomicU64,
-    /// Ends the stream (and so the reader thread) when the channel drops.
-    close: Box<dyn Fn() + Send + Sync>,
+    /// Ends the stream (and so the reader thread) when the channel drops,
+    /// breaks or its reader stops: QEMU's end of the port serves one client
+    /// at a time, so a broken channel left open would keep every new one
+    /// waiting in the socket's queue.
+    close: Arc<dyn Fn() + Send + Sync>,
+    /// The socket, to bound each request's write by its time (a port whose
+    /// guest end is closed takes no bytes once the socket buffer is full).
+    sends: Option<std::os::unix::net::UnixStream>,
 }
 
 impl Drop for Channel {
@@ -66,7 +81,15 @@ impl Channel {
     ) -> Channel {
         let waiting: Waiting = Arc::default();
         let w = waiting.clone();
-        std::thread::spawn(move || read_answers(reader, &w));
+        let close: Arc<dyn Fn() + Send + Sync> = Arc::new(close);
+        let ends = close.clone();
+        std::thread::spawn(move || {
+            read_answers(reader, &w);
+            // A restarted agent or an unreadable frame ends the reader
+            // while the stream is still open: close it, so that QEMU (no
+            // EOF when the guest's agent dies) accepts the next client.
+            ends();
+        });
         Channel {
             node: node.to_string(),
             writer: Mutex::new(Box::new(writer)),
@@ -74,21 +97,30 @@ impl Channel {
             // Ids unique across channels and driver runs: an answer a dead
             // channel's agent still had queued can match no new request.
             next_id: AtomicU64::new(first_id()),
-            close: Box::new(close),
+            close,
+            sends: None,
         }
     }
 
     /// Connects to the host end of a node's agent port and asks the agent
     /// for its hello within `within`: `Ok` only if an agent answered.
     pub fn connect(node: &str, socket: &std::path::Path, within: Duration) -> Result<Channel> {
-        let stream = std::os::unix::net::UnixStream::connect(socket)
+        let stream = connect_within(socket, within)
             .map_err(|e| broken_err(node, &format!("connecting to {}: {e}", socket.display())))?;
+        let ch = Channel::over_socket(node, stream)?;
+        ch.hello(within)?;
+        Ok(ch)
+    }
+
+    /// A channel over a connected Unix socket, its writes bounded.
+    fn over_socket(node: &str, stream: std::os::unix::net::UnixStream) -> Result<Channel> {
         let reader = stream.try_clone()?;
         let closer = stream.try_clone()?;
-        let ch = Channel::over(node, reader, stream, move || {
+        let sends = stream.try_clone()?;
+        let mut ch = Channel::over(node, reader, stream, move || {
             let _ = closer.shutdown(std::net::Shutdown::Both);
         });
-        ch.hello(within)?;
+        ch.sends = Some(sends);
         Ok(ch)
     }
 
@@ -190,15 +222,25 @@ impl Channel {
         }
         let mut line = serde_json::to_vec(&req)?;
         line.push(b'\n');
+        let until = Instant::now() + within;
         let sent = self
             .writer
             .lock()
             .map_err(|_| anyhow::anyhow!("channel writer poisoned"))
-            .and_then(|mut w| Ok(w.write_all(&line).and_then(|_| w.flush())?));
+            .and_then(|mut w| {
+                // Each write waits at most what is left of the request's time
+                // (the guest's end may take nothing: its agent is gone).
+                if let Some(s) = &self.sends {
+                    let left = until.saturating_duration_since(Instant::now());
+                    s.set_write_timeout(Some(left.max(Duration::from_millis(1))))?;
+                }
+                Ok(w.write_all(&line).and_then(|_| w.flush())?)
+            });
         if let Err(e) = sent {
             return Err(self.break_with(&format!("sending `{what}`: {e:#}")));
         }
-        let answer = self.await_answer(&rx, id, what, within);
+        let left = until.saturating_duration_since(Instant::now());
+        let answer = self.await_answer(&rx, id, what, left);
         self.lock_waiting().by_id.remove(&id);
         answer
     }
@@ -284,6 +326,50 @@ fn read_answers(reader: impl Read, waiting: &Waiting) {
         }
     };
     fail_all(waiting, &why);
+}
+
+/// Connects to a Unix socket, waiting at most `within`. QEMU's chardev
+/// listens with a backlog of one and accepts no one while a client is
+/// connected: a blocking connect to a full queue would wait in the kernel
+/// forever (no Ctrl-C, no deadline), so the connect is non-blocking and
+/// retried while the queue is full.
+fn connect_within(
+    socket: &std::path::Path,
+    within: Duration,
+) -> std::io::Result<std::os::unix::net::UnixStream> {
+    use nix::errno::Errno;
+    use nix::sys::socket::{self as sock, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let addr = UnixAddr::new(socket)?;
+    let until = Instant::now() + within;
+    loop {
+        let fd = sock::socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        match sock::connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => {
+                let stream = std::os::unix::net::UnixStream::from(fd);
+                stream.set_nonblocking(false)?;
+                return Ok(stream);
+            }
+            Err(Errno::EAGAIN) if Instant::now() < until && !crate::interrupted() => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(Errno::EAGAIN) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "its queue stayed full for {:.1} s (another client holds the port)",
+                        within.as_secs_f64()
+                    ),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 fn first_id() -> u64 {
@@ -477,5 +563,175 @@ mod tests {
             ErrorKind::ChannelBroken,
             "{err:#}"
         );
+    }
+
+    /// QEMU's end of a virtio-serial port (`-chardev socket,server=on,
+    /// wait=off`) with an agent behind it, as the driver sees it: a Unix
+    /// socket listening with a backlog of one, one client served at a time
+    /// and the next accepted only once that one hung up; an agent that dies
+    /// and starts again gives the client no EOF, only its `started` event.
+    struct FakePort {
+        path: std::path::PathBuf,
+        current: Arc<Mutex<Option<std::os::unix::net::UnixStream>>>,
+        accepted: Arc<AtomicU64>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl FakePort {
+        /// `answers`: whether the agent answers at all (else it reads nothing).
+        fn new(answers: bool) -> FakePort {
+            use nix::sys::socket::{self as sock, AddressFamily, Backlog, SockFlag, SockType};
+            use std::os::fd::AsRawFd;
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("agent.sock");
+            let fd = sock::socket(
+                AddressFamily::Unix,
+                SockType::Stream,
+                SockFlag::SOCK_CLOEXEC,
+                None,
+            )
+            .unwrap();
+            sock::bind(fd.as_raw_fd(), &sock::UnixAddr::new(&path).unwrap()).unwrap();
+            sock::listen(&fd, Backlog::new(1).unwrap()).unwrap();
+            let listener = std::os::unix::net::UnixListener::from(fd);
+            let current: Arc<Mutex<Option<std::os::unix::net::UnixStream>>> = Arc::default();
+            let accepted = Arc::new(AtomicU64::new(0));
+            let (cur, acc) = (current.clone(), accepted.clone());
+            std::thread::spawn(move || {
+                for client in listener.incoming() {
+                    let Ok(client) = client else { return };
+                    acc.fetch_add(1, Ordering::SeqCst);
+                    *cur.lock().unwrap() = Some(client.try_clone().unwrap());
+                    if answers {
+                        serve_fake(client);
+                    } else {
+                        // Reads nothing for 3 s (the guest's end closed),
+                        // then drains until the driver hung up.
+                        std::thread::sleep(Duration::from_secs(3));
+                        let _ = std::io::copy(&mut &client, &mut std::io::sink());
+                    }
+                    *cur.lock().unwrap() = None;
+                }
+            });
+            FakePort {
+                path,
+                current,
+                accepted,
+                _dir: dir,
+            }
+        }
+
+        /// The agent died and systemd started it again: its announcement on
+        /// the connection QEMU keeps open.
+        fn restart_agent(&self) {
+            let cur = self.current.lock().unwrap();
+            let mut c = cur.as_ref().expect("a client").try_clone().unwrap();
+            c.write_all(b"{\"id\":null,\"event\":\"started\",\"monotonic\":2.0}\n")
+                .unwrap();
+        }
+    }
+
+    /// Answers hello and exec (`ok`) until the client hangs up.
+    fn serve_fake(client: std::os::unix::net::UnixStream) {
+        let mut out = client.try_clone().unwrap();
+        for line in BufReader::new(client).lines() {
+            let Ok(line) = line else { return };
+            let req: Value = serde_json::from_str(&line).unwrap();
+            let a = match req["op"].as_str() {
+                Some("hello") => json!({"id": req["id"], "agent": "fake/1", "monotonic": 1.0}),
+                _ => {
+                    json!({"id": req["id"], "code": 0, "stdout": B64.encode("ok\n"), "stderr": ""})
+                }
+            };
+            if writeln!(out, "{a}").is_err() {
+                return;
+            }
+        }
+    }
+
+    /// `f` on a thread, which must return within `secs` (a hang fails the
+    /// test instead of hanging it).
+    fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(secs))
+            .unwrap_or_else(|_| panic!("still running after {secs} s: a hang"))
+    }
+
+    #[test]
+    fn after_the_agent_restarts_a_new_channel_connects_though_the_old_one_is_still_held() {
+        let port = FakePort::new(true);
+        let path = port.path.clone();
+        let first = Channel::connect("n1", &path, SECS).unwrap();
+        assert_eq!(first.exec("true", SECS).unwrap().stdout, "ok\n");
+        port.restart_agent();
+        let t = Instant::now();
+        while !first.is_broken() {
+            assert!(t.elapsed() < SECS, "the restart was never noticed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // `first` is still held (as a check's Arc<Guest> holds it while the
+        // pool replaces it): QEMU serves the next client only once it is closed.
+        let p = path.clone();
+        let second = within(10, move || {
+            Channel::connect("n1", &p, Duration::from_secs(2))
+        })
+        .expect("a new channel while the broken one is still held");
+        assert_eq!(second.exec("true", SECS).unwrap().stdout, "ok\n");
+        assert_eq!(port.accepted.load(Ordering::SeqCst), 2);
+        drop(first);
+    }
+
+    #[test]
+    fn connecting_to_a_port_whose_queue_is_full_fails_by_name_within_its_time() {
+        // One client holds the port; QEMU accepts no other, and the
+        // listen queue (one) fills up with the ones that gave up.
+        let port = FakePort::new(true);
+        let _holder = Channel::connect("n1", &port.path, SECS).unwrap();
+        for _ in 0..4 {
+            let p = port.path.clone();
+            let t = Instant::now();
+            let err = within(10, move || {
+                Channel::connect("n1", &p, Duration::from_millis(300)).map(drop)
+            })
+            .unwrap_err();
+            assert_eq!(
+                crate::error::kind_of(&err),
+                ErrorKind::ChannelBroken,
+                "{err:#}"
+            );
+            assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        }
+    }
+
+    #[test]
+    fn a_port_that_takes_no_bytes_fails_a_large_put_within_its_time() {
+        // The guest's end closed (agent gone, QEMU reads nothing): the
+        // socket buffer fills and the write must not wait forever.
+        let port = FakePort::new(false);
+        let (p, path) = (port.path.clone(), port.path.clone());
+        let stream = within(10, move || connect_within(&p, SECS)).unwrap();
+        let ch = Channel::over_socket("n1", stream).unwrap();
+        let data = vec![7u8; 16 << 20];
+        let t = Instant::now();
+        let err = within(20, move || {
+            ch.put("/x", &data, 0o600, Duration::from_secs(1))
+        })
+        .unwrap_err();
+        assert_eq!(
+            crate::error::kind_of(&err),
+            ErrorKind::ChannelBroken,
+            "{err:#}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        // Closed on the break: the port takes its next client.
+        let t = Instant::now();
+        while port.accepted.load(Ordering::SeqCst) < 2 {
+            let _ = connect_within(&path, Duration::from_millis(100));
+            assert!(t.elapsed() < SECS, "the broken channel kept the port");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
