@@ -207,9 +207,13 @@ impl Channel {
     }
 
     /// Sends one request and waits for its answer through the one wait
-    /// helper (Ctrl-C and `--timeout` end it). No answer within `within`
-    /// breaks the channel: the agent is hung or gone.
+    /// helper (Ctrl-C and `--timeout` end it if it began before them). No
+    /// answer within `within` breaks the channel: the agent is hung or gone.
     fn request(&self, mut req: Value, what: &str, within: Duration) -> Result<Value> {
+        // As over SSH (shell.rs): work begun before Ctrl-C or --timeout ends
+        // with them; what runs after them (a teardown, the evidence) keeps
+        // its own deadline.
+        let stoppable = !crate::interrupted();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         req["id"] = id.into();
         let (tx, rx) = mpsc::channel();
@@ -240,7 +244,7 @@ impl Channel {
             return Err(self.break_with(&format!("sending `{what}`: {e:#}")));
         }
         let left = until.saturating_duration_since(Instant::now());
-        let answer = self.await_answer(&rx, id, what, left);
+        let answer = self.await_answer(&rx, id, what, left, stoppable);
         self.lock_waiting().by_id.remove(&id);
         answer
     }
@@ -251,21 +255,25 @@ impl Channel {
         id: u64,
         what: &str,
         within: Duration,
+        stoppable: bool,
     ) -> Result<Value> {
         let until = Instant::now() + within;
-        let waited = Wait::new(format!("{}: agent answer to `{what}`", self.node), within)
-            .pause(Pause::Every(Duration::ZERO))
-            .run(|| {
-                let left = until.saturating_duration_since(Instant::now());
-                match rx.recv_timeout(left.min(crate::wait::SLICE)) {
-                    Ok(a) => Ok(Probe::Done(a)),
-                    Err(RecvTimeoutError::Timeout) => Ok(Probe::Pending(format!("request {id}"))),
-                    Err(RecvTimeoutError::Disconnected) => {
-                        let why = self.lock_waiting().broken.clone();
-                        Err(broken_err(&self.node, &why.unwrap_or_default()))
-                    }
+        let mut wait = Wait::new(format!("{}: agent answer to `{what}`", self.node), within)
+            .pause(Pause::Every(Duration::ZERO));
+        if !stoppable {
+            wait = wait.through_interrupt();
+        }
+        let waited = wait.run(|| {
+            let left = until.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left.min(crate::wait::SLICE)) {
+                Ok(a) => Ok(Probe::Done(a)),
+                Err(RecvTimeoutError::Timeout) => Ok(Probe::Pending(format!("request {id}"))),
+                Err(RecvTimeoutError::Disconnected) => {
+                    let why = self.lock_waiting().broken.clone();
+                    Err(broken_err(&self.node, &why.unwrap_or_default()))
                 }
-            });
+            }
+        });
         match waited {
             Err(e)
                 if matches!(
@@ -355,7 +363,7 @@ fn connect_within(
                 stream.set_nonblocking(false)?;
                 return Ok(stream);
             }
-            Err(Errno::EAGAIN) if Instant::now() < until && !crate::interrupted() => {
+            Err(Errno::EAGAIN) if Instant::now() < until => {
                 std::thread::sleep(Duration::from_millis(20));
             }
             Err(Errno::EAGAIN) => {
