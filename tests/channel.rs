@@ -117,6 +117,10 @@ fn commands_files_deadlines_and_a_killed_agent_over_the_channel() {
         })
         .unwrap();
     assert_eq!(again.exec("echo back", SECS).unwrap().stdout, "back\n");
+    // QEMU's end of the port serves one client at a time: the lane below
+    // (another process) gets the agent only once this process hung up.
+    drop(again);
+    drop(g);
 
     // `ssh NODE CMD` stays SSH; a node reached for lanes says its channel
     // in result.json.
