@@ -130,7 +130,7 @@ pub fn suite(
             noticed,
             vec![0.001],
         ));
-        pairs.push(exec_pair(&cold, execs)?);
+        pairs.extend(exec_pairs(&cold, execs)?);
         tracing::info!("bench: snapshot save");
         snapshot::save_running(
             cluster,
@@ -191,16 +191,22 @@ pub fn suite(
     Ok(())
 }
 
-/// `/bin/true` (a real program, not a shell builtin) over the driver's kept session against a fresh OpenSSH process
-/// per command (with the cluster key), interleaved so noise hits both.
-fn exec_pair(record: &RunningCluster, n: usize) -> Result<Pair> {
+/// `/bin/true` (a real program, not a shell builtin) three ways, interleaved
+/// so noise hits all: over the agent's channel, over the driver's kept ssh2
+/// session, and through a fresh OpenSSH process per command (with the
+/// cluster key). Two pairs, each against fresh OpenSSH; the agent's only
+/// when the node has one.
+fn exec_pairs(record: &RunningCluster, n: usize) -> Result<Vec<Pair>> {
     let node = record.nodes.keys().next().context("no nodes")?.clone();
-    let g = guest::connect(record, &node)?;
-    let (mut driver, mut openssh) = (Vec::new(), Vec::new());
+    let agent = guest::connect(record, &node)?;
+    let agent = (agent.channel() == guest::ChannelKind::Agent).then_some(agent);
+    let ssh2 = guest::connect_ssh(record, &node)?;
+    let (mut over_agent, mut kept, mut openssh) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..n {
-        let t = Instant::now();
-        g.succeed("/bin/true", Duration::from_secs(30))?;
-        driver.push(t.elapsed().as_secs_f64());
+        if let Some(g) = &agent {
+            over_agent.push(time_true(g)?);
+        }
+        kept.push(time_true(&ssh2)?);
         let t = Instant::now();
         let out = guest::openssh(record, &node).arg("/bin/true").output()?;
         if !out.status.success() {
@@ -211,13 +217,30 @@ fn exec_pair(record: &RunningCluster, n: usize) -> Result<Pair> {
         }
         openssh.push(t.elapsed().as_secs_f64());
     }
-    Ok(Pair::new(
+    let mut pairs = Vec::new();
+    if agent.is_some() {
+        pairs.push(Pair::new(
+            &format!("exec of `/bin/true` on {node} over the agent"),
+            "guest agent (virtio-serial channel)",
+            "fresh OpenSSH process per command",
+            over_agent,
+            openssh.clone(),
+        ));
+    }
+    pairs.push(Pair::new(
         &format!("exec of `/bin/true` on {node}"),
         "driver channel (kept ssh2 session)",
         "fresh OpenSSH process per command",
-        driver,
+        kept,
         openssh,
-    ))
+    ));
+    Ok(pairs)
+}
+
+fn time_true(g: &guest::Guest) -> Result<f64> {
+    let t = Instant::now();
+    g.succeed("/bin/true", Duration::from_secs(30))?;
+    Ok(t.elapsed().as_secs_f64())
 }
 
 /// Seconds from the guest kernel's start until the last of `units` became

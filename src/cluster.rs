@@ -160,6 +160,7 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
             n.phases = Some(phases);
         }
     }
+    record_channels(&mut record);
     record.owner = opts
         .keep_owner
         .then(|| state::Owner::me(&opts.command, false));
@@ -320,6 +321,7 @@ fn machine_config(
         config_disk: dir.join("config.img").into(),
         serial_log: dir.join("vm.log").into(),
         qmp_socket: dir.join("qmp.sock").into(),
+        agent_socket: dir.join("agent.sock").into(),
         pidfile: dir.join("qemu.pid").into(),
         forwards: ports.all(),
         host_mac,
@@ -439,6 +441,7 @@ fn launch(state: &StateDir, record: &mut RunningCluster, p: &Prepared, t0: Insta
             dir: dir.clone().into(),
             booted_unix: chrono::Utc::now().timestamp(),
             ready_after_s: None,
+            channel: None,
             phases: Some(state::BootPhases {
                 launched_s: t0.elapsed().as_secs_f64(),
                 ..Default::default()
@@ -814,6 +817,38 @@ fn run(cmd: &mut Command) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Which way the driver will reach each ready node: its agent if the agent
+/// answers on the node's port (asked of all nodes at once), else SSH.
+fn record_channels(record: &mut RunningCluster) {
+    let found: Vec<(String, state::ChannelKind)> = std::thread::scope(|s| {
+        let asks: Vec<_> = record
+            .nodes
+            .iter()
+            .map(|(name, n)| {
+                s.spawn(move || {
+                    let sock = n.dir.join("agent.sock");
+                    let kind = match guest::Channel::connect(name, &sock, Duration::from_secs(2)) {
+                        Ok(_) => state::ChannelKind::Agent,
+                        Err(e) => {
+                            tracing::info!("{name}: no guest agent ({e:#}); driven over SSH");
+                            state::ChannelKind::Ssh
+                        }
+                    };
+                    (name.clone(), kind)
+                })
+            })
+            .collect();
+        asks.into_iter()
+            .map(|a| a.join().expect("channel probe"))
+            .collect()
+    });
+    for (name, kind) in found {
+        if let Some(n) = record.nodes.get_mut(&name) {
+            n.channel = Some(kind);
+        }
+    }
 }
 
 #[cfg(test)]

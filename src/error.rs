@@ -107,6 +107,9 @@ pub enum ErrorKind {
     /// QEMU ended during boot without a panic on the console.
     QemuExited,
     SshUnreachable,
+    /// The control channel to a guest's agent ended or stopped answering
+    /// mid-request; the next attempt opens a new one.
+    ChannelBroken,
     UnitFailed,
     UnitsTimeout,
     /// A guest's QEMU died while the cluster was in use.

@@ -66,6 +66,7 @@ impl Description {
                 role: n.role,
                 address: n.address.clone(),
                 ready_after_s: n.ready_after_s,
+                channel: n.channel,
                 phases: n.phases.clone(),
             };
             (name.clone(), summary)

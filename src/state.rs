@@ -322,6 +322,16 @@ impl ImageRecord {
     }
 }
 
+/// Which way the driver reaches a node (status, result.json).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelKind {
+    /// The guest agent on its virtio-serial port (src/guest/channel.rs).
+    Agent,
+    /// SSH: a guest without the agent (a foreign image).
+    Ssh,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunningNode {
     pub role: crate::spec::Role,
@@ -338,6 +348,10 @@ pub struct RunningNode {
     /// When each boot phase was seen (the report's timeline draws them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phases: Option<BootPhases>,
+    /// How the driver reaches the node once it is ready: `agent` (its
+    /// virtio-serial channel answered) or `ssh`; absent before ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<ChannelKind>,
     /// QEMU's arguments as launched, so `restart` boots the same machine.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub qemu_args: Vec<String>,

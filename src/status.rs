@@ -34,6 +34,9 @@ pub struct NodeStatus {
     pub ready_after_s: Option<f64>,
     /// unit -> `systemctl is-active` answer
     pub units: BTreeMap<String, String>,
+    /// How the driver reached the node for this status: `agent` or `ssh`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel: Option<crate::state::ChannelKind>,
     /// Why the node is `unreachable`: the SSH or command error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -64,6 +67,7 @@ pub fn collect(record: &RunningCluster) -> ClusterStatus {
                         uptime_s: now - n.booted_unix,
                         ready_after_s: n.ready_after_s,
                         units: BTreeMap::new(),
+                        channel: None,
                         error: None,
                     };
                     if !machine::is_running(n.pid_now()) {
@@ -77,9 +81,10 @@ pub fn collect(record: &RunningCluster) -> ClusterStatus {
                         st.state = run_state;
                         return st;
                     }
-                    match crate::guest::connect(record, name)
-                        .and_then(|g| guest::unit_states(&g, &n.units))
-                    {
+                    match crate::guest::connect(record, name).and_then(|g| {
+                        st.channel = Some(g.channel());
+                        guest::unit_states(&g, &n.units)
+                    }) {
                         Ok(units) => {
                             let all_active = units.iter().all(|(_, s)| s == "active");
                             st.units = units.into_iter().collect();
@@ -136,8 +141,8 @@ pub fn print(status: &ClusterStatus, json: bool) -> Result<()> {
         status.image.id
     );
     println!(
-        "{:<16} {:<8} {:<11} {:>8} {:>7} {:>8}  {:<28} units",
-        "node", "role", "state", "pid", "uptime", "ready-in", "ports (host->guest)"
+        "{:<16} {:<8} {:<11} {:>8} {:>7} {:>8} {:<7} {:<28} units",
+        "node", "role", "state", "pid", "uptime", "ready-in", "channel", "ports (host->guest)"
     );
     for n in &status.nodes {
         let ports = std::iter::once(format!("ssh {}", n.ssh_port))
@@ -157,7 +162,7 @@ pub fn print(status: &ClusterStatus, json: bool) -> Result<()> {
             format!("{active}/{} active {}", n.units.len(), bad.join(" "))
         };
         println!(
-            "{:<16} {:<8} {:<11} {:>8} {:>6}s {:>8}  {:<28} {}",
+            "{:<16} {:<8} {:<11} {:>8} {:>6}s {:>8} {:<7} {:<28} {}",
             n.name,
             n.role,
             n.state,
@@ -166,6 +171,13 @@ pub fn print(status: &ClusterStatus, json: bool) -> Result<()> {
             n.ready_after_s
                 .map(|s| format!("{s:.1}s"))
                 .unwrap_or_else(|| "-".into()),
+            n.channel
+                .map(|c| if c == crate::state::ChannelKind::Agent {
+                    "agent"
+                } else {
+                    "ssh"
+                })
+                .unwrap_or("-"),
             ports,
             units.trim_end()
         );

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Turns the freshly installed Debian tree at $1 into the shared base image;
 # $2 is the nested-guest kit's init (images/nested/init), $3 the S3 server
-# binary (s3s-fs, built by scripts/host-deps.sh; src/image/debian.rs).
+# binary (s3s-fs, built by scripts/host-deps.sh; src/image/debian.rs), $4 the
+# guest agent (images/agent/photon-agent).
 # Runs on the host as mmdebstrap's customize hook; part of the recipe hash.
 #
 # The image is identical for every node and every cluster. Node identity
@@ -213,3 +214,27 @@ EOF
 rm -f "$root/usr/sbin/policy-rc.d"
 echo 70686f746f6e2d636c75737465720001 > "$root/etc/machine-id"
 rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+
+# The driver's control channel (docs/architecture.md, "Guest channel"): an
+# agent on the virtio-serial port org.photon.agent ($4, images/agent/), up
+# before the network and sshd, so the driver can run commands the moment the
+# guest's early boot is done. Restarted at once if it ends: a killed agent
+# costs the driver one broken channel, not the node.
+install -m 755 "$4" "$root/usr/local/sbin/photon-agent"
+cat > "$root/etc/systemd/system/photon-agent.service" <<'EOF2'
+[Unit]
+Description=photon driver control channel (virtio-serial org.photon.agent)
+DefaultDependencies=no
+After=systemd-udevd.service
+Before=network-pre.target ssh.service sysinit.target shutdown.target
+Conflicts=shutdown.target
+
+[Service]
+ExecStart=/usr/bin/python3 /usr/local/sbin/photon-agent
+Restart=always
+RestartSec=100ms
+
+[Install]
+WantedBy=sysinit.target
+EOF2
+in_root systemctl enable photon-agent.service >/dev/null

@@ -94,6 +94,26 @@ in
     '';
   };
 
+  # The driver's control channel: the same agent as the Debian image's
+  # (images/agent/photon-agent, images/debian/customize.sh) on the
+  # virtio-serial port org.photon.agent, up before the network and sshd.
+  boot.kernelModules = [ "virtio_console" ];
+  systemd.services.photon-agent = {
+    description = "photon driver control channel (virtio-serial org.photon.agent)";
+    wantedBy = [ "sysinit.target" ];
+    before = [ "sysinit.target" "network-pre.target" "sshd.service" "shutdown.target" ];
+    after = [ "systemd-udevd.service" ];
+    conflicts = [ "shutdown.target" ];
+    unitConfig.DefaultDependencies = false;
+    # The agent's commands run as they would over SSH: with the system's tools.
+    path = [ "/run/current-system/sw" ];
+    serviceConfig = {
+      ExecStart = "${pkgs.python3.interpreter} ${../../images/agent/photon-agent}";
+      Restart = "always";
+      RestartSec = "100ms";
+    };
+  };
+
   # Every role runs a node exporter (roles/common.sh).
   services.prometheus.exporters.node = {
     enable = true;

@@ -355,7 +355,8 @@ fn ssh(state: &StateDir, node: &str, command: &[String]) -> Result<i32> {
     if command.is_empty() {
         return interactive_ssh(&record, node);
     }
-    let guest = crate::guest::connect(&record, node)?;
+    // `ssh NODE CMD` stays SSH, as its name says.
+    let guest = crate::guest::connect_ssh(&record, node)?;
     let out = guest.exec(&remote_command(command)?, Duration::from_secs(600))?;
     print!("{}", out.stdout);
     eprint!("{}", out.stderr);

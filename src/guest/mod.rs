@@ -16,11 +16,14 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
+mod channel;
 mod pool;
 mod ready;
 mod shell;
 
-pub use pool::{GuestPool, connect, endpoint, openssh};
+pub use crate::state::ChannelKind;
+pub use channel::Channel;
+pub use pool::{GuestPool, connect, connect_ssh, endpoint, openssh};
 pub use ready::{Stop, unit_states, wait_for_ssh, wait_for_units};
 
 type Source = Box<dyn StdError + Send + Sync>;
@@ -53,6 +56,16 @@ pub enum GuestError {
         #[source]
         source: Source,
     },
+    /// The control channel to the node's agent broke (src/guest/channel.rs).
+    #[error("{node}: the agent channel broke: {why}")]
+    Channel { node: String, why: String },
+    /// The agent ended a command at its deadline; the channel is fine.
+    #[error("{node}: `{command}` did not complete within {secs:.0} s (ended by the agent)")]
+    Deadline {
+        node: String,
+        command: String,
+        secs: f64,
+    },
     #[error("{node}: QEMU (pid {pid}) is not running; see {console}")]
     NotRunning {
         node: String,
@@ -69,7 +82,7 @@ impl GuestError {
     pub fn breaks_session(&self) -> bool {
         matches!(
             self,
-            GuestError::Connect { .. } | GuestError::Transport { .. }
+            GuestError::Connect { .. } | GuestError::Transport { .. } | GuestError::Channel { .. }
         )
     }
 }
@@ -111,11 +124,18 @@ impl Endpoint {
     }
 }
 
-/// A connected guest. The session is shared behind a mutex: one command at a
-/// time per node, written to the node's long-lived shell (`shell`).
+/// A connected guest, over its agent's channel when it answers (several
+/// commands at once), else over SSH: one session shared behind a mutex, one
+/// command at a time per node, written to the node's long-lived shell
+/// (`shell`).
 pub struct Guest {
     pub endpoint: Endpoint,
-    session: Mutex<Connection>,
+    transport: Transport,
+}
+
+enum Transport {
+    Ssh(Mutex<Connection>),
+    Agent(Channel),
 }
 
 /// The session and the shell that runs on it; both are used under one lock
@@ -163,11 +183,42 @@ impl Guest {
             .map_err(|e| failed("SSH key authentication as root".into())(e.into()))?;
         Ok(Guest {
             endpoint: endpoint.clone(),
-            session: Mutex::new(Connection {
+            transport: Transport::Ssh(Mutex::new(Connection {
                 session,
                 shell: None,
-            }),
+            })),
         })
+    }
+
+    /// A guest driven over its agent's channel.
+    pub fn over_agent(endpoint: &Endpoint, channel: Channel) -> Guest {
+        Guest {
+            endpoint: endpoint.clone(),
+            transport: Transport::Agent(channel),
+        }
+    }
+
+    /// Which way this guest is reached.
+    pub fn channel(&self) -> ChannelKind {
+        match self.transport {
+            Transport::Ssh(_) => ChannelKind::Ssh,
+            Transport::Agent(_) => ChannelKind::Agent,
+        }
+    }
+
+    /// The agent's channel, if this guest is reached over it (file copies).
+    pub fn agent(&self) -> Option<&Channel> {
+        match &self.transport {
+            Transport::Agent(c) => Some(c),
+            Transport::Ssh(_) => None,
+        }
+    }
+
+    fn ssh(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
+        match &self.transport {
+            Transport::Ssh(s) => s.lock().map_err(|_| anyhow!("session poisoned")),
+            Transport::Agent(_) => unreachable!("callers dispatch on the transport first"),
+        }
     }
 
     /// Runs `command` again until its success equals `want`, through the
@@ -213,10 +264,10 @@ impl Guest {
     /// the node's shell (the next command starts a new one), and its error
     /// breaks the session.
     pub fn exec(&self, command: &str, deadline: Duration) -> Result<ExecOutput> {
-        let mut conn = self
-            .session
-            .lock()
-            .map_err(|_| anyhow!("session poisoned"))?;
+        if let Transport::Agent(ch) = &self.transport {
+            return ch.exec(command, deadline);
+        }
+        let mut conn = self.ssh()?;
         let conn = &mut *conn;
         conn.session.set_timeout(deadline.as_millis().max(1) as u32);
         let until = std::time::Instant::now() + deadline;
@@ -277,10 +328,10 @@ impl Guest {
         port: u16,
         deadline: Duration,
     ) -> Result<Result<(), String>> {
-        let conn = self
-            .session
-            .lock()
-            .map_err(|_| anyhow!("session poisoned"))?;
+        if let Transport::Agent(ch) = &self.transport {
+            return ch.tcp_connect(host, port, deadline);
+        }
+        let conn = self.ssh()?;
         conn.session.set_timeout(deadline.as_millis().max(1) as u32);
         match conn.session.channel_direct_tcpip(host, port, None) {
             Ok(mut ch) => {

@@ -1,7 +1,7 @@
 //! The guests of a running cluster: endpoints from its record, and the
 //! SSH sessions a lane shares.
 
-use super::{Endpoint, Guest, GuestError};
+use super::{Channel, Endpoint, Guest, GuestError};
 use crate::state::RunningCluster;
 use anyhow::{Context, Result, anyhow};
 use std::collections::HashMap;
@@ -27,7 +27,10 @@ impl GuestPool {
     pub fn get(&self, node: &str) -> Result<Arc<Guest>> {
         let mut guests = self.guests.lock().map_err(|_| anyhow!("poisoned"))?;
         if let Some(g) = guests.get(node) {
-            return Ok(g.clone());
+            // A channel whose stream ended is replaced, not reused.
+            if !g.agent().is_some_and(Channel::is_broken) {
+                return Ok(g.clone());
+            }
         }
         let guest = Arc::new(connect(&self.record, node)?);
         guests.insert(node.to_string(), guest.clone());
@@ -41,8 +44,36 @@ impl GuestPool {
     }
 }
 
-/// A connected guest for an attached command (`ssh`, lanes).
+/// How long a node's agent has to answer its hello before the driver
+/// takes SSH instead (a foreign guest has no agent; QEMU's end of the port
+/// accepts the connection, and nothing answers).
+const AGENT_HELLO: Duration = Duration::from_secs(2);
+
+/// A connected guest for lanes and checks: over its agent's channel when
+/// the agent answers, else over SSH.
 pub fn connect(record: &RunningCluster, node: &str) -> Result<Guest> {
+    let ssh_only = connect_ssh_checked(record, node, false)?;
+    if let Some(g) = ssh_only {
+        return Ok(g);
+    }
+    let n = &record.nodes[node];
+    let endpoint = endpoint(record, node)?;
+    match Channel::connect(node, &n.dir.join("agent.sock"), AGENT_HELLO) {
+        Ok(ch) => Ok(Guest::over_agent(&endpoint, ch)),
+        Err(e) => {
+            tracing::debug!("{node}: no agent ({e:#}); over SSH");
+            Guest::connect(&endpoint, Duration::from_secs(20))
+        }
+    }
+}
+
+/// A connected guest over SSH only (`photon-cluster ssh`, the ssh2 side of `bench`).
+pub fn connect_ssh(record: &RunningCluster, node: &str) -> Result<Guest> {
+    Ok(connect_ssh_checked(record, node, true)?.expect("asked for SSH"))
+}
+
+/// Refuses an unknown or stopped node; connects over SSH if `ssh` asks.
+fn connect_ssh_checked(record: &RunningCluster, node: &str, ssh: bool) -> Result<Option<Guest>> {
     let n = record
         .nodes
         .get(node)
@@ -58,7 +89,10 @@ pub fn connect(record: &RunningCluster, node: &str) -> Result<Guest> {
         }
         .into());
     }
-    Guest::connect(&endpoint(record, node)?, Duration::from_secs(20))
+    if !ssh {
+        return Ok(None);
+    }
+    Guest::connect(&endpoint(record, node)?, Duration::from_secs(20)).map(Some)
 }
 
 /// OpenSSH to `node` with the cluster's key and known hosts (strict):

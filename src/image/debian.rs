@@ -20,6 +20,8 @@ const PACKAGES: &str = include_str!("../../images/debian/packages.txt");
 const CUSTOMIZE: &str = include_str!("../../images/debian/customize.sh");
 /// The nested-guest kit's init, shared with the NixOS worker role.
 const NESTED_INIT: &str = include_str!("../../images/nested/init");
+/// The guest agent (the driver's control channel), shared with the NixOS role.
+pub const AGENT: &str = include_str!("../../images/agent/photon-agent");
 /// Bump when the build steps in this file change in a way the hash must see.
 const BUILDER_VERSION: &str = "debian-provider/1";
 /// The s3s-fs release `scripts/host-deps.sh` builds (0.17 needs a newer
@@ -112,6 +114,7 @@ impl Recipe {
             &self.packages.join(","),
             CUSTOMIZE,
             NESTED_INIT,
+            AGENT,
             self.s3_server_sha256.as_deref().unwrap_or("s3s-fs missing"),
         ] {
             h.update(part.as_bytes());
@@ -190,6 +193,8 @@ impl Recipe {
         fs::write(&customize, CUSTOMIZE)?;
         let nested_init = work.join("nested-init");
         fs::write(&nested_init, NESTED_INIT)?;
+        let agent = work.join("photon-agent");
+        fs::write(&agent, AGENT)?;
         let s3_server = work.join("s3s-fs");
         fs::copy(&self.s3_server, &s3_server)
             .with_context(|| format!("copying {}", self.s3_server.display()))?;
@@ -209,10 +214,11 @@ impl Recipe {
                  chmod +x \"$1/usr/sbin/policy-rc.d\"",
             )
             .arg(format!(
-                "--customize-hook=sh {} \"$1\" {} {}",
+                "--customize-hook=sh {} \"$1\" {} {} {}",
                 customize.display(),
                 nested_init.display(),
-                s3_server.display()
+                s3_server.display(),
+                agent.display()
             ))
             .arg(&self.suite)
             .arg(&root)

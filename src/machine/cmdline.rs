@@ -34,6 +34,9 @@ pub struct MachineConfig {
     pub config_disk: PathBuf,
     pub serial_log: PathBuf,
     pub qmp_socket: PathBuf,
+    /// The host end of the guest agent's virtio-serial port
+    /// (`org.photon.agent`): the driver's control channel (src/guest/channel.rs).
+    pub agent_socket: PathBuf,
     pub pidfile: PathBuf,
     /// Host ports on 127.0.0.1 forwarded into the guest, SSH first.
     pub forwards: Vec<PortForward>,
@@ -59,6 +62,9 @@ pub fn store_share(store: &std::path::Path) -> String {
         path(store)
     )
 }
+
+/// The name of the guest agent's virtio-serial port.
+pub const AGENT_PORT: &str = "org.photon.agent";
 
 /// Builds the argument list (without the program name).
 pub fn qemu_args(c: &MachineConfig) -> Vec<String> {
@@ -156,6 +162,21 @@ pub fn qemu_args(c: &MachineConfig) -> Vec<String> {
         "-qmp",
         &format!("unix:{},server=on,wait=off", path(&c.qmp_socket)),
     ]);
+    // The control channel: a virtio-serial port the guest agent opens as
+    // /dev/virtio-ports/org.photon.agent, its host end a Unix socket the
+    // driver connects to (no network, no handshake; nothing listens on
+    // a guest network socket).
+    arg(&[
+        "-device",
+        "virtio-serial-pci,id=vser",
+        "-chardev",
+        &format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            path(&c.agent_socket)
+        ),
+        "-device",
+        &format!("virtserialport,bus=vser.0,chardev=agent,name={AGENT_PORT}"),
+    ]);
     arg(&["-pidfile", &path(&c.pidfile)]);
     if let Some(state) = &c.incoming {
         let quoted = format!("'{}'", path(state).replace('\'', r"'\''"));
@@ -191,6 +212,7 @@ mod tests {
             config_disk: "/s/node04/config.img".into(),
             serial_log: "/s/node04/vm.log".into(),
             qmp_socket: "/s/node04/qmp.sock".into(),
+            agent_socket: "/s/node04/agent.sock".into(),
             pidfile: "/s/node04/qemu.pid".into(),
             forwards: vec![
                 PortForward {
@@ -305,5 +327,19 @@ mod tests {
         assert!(after(&args, "-append")[0].contains("console=ttyS0"));
         assert!(after(&args, "-append")[0].ends_with(" init=/nix/store/x-system/init"));
         assert!(args.contains(&"-no-reboot".to_string()));
+    }
+
+    #[test]
+    fn the_agent_port_is_a_named_virtio_serial_port_on_a_unix_socket() {
+        let args = qemu_args(&config(Accel::Tcg));
+        assert_eq!(
+            after(&args, "-chardev"),
+            ["socket,id=agent,path=/s/node04/agent.sock,server=on,wait=off"]
+        );
+        let devices = after(&args, "-device");
+        assert!(devices.contains(&"virtio-serial-pci,id=vser"));
+        assert!(devices.contains(&"virtserialport,bus=vser.0,chardev=agent,name=org.photon.agent"));
+        // No network socket for the agent: nothing forwards to it.
+        assert!(!after(&args, "-netdev").iter().any(|n| n.contains("agent")));
     }
 }

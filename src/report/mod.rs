@@ -90,6 +90,9 @@ pub struct NodeSummary {
     pub role: crate::spec::Role,
     pub address: String,
     pub ready_after_s: Option<f64>,
+    /// `agent` or `ssh`: how the driver reached the node (docs/result-schema.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<crate::state::ChannelKind>,
     /// When each boot phase was seen, from the first QEMU launch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phases: Option<crate::state::BootPhases>,
@@ -496,6 +499,7 @@ pub(crate) mod tests {
             role: crate::spec::Role::Worker,
             address: "10.0.0.1".into(),
             ready_after_s: Some(ready),
+            channel: None,
             phases: None,
         };
         let evidence = json!({
