@@ -160,7 +160,14 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
             n.phases = Some(phases);
         }
     }
-    record_channels(&mut record);
+    match cluster.channel {
+        state::ChannelKind::Agent => record_channels(&mut record),
+        state::ChannelKind::Ssh => {
+            for n in record.nodes.values_mut() {
+                n.channel = Some(state::ChannelKind::Ssh);
+            }
+        }
+    }
     record.owner = opts
         .keep_owner
         .then(|| state::Owner::me(&opts.command, false));
@@ -819,7 +826,8 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// Which way the driver will reach each ready node: its agent if the agent
+/// For a cluster that asks for the agent (`[cluster] channel = "agent"`):
+/// which way the driver will reach each ready node, its agent if the agent
 /// answers on the node's port (asked of all nodes at once), else SSH.
 fn record_channels(record: &mut RunningCluster) {
     let found: Vec<(String, state::ChannelKind)> = std::thread::scope(|s| {

@@ -323,14 +323,7 @@ impl ImageRecord {
 }
 
 /// Which way the driver reaches a node (status, result.json).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ChannelKind {
-    /// The guest agent on its virtio-serial port (src/guest/channel.rs).
-    Agent,
-    /// SSH: a guest without the agent (a foreign image).
-    Ssh,
-}
+pub use crate::spec::ChannelKind;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunningNode {

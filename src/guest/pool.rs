@@ -1,7 +1,7 @@
 //! The guests of a running cluster: endpoints from its record, and the
 //! SSH sessions a lane shares.
 
-use super::{Channel, Endpoint, Guest, GuestError};
+use super::{Channel, ChannelKind, Endpoint, Guest, GuestError};
 use crate::state::RunningCluster;
 use anyhow::{Context, Result, anyhow};
 use std::collections::HashMap;
@@ -49,8 +49,9 @@ impl GuestPool {
 /// accepts the connection, and nothing answers).
 const AGENT_HELLO: Duration = Duration::from_secs(2);
 
-/// A connected guest for lanes and checks: over its agent's channel when
-/// the agent answers, else over SSH.
+/// A connected guest for lanes and checks: over its agent's channel where
+/// the cluster asked for it and the agent answered at start
+/// (`RunningNode::channel`) and answers now, else over SSH.
 pub fn connect(record: &RunningCluster, node: &str) -> Result<Guest> {
     let ssh_only = connect_ssh_checked(record, node, false)?;
     if let Some(g) = ssh_only {
@@ -58,6 +59,10 @@ pub fn connect(record: &RunningCluster, node: &str) -> Result<Guest> {
     }
     let n = &record.nodes[node];
     let endpoint = endpoint(record, node)?;
+    // Only where the cluster asked for the agent and it answered at start.
+    if n.channel != Some(ChannelKind::Agent) {
+        return Guest::connect(&endpoint, Duration::from_secs(20));
+    }
     match Channel::connect(node, &n.dir.join("agent.sock"), AGENT_HELLO) {
         Ok(ch) => Ok(Guest::over_agent(&endpoint, ch)),
         Err(e) => {

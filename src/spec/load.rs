@@ -3,7 +3,7 @@
 //! the line and the field, so a user can jump straight to the mistake:
 //! `cluster.toml:42:8: node[3].role: unknown role ...`.
 
-use super::{Cluster, Forward, ImageSource, Network, Node, Proto, Role, Subnet};
+use super::{ChannelKind, Cluster, Forward, ImageSource, Network, Node, Proto, Role, Subnet};
 use crate::error::SpecError;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
@@ -29,6 +29,9 @@ struct ClusterMeta {
     /// Appended as `-<suffix>` to the state directory; empty for the default.
     #[serde(default)]
     state_suffix: String,
+    /// `ssh` (default) or `agent`: the guest agent's channel where it answers.
+    #[serde(default)]
+    channel: ChannelKind,
 }
 
 /// Where the images come from. `provider = "debian"` builds them here
@@ -145,6 +148,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Cluster, SpecError> {
         source: file.to_path_buf(),
         name: spec.cluster.name,
         state_suffix: spec.cluster.state_suffix,
+        channel: spec.cluster.channel,
         image: spec.image.source(),
         network: Network {
             subnet,
@@ -481,6 +485,20 @@ domain = "t.test"
         assert_eq!(e.line, 16);
         assert!(e.message.contains("unknown role \"gatewy\""), "{e}");
         assert!(e.to_string().starts_with("c.toml:16:"), "{e}");
+    }
+
+    #[test]
+    fn the_channel_is_ssh_unless_the_agent_is_asked_for() {
+        let one = node("a", "control", "10.9.0.1", "");
+        let c = parse(Path::new("c.toml"), &format!("{HEAD}{one}")).unwrap();
+        assert_eq!(c.channel, ChannelKind::Ssh);
+        let asked = HEAD.replace("name = \"t\"\n", "name = \"t\"\nchannel = \"agent\"\n");
+        let c = parse(Path::new("c.toml"), &format!("{asked}{one}")).unwrap();
+        assert_eq!(c.channel, ChannelKind::Agent);
+        let bad = HEAD.replace("name = \"t\"\n", "name = \"t\"\nchannel = \"vsock\"\n");
+        let e = refuse(&format!("{bad}{one}"));
+        assert!(e.to_string().starts_with("c.toml:3:"), "{e}");
+        assert!(e.to_string().contains("vsock"), "{e}");
     }
 
     #[test]

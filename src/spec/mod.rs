@@ -40,6 +40,19 @@ pub const RESERVED: [&str; 8] = [
     "cluster",
 ];
 
+/// Which way the driver runs commands on a node (status, result.json).
+/// A cluster file asks for the agent with `[cluster] channel = "agent"`;
+/// SSH is the default until the agent is measured faster (issue 23).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelKind {
+    /// The guest agent on its virtio-serial port (src/guest/channel.rs).
+    Agent,
+    /// SSH: the default, and a guest whose agent does not answer.
+    #[default]
+    Ssh,
+}
+
 /// A definition that passed validation.
 #[derive(Debug, Clone)]
 pub struct Cluster {
@@ -48,6 +61,8 @@ pub struct Cluster {
     pub name: String,
     /// Appended as `-<suffix>` to the state directory; empty for the default.
     pub state_suffix: String,
+    /// The channel the cluster file asks for (`[cluster] channel`).
+    pub channel: ChannelKind,
     pub image: ImageSource,
     pub network: Network,
     pub nodes: Vec<Node>,
