@@ -301,6 +301,12 @@ fn pass_or_tcg_degraded(result: &Value, layer: &str) {
 /// The other lanes on the same booted cluster: the provider and VM-hosting
 /// proof with its artifact subtrees, the matrix, the storage benchmark, and
 /// a migration whose volume is not shared, which must fail.
+/// The ids of a procedure check's steps, in order (src/check/procedure.rs).
+fn step_ids(check: &Value) -> Vec<&str> {
+    let steps = check["evidence"]["steps"].as_array().unwrap();
+    steps.iter().map(|s| s["id"].as_str().unwrap()).collect()
+}
+
 /// The proof lane: DNS, the load balancer drain, the VM live migration on
 /// a shared volume, and every provider lifecycle's evidence.
 fn proof_lane(state: &Path) {
@@ -342,12 +348,7 @@ fn proof_lane(state: &Path) {
             .contains("read 65536/65536")
     );
     // The migration is a procedure: its steps by id (src/check/vm_migration.rs).
-    let ids: Vec<&str> = migration["evidence"]["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["id"].as_str().unwrap())
-        .collect();
+    let ids = step_ids(&migration);
     for id in [
         "prepare",
         "port-create",
@@ -516,12 +517,7 @@ fn provider_lifecycles(dir: &Path, migration: &Value) {
         assert!(lb["evidence"]["closed"][n]["seconds"].is_number(), "{lb}");
     }
     // The lifecycle's steps, by id (src/check/procedure.rs), not by prose.
-    let ids: Vec<&str> = lb["evidence"]["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["id"].as_str().unwrap())
-        .collect();
+    let ids = step_ids(&lb);
     for id in [
         "closed-before",
         "publish",
