@@ -129,9 +129,7 @@ fn layers(
     let result = Wait::new("the lane's layers", LAYERS_AT_MOST)
         .pause(Pause::Every(Duration::from_millis(200)))
         .run(|| {
-            for job in reap(&mut running)? {
-                finished.push(job);
-            }
+            finished.extend(reap(&mut running)?);
             while running.len() < jobs {
                 let Some(i) = waiting.iter().position(|l| match &l.after {
                     Some(a) => finished.contains(a),

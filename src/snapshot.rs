@@ -470,16 +470,15 @@ const MEMORY_RAW: &str = "memory.bin";
 /// The same, through `zstd -1` ([`Memory::Zstd`]).
 const MEMORY_ZSTD: &str = "memory.bin.zst";
 
-/// Whether `zstd` is on PATH (a save compresses only then).
+/// Whether the host has `zstd` (a save compresses only then).
 fn zstd_on_path() -> bool {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).any(|d| d.join("zstd").is_file())
+    crate::host::has_program("zstd")
 }
 
 /// The shell command QEMU's `exec:` migration runs to write `file`.
 fn save_command(file: &Path) -> String {
     let quoted = crate::text::shell_quote(&file.display().to_string());
-    match file.extension().is_some_and(|e| e == "zst") {
+    match crate::machine::cmdline::compressed(file) {
         true => format!("zstd -q -1 -T1 > {quoted}"),
         false => format!("cat > {quoted}"),
     }

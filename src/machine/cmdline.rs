@@ -181,13 +181,19 @@ pub fn qemu_args(c: &MachineConfig) -> Vec<String> {
     if let Some(state) = &c.incoming {
         let quoted = format!("'{}'", path(state).replace('\'', r"'\''"));
         // A compressed state (snapshot.rs) is read through zstd.
-        let read = match state.extension().is_some_and(|e| e == "zst") {
+        let read = match compressed(state) {
             true => "zstd -dc",
             false => "cat",
         };
         arg(&["-incoming", &format!("exec:{read} {quoted}")]);
     }
     a
+}
+
+/// Whether a saved guest state is compressed (zstd, `.zst`): how a
+/// restore reads it and how a save writes it (snapshot.rs).
+pub fn compressed(state: &std::path::Path) -> bool {
+    state.extension().is_some_and(|e| e == "zst")
 }
 
 fn path(p: &std::path::Path) -> String {
