@@ -154,19 +154,18 @@ pub fn start(cluster: &Cluster, state: &StateDir, opts: &StartOptions) -> Result
             return Err(e);
         }
     };
-    for (name, phases) in ready {
+    for (name, phases, channel) in ready {
         if let Some(n) = record.nodes.get_mut(&name) {
             n.ready_after_s = phases.ready_s;
             n.phases = Some(phases);
+            n.channel = channel;
         }
     }
-    match cluster.channel {
-        state::ChannelKind::Agent => record_channels(&mut record),
-        state::ChannelKind::Ssh => {
-            for n in record.nodes.values_mut() {
-                n.channel = Some(state::ChannelKind::Ssh);
-            }
-        }
+    if cluster.channel == state::ChannelKind::Agent {
+        record_channels(&mut record);
+    }
+    for n in record.nodes.values_mut() {
+        n.channel.get_or_insert(state::ChannelKind::Ssh);
     }
     record.owner = opts
         .keep_owner
@@ -378,7 +377,7 @@ fn launch_and_wait(
     prepared: &[Prepared],
     opts: &StartOptions,
     t0: Instant,
-) -> Result<Vec<(String, state::BootPhases)>> {
+) -> Result<Vec<Ready>> {
     // Launch in dependency order. Guests boot concurrently (under TCG a
     // sequential boot would multiply the wall time); dependency order decides
     // the launch order and when each node's readiness is judged.
@@ -418,9 +417,10 @@ fn launch_and_wait(
                     ready_s: Some(secs),
                     ..record.nodes[name].phases.clone().unwrap_or_default()
                 };
+                // No channel was opened: `start` asks each node afterwards.
                 ready
                     .into_iter()
-                    .map(|(n, s)| (n.clone(), phases(&n, s)))
+                    .map(|(n, s)| (n.clone(), phases(&n, s), None))
                     .collect()
             })
         }
@@ -491,6 +491,10 @@ enum Phase {
     Failed,
 }
 
+/// A node that became ready: its name, its boot's phases, and the channel
+/// its readiness was seen over (None: not known yet).
+type Ready = (String, state::BootPhases, Option<state::ChannelKind>);
+
 /// One thread per node. A node's readiness is judged only after its
 /// dependencies are ready; if one of them fails, it stops waiting. Each
 /// node's phases are timed from `t0`, the first launch.
@@ -500,7 +504,7 @@ fn wait_ready(
     endpoints: &BTreeMap<String, Endpoint>,
     (opts, t0): (&StartOptions, Instant),
     progress: &Progress,
-) -> Result<Vec<(String, state::BootPhases)>> {
+) -> Result<Vec<Ready>> {
     let readiness: Arc<(Mutex<BTreeMap<String, Phase>>, Condvar)> = Arc::new((
         Mutex::new(
             record
@@ -512,7 +516,7 @@ fn wait_ready(
         Condvar::new(),
     ));
     let started = Instant::now();
-    let results: Vec<Result<(String, state::BootPhases)>> = std::thread::scope(|s| {
+    let results: Vec<Result<Ready>> = std::thread::scope(|s| {
         let handles: Vec<_> = record
             .nodes
             .iter()
@@ -560,17 +564,29 @@ fn wait_ready(
                         }
                         None
                     };
-                    let outcome = (|| -> Result<(String, state::BootPhases)> {
+                    // The agent's port where the cluster asked for it.
+                    let agent = (cluster.channel == state::ChannelKind::Agent)
+                        .then(|| node.dir.join("agent.sock"));
+                    let outcome = (|| -> Result<Ready> {
                         progress.set(name, "booting");
-                        let guest: Guest =
-                            guest::wait_for_ssh(&endpoint, opts.ready_timeout, &console, &abort)?;
+                        let guest: Guest = guest::wait_for_guest(
+                            &endpoint,
+                            agent.as_deref(),
+                            opts.ready_timeout,
+                            &console,
+                            &abort,
+                        )?;
                         phases.sshd_s = Some(t0.elapsed().as_secs_f64());
                         if record.restored_from.is_some() {
                             // Restored guests wake with the clock of the save.
                             guest
                                 .succeed(&snapshot::set_clock_command(), Duration::from_secs(20))?;
                         }
-                        progress.set(name, "sshd up; waiting for dependencies");
+                        let up = match guest.channel() {
+                            state::ChannelKind::Agent => "agent up",
+                            state::ChannelKind::Ssh => "sshd up",
+                        };
+                        progress.set(name, &format!("{up}; waiting for dependencies"));
                         wait_for_deps(&readiness, name, &deps, &abort)?;
                         phases.units_s = Some(t0.elapsed().as_secs_f64());
                         progress.set(name, &format!("waiting for {} units", node.units.len()));
@@ -585,7 +601,7 @@ fn wait_ready(
                         progress.done(name, &format!("ready in {secs:.1} s"));
                         phases.ready_s = Some(secs);
                         phases.kernel_s = *kernel_at.lock().expect("kernel banner");
-                        Ok((name.clone(), phases))
+                        Ok((name.clone(), phases, Some(guest.channel())))
                     })();
                     let (lock, cvar) = &*readiness;
                     lock.lock().expect("phases").insert(
@@ -827,13 +843,15 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 /// For a cluster that asks for the agent (`[cluster] channel = "agent"`):
-/// which way the driver will reach each ready node, its agent if the agent
-/// answers on the node's port (asked of all nodes at once), else SSH.
+/// which way the driver will reach each ready node whose readiness did not
+/// show it (a console-login start opens no channel): its agent if the
+/// agent answers on the node's port (asked of all nodes at once), else SSH.
 fn record_channels(record: &mut RunningCluster) {
     let found: Vec<(String, state::ChannelKind)> = std::thread::scope(|s| {
         let asks: Vec<_> = record
             .nodes
             .iter()
+            .filter(|(_, n)| n.channel.is_none())
             .map(|(name, n)| {
                 s.spawn(move || {
                     let sock = n.dir.join("agent.sock");

@@ -5,6 +5,7 @@
 //! `spec` (cluster definition) -> `image` -> `fabric` + `machine` + `provision`
 //! -> `guest` -> `cluster` (start/stop) -> `status`.
 
+pub mod agent;
 pub mod bench;
 pub mod check;
 pub mod cli;

@@ -114,15 +114,7 @@ fn commands_files_deadlines_and_a_killed_agent_over_the_channel() {
     );
     assert_eq!(kind_of(&err), ErrorKind::ChannelBroken, "{err:#}");
     assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
-    let again = photon_cluster::wait::Wait::new("a new channel", SECS)
-        .run(|| {
-            Ok(match guest::connect(&record, "solo") {
-                Ok(g) if g.channel() == ChannelKind::Agent => photon_cluster::wait::Probe::Done(g),
-                Ok(_) => photon_cluster::wait::Probe::Pending("over SSH".into()),
-                Err(e) => photon_cluster::wait::Probe::Pending(format!("{e:#}")),
-            })
-        })
-        .unwrap();
+    let again = agent_again(&record);
     assert_eq!(again.exec("echo back", SECS).unwrap().stdout, "back\n");
     // QEMU's end of the port serves one client at a time: the lane below
     // (another process) gets the agent only once this process hung up.
@@ -157,6 +149,84 @@ fn commands_files_deadlines_and_a_killed_agent_over_the_channel() {
         "{}",
         result["nodes"]
     );
+
+    // A unit that fails, seen over the agent: named, with its journal.
+    let g = guest::connect(&record, "solo").unwrap();
+    assert_eq!(g.channel(), ChannelKind::Agent);
+    g.succeed(
+        "systemd-run --unit=photon-broken sh -c 'echo broken-on-purpose; exit 3'",
+        SECS,
+    )
+    .unwrap();
+    let units = ["photon-broken.service".to_string()];
+    let err = guest::wait_for_units(&g, &units, SECS, &|| None).unwrap_err();
+    assert_eq!(kind_of(&err), ErrorKind::UnitFailed, "{err:#}");
+    assert!(format!("{err:#}").contains("broken-on-purpose"), "{err:#}");
+
+    // The agent stopped on purpose: the node is driven over SSH, and says
+    // so; once the agent is back, over the agent again.
+    g.succeed("systemctl stop photon-agent.service", SECS).ok();
+    drop(g);
+    let fallback = photon_cluster::wait::Wait::new("a fallback to SSH", SECS)
+        .run(|| {
+            Ok(match guest::connect(&record, "solo") {
+                Ok(g) if g.channel() == ChannelKind::Ssh => photon_cluster::wait::Probe::Done(g),
+                Ok(_) => photon_cluster::wait::Probe::Pending("the agent still answers".into()),
+                Err(e) => photon_cluster::wait::Probe::Pending(format!("{e:#}")),
+            })
+        })
+        .unwrap();
+    assert_eq!(
+        fallback.exec("echo over-ssh", SECS).unwrap().stdout,
+        "over-ssh\n"
+    );
+    fallback
+        .succeed("systemctl start photon-agent.service", SECS)
+        .unwrap();
+    drop(fallback);
+    let back = agent_again(&record);
+    drop(back);
+
+    // A restore is ready through the agent: no SSH handshake on the way.
+    let out = common::run(
+        &state,
+        &["--cluster", c, "snapshot", "save", "chan", "--stop"],
+    );
+    assert_eq!(out.status.code(), Some(0), "snapshot save");
+    let t = Instant::now();
+    let out = common::run(
+        &state,
+        &[
+            "--cluster",
+            c,
+            "start",
+            "--accel",
+            "tcg",
+            "--from-snapshot",
+            "chan",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "restore");
+    eprintln!(
+        "restore to ready over the agent: {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+    let out = common::run(&state, &["--cluster", c, "status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["nodes"][0]["channel"], "agent", "{status}");
+}
+
+/// A guest over the agent, waited for (a restarted agent takes a moment).
+fn agent_again(record: &photon_cluster::state::RunningCluster) -> guest::Guest {
+    photon_cluster::wait::Wait::new("a channel over the agent", SECS)
+        .run(|| {
+            Ok(match guest::connect(record, "solo") {
+                Ok(g) if g.channel() == ChannelKind::Agent => photon_cluster::wait::Probe::Done(g),
+                Ok(_) => photon_cluster::wait::Probe::Pending("over SSH".into()),
+                Err(e) => photon_cluster::wait::Probe::Pending(format!("{e:#}")),
+            })
+        })
+        .unwrap()
 }
 
 fn sha256_hex(data: &[u8]) -> String {

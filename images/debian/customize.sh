@@ -2,7 +2,7 @@
 # Turns the freshly installed Debian tree at $1 into the shared base image;
 # $2 is the nested-guest kit's init (images/nested/init), $3 the S3 server
 # binary (s3s-fs, built by scripts/host-deps.sh; src/image/debian.rs), $4 the
-# guest agent (images/agent/photon-agent).
+# guest agent (the photon-agent binary, src/agent.rs).
 # Runs on the host as mmdebstrap's customize hook; part of the recipe hash.
 #
 # The image is identical for every node and every cluster. Node identity
@@ -216,7 +216,7 @@ echo 70686f746f6e2d636c75737465720001 > "$root/etc/machine-id"
 rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
 
 # The driver's control channel (docs/architecture.md, "Guest channel"): an
-# agent on the virtio-serial port org.photon.agent ($4, images/agent/), up
+# agent on the virtio-serial port org.photon.agent ($4, src/agent.rs), up
 # before the network and sshd, so the driver can run commands the moment the
 # guest's early boot is done. Restarted at once if it ends: a killed agent
 # costs the driver one broken channel, not the node.
@@ -230,7 +230,7 @@ Before=network-pre.target ssh.service sysinit.target shutdown.target
 Conflicts=shutdown.target
 
 [Service]
-ExecStart=/usr/bin/python3 /usr/local/sbin/photon-agent
+ExecStart=/usr/local/sbin/photon-agent
 Restart=always
 RestartSec=100ms
 

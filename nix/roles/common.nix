@@ -95,7 +95,7 @@ in
   };
 
   # The driver's control channel: the same agent as the Debian image's
-  # (images/agent/photon-agent, images/debian/customize.sh) on the
+  # (src/agent.rs built by nix/agent.nix, images/debian/customize.sh) on the
   # virtio-serial port org.photon.agent, up before the network and sshd.
   boot.kernelModules = [ "virtio_console" ];
   systemd.services.photon-agent = {
@@ -108,7 +108,7 @@ in
     # The agent's commands run as they would over SSH: with the system's tools.
     path = [ "/run/current-system/sw" ];
     serviceConfig = {
-      ExecStart = "${pkgs.python3.interpreter} ${../../images/agent/photon-agent}";
+      ExecStart = "${pkgs.callPackage ../agent.nix { }}/bin/photon-agent";
       Restart = "always";
       RestartSec = "100ms";
     };

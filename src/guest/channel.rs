@@ -1,4 +1,4 @@
-//! The control channel to a guest's agent (images/agent/photon-agent) over
+//! The control channel to a guest's agent (`crate::agent`, its side) over
 //! its virtio-serial port: one JSON object per line each way, every request
 //! with an id its answer repeats, bytes in base64. A reader thread hands
 //! each answer to the request waiting for it, so several commands run at
@@ -133,7 +133,7 @@ impl Channel {
         ))
     }
 
-    /// Runs `command` under `/bin/sh -c` in the guest. The agent kills it
+    /// Runs `command` in the guest by root's login shell, as over SSH. The agent kills it
     /// at `deadline`; that comes back as [`GuestError::Deadline`], and the
     /// channel stays usable.
     pub fn exec(&self, command: &str, deadline: Duration) -> Result<ExecOutput> {
@@ -414,26 +414,17 @@ fn bytes(v: &Value) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::process::{Command, Stdio};
 
-    /// The real agent, run on the host with --stdio: a channel to it.
+    /// The real agent (`crate::agent`), serving one end of a socket pair
+    /// on the host as it serves the port in a guest: a channel to it.
+    /// Closing the channel ends the stream, and with it the agent.
     fn agent() -> Channel {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/images/agent/photon-agent");
-        let mut child = Command::new("python3")
-            .arg(script)
-            .arg("--stdio")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3 runs the agent");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let child = Mutex::new(child);
-        Channel::over("test", stdout, stdin, move || {
-            if let Ok(mut c) = child.lock() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+        let (agent_end, driver) = std::os::unix::net::UnixStream::pair().unwrap();
+        let port = crate::agent::Port::new(agent_end.try_clone().unwrap());
+        std::thread::spawn(move || crate::agent::serve(agent_end, &port, true));
+        let closer = driver.try_clone().unwrap();
+        Channel::over("test", driver.try_clone().unwrap(), driver, move || {
+            let _ = closer.shutdown(std::net::Shutdown::Both);
         })
     }
 
@@ -502,7 +493,7 @@ mod tests {
         assert_eq!(ch.get(path.to_str().unwrap(), SECS).unwrap(), data);
         let missing = ch.get("/nonexistent/x", SECS).unwrap_err();
         assert!(
-            format!("{missing:#}").contains("FileNotFoundError"),
+            format!("{missing:#}").contains("No such file"),
             "{missing:#}"
         );
     }

@@ -66,7 +66,7 @@ pub fn connect(record: &RunningCluster, node: &str) -> Result<Guest> {
     match Channel::connect(node, &n.dir.join("agent.sock"), AGENT_HELLO) {
         Ok(ch) => Ok(Guest::over_agent(&endpoint, ch)),
         Err(e) => {
-            tracing::debug!("{node}: no agent ({e:#}); over SSH");
+            tracing::warn!("{node}: its agent does not answer ({e:#}); driven over SSH");
             Guest::connect(&endpoint, Duration::from_secs(20))
         }
     }

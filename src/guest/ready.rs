@@ -1,8 +1,9 @@
-//! Waiting for a booting guest: sshd that accepts our key, then its
-//! expected systemd units active. Both stop at once when `stop` reports
-//! that QEMU exited or the user pressed Ctrl-C.
+//! Waiting for a booting guest: its channel (the agent where the cluster
+//! asked for it, else sshd that accepts our key), then its expected systemd
+//! units active. Both stop at once when `stop` reports that QEMU exited or
+//! the user pressed Ctrl-C.
 
-use super::{Endpoint, Guest};
+use super::{Channel, Endpoint, Guest};
 use crate::error::{ErrorKind, named};
 use crate::text::shell_quote;
 use crate::wait::{Probe, Wait};
@@ -81,11 +82,36 @@ pub fn wait_for_ssh(
     console: &Path,
     stop: Stop,
 ) -> Result<Guest> {
-    let what = format!("{}: sshd on 127.0.0.1:{}", endpoint.node, endpoint.port);
+    wait_for_guest(endpoint, None, deadline, console, stop)
+}
+
+/// How long an agent has to answer one hello while the guest boots.
+const HELLO: Duration = Duration::from_secs(2);
+
+/// Waits until the node answers: over its agent's port `agent` when given
+/// (the agent starts before the network and sshd, and a restored guest's
+/// answers at once: no SSH handshake), else, or while no agent answers,
+/// over SSH once sshd accepts our key (a foreign image has no agent).
+pub fn wait_for_guest(
+    endpoint: &Endpoint,
+    agent: Option<&Path>,
+    deadline: Duration,
+    console: &Path,
+    stop: Stop,
+) -> Result<Guest> {
+    let what = match agent {
+        Some(_) => format!("{}: agent or sshd", endpoint.node),
+        None => format!("{}: sshd on 127.0.0.1:{}", endpoint.node, endpoint.port),
+    };
     let mut banner = Banner::new(endpoint.addr());
     Wait::new(what, deadline)
         .stop_when(stop)
         .run(|| {
+            if let Some(socket) = agent
+                && let Ok(ch) = Channel::connect(&endpoint.node, socket, HELLO)
+            {
+                return Ok(Probe::Done(Guest::over_agent(endpoint, ch)));
+            }
             if !banner.arrived() {
                 return Ok(Probe::Pending("no SSH banner yet".into()));
             }
@@ -178,7 +204,15 @@ pub fn wait_for_units(
                 .filter(|(_, s)| s != "active")
                 .map(|(u, s)| format!("{u}={s}"))
                 .collect();
-            Ok(if waiting.is_empty() && states.len() == units.len() {
+            Ok(if states.len() != units.len() {
+                // The watch printed no state per unit: say what it printed.
+                Probe::Pending(format!(
+                    "the unit watch printed {:?} (stderr {:?}, exit {})",
+                    out.stdout.trim(),
+                    out.stderr.trim(),
+                    out.code
+                ))
+            } else if waiting.is_empty() {
                 Probe::Done(())
             } else {
                 Probe::Pending(waiting.join(", "))

@@ -20,8 +20,9 @@ const PACKAGES: &str = include_str!("../../images/debian/packages.txt");
 const CUSTOMIZE: &str = include_str!("../../images/debian/customize.sh");
 /// The nested-guest kit's init, shared with the NixOS worker role.
 const NESTED_INIT: &str = include_str!("../../images/nested/init");
-/// The guest agent (the driver's control channel), shared with the NixOS role.
-pub const AGENT: &str = include_str!("../../images/agent/photon-agent");
+/// The guest agent's source (src/agent.rs): its binary, built with the
+/// driver, goes into the image, so its source is part of the recipe hash.
+const AGENT_SOURCE: &str = include_str!("../agent.rs");
 /// Bump when the build steps in this file change in a way the hash must see.
 const BUILDER_VERSION: &str = "debian-provider/1";
 /// The s3s-fs release `scripts/host-deps.sh` builds (0.17 needs a newer
@@ -114,7 +115,7 @@ impl Recipe {
             &self.packages.join(","),
             CUSTOMIZE,
             NESTED_INIT,
-            AGENT,
+            AGENT_SOURCE,
             self.s3_server_sha256.as_deref().unwrap_or("s3s-fs missing"),
         ] {
             h.update(part.as_bytes());
@@ -153,6 +154,7 @@ impl Recipe {
         }
         self.require_s3_server()?;
         require_tools()?;
+        agent_binary()?;
         let final_dir = images.join(self.hash());
         let work = images.join(format!("{}.building", self.hash()));
         let _ = fs::remove_dir_all(&work);
@@ -194,7 +196,7 @@ impl Recipe {
         let nested_init = work.join("nested-init");
         fs::write(&nested_init, NESTED_INIT)?;
         let agent = work.join("photon-agent");
-        fs::write(&agent, AGENT)?;
+        install_agent(&agent_binary()?, &agent)?;
         let s3_server = work.join("s3s-fs");
         fs::copy(&self.s3_server, &s3_server)
             .with_context(|| format!("copying {}", self.s3_server.display()))?;
@@ -254,6 +256,37 @@ impl Recipe {
         fs::write(work.join("recipe.json"), serde_json::to_vec_pretty(&meta)?)?;
         Ok(())
     }
+}
+
+/// The guest agent binary: `photon-agent`, built beside this program (one
+/// package, two binaries: `cargo build` and `cargo install` make both).
+fn agent_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating this program")?;
+    let agent = exe.with_file_name("photon-agent");
+    if agent.is_file() {
+        return Ok(agent);
+    }
+    Err(crate::error::named(
+        crate::error::ErrorKind::BadInput,
+        crate::error::bad_input(format!(
+            "the debian image needs the guest agent binary, and {} is missing; it is a \
+             binary of this package: build both with `cargo build` (or `cargo install --path .`)",
+            agent.display()
+        )),
+    ))
+}
+
+/// Copies the agent into the build, stripped when `strip` is there: a
+/// debug build carries ~130 MB of debug information the guest never reads.
+fn install_agent(from: &Path, to: &Path) -> Result<()> {
+    fs::copy(from, to).with_context(|| format!("copying {}", from.display()))?;
+    if crate::host::has_program("strip") {
+        let status = Command::new("strip").arg(to).status()?;
+        if !status.success() {
+            bail!("strip {} failed: {status}", to.display());
+        }
+    }
+    Ok(())
 }
 
 fn require_tools() -> Result<()> {

@@ -1,0 +1,476 @@
+//! photon-agent: the guest side of the driver's control channel
+//! (`src/guest/channel.rs` is the driver's side). The `photon-agent` binary
+//! (`src/bin/photon-agent.rs`) is this module alone: it uses nothing else of
+//! the crate, so it links only std, serde_json, base64 and nix.
+//!
+//! It reads requests from the virtio-serial port `org.photon.agent` (or
+//! stdin and stdout with `--stdio`) and answers each on the same port. No
+//! network socket: the port is the only way in.
+//!
+//! Framing: one JSON object per line (UTF-8, no newline inside an object);
+//! bytes (command output, file contents) travel base64-encoded, so non-UTF-8
+//! output survives. Every request carries an `id` that its answer repeats;
+//! each request runs on its own thread, so a command that hangs blocks none
+//! of the others. A line that is not a request gets
+//! `{"id": null, "error": "bad frame: ..."}` and the agent reads on.
+//!
+//! Requests:
+//! - `{"id", "op": "hello"}` -> `{"id", "agent", "monotonic"}`
+//! - `{"id", "op": "exec", "cmd", "deadline": SECS}` (run by the user's
+//!   login shell, as sshd runs a command) -> `{"id", "code",
+//!   "stdout": B64, "stderr": B64}`; past its deadline the command's whole
+//!   process group is killed and the answer has `"error": "deadline"` and
+//!   code -1.
+//! - `{"id", "op": "put", "path", "data": B64, "mode"}` -> `{"id", "code": 0}`
+//! - `{"id", "op": "get", "path"}` -> `{"id", "data": B64}`
+//! - `{"id", "op": "connect", "host", "port", "deadline"}` -> `{"id"}` once
+//!   a TCP connect from the guest succeeded (then closed), `{"id", "error"}`
+//!   with the reason if it did not.
+//!
+//! Any failure of a request: `{"id", "error": TEXT}`. On start, unasked:
+//! `{"id": null, "event": "started", "monotonic": SECS}`.
+//!
+//! Why compiled, not a script: under emulation (TCG) an interpreter's own
+//! work per request cost about as much as spawning the command itself, and
+//! the first agent (Python) was slower than a kept SSH session
+//! (docs/performance.md).
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use serde_json::{Value, json};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The agent's name and protocol version, in its hello.
+pub const VERSION: &str = "photon-agent/2";
+
+/// The guest end of the port (QEMU's `virtserialport,name=org.photon.agent`).
+const PORT: &str = "/dev/virtio-ports/org.photon.agent";
+
+/// A command's deadline when the request names none.
+const DEFAULT_DEADLINE: f64 = 30.0;
+
+/// The binary's entry: `--stdio` serves stdin/stdout until stdin ends
+/// (the driver's tests), else the virtio-serial port for good.
+pub fn main() {
+    if std::env::args().any(|a| a == "--stdio") {
+        let port = Port::new(std::io::stdout());
+        serve(std::io::stdin(), &port, true);
+        return;
+    }
+    let (input, output) = open_port();
+    let port = Port::new(output);
+    let announcer = port.clone();
+    // The port blocks writes while no driver is connected, so the
+    // announcement waits on its own thread. A driver connected while an
+    // earlier agent died learns from it that its running requests are lost.
+    std::thread::spawn(move || {
+        announcer.send(&json!({"id": null, "event": "started", "monotonic": monotonic()}));
+    });
+    serve(input, &port, false);
+}
+
+/// Where answers go: one writer, locked so that frames stay whole.
+#[derive(Clone)]
+pub struct Port(Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl Port {
+    pub fn new(w: impl Write + Send + 'static) -> Port {
+        Port(Arc::new(Mutex::new(Box::new(w))))
+    }
+
+    fn send(&self, v: &Value) {
+        let mut line = v.to_string().into_bytes();
+        line.push(b'\n');
+        let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // The driver went away mid-answer: it retries on a new connection,
+        // so the answer is dropped.
+        let _ = w.write_all(&line).and_then(|_| w.flush());
+    }
+}
+
+/// Reads requests from `input` and answers each on `port` from a thread of
+/// its own. `eof_ends`: the end of `input` ends the agent once the running
+/// requests are answered (stdio); else it means no driver is connected to
+/// the host end of the port, and the agent reads on.
+pub fn serve(mut input: impl Read, port: &Port, eof_ends: bool) {
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 1 << 16];
+    let mut running: Vec<JoinHandle<()>> = Vec::new();
+    loop {
+        let n = match input.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => 0,
+        };
+        if n == 0 {
+            if eof_ends {
+                running.into_iter().for_each(|t| drop(t.join()));
+                return;
+            }
+            // A partial frame from a connection that went away is dropped.
+            buf.clear();
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        while let Some(end) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=end).collect();
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            running.retain(|t| !t.is_finished());
+            running.extend(handle(port, &line));
+        }
+    }
+}
+
+/// One request on its own thread; a line that is no request is answered
+/// at once.
+fn handle(port: &Port, line: &[u8]) -> Option<JoinHandle<()>> {
+    let req = match serde_json::from_slice::<Value>(line) {
+        Ok(req) if req.get("op").and_then(Value::as_str).is_some() => req,
+        Ok(_) => return bad_frame(port, "not a request", line),
+        Err(e) => return bad_frame(port, &e.to_string(), line),
+    };
+    let port = port.clone();
+    Some(std::thread::spawn(move || {
+        let mut answer = answer(&req).unwrap_or_else(|e| json!({"error": e}));
+        answer["id"] = req["id"].clone();
+        port.send(&answer);
+    }))
+}
+
+fn bad_frame(port: &Port, why: &str, line: &[u8]) -> Option<JoinHandle<()>> {
+    let head = String::from_utf8_lossy(&line[..line.len().min(80)]).into_owned();
+    port.send(&json!({"id": null, "error": format!("bad frame: {why}: {head:?}")}));
+    None
+}
+
+fn answer(req: &Value) -> Result<Value, String> {
+    match req["op"].as_str().unwrap_or_default() {
+        "hello" => Ok(json!({"agent": VERSION, "monotonic": monotonic()})),
+        "exec" => exec(text(req, "cmd")?, seconds(req)),
+        "put" => put(req),
+        "get" => {
+            let data = std::fs::read(text(req, "path")?).map_err(|e| e.to_string())?;
+            Ok(json!({"data": B64.encode(data)}))
+        }
+        "connect" => connect(req),
+        op => Err(format!("unknown op {op:?}")),
+    }
+}
+
+fn text<'a>(req: &'a Value, key: &str) -> Result<&'a str, String> {
+    req[key]
+        .as_str()
+        .ok_or_else(|| format!("the request has no text {key:?}"))
+}
+
+fn seconds(req: &Value) -> Duration {
+    let secs = req["deadline"].as_f64().unwrap_or(DEFAULT_DEADLINE);
+    Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(Duration::MAX)
+}
+
+/// Runs `cmd`, its output collected until it ends or `deadline` passes; then
+/// its whole process group is killed.
+fn exec(cmd: &str, deadline: Duration) -> Result<Value, String> {
+    let until = Instant::now() + deadline;
+    let mut child = spawn(cmd).map_err(|e| format!("spawning `{cmd}`: {e}"))?;
+    let out = child.stdout.take().map(OwnedFd::from);
+    let err = child.stderr.take().map(OwnedFd::from);
+    let (stdout, stderr, late) = collect([out, err], until);
+    if late {
+        // The command leads its own process group: this ends what it started.
+        let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+    }
+    let status = child.wait().map_err(|e| e.to_string())?;
+    // A signal is its negated number, as Python's waitstatus_to_exitcode.
+    let code = status.code().or(status.signal().map(|s| -s)).unwrap_or(-1);
+    let mut answer = json!({
+        "code": if late { -1 } else { code },
+        "stdout": B64.encode(stdout),
+        "stderr": B64.encode(stderr),
+    });
+    if late {
+        answer["error"] = "deadline".into();
+    }
+    Ok(answer)
+}
+
+/// A command with nothing for a shell to do (no quotes, variables,
+/// redirections, globs) runs without a shell: one exec instead of two,
+/// which is most of a short command's cost under TCG. std spawns with
+/// posix_spawn (vfork underneath), not a fork of the agent.
+fn spawn(cmd: &str) -> std::io::Result<Child> {
+    let prepare = |c: &mut Command| {
+        if std::env::var_os("HOME").is_none() {
+            c.env("HOME", &account().1);
+        }
+        c.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+    };
+    if let Some(words) = plain_words(cmd) {
+        let mut c = Command::new(words[0]);
+        c.args(&words[1..]);
+        prepare(&mut c);
+        match c.spawn() {
+            // A shell builtin (cd, exit) or a typo: the shell says which.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            other => return other,
+        }
+    }
+    let mut c = Command::new(login_shell());
+    c.arg("-c").arg(cmd);
+    prepare(&mut c);
+    c.spawn()
+}
+
+/// The agent's user as sshd would set up a command: (login shell, home).
+/// root's shell is bash on Debian and NixOS, and the driver's commands may
+/// use bash; a system service has no HOME of its own.
+fn account() -> &'static (String, String) {
+    static ACCOUNT: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+    ACCOUNT.get_or_init(|| {
+        let uid = nix::unistd::getuid().to_string();
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+        let entry = passwd
+            .lines()
+            .map(|l| l.split(':').map(str::to_string).collect::<Vec<_>>())
+            .find(|f| f.len() >= 7 && f[2] == uid);
+        let shell = entry
+            .as_ref()
+            .map(|f| f[6].clone())
+            .filter(|sh| std::path::Path::new(sh).is_file())
+            .unwrap_or_else(|| "/bin/sh".into());
+        let home = entry.map(|f| f[5].clone()).unwrap_or_else(|| "/".into());
+        (shell, home)
+    })
+}
+
+fn login_shell() -> &'static str {
+    &account().0
+}
+
+fn plain_words(cmd: &str) -> Option<Vec<&str>> {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-=:,@+% ".contains(c);
+    let words: Vec<&str> = cmd.split(' ').filter(|w| !w.is_empty()).collect();
+    (!words.is_empty() && cmd.chars().all(plain)).then_some(words)
+}
+
+/// Reads both pipes until they close or `until` passes: (out, err, late).
+fn collect(pipes: [Option<OwnedFd>; 2], until: Instant) -> (Vec<u8>, Vec<u8>, bool) {
+    let mut open: Vec<(usize, File)> = pipes
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, p)| p.map(|fd| (i, File::from(fd))))
+        .collect();
+    let mut bufs = [Vec::new(), Vec::new()];
+    let mut chunk = vec![0u8; 1 << 16];
+    while !open.is_empty() {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            let [out, err] = bufs;
+            return (out, err, true);
+        }
+        let ready = match readable(&open, left) {
+            Some(ready) => ready,
+            None => continue, // interrupted
+        };
+        let mut closed = Vec::new();
+        for (k, (i, f)) in open.iter_mut().enumerate() {
+            if !ready[k] {
+                continue;
+            }
+            match f.read(&mut chunk) {
+                Ok(0) | Err(_) => closed.push(k),
+                Ok(n) => bufs[*i].extend_from_slice(&chunk[..n]),
+            }
+        }
+        for k in closed.into_iter().rev() {
+            open.remove(k);
+        }
+    }
+    let [out, err] = bufs;
+    (out, err, false)
+}
+
+/// Which of `open` can be read (or hung up) within `left`; `None` if the
+/// wait was interrupted.
+fn readable(open: &[(usize, File)], left: Duration) -> Option<Vec<bool>> {
+    let mut fds: Vec<PollFd> = open
+        .iter()
+        .map(|(_, f)| PollFd::new(f.as_fd(), PollFlags::POLLIN))
+        .collect();
+    let timeout =
+        PollTimeout::try_from(left.max(Duration::from_millis(1))).unwrap_or(PollTimeout::MAX);
+    poll(&mut fds, timeout).ok()?;
+    Some(
+        fds.iter()
+            .map(|p| p.revents().is_some_and(|r| !r.is_empty()))
+            .collect(),
+    )
+}
+
+/// Writes a file atomically: a temporary file with its mode, renamed.
+fn put(req: &Value) -> Result<Value, String> {
+    let path = text(req, "path")?;
+    let data = B64
+        .decode(text(req, "data")?)
+        .map_err(|e| format!("data: {e}"))?;
+    let mode = req["mode"].as_u64().unwrap_or(0o644) as u32;
+    let tmp = format!("{path}.photon-agent.tmp");
+    let write = || -> std::io::Result<()> {
+        std::fs::write(&tmp, &data)?;
+        std::fs::set_permissions(&tmp, PermissionsExt::from_mode(mode))?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| format!("{path}: {e}"))?;
+    Ok(json!({"code": 0}))
+}
+
+/// A TCP connect from inside the guest, closed at once.
+fn connect(req: &Value) -> Result<Value, String> {
+    use std::net::{TcpStream, ToSocketAddrs};
+    let host = text(req, "host")?;
+    let port = req["port"].as_u64().unwrap_or_default() as u16;
+    let within = seconds(req);
+    let addrs = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("{host}:{port}: {e}"))?;
+    let mut last = format!("{host}:{port}: no address");
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, within.max(Duration::from_millis(1))) {
+            Ok(_) => return Ok(json!({})),
+            Err(e) => last = format!("{addr}: {e}"),
+        }
+    }
+    Err(last)
+}
+
+/// The guest's monotonic clock in seconds (CLOCK_MONOTONIC, as systemd's
+/// `*TimestampMonotonic` and Python's time.monotonic()).
+fn monotonic() -> f64 {
+    use nix::time::{ClockId, clock_gettime};
+    clock_gettime(ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
+        .unwrap_or(f64::NAN)
+}
+
+/// The port, once udev has made its link: (reader, writer).
+fn open_port() -> (File, File) {
+    loop {
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(PORT)
+            .and_then(|f| Ok((f.try_clone()?, f)));
+        if let Ok((r, w)) = opened {
+            return (r, w);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_commands_run_without_a_shell_and_the_rest_with_one() {
+        assert_eq!(plain_words("/bin/true"), Some(vec!["/bin/true"]));
+        assert_eq!(
+            plain_words("systemctl is-active  ssh.service"),
+            Some(vec!["systemctl", "is-active", "ssh.service"])
+        );
+        for shell in [
+            "echo $HOME",
+            "a | b",
+            "echo 'x y'",
+            "a > f",
+            "ls *",
+            "",
+            "a\tb",
+        ] {
+            assert_eq!(plain_words(shell), None, "{shell:?}");
+        }
+    }
+
+    /// The agent serving one end of a socket pair: the other end.
+    fn serving() -> std::os::unix::net::UnixStream {
+        let (agent_end, driver) = std::os::unix::net::UnixStream::pair().unwrap();
+        let port = Port::new(agent_end.try_clone().unwrap());
+        std::thread::spawn(move || serve(agent_end, &port, true));
+        driver
+    }
+
+    fn answer_line(from: &mut impl std::io::BufRead) -> Value {
+        let mut line = String::new();
+        from.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+
+    #[test]
+    fn a_request_split_across_reads_is_answered_once_whole() {
+        let mut driver = serving();
+        let mut answers = std::io::BufReader::new(driver.try_clone().unwrap());
+        driver.write_all(b"{\"id\":7,\"op\":\"exec\",\"cm").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        driver.write_all(b"d\":\"printf ab\"}\n{\"id\":8,").unwrap();
+        let a = answer_line(&mut answers);
+        assert_eq!(
+            (a["id"].as_u64(), a["stdout"].as_str()),
+            (Some(7), Some("YWI="))
+        );
+        driver.write_all(b"\"op\":\"hello\"}\n").unwrap();
+        assert_eq!(answer_line(&mut answers)["agent"], VERSION);
+    }
+
+    #[test]
+    fn a_line_that_is_no_request_is_answered_by_name() {
+        let mut driver = serving();
+        let mut answers = std::io::BufReader::new(driver.try_clone().unwrap());
+        driver.write_all(b"[1,2]\n").unwrap();
+        let a = answer_line(&mut answers);
+        assert_eq!(a["id"], Value::Null);
+        assert!(
+            a["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("bad frame: not a request"),
+            "{a}"
+        );
+    }
+
+    #[test]
+    fn commands_run_in_the_login_shell_as_over_ssh() {
+        // bash on this host and in the guests: the readiness watch needs it.
+        let a = exec("echo ${BASH_VERSION:+bash}", Duration::from_secs(10)).unwrap();
+        let login = login_shell();
+        let want = if login.ends_with("bash") {
+            "YmFzaAo="
+        } else {
+            "Cg=="
+        };
+        assert_eq!(a["stdout"], want, "{login}");
+    }
+
+    #[test]
+    fn a_builtin_that_looks_plain_falls_back_to_the_shell() {
+        let a = exec("exit 3", Duration::from_secs(10)).unwrap();
+        assert_eq!(a["code"], 3);
+        let a = exec("no-such-program-here", Duration::from_secs(10)).unwrap();
+        assert_eq!(a["code"], 127);
+    }
+}
