@@ -56,6 +56,11 @@ fn bench_completes_on_a_one_node_cluster_and_leaves_nothing_running() {
             "{want} missing from {names:?}"
         );
     }
+    // The agent is the default channel: its side is measured beside ssh2's.
+    assert!(
+        names.iter().any(|n| n.ends_with("over the agent")),
+        "no agent side in {names:?}"
+    );
     for p in pairs {
         let ratio = p["ratio"].as_f64().unwrap_or(f64::NAN);
         assert!(ratio.is_finite() && ratio >= 0.0, "a measured ratio: {p}");
