@@ -192,7 +192,7 @@ pub fn suite(
 }
 
 /// `/bin/true` (a real program, not a shell builtin) three ways, interleaved
-/// so noise hits all: over the agent's channel, over the driver's kept ssh2
+/// in a turning order so noise hits all alike: over the agent's channel, over the driver's kept ssh2
 /// session, and through a fresh OpenSSH process per command (with the
 /// cluster key). Two pairs, each against fresh OpenSSH; the agent's only
 /// when the node has one.
@@ -202,20 +202,21 @@ fn exec_pairs(record: &RunningCluster, n: usize) -> Result<Vec<Pair>> {
     let agent = (agent.channel() == guest::ChannelKind::Agent).then_some(agent);
     let ssh2 = guest::connect_ssh(record, &node)?;
     let (mut over_agent, mut kept, mut openssh) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..n {
-        if let Some(g) = &agent {
-            over_agent.push(time_true(g)?);
+    for i in 0..n {
+        // The order turns each round: the side right after a fresh OpenSSH
+        // pays for the guest tearing its login down (sshd, PAM, logind),
+        // and no side should always be that one.
+        for side in (0..3).map(|k| (k + i) % 3) {
+            match side {
+                0 => {
+                    if let Some(g) = &agent {
+                        over_agent.push(time_true(g)?);
+                    }
+                }
+                1 => kept.push(time_true(&ssh2)?),
+                _ => openssh.push(time_openssh(record, &node)?),
+            }
         }
-        kept.push(time_true(&ssh2)?);
-        let t = Instant::now();
-        let out = guest::openssh(record, &node).arg("/bin/true").output()?;
-        if !out.status.success() {
-            bail!(
-                "ssh /bin/true: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        openssh.push(t.elapsed().as_secs_f64());
     }
     let mut pairs = Vec::new();
     if agent.is_some() {
@@ -235,6 +236,18 @@ fn exec_pairs(record: &RunningCluster, n: usize) -> Result<Vec<Pair>> {
         openssh,
     ));
     Ok(pairs)
+}
+
+fn time_openssh(record: &RunningCluster, node: &str) -> Result<f64> {
+    let t = Instant::now();
+    let out = guest::openssh(record, node).arg("/bin/true").output()?;
+    if !out.status.success() {
+        bail!(
+            "ssh /bin/true: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(t.elapsed().as_secs_f64())
 }
 
 fn time_true(g: &guest::Guest) -> Result<f64> {
