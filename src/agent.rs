@@ -15,7 +15,8 @@
 //! `{"id": null, "error": "bad frame: ..."}` and the agent reads on.
 //!
 //! Requests:
-//! - `{"id", "op": "hello"}` -> `{"id", "agent", "monotonic"}`
+//! - `{"id", "op": "hello"}` -> `{"id", "agent", "monotonic", "started"}`
+//!   (`started`: the agent's start on the guest's monotonic clock)
 //! - `{"id", "op": "exec", "cmd", "deadline": SECS}` (run by the user's
 //!   login shell, as sshd runs a command) -> `{"id", "code",
 //!   "stdout": B64, "stderr": B64}`; past its deadline the command's whole
@@ -27,8 +28,9 @@
 //!   a TCP connect from the guest succeeded (then closed), `{"id", "error"}`
 //!   with the reason if it did not.
 //!
-//! Any failure of a request: `{"id", "error": TEXT}`. On start, unasked:
-//! `{"id": null, "event": "started", "monotonic": SECS}`.
+//! Any failure of a request: `{"id", "error": TEXT}`. On start, unasked and
+//! before any answer: `{"id": null, "event": "started", "monotonic": SECS}`,
+//! SECS the same `started` its hellos give.
 //!
 //! Why compiled, not a script: under emulation (TCG) an interpreter's own
 //! work per request cost about as much as spawning the command itself, and
@@ -67,15 +69,26 @@ pub fn main() {
         return;
     }
     let (input, output) = open_port();
-    let port = Port::new(output);
-    let announcer = port.clone();
-    // The port blocks writes while no driver is connected, so the
-    // announcement waits on its own thread. A driver connected while an
-    // earlier agent died learns from it that its running requests are lost.
-    std::thread::spawn(move || {
-        announcer.send(&json!({"id": null, "event": "started", "monotonic": monotonic()}));
-    });
-    serve(input, &port, false);
+    announce_then_serve(input, &Port::new(output), false);
+}
+
+/// Says `started`, then serves. The announcement goes first, on this
+/// thread: a driver that connected while an earlier agent died learns from
+/// it that its running requests are lost, and a driver that sees it after
+/// an answer takes it for a restart. Sent from a thread of its own (as
+/// once), it raced the first answer: the port blocks writes until a driver
+/// connects, and both writers woke together (a six-node boot broke on it).
+fn announce_then_serve(input: impl Read, port: &Port, eof_ends: bool) {
+    port.send(&json!({"id": null, "event": "started", "monotonic": started()}));
+    serve(input, port, eof_ends);
+}
+
+/// When this agent started, on the guest's monotonic clock: its identity.
+/// Its hello says it too, so a driver can tell this agent's own late
+/// announcement from a new agent's (a restart, or a rebooted guest).
+fn started() -> f64 {
+    static STARTED: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *STARTED.get_or_init(monotonic)
 }
 
 /// Where answers go: one writer, locked so that frames stay whole.
@@ -157,7 +170,7 @@ fn bad_frame(port: &Port, why: &str, line: &[u8]) -> Option<JoinHandle<()>> {
 
 fn answer(req: &Value) -> Result<Value, String> {
     match req["op"].as_str().unwrap_or_default() {
-        "hello" => Ok(json!({"agent": VERSION, "monotonic": monotonic()})),
+        "hello" => Ok(json!({"agent": VERSION, "monotonic": monotonic(), "started": started()})),
         "exec" => exec(text(req, "cmd")?, seconds(req)),
         "put" => put(req),
         "get" => {
@@ -435,6 +448,18 @@ mod tests {
         );
         driver.write_all(b"\"op\":\"hello\"}\n").unwrap();
         assert_eq!(answer_line(&mut answers)["agent"], VERSION);
+    }
+
+    #[test]
+    fn the_start_is_announced_before_any_answer() {
+        let (agent_end, mut driver) = std::os::unix::net::UnixStream::pair().unwrap();
+        // A hello already waits when the agent starts.
+        driver.write_all(b"{\"id\":1,\"op\":\"hello\"}\n").unwrap();
+        let port = Port::new(agent_end.try_clone().unwrap());
+        std::thread::spawn(move || announce_then_serve(agent_end, &port, true));
+        let mut answers = std::io::BufReader::new(driver);
+        assert_eq!(answer_line(&mut answers)["event"], "started");
+        assert_eq!(answer_line(&mut answers)["id"], 1);
     }
 
     #[test]

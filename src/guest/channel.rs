@@ -47,6 +47,9 @@ struct Waiters {
     /// Whether an agent has answered on this stream: its `started` event
     /// after that means it died and a new one runs.
     answered: bool,
+    /// The answering agent's start (its hello's `started`): a `started`
+    /// event with the same moment is that agent's own, arrived late.
+    agent_started: Option<f64>,
 }
 
 /// A channel to one node's agent.
@@ -320,7 +323,8 @@ fn read_answers(reader: impl Read, waiting: &Waiting) {
         };
         let mut w = waiting.lock().unwrap_or_else(|p| p.into_inner());
         let Some(id) = answer["id"].as_u64() else {
-            if answer["event"] == "started" && w.answered {
+            let own = w.agent_started.is_some() && answer["monotonic"].as_f64() == w.agent_started;
+            if answer["event"] == "started" && w.answered && !own {
                 break "the agent restarted; its running requests are lost".to_string();
             }
             // An agent's start queued before this stream (or the answer to
@@ -329,6 +333,9 @@ fn read_answers(reader: impl Read, waiting: &Waiting) {
             continue;
         };
         w.answered = true;
+        if let Some(started) = answer["started"].as_f64() {
+            w.agent_started = Some(started);
+        }
         if let Some(tx) = w.by_id.get(&id) {
             let _ = tx.send(answer);
         }
@@ -540,9 +547,19 @@ mod tests {
         agent.write_all(started).unwrap();
         std::thread::sleep(Duration::from_millis(100));
         assert!(!ch.is_broken());
-        // After an answer, a start means the agent died and came back.
-        agent.write_all(b"{\"id\":7}\n").unwrap();
+        // After an answer, the answering agent's own start, arrived late,
+        // is no restart.
+        agent
+            .write_all(b"{\"id\":6,\"agent\":\"a\",\"started\":1.0}\n")
+            .unwrap();
         agent.write_all(started).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!ch.is_broken());
+        // Another agent's start means the agent died and came back.
+        agent.write_all(b"{\"id\":7}\n").unwrap();
+        agent
+            .write_all(b"{\"id\":null,\"event\":\"started\",\"monotonic\":9.5}\n")
+            .unwrap();
         std::thread::sleep(Duration::from_millis(100));
         assert!(ch.is_broken());
         let err = ch.exec("true", SECS).unwrap_err();
