@@ -226,9 +226,13 @@ fn exec(cmd: &str, deadline: Duration) -> Result<Value, String> {
 /// posix_spawn (vfork underneath), not a fork of the agent.
 fn spawn(cmd: &str) -> std::io::Result<Child> {
     let prepare = |c: &mut Command| {
-        if std::env::var_os("HOME").is_none() {
-            c.env("HOME", &account().1);
+        let a = account();
+        for (key, value) in [("HOME", &a.home), ("USER", &a.name), ("LOGNAME", &a.name)] {
+            if std::env::var_os(key).is_none() {
+                c.env(key, value);
+            }
         }
+        c.env("SHELL", &a.shell);
         c.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -244,36 +248,51 @@ fn spawn(cmd: &str) -> std::io::Result<Child> {
             other => return other,
         }
     }
+    // The command travels in the environment, never on a command line:
+    // over SSH it is written to a shell's stdin, and a command such as
+    // `pkill -f 'TCP-LISTEN:5001'; socat TCP-LISTEN:5001 ...` would match
+    // (and kill) a shell that had it in its arguments.
     let mut c = Command::new(login_shell());
-    c.arg("-c").arg(cmd);
+    c.arg("-c")
+        .arg("__photon_cmd=$PHOTON_AGENT_CMD; unset PHOTON_AGENT_CMD; eval \"$__photon_cmd\"")
+        .env("PHOTON_AGENT_CMD", cmd);
     prepare(&mut c);
     c.spawn()
 }
 
-/// The agent's user as sshd would set up a command: (login shell, home).
+/// The agent's user as sshd sets up a command's environment.
+struct Account {
+    name: String,
+    home: String,
+    shell: String,
+}
+
 /// root's shell is bash on Debian and NixOS, and the driver's commands may
-/// use bash; a system service has no HOME of its own.
-fn account() -> &'static (String, String) {
-    static ACCOUNT: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+/// use bash; a system service has no HOME, USER, LOGNAME or SHELL of its own.
+fn account() -> &'static Account {
+    static ACCOUNT: std::sync::OnceLock<Account> = std::sync::OnceLock::new();
     ACCOUNT.get_or_init(|| {
         let uid = nix::unistd::getuid().to_string();
         let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-        let entry = passwd
+        let entry: Vec<String> = passwd
             .lines()
             .map(|l| l.split(':').map(str::to_string).collect::<Vec<_>>())
-            .find(|f| f.len() >= 7 && f[2] == uid);
-        let shell = entry
-            .as_ref()
-            .map(|f| f[6].clone())
+            .find(|f| f.len() >= 7 && f[2] == uid)
+            .unwrap_or_default();
+        let field = |i: usize, or: &str| entry.get(i).cloned().unwrap_or_else(|| or.into());
+        let shell = Some(field(6, "/bin/sh"))
             .filter(|sh| std::path::Path::new(sh).is_file())
             .unwrap_or_else(|| "/bin/sh".into());
-        let home = entry.map(|f| f[5].clone()).unwrap_or_else(|| "/".into());
-        (shell, home)
+        Account {
+            name: field(0, "root"),
+            home: field(5, "/"),
+            shell,
+        }
     })
 }
 
 fn login_shell() -> &'static str {
-    &account().0
+    &account().shell
 }
 
 fn plain_words(cmd: &str) -> Option<Vec<&str>> {
@@ -489,6 +508,17 @@ mod tests {
             "Cg=="
         };
         assert_eq!(a["stdout"], want, "{login}");
+    }
+
+    #[test]
+    fn no_command_line_carries_the_command() {
+        // As `pkill -f PATTERN` sees processes: the shell running a command
+        // must not match a pattern from that command.
+        let cmd = "true marker-4242; tr '\\0' ' ' < /proc/$$/cmdline";
+        let a = exec(cmd, Duration::from_secs(10)).unwrap();
+        let shown = String::from_utf8(B64.decode(a["stdout"].as_str().unwrap()).unwrap()).unwrap();
+        assert!(!shown.contains("marker-4242"), "{shown}");
+        assert_eq!(a["code"], 0, "{a}");
     }
 
     #[test]

@@ -231,6 +231,9 @@ Conflicts=shutdown.target
 
 [Service]
 ExecStart=/usr/local/sbin/photon-agent
+# What a command started in the background (a check's socat) outlives a
+# restart of the agent, as it outlives an SSH session's end.
+KillMode=process
 Restart=always
 RestartSec=100ms
 

@@ -109,6 +109,9 @@ in
     path = [ "/run/current-system/sw" ];
     serviceConfig = {
       ExecStart = "${pkgs.callPackage ../agent.nix { }}/bin/photon-agent";
+      # What a command started in the background outlives a restart of the
+      # agent, as it outlives an SSH session's end.
+      KillMode = "process";
       Restart = "always";
       RestartSec = "100ms";
     };
