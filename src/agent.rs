@@ -200,7 +200,7 @@ fn exec(cmd: &str, deadline: Duration) -> Result<Value, String> {
     let mut child = spawn(cmd).map_err(|e| format!("spawning `{cmd}`: {e}"))?;
     let out = child.stdout.take().map(OwnedFd::from);
     let err = child.stderr.take().map(OwnedFd::from);
-    let (stdout, stderr, late) = collect([out, err], until);
+    let (stdout, stderr, late) = collect(&mut child, [out, err], until);
     if late {
         // The command leads its own process group: this ends what it started.
         let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
@@ -301,41 +301,67 @@ fn plain_words(cmd: &str) -> Option<Vec<&str>> {
     (!words.is_empty() && cmd.chars().all(plain)).then_some(words)
 }
 
-/// Reads both pipes until they close or `until` passes: (out, err, late).
-fn collect(pipes: [Option<OwnedFd>; 2], until: Instant) -> (Vec<u8>, Vec<u8>, bool) {
+/// How often the agent looks whether the command itself ended while its
+/// pipes stay open.
+const EXITED_LOOK: Duration = Duration::from_millis(50);
+
+/// Reads both pipes until they close, or the command ended and what it
+/// left in them is read, or `until` passes: (out, err, late). A command
+/// that started something in the background (`daemon &`) ends before its
+/// pipes close; as over SSH, its answer does not wait for the background.
+fn collect(
+    child: &mut Child,
+    pipes: [Option<OwnedFd>; 2],
+    until: Instant,
+) -> (Vec<u8>, Vec<u8>, bool) {
     let mut open: Vec<(usize, File)> = pipes
         .into_iter()
         .enumerate()
         .filter_map(|(i, p)| p.map(|fd| (i, File::from(fd))))
         .collect();
     let mut bufs = [Vec::new(), Vec::new()];
-    let mut chunk = vec![0u8; 1 << 16];
+    let mut ended = false;
     while !open.is_empty() {
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
             let [out, err] = bufs;
             return (out, err, true);
         }
-        let ready = match readable(&open, left) {
+        let ready = match readable(&open, left.min(EXITED_LOOK)) {
             Some(ready) => ready,
             None => continue, // interrupted
         };
-        let mut closed = Vec::new();
-        for (k, (i, f)) in open.iter_mut().enumerate() {
-            if !ready[k] {
-                continue;
+        if ready.iter().all(|r| !r) {
+            if ended {
+                break; // ended, and its pipes are empty
             }
-            match f.read(&mut chunk) {
-                Ok(0) | Err(_) => closed.push(k),
-                Ok(n) => bufs[*i].extend_from_slice(&chunk[..n]),
-            }
+            // Nothing to read for a while: has the command itself ended?
+            // Then one more look takes what it left, without blocking.
+            ended = matches!(child.try_wait(), Ok(Some(_)));
+            continue;
         }
-        for k in closed.into_iter().rev() {
-            open.remove(k);
-        }
+        read_ready(&mut open, &ready, &mut bufs);
     }
     let [out, err] = bufs;
     (out, err, false)
+}
+
+/// One read from each pipe `ready` marks; a pipe at its end is closed.
+fn read_ready(open: &mut Vec<(usize, File)>, ready: &[bool], bufs: &mut [Vec<u8>; 2]) {
+    let mut chunk = vec![0u8; 1 << 16];
+    let mut closed = Vec::new();
+    for (k, (i, f)) in open.iter_mut().enumerate() {
+        if !ready[k] {
+            continue;
+        }
+        match f.read(&mut chunk) {
+            Ok(0) | Err(_) => closed.push(k),
+            Ok(n) => bufs[*i].extend_from_slice(&chunk[..n]),
+        }
+    }
+    for k in closed.into_iter().rev() {
+        open.remove(k);
+    }
 }
 
 /// Which of `open` can be read (or hung up) within `left`; `None` if the
@@ -519,6 +545,21 @@ mod tests {
         let shown = String::from_utf8(B64.decode(a["stdout"].as_str().unwrap()).unwrap()).unwrap();
         assert!(!shown.contains("marker-4242"), "{shown}");
         assert_eq!(a["code"], 0, "{a}");
+    }
+
+    #[test]
+    fn a_command_that_leaves_something_in_the_background_answers_at_its_end() {
+        // The background sleep holds both pipes open for 30 s.
+        let t = Instant::now();
+        let a = exec(
+            "echo started; sleep 30 & echo left >&2",
+            Duration::from_secs(20),
+        )
+        .unwrap();
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert_eq!((a["code"].as_i64(), a.get("error")), (Some(0), None), "{a}");
+        assert_eq!(a["stdout"], B64.encode("started\n"));
+        assert_eq!(a["stderr"], B64.encode("left\n"));
     }
 
     #[test]
