@@ -14,6 +14,13 @@ fn bench_completes_on_a_one_node_cluster_and_leaves_nothing_running() {
     let images = tmp.path().join("images");
     common::image_dir_with_cmdline(&images, "");
     let cluster = common::one_node_cluster(tmp.path(), &images);
+    // The agent asked for: bench measures its side beside ssh2's.
+    let text = fs::read_to_string(&cluster).unwrap();
+    fs::write(
+        &cluster,
+        text.replace("[cluster]\n", "[cluster]\nchannel = \"agent\"\n"),
+    )
+    .unwrap();
     let state = tmp.path().join("state");
     let out_file = tmp.path().join("bench.json");
     let out = common::run(
@@ -56,7 +63,7 @@ fn bench_completes_on_a_one_node_cluster_and_leaves_nothing_running() {
             "{want} missing from {names:?}"
         );
     }
-    // The agent is the default channel: its side is measured beside ssh2's.
+    // The cluster asked for the agent: its side is measured beside ssh2's.
     assert!(
         names.iter().any(|n| n.ends_with("over the agent")),
         "no agent side in {names:?}"

@@ -30,7 +30,7 @@ fn commands_files_deadlines_and_a_killed_agent_over_the_channel() {
     let images = tmp.path().join("images");
     common::image_dir_with_cmdline(&images, "");
     let cluster = common::one_node_cluster(tmp.path(), &images);
-    // The agent, asked for in so many words (it is also the default).
+    // The agent is asked for; SSH is the default channel.
     let text = std::fs::read_to_string(&cluster).unwrap();
     std::fs::write(
         &cluster,

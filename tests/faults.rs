@@ -62,6 +62,7 @@ fn start_one(
     before: &[&str],
     after: &[&str],
 ) -> (std::process::Output, f64, std::path::PathBuf) {
+    // Over the agent, as these faults were last run; the sshd fault is SSH's.
     start_one_over(tmp, "agent", cmdline, node, (before, after))
 }
 
