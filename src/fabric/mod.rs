@@ -144,6 +144,13 @@ pub fn hosts_file(cluster: &Cluster) -> String {
 
 /// systemd-networkd files for a node: the slirp NIC with a static address
 /// (no DHCP wait) and the fabric NIC with the node's cluster address.
+///
+/// The slirp NIC has no gateway: the host reaches the guest through port
+/// forwards (whose packets come from 10.0.2.2, on the link), and nothing
+/// in a test cluster may reach the outside. With a default route, any
+/// lookup of a public name went out through slirp, which opened a UDP
+/// socket on 0.0.0.0 of the host for it (s03's guard caught one); without
+/// it such a packet fails in the guest at once (no route).
 pub fn network_files(cluster: &Cluster, index: usize, node: &Node) -> Vec<(String, String)> {
     let (host_mac, fabric_mac) = macs(index);
     let prefix = cluster.network.subnet.prefix;
@@ -152,7 +159,7 @@ pub fn network_files(cluster: &Cluster, index: usize, node: &Node) -> Vec<(Strin
             "10-host.network".into(),
             format!(
                 "[Match]\nMACAddress={host_mac}\n\n[Network]\nAddress=10.0.2.15/24\n\
-                 Gateway=10.0.2.2\nLinkLocalAddressing=no\nIPv6AcceptRA=no\n"
+                 LinkLocalAddressing=no\nIPv6AcceptRA=no\n"
             ),
         ),
         (
@@ -218,5 +225,20 @@ mod tests {
         let h = hosts_file(&c);
         assert!(h.contains("10.77.0.14 node04.photon.test node04\n"));
         assert_eq!(h.lines().count(), 7);
+    }
+
+    /// No route leaves the host NIC: a guest's packet to the outside fails
+    /// in the guest instead of opening a socket on the host.
+    #[test]
+    fn the_host_nic_has_an_address_and_no_gateway() {
+        let c = Cluster::profile("reference").unwrap();
+        let files = network_files(&c, 3, &c.nodes[3]);
+        let host = &files
+            .iter()
+            .find(|(n, _)| n == "10-host.network")
+            .unwrap()
+            .1;
+        assert!(host.contains("Address=10.0.2.15/24\n"), "{host}");
+        assert!(!host.contains("Gateway"), "{host}");
     }
 }

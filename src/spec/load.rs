@@ -29,7 +29,7 @@ struct ClusterMeta {
     /// Appended as `-<suffix>` to the state directory; empty for the default.
     #[serde(default)]
     state_suffix: String,
-    /// `ssh` (default) or `agent`: the guest agent's channel where it answers.
+    /// `agent` (default: the guest agent's channel where it answers) or `ssh`.
     #[serde(default)]
     channel: ChannelKind,
 }
@@ -488,13 +488,13 @@ domain = "t.test"
     }
 
     #[test]
-    fn the_channel_is_ssh_unless_the_agent_is_asked_for() {
+    fn the_channel_is_the_agent_unless_ssh_is_asked_for() {
         let one = node("a", "control", "10.9.0.1", "");
         let c = parse(Path::new("c.toml"), &format!("{HEAD}{one}")).unwrap();
-        assert_eq!(c.channel, ChannelKind::Ssh);
-        let asked = HEAD.replace("name = \"t\"\n", "name = \"t\"\nchannel = \"agent\"\n");
-        let c = parse(Path::new("c.toml"), &format!("{asked}{one}")).unwrap();
         assert_eq!(c.channel, ChannelKind::Agent);
+        let asked = HEAD.replace("name = \"t\"\n", "name = \"t\"\nchannel = \"ssh\"\n");
+        let c = parse(Path::new("c.toml"), &format!("{asked}{one}")).unwrap();
+        assert_eq!(c.channel, ChannelKind::Ssh);
         let bad = HEAD.replace("name = \"t\"\n", "name = \"t\"\nchannel = \"vsock\"\n");
         let e = refuse(&format!("{bad}{one}"));
         assert!(e.to_string().starts_with("c.toml:3:"), "{e}");

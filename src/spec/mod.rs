@@ -41,17 +41,18 @@ pub const RESERVED: [&str; 8] = [
 ];
 
 /// Which way the driver runs commands on a node (status, result.json).
-/// A cluster file asks for the agent with `[cluster] channel = "agent"`:
-/// a node reached over it is ready sooner and a restore needs no SSH
-/// handshake (docs/performance.md). SSH stays the default until the whole
-/// suite has passed over the agent (docs/architecture.md says what broke).
+/// The agent is the default: a node reached over it is ready sooner and a
+/// restore needs no SSH handshake (docs/performance.md); a guest whose
+/// agent does not answer is driven over SSH all the same. A cluster file
+/// keeps SSH with `[cluster] channel = "ssh"`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ChannelKind {
-    /// The guest agent on its virtio-serial port (src/guest/channel.rs).
-    Agent,
-    /// SSH: the default, and a guest whose agent does not answer.
+    /// The guest agent on its virtio-serial port (src/guest/channel.rs):
+    /// the default.
     #[default]
+    Agent,
+    /// SSH: asked for, or a guest whose agent does not answer.
     Ssh,
 }
 
