@@ -591,15 +591,19 @@ fn wait_ready(
                         phases.units_s = Some(t0.elapsed().as_secs_f64());
                         progress.set(name, &format!("waiting for {} units", node.units.len()));
                         let left = opts.ready_timeout.saturating_sub(started.elapsed());
-                        guest::wait_for_units(
+                        let units = guest::wait_for_units(
                             &guest,
                             &node.units,
                             left.max(Duration::from_secs(30)),
                             &abort,
                         )?;
-                        let secs = t0.elapsed().as_secs_f64();
+                        let secs = units.known.saturating_duration_since(t0).as_secs_f64();
                         progress.done(name, &format!("ready in {secs:.1} s"));
                         phases.ready_s = Some(secs);
+                        phases.noticed_s = units.active.map(|at| {
+                            let active_s = at.saturating_duration_since(t0).as_secs_f64();
+                            secs - active_s.max(phases.units_s.unwrap_or(0.0))
+                        });
                         phases.kernel_s = *kernel_at.lock().expect("kernel banner");
                         Ok((name.clone(), phases, Some(guest.channel())))
                     })();

@@ -369,6 +369,11 @@ pub struct BootPhases {
     /// Every expected unit active: the node is ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_s: Option<f64>,
+    /// How long after its readiness became true the driver knew: `ready_s`
+    /// minus the later of `units_s` and its last unit's activation by the
+    /// guest's own clock (known over the agent only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noticed_s: Option<f64>,
 }
 
 impl RunningNode {

@@ -54,6 +54,11 @@ fn commands_files_deadlines_and_a_killed_agent_over_the_channel() {
         .unwrap()
         .expect("a running cluster");
     assert_eq!(record.nodes["solo"].channel, Some(ChannelKind::Agent));
+    // Readiness was pushed: only the agent's watch knows how long after the
+    // units' own activation the driver learnt of it.
+    let phases = record.nodes["solo"].phases.clone().unwrap();
+    eprintln!("readiness noticed after {:?} s", phases.noticed_s);
+    assert!(phases.noticed_s.is_some(), "{phases:?}");
     let g = Arc::new(guest::connect(&record, "solo").unwrap());
     assert_eq!(g.channel(), ChannelKind::Agent);
 
@@ -150,15 +155,25 @@ fn commands_files_deadlines_and_a_killed_agent_over_the_channel() {
         result["nodes"]
     );
 
-    // A unit that fails, seen over the agent: named, with its journal.
+    // A unit that fails while the agent watches it: systemd's change is
+    // pushed (a oneshot is `activating` until its command ends), and the
+    // wait names it, with its journal.
     let g = guest::connect(&record, "solo").unwrap();
     assert_eq!(g.channel(), ChannelKind::Agent);
     g.succeed(
-        "systemd-run --unit=photon-broken sh -c 'echo broken-on-purpose; exit 3'",
+        "systemd-run --no-block --unit=photon-broken -p Type=oneshot \
+         sh -c 'sleep 5; echo broken-on-purpose; exit 3'",
         SECS,
     )
     .unwrap();
     let units = ["photon-broken.service".to_string()];
+    let watched = g.agent().unwrap().units(&units, SECS).unwrap();
+    assert_eq!(watched.states[0].1, "failed", "{:?}", watched.states);
+    assert!(
+        watched.changes.iter().any(|c| c["state"] == "failed"),
+        "the failure came as a change: {:?}",
+        watched.changes
+    );
     let err = guest::wait_for_units(&g, &units, SECS, &|| None).unwrap_err();
     assert_eq!(kind_of(&err), ErrorKind::UnitFailed, "{err:#}");
     assert!(format!("{err:#}").contains("broken-on-purpose"), "{err:#}");

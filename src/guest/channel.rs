@@ -52,6 +52,18 @@ struct Waiters {
     agent_started: Option<f64>,
 }
 
+/// What one `units` watch saw.
+pub struct UnitWatch {
+    /// Each unit's ActiveState, in the order asked.
+    pub states: Vec<(String, String)>,
+    /// Each change the agent saw, as it sent them (unit, state, monotonic).
+    pub changes: Vec<Value>,
+    /// When each unit last became active, on the guest's monotonic clock.
+    pub active_since: Vec<f64>,
+    /// When the answer reached the driver.
+    pub received: Instant,
+}
+
 /// A channel to one node's agent.
 pub struct Channel {
     node: String,
@@ -175,6 +187,45 @@ impl Channel {
         )?;
         self.failed(&a, &format!("get {path}"))?;
         Ok(bytes(&a["data"]))
+    }
+
+    /// The agent's watch of systemd `units`, answered the moment all are
+    /// active or one failed (systemd pushes each change to the agent), else
+    /// after `window`.
+    pub fn units(&self, units: &[String], window: Duration) -> Result<UnitWatch> {
+        let req = json!({"op": "units", "units": units, "deadline": window.as_secs_f64()});
+        let a = self.request(req, "units", window + GRACE)?;
+        let received = Instant::now();
+        self.failed(&a, "units")?;
+        let state = |u: &String| a["states"][u].as_str().unwrap_or("unknown").to_string();
+        Ok(UnitWatch {
+            states: units.iter().map(|u| (u.clone(), state(u))).collect(),
+            changes: a["changes"].as_array().cloned().unwrap_or_default(),
+            active_since: units
+                .iter()
+                .filter_map(|u| a["active_since"][u].as_f64())
+                .collect(),
+            received,
+        })
+    }
+
+    /// The guest's monotonic clock against the host's: the host instant at
+    /// which the guest's clock read zero, from one hello (to within half its
+    /// round trip, a few milliseconds over the agent).
+    pub fn clock(&self, within: Duration) -> Result<Instant> {
+        let sent = Instant::now();
+        let (_, guest) = self.hello(within)?;
+        let middle = sent + sent.elapsed() / 2;
+        anyhow::ensure!(
+            guest.is_finite() && guest >= 0.0,
+            "{}: no clock in the hello",
+            self.node
+        );
+        middle
+            .checked_sub(Duration::from_secs_f64(guest))
+            .ok_or_else(|| {
+                anyhow::anyhow!("{}: the guest's clock is older than the host's", self.node)
+            })
     }
 
     /// Asks the agent to connect to `host:port` from inside the guest: the
@@ -443,6 +494,34 @@ mod tests {
         let out = ch.exec("printf out; printf err >&2; exit 7", SECS).unwrap();
         assert_eq!((out.code, &*out.stdout, &*out.stderr), (7, "out", "err"));
         assert!(ch.hello(SECS).unwrap().0.starts_with("photon-agent/"));
+    }
+
+    /// Without systemd on a system bus (this host has neither) the watch
+    /// fails by name and the channel stays usable: the driver then watches
+    /// with systemctl (`ready::look`).
+    #[test]
+    fn a_units_watch_without_systemd_fails_by_name_and_keeps_the_channel() {
+        let ch = agent();
+        let e = ch
+            .units(&["ssh.service".into()], Duration::from_secs(1))
+            .err()
+            .unwrap();
+        assert!(format!("{e:#}").contains("on the system bus"), "{e:#}");
+        assert!(!super::super::breaks_session(&e), "{e:#}");
+        assert_eq!(ch.exec("echo on", SECS).unwrap().stdout, "on\n");
+    }
+
+    /// Here the "guest" is this host, so its clock's zero on the host's
+    /// clock is the host's own monotonic zero.
+    #[test]
+    fn the_guest_clock_is_placed_on_the_host_clock() {
+        use nix::time::{ClockId, clock_gettime};
+        let ch = agent();
+        let zero = ch.clock(SECS).unwrap();
+        let t = clock_gettime(ClockId::CLOCK_MONOTONIC).unwrap();
+        let host = t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9;
+        let off = zero.elapsed().as_secs_f64() - host;
+        assert!(off.abs() < 0.05, "off by {off} s");
     }
 
     #[test]

@@ -3,14 +3,14 @@
 //! units active. Both stop at once when `stop` reports that QEMU exited or
 //! the user pressed Ctrl-C.
 
-use super::{Channel, Endpoint, Guest};
+use super::{Channel, Endpoint, ExecOutput, Guest};
 use crate::error::{ErrorKind, named};
 use crate::text::shell_quote;
 use crate::wait::{Probe, Wait};
 use anyhow::Result;
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Why a wait should stop early: the VM died, or the user interrupted.
 pub type Stop<'a> = &'a (dyn Fn() -> Option<anyhow::Error> + Sync);
@@ -154,75 +154,162 @@ pub fn unit_states(guest: &Guest, units: &[String]) -> Result<Vec<(String, Strin
 /// Waits until every unit is active. A unit that fails ends the wait at
 /// once, with the tail of its journal in the error.
 ///
-/// The waiting happens inside the guest: one command watches the units in a
-/// local loop (every 100 ms, no SSH round trip) and returns as soon as all
-/// are active or one failed, or after 15 s so that the driver can check
-/// whether QEMU is still alive and the user still wants to wait.
+/// Over the agent, systemd itself pushes each change to the agent, which
+/// answers the moment all are active or one failed (`agent/units.rs`);
+/// the answer also says when the last unit became active by the guest's
+/// clock, which a hello then places on the host's (for the readiness delay
+/// in `bench` and result.json).
+/// Over SSH, or an agent that cannot watch, one command watches the units
+/// in a local loop (every 100 ms, no SSH round trip). Either way a look
+/// returns after at most 15 s, so that the driver can check whether QEMU
+/// is still alive and the user still wants to wait.
 pub fn wait_for_units(
     guest: &Guest,
     units: &[String],
     deadline: Duration,
     stop: Stop,
-) -> Result<()> {
+) -> Result<Readiness> {
     if units.is_empty() {
-        return Ok(());
+        return Ok(Readiness {
+            known: Instant::now(),
+            active: None,
+        });
     }
     let what = format!("{}: units active", guest.endpoint.node);
-    let watch = watch_script(units, 15);
-    Wait::new(what, deadline)
+    let watch = watch_script(units, WINDOW.as_secs() as u32);
+    let mut pushed = true;
+    let (last_active, known) = Wait::new(what, deadline)
         .pause(crate::wait::Pause::Every(Duration::from_millis(10)))
         .stop_when(stop)
         .run(|| {
-            let out = guest.exec(&watch, Duration::from_secs(40))?;
-            let states: Vec<(String, String)> = units
-                .iter()
-                .zip(out.stdout.split_whitespace())
-                .map(|(u, s)| (u.clone(), s.to_string()))
-                .collect();
-            if let Some((unit, _)) = states.iter().find(|(_, s)| s == "failed") {
-                let journal = guest
-                    .exec(
-                        &format!(
-                            "journalctl -u {} -n 25 --no-pager -o short-monotonic",
-                            shell_quote(unit)
-                        ),
-                        Duration::from_secs(20),
-                    )
-                    .map(|o| o.stdout)
-                    .unwrap_or_default();
-                return Err(named(
-                    ErrorKind::UnitFailed,
-                    anyhow::anyhow!(
-                        "{}: unit {unit} failed; its journal ends:\n{}",
-                        guest.endpoint.node,
-                        journal.trim_end()
-                    ),
-                ));
+            let seen = look(guest, units, &watch, &mut pushed)?;
+            if let Some((unit, _)) = seen.states.iter().find(|(_, s)| s == "failed") {
+                return Err(unit_failed(guest, unit));
             }
-            let waiting: Vec<String> = states
+            let waiting: Vec<String> = seen
+                .states
                 .iter()
                 .filter(|(_, s)| s != "active")
                 .map(|(u, s)| format!("{u}={s}"))
                 .collect();
-            Ok(if states.len() != units.len() {
+            Ok(match seen.printed {
                 // The watch printed no state per unit: say what it printed.
-                Probe::Pending(format!(
+                Some(out) if seen.states.len() != units.len() => Probe::Pending(format!(
                     "the unit watch printed {:?} (stderr {:?}, exit {})",
                     out.stdout.trim(),
                     out.stderr.trim(),
                     out.code
-                ))
-            } else if waiting.is_empty() {
-                Probe::Done(())
-            } else {
-                Probe::Pending(waiting.join(", "))
+                )),
+                _ if waiting.is_empty() => Probe::Done((seen.last_active, seen.received)),
+                _ => Probe::Pending(waiting.join(", ")),
             })
         })
         .map_err(|e| match e.downcast::<crate::wait::WaitError>() {
             Ok(t @ crate::wait::WaitError::TimedOut { .. }) => named(ErrorKind::UnitsTimeout, t),
             Ok(other) => crate::wait::unwrap_stopped(other.into()),
             Err(e) => e,
-        })
+        })?;
+    // The guest's clock against the host's, read after the wait: a
+    // restored guest's monotonic clock runs on from its save.
+    let zero = guest
+        .agent()
+        .and_then(|ch| ch.clock(Duration::from_secs(5)).ok());
+    Ok(Readiness {
+        known,
+        active: zero
+            .zip(last_active)
+            .map(|(zero, secs)| zero + Duration::from_secs_f64(secs)),
+    })
+}
+
+/// When a node's units were known active, and when the last of them
+/// became active by the guest's own clock, placed on the host's (known
+/// over the agent only).
+#[derive(Debug)]
+pub struct Readiness {
+    pub known: Instant,
+    pub active: Option<Instant>,
+}
+
+/// How long one look at the units may wait in the guest.
+const WINDOW: Duration = Duration::from_secs(15);
+
+/// One look at the units.
+struct Look {
+    /// Each unit's state, in the order asked.
+    states: Vec<(String, String)>,
+    /// The watch command's own output (SSH): what to show when it printed
+    /// no state per unit.
+    printed: Option<ExecOutput>,
+    /// When the last unit became active on the guest's monotonic clock
+    /// (over the agent).
+    last_active: Option<f64>,
+    /// When the driver had the answer.
+    received: Instant,
+}
+
+/// The units' states once all are active, one failed, or the window ran
+/// out: pushed over the agent while it can (`pushed`), else (SSH, an agent
+/// without the watch, a guest without a system bus) by the watch loop run
+/// as a command.
+fn look(guest: &Guest, units: &[String], watch: &str, pushed: &mut bool) -> Result<Look> {
+    if *pushed && let Some(ch) = guest.agent() {
+        match ch.units(units, WINDOW) {
+            Ok(w) => {
+                for c in &w.changes {
+                    tracing::debug!(node = %guest.endpoint.node, "unit change {c}");
+                }
+                return Ok(Look {
+                    states: w.states,
+                    printed: None,
+                    last_active: w.active_since.into_iter().reduce(f64::max),
+                    received: w.received,
+                });
+            }
+            Err(e) if super::breaks_session(&e) => return Err(e),
+            Err(e) => {
+                tracing::warn!(
+                    "{}: the agent cannot watch units ({e:#}); watching with systemctl",
+                    guest.endpoint.node
+                );
+                *pushed = false;
+            }
+        }
+    }
+    let out = guest.exec(watch, Duration::from_secs(40))?;
+    let states = units
+        .iter()
+        .zip(out.stdout.split_whitespace())
+        .map(|(u, s)| (u.clone(), s.to_string()))
+        .collect();
+    Ok(Look {
+        states,
+        printed: Some(out),
+        last_active: None,
+        received: Instant::now(),
+    })
+}
+
+/// The named error for a failed unit, with the tail of its journal.
+fn unit_failed(guest: &Guest, unit: &str) -> anyhow::Error {
+    let journal = guest
+        .exec(
+            &format!(
+                "journalctl -u {} -n 25 --no-pager -o short-monotonic",
+                shell_quote(unit)
+            ),
+            Duration::from_secs(20),
+        )
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    named(
+        ErrorKind::UnitFailed,
+        anyhow::anyhow!(
+            "{}: unit {unit} failed; its journal ends:\n{}",
+            guest.endpoint.node,
+            journal.trim_end()
+        ),
+    )
 }
 
 /// A bash loop, run in the guest, that prints the units' states (one word

@@ -20,9 +20,12 @@ const PACKAGES: &str = include_str!("../../images/debian/packages.txt");
 const CUSTOMIZE: &str = include_str!("../../images/debian/customize.sh");
 /// The nested-guest kit's init, shared with the NixOS worker role.
 const NESTED_INIT: &str = include_str!("../../images/nested/init");
-/// The guest agent's source (src/agent.rs): its binary, built with the
+/// The guest agent's source (src/agent/): its binary, built with the
 /// driver, goes into the image, so its source is part of the recipe hash.
-const AGENT_SOURCE: &str = include_str!("../agent.rs");
+const AGENT_SOURCE: [&str; 2] = [
+    include_str!("../agent/mod.rs"),
+    include_str!("../agent/units.rs"),
+];
 /// Bump when the build steps in this file change in a way the hash must see.
 const BUILDER_VERSION: &str = "debian-provider/1";
 /// The s3s-fs release `scripts/host-deps.sh` builds (0.17 needs a newer
@@ -115,7 +118,8 @@ impl Recipe {
             &self.packages.join(","),
             CUSTOMIZE,
             NESTED_INIT,
-            AGENT_SOURCE,
+            AGENT_SOURCE[0],
+            AGENT_SOURCE[1],
             self.s3_server_sha256.as_deref().unwrap_or("s3s-fs missing"),
         ] {
             h.update(part.as_bytes());

@@ -1,7 +1,8 @@
 //! photon-agent: the guest side of the driver's control channel
 //! (`src/guest/channel.rs` is the driver's side). The `photon-agent` binary
 //! (`src/bin/photon-agent.rs`) is this module alone: it uses nothing else of
-//! the crate, so it links only std, serde_json, base64 and nix.
+//! the crate, so it links only std, serde_json, base64, nix and (for the
+//! units watch, `units.rs`) zbus on tokio.
 //!
 //! It reads requests from the virtio-serial port `org.photon.agent` (or
 //! stdin and stdout with `--stdio`) and answers each on the same port. No
@@ -24,6 +25,10 @@
 //!   code -1.
 //! - `{"id", "op": "put", "path", "data": B64, "mode"}` -> `{"id", "code": 0}`
 //! - `{"id", "op": "get", "path"}` -> `{"id", "data": B64}`
+//! - `{"id", "op": "units", "units": [NAME], "deadline"}` -> `{"id",
+//!   "states": {NAME: STATE}, "changes": [{"unit", "state", "monotonic"}],
+//!   "active_since": {NAME: SECS}, "monotonic"}` the moment every unit is active or one failed (systemd
+//!   pushes each change: `units.rs`), else at the deadline.
 //! - `{"id", "op": "connect", "host", "port", "deadline"}` -> `{"id"}` once
 //!   a TCP connect from the guest succeeded (then closed), `{"id", "error"}`
 //!   with the reason if it did not.
@@ -36,6 +41,8 @@
 //! work per request cost about as much as spawning the command itself, and
 //! the first agent (Python) was slower than a kept SSH session
 //! (docs/performance.md).
+
+mod units;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -52,7 +59,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// The agent's name and protocol version, in its hello.
-pub const VERSION: &str = "photon-agent/2";
+pub const VERSION: &str = "photon-agent/3";
 
 /// The guest end of the port (QEMU's `virtserialport,name=org.photon.agent`).
 const PORT: &str = "/dev/virtio-ports/org.photon.agent";
@@ -177,6 +184,7 @@ fn answer(req: &Value) -> Result<Value, String> {
             let data = std::fs::read(text(req, "path")?).map_err(|e| e.to_string())?;
             Ok(json!({"data": B64.encode(data)}))
         }
+        "units" => units::watch(&names(req, "units")?, seconds(req), monotonic),
         "connect" => connect(req),
         op => Err(format!("unknown op {op:?}")),
     }
@@ -186,6 +194,13 @@ fn text<'a>(req: &'a Value, key: &str) -> Result<&'a str, String> {
     req[key]
         .as_str()
         .ok_or_else(|| format!("the request has no text {key:?}"))
+}
+
+fn names(req: &Value, key: &str) -> Result<Vec<String>, String> {
+    req[key]
+        .as_array()
+        .and_then(|a| a.iter().map(|v| v.as_str().map(str::to_string)).collect())
+        .ok_or_else(|| format!("the request has no list of names {key:?}"))
 }
 
 fn seconds(req: &Value) -> Duration {
