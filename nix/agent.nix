@@ -1,4 +1,4 @@
-# The guest agent (src/agent.rs, the `photon-agent` binary) alone, for the
+# The guest agent (src/agent/, the `photon-agent` binary) alone, for the
 # NixOS roles: the package's second binary, built without the driver's
 # wrapper, so a guest's closure holds the agent and glibc, not QEMU and the
 # driver's host tools.

@@ -95,7 +95,7 @@ in
   };
 
   # The driver's control channel: the same agent as the Debian image's
-  # (src/agent.rs built by nix/agent.nix, images/debian/customize.sh) on the
+  # (src/agent/ built by nix/agent.nix, images/debian/customize.sh) on the
   # virtio-serial port org.photon.agent, up before the network and sshd.
   boot.kernelModules = [ "virtio_console" ];
   systemd.services.photon-agent = {
