@@ -276,7 +276,11 @@ pub fn restart(
         }
         (!machine::is_running(pid)).then(|| machine::boot_death(node, "the restart", &n.dir))
     };
-    let g = guest::wait_for_ssh(&endpoint, ready_timeout, &console, &abort)?;
+    // Through the agent where the node was reached over it (it answers
+    // before sshd), else SSH.
+    let agent =
+        (n.channel == Some(crate::state::ChannelKind::Agent)).then(|| n.dir.join("agent.sock"));
+    let g = guest::wait_for_guest(&endpoint, agent.as_deref(), ready_timeout, &console, &abort)?;
     let left = ready_timeout.saturating_sub(t.elapsed());
     guest::wait_for_units(&g, &n.units, left.max(Duration::from_secs(30)), &abort)?;
     let secs = t.elapsed().as_secs_f64();

@@ -24,7 +24,7 @@ mod shell;
 pub use crate::state::ChannelKind;
 pub use channel::Channel;
 pub use pool::{GuestPool, connect, connect_ssh, endpoint, openssh};
-pub use ready::{Readiness, Stop, unit_states, wait_for_guest, wait_for_ssh, wait_for_units};
+pub use ready::{Readiness, Stop, unit_states, wait_for_guest, wait_for_units};
 
 type Source = Box<dyn StdError + Send + Sync>;
 

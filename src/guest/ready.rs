@@ -75,16 +75,6 @@ impl Banner {
     }
 }
 
-/// Waits until the node's sshd accepts our key.
-pub fn wait_for_ssh(
-    endpoint: &Endpoint,
-    deadline: Duration,
-    console: &Path,
-    stop: Stop,
-) -> Result<Guest> {
-    wait_for_guest(endpoint, None, deadline, console, stop)
-}
-
 /// How long an agent has to answer one hello while the guest boots.
 const HELLO: Duration = Duration::from_secs(2);
 
