@@ -163,7 +163,11 @@ fn handle(port: &Port, line: &[u8]) -> Option<JoinHandle<()>> {
     };
     let port = port.clone();
     Some(std::thread::spawn(move || {
-        let mut answer = answer(&req).unwrap_or_else(|e| json!({"error": e}));
+        // A request that panics still gets an answer: without one the
+        // driver would give up on the whole channel.
+        let answered = std::panic::catch_unwind(|| answer(&req))
+            .unwrap_or_else(|_| Err("the agent failed on this request (a panic)".into()));
+        let mut answer = answered.unwrap_or_else(|e| json!({"error": e}));
         answer["id"] = req["id"].clone();
         port.send(&answer);
     }))

@@ -53,9 +53,24 @@ pub fn watch(units: &[String], within: Duration, now: fn() -> f64) -> Result<Val
         .enable_all()
         .build()
         .map_err(|e| format!("a runtime for the watch: {e}"))?;
-    rt.block_on(watch_async(units, within, now))
-        .map_err(|e| format!("watching systemd on the system bus: {e}"))
+    // The watch itself ends at `within`; this bounds what it cannot (a
+    // bus daemon that is slow to accept, a call never answered), a little
+    // later, and still before the driver gives the answer up (2 s after
+    // `within`) and breaks the channel.
+    let bounded = rt.block_on(async {
+        tokio::time::timeout(within + LATE, watch_async(units, within, now)).await
+    });
+    match bounded {
+        Ok(answer) => answer.map_err(|e| format!("watching systemd on the system bus: {e}")),
+        Err(_) => Err(format!(
+            "watching systemd on the system bus: no answer from the bus within {:.1} s",
+            (within + LATE).as_secs_f64()
+        )),
+    }
 }
+
+/// How long past its window a watch may take before it is given up.
+const LATE: Duration = Duration::from_secs(1);
 
 async fn watch_async(units: &[String], within: Duration, now: fn() -> f64) -> zbus::Result<Value> {
     let until = tokio::time::Instant::now() + within;
