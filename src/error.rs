@@ -166,7 +166,7 @@ pub fn named(kind: ErrorKind, e: impl Into<anyhow::Error>) -> anyhow::Error {
 
 /// Every cause of `err`, outermost first, including the errors that
 /// [`Named`] wraps (its own `source` skips the wrapped error's top).
-fn causes(err: &anyhow::Error) -> Vec<&(dyn std::error::Error + 'static)> {
+pub fn causes(err: &anyhow::Error) -> Vec<&(dyn std::error::Error + 'static)> {
     let mut out = Vec::new();
     for cause in err.chain() {
         out.push(cause);

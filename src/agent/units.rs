@@ -49,24 +49,30 @@ struct Change {
 /// is active or one failed, else when `within` ran out (the states then say
 /// what is still waited for).
 pub fn watch(units: &[String], within: Duration, now: fn() -> f64) -> Result<Value, String> {
+    // The watch itself ends at `within`. It runs on a thread of its own, so
+    // that what it cannot bound (a bus daemon slow to accept, a call never
+    // answered, anything that blocks the runtime) is given up a little
+    // later, well before the driver gives up the answer (10 s after
+    // `within`, `guest/channel.rs`) and breaks the channel. A watch given
+    // up ends on its own once the bus answers or closes.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let units = units.to_vec();
+    std::thread::spawn(move || drop(tx.send(watch_on_runtime(&units, within, now))));
+    rx.recv_timeout(within + LATE).unwrap_or_else(|_| {
+        Err(format!(
+            "watching systemd on the system bus: no answer from the bus within {:.1} s",
+            (within + LATE).as_secs_f64()
+        ))
+    })
+}
+
+fn watch_on_runtime(units: &[String], within: Duration, now: fn() -> f64) -> Result<Value, String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("a runtime for the watch: {e}"))?;
-    // The watch itself ends at `within`; this bounds what it cannot (a
-    // bus daemon that is slow to accept, a call never answered), a little
-    // later, and still before the driver gives the answer up (2 s after
-    // `within`) and breaks the channel.
-    let bounded = rt.block_on(async {
-        tokio::time::timeout(within + LATE, watch_async(units, within, now)).await
-    });
-    match bounded {
-        Ok(answer) => answer.map_err(|e| format!("watching systemd on the system bus: {e}")),
-        Err(_) => Err(format!(
-            "watching systemd on the system bus: no answer from the bus within {:.1} s",
-            (within + LATE).as_secs_f64()
-        )),
-    }
+    rt.block_on(watch_async(units, within, now))
+        .map_err(|e| format!("watching systemd on the system bus: {e}"))
 }
 
 /// How long past its window a watch may take before it is given up.

@@ -37,6 +37,9 @@ use std::time::{Duration, Instant};
 /// answer (the agent kills the command at its deadline and says so).
 const GRACE: Duration = Duration::from_secs(2);
 
+/// How long past its window the driver waits for a units watch's answer.
+const WATCH_GRACE: Duration = Duration::from_secs(10);
+
 type Waiting = Arc<Mutex<Waiters>>;
 
 /// The requests waiting for an answer; `broken` once the stream ended.
@@ -194,7 +197,10 @@ impl Channel {
     /// after `window`.
     pub fn units(&self, units: &[String], window: Duration) -> Result<UnitWatch> {
         let req = json!({"op": "units", "units": units, "deadline": window.as_secs_f64()});
-        let a = self.request(req, "units", window + GRACE)?;
+        // More patience than a command's: the agent gives up on the bus 1 s
+        // after the window, and a guest loaded under TCG took more than the
+        // 2 s of GRACE to send that answer (a one-node start broke on it).
+        let a = self.request(req, "units", window + WATCH_GRACE)?;
         let received = Instant::now();
         self.failed(&a, "units")?;
         let state = |u: &String| a["states"][u].as_str().unwrap_or("unknown").to_string();
@@ -509,6 +515,15 @@ mod tests {
         assert!(format!("{e:#}").contains("on the system bus"), "{e:#}");
         assert!(!super::super::breaks_session(&e), "{e:#}");
         assert_eq!(ch.exec("echo on", SECS).unwrap().stdout, "on\n");
+    }
+
+    /// A broken channel is a named error; it still says it broke the
+    /// session (the engine then forgets the guest, `ready::look` gives up).
+    #[test]
+    fn a_broken_channel_breaks_the_session() {
+        let e = broken_err("n", "gone");
+        assert!(super::super::breaks_session(&e));
+        assert!(super::super::breaks_session(&e.context("while watching")));
     }
 
     /// Here the "guest" is this host, so its clock's zero on the host's

@@ -91,21 +91,25 @@ impl GuestError {
 /// in this run: its QEMU is gone, or it is not a node of the cluster. A
 /// check that meets it fails at once instead of retrying to its deadline.
 pub fn is_final(e: &anyhow::Error) -> bool {
-    e.chain()
-        .filter_map(|c| c.downcast_ref::<GuestError>())
-        .any(|g| {
-            matches!(
-                g,
-                GuestError::NotRunning { .. } | GuestError::UnknownNode { .. }
-            )
-        })
+    guest_errors(e).any(|g| {
+        matches!(
+            g,
+            GuestError::NotRunning { .. } | GuestError::UnknownNode { .. }
+        )
+    })
 }
 
 /// Whether `e` (anywhere in its chain) broke a session.
 pub fn breaks_session(e: &anyhow::Error) -> bool {
-    e.chain()
+    guest_errors(e).any(GuestError::breaks_session)
+}
+
+/// The guest errors in `e`'s chain, also those a name wraps (a broken
+/// channel is `named`, and a plain chain skips what a name wraps).
+fn guest_errors(e: &anyhow::Error) -> impl Iterator<Item = &GuestError> {
+    crate::error::causes(e)
+        .into_iter()
         .filter_map(|c| c.downcast_ref::<GuestError>())
-        .any(GuestError::breaks_session)
 }
 
 /// How the driver reaches one node.
