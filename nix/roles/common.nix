@@ -117,6 +117,11 @@ in
     };
   };
 
+  # The agent's units watch reads systemd's signals on the system bus
+  # (src/agent/units.rs). NixOS's systemd module turns D-Bus on already
+  # (UNVERIFIED at the pin, docs/nix.md); said here so that it is not left to that.
+  services.dbus.enable = true;
+
   # Every role runs a node exporter (roles/common.sh).
   services.prometheus.exporters.node = {
     enable = true;
