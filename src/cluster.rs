@@ -600,10 +600,12 @@ fn wait_ready(
                         let secs = units.known.saturating_duration_since(t0).as_secs_f64();
                         progress.done(name, &format!("ready in {secs:.1} s"));
                         phases.ready_s = Some(secs);
-                        phases.noticed_s = units.active.map(|at| {
-                            let active_s = at.saturating_duration_since(t0).as_secs_f64();
-                            secs - active_s.max(phases.units_s.unwrap_or(0.0))
-                        });
+                        phases.active_s = units
+                            .active
+                            .map(|at| at.saturating_duration_since(t0).as_secs_f64());
+                        phases.noticed_s = phases
+                            .active_s
+                            .map(|active| secs - active.max(phases.units_s.unwrap_or(0.0)));
                         phases.kernel_s = *kernel_at.lock().expect("kernel banner");
                         Ok((name.clone(), phases, Some(guest.channel())))
                     })();

@@ -369,9 +369,12 @@ pub struct BootPhases {
     /// Every expected unit active: the node is ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_s: Option<f64>,
+    /// Its last expected unit active, by the guest's own clock placed on
+    /// this timeline (known over the agent only: its units watch and hello).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_s: Option<f64>,
     /// How long after its readiness became true the driver knew: `ready_s`
-    /// minus the later of `units_s` and its last unit's activation by the
-    /// guest's own clock (known over the agent only).
+    /// minus the later of `units_s` and `active_s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub noticed_s: Option<f64>,
 }
