@@ -190,6 +190,9 @@ fn answer(req: &Value) -> Result<Value, String> {
         }
         "units" => units::watch(&names(req, "units")?, seconds(req), monotonic),
         "connect" => connect(req),
+        // Nothing the agent serves panics on purpose; this shows the catch.
+        #[cfg(test)]
+        "panic" => panic!("a request that fails on purpose"),
         op => Err(format!("unknown op {op:?}")),
     }
 }
@@ -524,6 +527,21 @@ mod tests {
         let mut answers = std::io::BufReader::new(driver);
         assert_eq!(answer_line(&mut answers)["event"], "started");
         assert_eq!(answer_line(&mut answers)["id"], 1);
+    }
+
+    #[test]
+    fn a_request_that_panics_is_answered_and_the_next_one_too() {
+        let mut driver = serving();
+        driver
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut answers = std::io::BufReader::new(driver.try_clone().unwrap());
+        driver.write_all(b"{\"id\":3,\"op\":\"panic\"}\n").unwrap();
+        let a = answer_line(&mut answers);
+        assert_eq!(a["id"], 3, "{a}");
+        assert!(a["error"].as_str().unwrap().contains("a panic"), "{a}");
+        driver.write_all(b"{\"id\":4,\"op\":\"hello\"}\n").unwrap();
+        assert_eq!(answer_line(&mut answers)["agent"], VERSION);
     }
 
     #[test]

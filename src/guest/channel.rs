@@ -202,6 +202,7 @@ impl Channel {
         // 2 s of GRACE to send that answer (a one-node start broke on it).
         let a = self.request(req, "units", window + WATCH_GRACE)?;
         let received = Instant::now();
+        tracing::debug!("{}: units answer {a}", self.node);
         self.failed(&a, "units")?;
         let state = |u: &String| a["states"][u].as_str().unwrap_or("unknown").to_string();
         Ok(UnitWatch {

@@ -200,16 +200,13 @@ pub fn wait_for_units(
             Err(e) => e,
         })?;
     // The guest's clock against the host's, read after the wait: a
-    // restored guest's monotonic clock runs on from its save.
-    let zero = guest
-        .agent()
-        .and_then(|ch| ch.clock(Duration::from_secs(5)).ok());
-    Ok(Readiness {
-        known,
-        active: zero
-            .zip(last_active)
-            .map(|(zero, secs)| zero + Duration::from_secs_f64(secs)),
-    })
+    // restored guest's monotonic clock runs on from its save. Only a
+    // pushed answer has a moment to place; the systemctl loop has none.
+    let active = last_active.and_then(|secs| {
+        let zero = guest.agent()?.clock(Duration::from_secs(5)).ok()?;
+        Some(zero + Duration::from_secs_f64(secs))
+    });
+    Ok(Readiness { known, active })
 }
 
 /// When a node's units were known active, and when the last of them
