@@ -219,10 +219,11 @@ pub fn suite(
 /// in a turning order so noise hits all alike: over the agent's channel, over the driver's kept ssh2
 /// session, and through a fresh OpenSSH process per command (with the
 /// cluster key). Two pairs, each against fresh OpenSSH; the agent's only
-/// when the node has one.
+/// when the node has one. They run once the node's boot has finished.
 fn exec_pairs(record: &RunningCluster, n: usize) -> Result<Vec<Pair>> {
     let node = record.nodes.keys().next().context("no nodes")?.clone();
     let agent = guest::connect(record, &node)?;
+    settle(&agent)?;
     let agent = (agent.channel() == guest::ChannelKind::Agent).then_some(agent);
     let ssh2 = guest::connect_ssh(record, &node)?;
     let (mut over_agent, mut kept, mut openssh) = (Vec::new(), Vec::new(), Vec::new());
@@ -260,6 +261,25 @@ fn exec_pairs(record: &RunningCluster, n: usize) -> Result<Vec<Pair>> {
         openssh,
     ));
     Ok(pairs)
+}
+
+/// How long a node's boot may go on after it is ready.
+const SETTLE: Duration = Duration::from_secs(300);
+
+/// Waits until the guest's boot has finished (systemd's own wait: no job
+/// left), so that the execs measure the channels, not the role's services
+/// still starting after the node's expected units (a one-node worker's
+/// ran `/bin/true` in 30-150 ms then, 15-25 ms after).
+fn settle(g: &guest::Guest) -> Result<()> {
+    let t = Instant::now();
+    let out = g.exec("systemctl is-system-running --wait", SETTLE)?;
+    tracing::info!(
+        "bench: {}'s boot finished ({}) {:.1} s after ready",
+        g.endpoint.node,
+        out.stdout.trim(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn time_openssh(record: &RunningCluster, node: &str) -> Result<f64> {

@@ -579,8 +579,7 @@ fn wait_ready(
                         phases.sshd_s = Some(t0.elapsed().as_secs_f64());
                         if record.restored_from.is_some() {
                             // Restored guests wake with the clock of the save.
-                            guest
-                                .succeed(&snapshot::set_clock_command(), Duration::from_secs(20))?;
+                            guest.set_clock(Duration::from_secs(20))?;
                         }
                         let up = match guest.channel() {
                             state::ChannelKind::Agent => "agent up",

@@ -580,7 +580,7 @@ pub fn save_in_place(record: &RunningCluster, name: &str) -> Result<f64> {
 
 /// Puts every node back to the state `save_in_place` saved as `name`, the
 /// guests paused together; their clocks are then the save's until they are
-/// set again ([`set_clock_command`]). Returns the seconds paused.
+/// set again ([`crate::guest::Guest::set_clock`]). Returns the seconds paused.
 pub fn load_in_place(record: &RunningCluster, name: &str) -> Result<f64> {
     check_name(name)?;
     paused_together(record, &format!("loadvm {name}"))
@@ -642,16 +642,6 @@ fn monitor(q: &mut Qmp, node: &str, hmp: &str) -> Result<()> {
         "" => Ok(()),
         err => bail!("{node}: {hmp}: {err}"),
     }
-}
-
-/// The shell command that sets a guest's clock to the host's time now.
-pub fn set_clock_command() -> String {
-    let now = chrono::Utc::now();
-    format!(
-        "date -u -s @{}.{:09} >/dev/null",
-        now.timestamp(),
-        now.timestamp_subsec_nanos()
-    )
 }
 
 /// Copies a file, leaving the copy writable by its owner only.
@@ -774,11 +764,5 @@ mod tests {
             .map(|a| a.replace("-:22", "-:2222"))
             .collect::<Vec<_>>();
         assert_ne!(saved, machine_hash(&other_guest_port, "/a"));
-    }
-
-    #[test]
-    fn the_clock_command_carries_the_host_time() {
-        let c = set_clock_command();
-        assert!(c.starts_with("date -u -s @"), "{c}");
     }
 }

@@ -29,6 +29,9 @@
 //!   "states": {NAME: STATE}, "changes": [{"unit", "state", "monotonic"}],
 //!   "active_since": {NAME: SECS}, "monotonic"}` the moment every unit is active or one failed (systemd
 //!   pushes each change: `units.rs`), else at the deadline.
+//! - `{"id", "op": "clock", "secs", "nanos"}` -> `{"id"}` once the guest's
+//!   wall clock (CLOCK_REALTIME) is set to that moment since the epoch (a
+//!   restored guest wakes with the clock of its save).
 //! - `{"id", "op": "connect", "host", "port", "deadline"}` -> `{"id"}` once
 //!   a TCP connect from the guest succeeded (then closed), `{"id", "error"}`
 //!   with the reason if it did not.
@@ -59,7 +62,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// The agent's name and protocol version, in its hello.
-pub const VERSION: &str = "photon-agent/3";
+pub const VERSION: &str = "photon-agent/4";
 
 /// The guest end of the port (QEMU's `virtserialport,name=org.photon.agent`).
 const PORT: &str = "/dev/virtio-ports/org.photon.agent";
@@ -217,6 +220,7 @@ fn answer(req: &Value) -> Result<Value, String> {
         }
         "units" => units::watch(&names(req, "units")?, seconds(req), monotonic),
         "connect" => connect(req),
+        "clock" => set_clock(req),
         // Nothing the agent serves panics on purpose; this shows the catch.
         #[cfg(test)]
         "panic" => panic!("a request that fails on purpose"),
@@ -476,6 +480,20 @@ fn connect(req: &Value) -> Result<Value, String> {
     Err(last)
 }
 
+/// Sets the wall clock in-process: a `date -s` was two execs (its shell
+/// and date), about 0.27 s of a one-node restore under TCG.
+fn set_clock(req: &Value) -> Result<Value, String> {
+    use nix::sys::time::TimeSpec;
+    use nix::time::{ClockId, clock_settime};
+    let secs = req["secs"]
+        .as_i64()
+        .ok_or("the request has no whole \"secs\"")?;
+    let nanos = req["nanos"].as_i64().unwrap_or(0);
+    clock_settime(ClockId::CLOCK_REALTIME, TimeSpec::new(secs, nanos))
+        .map_err(|e| format!("setting the clock: {e}"))?;
+    Ok(json!({}))
+}
+
 /// The guest's monotonic clock in seconds (CLOCK_MONOTONIC, as systemd's
 /// `*TimestampMonotonic` and Python's time.monotonic()).
 fn monotonic() -> f64 {
@@ -579,6 +597,12 @@ mod tests {
         assert!(a["error"].as_str().unwrap().contains("a panic"), "{a}");
         driver.write_all(b"{\"id\":4,\"op\":\"hello\"}\n").unwrap();
         assert_eq!(answer_line(&mut answers)["agent"], VERSION);
+    }
+
+    #[test]
+    fn a_clock_without_its_time_is_refused_and_nothing_is_set() {
+        let a = answer(&json!({"id": 1, "op": "clock", "secs": "soon"}));
+        assert_eq!(a, Err("the request has no whole \"secs\"".to_string()));
     }
 
     #[test]

@@ -197,9 +197,9 @@ impl Channel {
     /// after `window`.
     pub fn units(&self, units: &[String], window: Duration) -> Result<UnitWatch> {
         let req = json!({"op": "units", "units": units, "deadline": window.as_secs_f64()});
-        // More patience than a command's: the agent gives up on the bus 1 s
-        // after the window, and a guest loaded under TCG took more than the
-        // 2 s of GRACE to send that answer (a one-node start broke on it).
+        // More patience than a command's: a guest loaded under TCG took more
+        // than the 2 s of GRACE to send a watch's answer (a one-node start
+        // broke on it).
         let a = self.request(req, "units", window + WATCH_GRACE)?;
         let received = Instant::now();
         tracing::debug!("{}: units answer {a}", self.node);
@@ -233,6 +233,22 @@ impl Channel {
             .ok_or_else(|| {
                 anyhow::anyhow!("{}: the guest's clock is older than the host's", self.node)
             })
+    }
+
+    /// Sets the guest's wall clock to `now`. `Ok(false)`: this agent has
+    /// no such request (an older agent in a prebuilt image).
+    pub fn set_clock(&self, now: chrono::DateTime<chrono::Utc>, within: Duration) -> Result<bool> {
+        let req = json!({"op": "clock", "secs": now.timestamp(),
+                         "nanos": now.timestamp_subsec_nanos()});
+        let a = self.request(req, "clock", within)?;
+        if a["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("unknown op"))
+        {
+            return Ok(false);
+        }
+        self.failed(&a, "clock")?;
+        Ok(true)
     }
 
     /// Asks the agent to connect to `host:port` from inside the guest: the

@@ -356,6 +356,19 @@ impl Guest {
         }
     }
 
+    /// Sets the guest's wall clock to the host's now: over the agent in
+    /// its own process, else (SSH, or an agent without the request) with
+    /// `date`.
+    pub fn set_clock(&self, deadline: Duration) -> Result<()> {
+        if let Transport::Agent(ch) = &self.transport
+            && ch.set_clock(chrono::Utc::now(), deadline)?
+        {
+            return Ok(());
+        }
+        self.succeed(&set_clock_command(chrono::Utc::now()), deadline)
+            .map(drop)
+    }
+
     /// Runs `command` and fails unless it exits 0.
     pub fn succeed(&self, command: &str, deadline: Duration) -> Result<String> {
         let out = self.exec(command, deadline)?;
@@ -390,4 +403,27 @@ fn verify_host_key(session: &Session, endpoint: &Endpoint) -> Result<()> {
         .into());
     }
     Ok(())
+}
+
+/// The shell command that sets a guest's clock to `now`.
+fn set_clock_command(now: chrono::DateTime<chrono::Utc>) -> String {
+    format!(
+        "date -u -s @{}.{:09} >/dev/null",
+        now.timestamp(),
+        now.timestamp_subsec_nanos()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clock_command_carries_the_time_to_the_nanosecond() {
+        let at = chrono::DateTime::from_timestamp(1_764_000_000, 5).unwrap();
+        assert_eq!(
+            set_clock_command(at),
+            "date -u -s @1764000000.000000005 >/dev/null"
+        );
+    }
 }

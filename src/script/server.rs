@@ -300,17 +300,13 @@ impl<'a> Session<'a> {
     fn restore(&self, req: &Value) -> Result<Value, CallError> {
         let name = req["name"].as_str().unwrap_or("script");
         let paused = crate::snapshot::load_in_place(self.record, name)?;
-        let clock = crate::snapshot::set_clock_command();
         for node in self.record.nodes.keys() {
             self.guests.forget(node);
             let within = self.left().min(Duration::from_secs(120));
-            Wait::new(format!("{node}: SSH after the restore"), within)
+            Wait::new(format!("{node}: its channel after the restore"), within)
                 .pause(Pause::Every(Duration::from_secs(1)))
                 .run(|| {
-                    let set = self
-                        .guests
-                        .get(node)
-                        .and_then(|g| g.succeed(&clock, within));
+                    let set = self.guests.get(node).and_then(|g| g.set_clock(within));
                     Ok(match set {
                         Ok(_) => Probe::Done(()),
                         Err(e) => {
