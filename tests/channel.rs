@@ -178,6 +178,14 @@ fn commands_files_deadlines_and_a_killed_agent_over_the_channel() {
     assert_eq!(kind_of(&err), ErrorKind::UnitFailed, "{err:#}");
     assert!(format!("{err:#}").contains("broken-on-purpose"), "{err:#}");
 
+    // A name systemd refuses fails its own request at once, and the
+    // agent's watcher stays up for the next one.
+    let refused = g.agent().unwrap().units(&["not a unit".to_string()], SECS);
+    let err = format!("{:#}", refused.err().expect("a name systemd refuses"));
+    assert!(err.contains("cannot load"), "{err}");
+    let ssh = g.agent().unwrap().units(&["ssh.service".to_string()], SECS);
+    assert_eq!(ssh.unwrap().states[0].1, "active");
+
     // The agent stopped on purpose: the node is driven over SSH, and says
     // so; once the agent is back, over the agent again.
     g.succeed("systemctl stop photon-agent.service", SECS).ok();

@@ -71,6 +71,8 @@ struct Known {
     /// Why the last connection failed, for a request that times out.
     trouble: Option<String>,
     units: HashMap<String, UnitState>,
+    /// Names systemd would not load (not a unit name), with its reason.
+    refused: HashMap<String, String>,
     changes: Vec<Change>,
     next_seq: u64,
 }
@@ -121,8 +123,14 @@ pub fn watch(units: &[String], within: Duration, now: fn() -> f64) -> Result<Val
     }
     let mut known = w.lock();
     let first = known.next_seq;
+    let refused = |k: &Known| {
+        units
+            .iter()
+            .find_map(|u| Some((u, k.refused.get(u)?.clone())))
+    };
     let answered = |k: &Known| {
         k.connected && units.iter().all(|u| k.units.contains_key(u)) && settled(k, units)
+            || refused(k).is_some()
     };
     while !answered(&known) {
         let left = until.saturating_duration_since(Instant::now());
@@ -134,6 +142,9 @@ pub fn watch(units: &[String], within: Duration, now: fn() -> f64) -> Result<Val
             .wait_timeout(known, left)
             .unwrap_or_else(|p| p.into_inner())
             .0;
+    }
+    if let Some((unit, why)) = refused(&known) {
+        return Err(format!("systemd cannot load {unit:?}: {why}"));
     }
     if !known.connected {
         return Err(format!(
@@ -221,6 +232,7 @@ async fn session(
             return e;
         }
     }
+    names.retain(|n| paths.values().any(|p| p == n));
     w.update(|k| k.connected = true);
     loop {
         tokio::select! {
@@ -234,13 +246,14 @@ async fn session(
                 }
             },
             Some(name) = asked.recv() => {
-                if !names.contains(&name) {
-                    names.push(name.clone());
+                if paths.values().any(|n| *n == name) {
+                    continue;
                 }
-                if !paths.values().any(|n| *n == name)
-                    && let Err(e) = load(&conn, w, &mut paths, &name).await
-                {
+                if let Err(e) = load(&conn, w, &mut paths, &name).await {
                     return e;
+                }
+                if paths.values().any(|n| *n == name) {
+                    names.push(name);
                 }
             }
         }
@@ -257,17 +270,24 @@ async fn connect() -> zbus::Result<zbus::Connection> {
 }
 
 /// Loads the unit `name` (systemd knows it by path from then on) and
-/// records its state, unless a signal already did.
+/// records its state, unless a signal already did. A name systemd refuses
+/// is recorded as refused (the requests that ask for it fail), and the
+/// connection goes on: one bad name must not keep the watcher down.
 async fn load(
     conn: &zbus::Connection,
     w: &Watcher,
     paths: &mut HashMap<String, String>,
     name: &str,
 ) -> zbus::Result<()> {
-    let path: OwnedObjectPath = call(conn, MANAGER_PATH, MANAGER, "LoadUnit", &(name,))
-        .await?
-        .body()
-        .deserialize()?;
+    let loaded = call(conn, MANAGER_PATH, MANAGER, "LoadUnit", &(name,)).await;
+    let path: OwnedObjectPath = match loaded {
+        // systemd's error reply (zbus gives the standard names as FDO).
+        Err(e @ (zbus::Error::MethodError(..) | zbus::Error::FDO(_))) => {
+            w.update(|k| drop(k.refused.insert(name.to_string(), e.to_string())));
+            return Ok(());
+        }
+        other => other?.body().deserialize()?,
+    };
     paths.insert(path.as_str().to_string(), name.to_string());
     let state = String::try_from(property(conn, &path, "ActiveState").await?)?;
     let since = active_since(conn, &path).await?;
