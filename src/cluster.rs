@@ -581,6 +581,9 @@ fn wait_ready(
                             // Restored guests wake with the clock of the save.
                             guest.set_clock(Duration::from_secs(20))?;
                         }
+                        if let Some(ch) = guest.agent() {
+                            ch.follow(&node.units);
+                        }
                         let up = match guest.channel() {
                             state::ChannelKind::Agent => "agent up",
                             state::ChannelKind::Ssh => "sshd up",

@@ -45,7 +45,7 @@
 //! the first agent (Python) was slower than a kept SSH session
 //! (docs/performance.md).
 
-mod units;
+pub mod units;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -80,6 +80,7 @@ pub fn main() {
     }
     // Before any other thread: they all inherit it.
     set_thread_nice(AGENT_NICE);
+    units::start(monotonic);
     let (input, output) = open_port();
     announce_then_serve(input, &Port::new(output), false);
 }

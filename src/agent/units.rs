@@ -42,6 +42,12 @@ const UNIT: &str = "org.freedesktop.systemd1.Unit";
 const PROPERTIES: &str = "org.freedesktop.DBus.Properties";
 /// The system bus's socket (dbus.socket, part of sockets.target).
 const BUS_SOCKET: &str = "/run/dbus/system_bus_socket";
+/// What a `units` answer's error starts with while the watcher has no
+/// connection to the bus: the driver then looks with systemctl for this
+/// once and asks the agent again next time (`guest/ready.rs`).
+pub const NOT_CONNECTED: &str = "watching systemd on the system bus: not connected yet";
+/// How long a request waits for the watcher's connection before it says so.
+const CONNECTING: Duration = Duration::from_secs(1);
 /// The changes kept for requests to report (the newest).
 const KEPT_CHANGES: usize = 256;
 
@@ -55,12 +61,17 @@ struct Change {
     at: f64,
 }
 
-/// A unit as the watcher knows it: its ActiveState and systemd's own
-/// moment of entering active (ActiveEnterTimestampMonotonic, seconds).
+/// A unit as the watcher knows it: its ActiveState, systemd's own moment
+/// of entering active (ActiveEnterTimestampMonotonic, seconds), and the
+/// serial of systemd's message that said so. systemd numbers the messages
+/// it sends (signals and replies alike) in order, and the bus daemon keeps
+/// the numbers: a message with a lower serial is older and changes nothing,
+/// in whatever order the watcher's tasks handle them.
 #[derive(Clone)]
 struct UnitState {
     state: String,
     since: f64,
+    serial: u32,
 }
 
 /// What the watcher knows, shared with the requests.
@@ -71,6 +82,10 @@ struct Known {
     /// Why the last connection failed, for a request that times out.
     trouble: Option<String>,
     units: HashMap<String, UnitState>,
+    /// Each loaded unit's object path, to its name (signals name the path).
+    paths: HashMap<String, String>,
+    /// The names to load again after a new connection.
+    names: Vec<String>,
     /// Names systemd would not load (not a unit name), with its reason.
     refused: HashMap<String, String>,
     changes: Vec<Change>,
@@ -95,7 +110,15 @@ impl Watcher {
     }
 }
 
-/// The agent's one watcher, started by the first request.
+/// Starts the agent's watcher now, with the agent: by the time the driver
+/// asks, it is connected and follows the units asked before (a six-node
+/// boot's first requests waited on their connection for 0.3-15 s).
+pub fn start(now: fn() -> f64) {
+    watcher(now);
+}
+
+/// The agent's one watcher, started with the agent (or by the first
+/// request, in tests).
 fn watcher(now: fn() -> f64) -> &'static Watcher {
     static WATCHER: OnceLock<Watcher> = OnceLock::new();
     WATCHER.get_or_init(|| {
@@ -123,6 +146,22 @@ pub fn watch(units: &[String], within: Duration, now: fn() -> f64) -> Result<Val
     }
     let mut known = w.lock();
     let first = known.next_seq;
+    // Not connected yet (early in boot dbus may start a minute after the
+    // agent under TCG; a guest may have none): say so soon, so that the
+    // driver looks another way meanwhile and asks again.
+    let connecting = Instant::now() + within.min(CONNECTING);
+    while !known.connected {
+        let left = connecting.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            let why = known.trouble.as_ref().map(|t| format!(" ({t})"));
+            return Err(format!("{NOT_CONNECTED}{}", why.unwrap_or_default()));
+        }
+        known = w
+            .changed
+            .wait_timeout(known, left)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
     let refused = |k: &Known| {
         units
             .iter()
@@ -147,15 +186,7 @@ pub fn watch(units: &[String], within: Duration, now: fn() -> f64) -> Result<Val
         return Err(format!("systemd cannot load {unit:?}: {why}"));
     }
     if !known.connected {
-        return Err(format!(
-            "watching systemd on the system bus: not connected within {:.1} s{}",
-            within.as_secs_f64(),
-            known
-                .trouble
-                .as_ref()
-                .map(|t| format!(" ({t})"))
-                .unwrap_or_default()
-        ));
+        return Err(format!("{NOT_CONNECTED} (the bus went away)"));
     }
     let state = |u: &String| known.units.get(u).map(|s| s.state.clone());
     let states: BTreeMap<&String, String> = units
@@ -193,24 +224,34 @@ fn follow(mut asked: UnboundedReceiver<String>, now: fn() -> f64) {
         w.update(|k| k.trouble = Some("no runtime for the watch".into()));
         return;
     };
-    let mut names: Vec<String> = Vec::new();
     loop {
-        let ended = rt.block_on(session(w, &mut asked, &mut names, now));
+        let ended = rt.block_on(session(w, &mut asked, now));
         w.update(|k| {
             k.connected = false;
             k.units.clear();
+            k.paths.clear();
             k.trouble = Some(ended.to_string());
         });
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
+/// How many signals may wait for the watcher's loop. The loop never waits
+/// on anything else, so they do not pile up; zbus's default of 64 is a
+/// bound it would hold the whole connection at.
+const QUEUED: std::num::NonZeroUsize = std::num::NonZeroUsize::new(4096).unwrap();
+
 /// One connection to the bus, until it fails: the names asked before are
 /// loaded again, then signals and new names are followed as they come.
+///
+/// The loop itself never awaits a call: every call runs as a task of its
+/// own. zbus holds the whole connection when a stream's queue is full, so
+/// a loop waiting for a reply while signals filled its own queue would
+/// wait for good (a six-node boot did: 64 signals came in during the loads
+/// of seven units, and the answer never came).
 async fn session(
-    w: &Watcher,
+    w: &'static Watcher,
     asked: &mut UnboundedReceiver<String>,
-    names: &mut Vec<String>,
     now: fn() -> f64,
 ) -> zbus::Error {
     let conn = match connect().await {
@@ -223,151 +264,183 @@ async fn session(
         Ok(s) => s,
         Err(e) => return e,
     };
+    signals.set_max_queued(QUEUED);
     if let Err(e) = call(&conn, MANAGER_PATH, MANAGER, "Subscribe", &()).await {
         return e;
     }
-    let mut paths: HashMap<String, String> = HashMap::new();
-    for name in names.clone() {
-        if let Err(e) = load(&conn, w, &mut paths, &name).await {
-            return e;
-        }
+    for name in w.lock().names.clone() {
+        tokio::spawn(load(conn.clone(), w, name));
     }
-    names.retain(|n| paths.values().any(|p| p == n));
     w.update(|k| k.connected = true);
     loop {
         tokio::select! {
             message = signals.next() => match message {
                 None => return zbus::Error::Failure("the bus closed the connection".into()),
                 Some(Err(e)) => return e,
-                Some(Ok(m)) => {
-                    if let Err(e) = take_change(&conn, w, &m, &paths, now).await {
-                        return e;
-                    }
-                }
+                Some(Ok(m)) => take_change(&conn, w, &m, now),
             },
             Some(name) = asked.recv() => {
-                if paths.values().any(|n| *n == name) {
-                    continue;
-                }
-                if let Err(e) = load(&conn, w, &mut paths, &name).await {
-                    return e;
-                }
-                if paths.values().any(|n| *n == name) {
-                    names.push(name);
+                let mut k = w.lock();
+                if !k.names.contains(&name) {
+                    k.names.push(name.clone());
+                    tokio::spawn(load(conn.clone(), w, name));
                 }
             }
         }
     }
 }
 
-/// Connects to the system bus once its socket exists: early in boot a node
-/// is asked before sockets.target. A look every 20 ms is one stat.
+/// Connects to the system bus once its socket exists: the agent starts
+/// before sockets.target. A look is one stat: every 20 ms for the first
+/// 30 s, then every second (a guest without dbus never has one).
 async fn connect() -> zbus::Result<zbus::Connection> {
+    let began = Instant::now();
     while !std::path::Path::new(BUS_SOCKET).exists() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let early = began.elapsed() < Duration::from_secs(30);
+        tokio::time::sleep(Duration::from_millis(if early { 20 } else { 1000 })).await;
     }
     zbus::connection::Builder::system().build().await
 }
 
 /// Loads the unit `name` (systemd knows it by path from then on) and
-/// records its state, unless a signal already did. A name systemd refuses
-/// is recorded as refused (the requests that ask for it fail), and the
-/// connection goes on: one bad name must not keep the watcher down.
-async fn load(
-    conn: &zbus::Connection,
-    w: &Watcher,
-    paths: &mut HashMap<String, String>,
-    name: &str,
-) -> zbus::Result<()> {
-    let loaded = call(conn, MANAGER_PATH, MANAGER, "LoadUnit", &(name,)).await;
-    let path: OwnedObjectPath = match loaded {
+/// records its state. A name systemd refuses is recorded as refused (the
+/// requests that ask for it fail) and forgotten: one bad name must not
+/// keep the watcher down. Any other failure is the connection's, which
+/// the loop sees too.
+async fn load(conn: zbus::Connection, w: &'static Watcher, name: String) {
+    let loaded = call(&conn, MANAGER_PATH, MANAGER, "LoadUnit", &(&name,)).await;
+    let path: OwnedObjectPath = match loaded.and_then(|m| m.body().deserialize()) {
+        Ok(path) => path,
         // systemd's error reply (zbus gives the standard names as FDO).
         Err(e @ (zbus::Error::MethodError(..) | zbus::Error::FDO(_))) => {
-            w.update(|k| drop(k.refused.insert(name.to_string(), e.to_string())));
-            return Ok(());
+            return w.update(|k| {
+                k.names.retain(|n| *n != name);
+                k.refused.insert(name, e.to_string());
+            });
         }
-        other => other?.body().deserialize()?,
+        Err(_) => return,
     };
-    paths.insert(path.as_str().to_string(), name.to_string());
-    let state = String::try_from(property(conn, &path, "ActiveState").await?)?;
-    let since = active_since(conn, &path).await?;
+    w.update(|k| drop(k.paths.insert(path.to_string(), name.clone())));
+    let Ok((state, serial)) = property(&conn, &path, "ActiveState").await else {
+        return;
+    };
+    let (Ok(state), Ok(since)) = (String::try_from(state), active_since(&conn, &path).await) else {
+        return;
+    };
     w.update(|k| {
-        k.units
-            .entry(name.to_string())
-            .or_insert(UnitState { state, since });
+        record(
+            k,
+            &name,
+            UnitState {
+                state,
+                since,
+                serial,
+            },
+        );
     });
-    Ok(())
+}
+
+/// Keeps `new` unless the watcher already knows a newer state of `unit`.
+fn record(k: &mut Known, unit: &str, new: UnitState) -> bool {
+    if k.units
+        .get(unit)
+        .is_some_and(|old| old.serial >= new.serial)
+    {
+        return false;
+    }
+    k.units.insert(unit.to_string(), new);
+    true
 }
 
 /// Records a watched unit's new ActiveState, if `message` is the signal
 /// that says so. A signal without the moment of entering active (systemd
-/// sends it with ActiveState, but need not) is followed by a Get.
-async fn take_change(
+/// sends it with ActiveState, but need not) is followed by a Get, as a
+/// task of its own.
+fn take_change(
     conn: &zbus::Connection,
-    w: &Watcher,
+    w: &'static Watcher,
     message: &zbus::Message,
-    paths: &HashMap<String, String>,
     now: fn() -> f64,
-) -> zbus::Result<()> {
+) {
     let header = message.header();
     let Some(path) = header.path() else {
-        return Ok(());
+        return;
     };
-    let Some(unit) = paths.get(path.as_str()) else {
-        return Ok(());
+    let Some(unit) = w.lock().paths.get(path.as_str()).cloned() else {
+        return;
     };
     let Ok((interface, changed, _)) =
         message
             .body()
             .deserialize::<(String, BTreeMap<String, OwnedVariant>, Vec<String>)>()
     else {
-        return Ok(());
+        return;
     };
     let Some(state) = changed
         .get("ActiveState")
         .and_then(|v| String::try_from(v.try_clone().ok()?).ok())
     else {
-        return Ok(());
+        return;
     };
     if interface != UNIT {
-        return Ok(());
+        return;
     }
+    let serial = message.primary_header().serial_num().get();
     let at = now();
-    let since = match changed
+    let since = changed
         .get("ActiveEnterTimestampMonotonic")
         .and_then(|v| u64::try_from(v.try_clone().ok()?).ok())
-    {
-        Some(us) => us as f64 / 1e6,
-        None => active_since(conn, path.as_str()).await?,
-    };
+        .map(|us| us as f64 / 1e6);
     w.update(|k| {
+        let old = k.units.get(&unit).map(|u| u.since).unwrap_or_default();
+        let new = UnitState {
+            state: state.clone(),
+            since: since.unwrap_or(old),
+            serial,
+        };
+        if !record(k, &unit, new) {
+            return;
+        }
         let seq = k.next_seq;
         k.next_seq += 1;
         k.changes.push(Change {
             seq,
             unit: unit.clone(),
-            state: state.clone(),
+            state,
             at,
         });
         if k.changes.len() > KEPT_CHANGES {
             k.changes.remove(0);
         }
-        k.units.insert(unit.clone(), UnitState { state, since });
     });
-    Ok(())
+    if since.is_none() {
+        let (conn, path) = (conn.clone(), path.to_string());
+        tokio::spawn(async move {
+            if let Ok(since) = active_since(&conn, &path).await {
+                w.update(|k| {
+                    if let Some(u) = k.units.get_mut(&unit).filter(|u| u.serial == serial) {
+                        u.since = since;
+                    }
+                });
+            }
+        });
+    }
 }
 
 async fn active_since(conn: &zbus::Connection, path: &str) -> zbus::Result<f64> {
-    let entered = property(conn, path, "ActiveEnterTimestampMonotonic").await?;
+    let (entered, _) = property(conn, path, "ActiveEnterTimestampMonotonic").await?;
     Ok(u64::try_from(entered)? as f64 / 1e6)
 }
 
-/// One property of the unit at `path`.
-async fn property(conn: &zbus::Connection, path: &str, name: &str) -> zbus::Result<OwnedVariant> {
-    call(conn, path, PROPERTIES, "Get", &(UNIT, name))
-        .await?
-        .body()
-        .deserialize()
+/// One property of the unit at `path`, and the serial of systemd's reply.
+async fn property(
+    conn: &zbus::Connection,
+    path: &str,
+    name: &str,
+) -> zbus::Result<(OwnedVariant, u32)> {
+    let reply = call(conn, path, PROPERTIES, "Get", &(UNIT, name)).await?;
+    let serial = reply.primary_header().serial_num().get();
+    Ok((reply.body().deserialize()?, serial))
 }
 
 async fn call<B>(
@@ -389,6 +462,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_older_message_changes_nothing_whatever_the_order() {
+        let at = |state: &str, serial| UnitState {
+            state: state.into(),
+            since: 0.0,
+            serial,
+        };
+        let mut k = Known::default();
+        // A Get's reply (serial 9) handled before a signal systemd sent
+        // earlier (serial 7): the reply's state stays.
+        assert!(record(&mut k, "u", at("active", 9)));
+        assert!(!record(&mut k, "u", at("activating", 7)));
+        assert_eq!(k.units["u"].state, "active");
+        assert!(record(&mut k, "u", at("failed", 12)));
+        assert_eq!(k.units["u"].state, "failed");
+    }
+
+    #[test]
     fn the_watch_ends_when_all_are_active_or_one_failed() {
         let known = |v: &[&str]| -> (Known, Vec<String>) {
             let mut k = Known::default();
@@ -396,6 +486,7 @@ mod tests {
                 let state = UnitState {
                     state: s.to_string(),
                     since: 0.0,
+                    serial: 1,
                 };
                 k.units.insert(format!("u{i}"), state);
             }

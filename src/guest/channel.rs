@@ -235,6 +235,15 @@ impl Channel {
             })
     }
 
+    /// Asks the agent's watcher to follow `units` from now on, without
+    /// waiting for them: a node that first waits for its dependencies is
+    /// then answered from the watcher's cache, not after loading each unit
+    /// (0.2-0.6 s on a loaded six-node boot). Best effort: an agent that
+    /// cannot watch says so later, when asked for real.
+    pub fn follow(&self, units: &[String]) {
+        let _ = self.units(units, Duration::ZERO);
+    }
+
     /// Sets the guest's wall clock to `now`. `Ok(false)`: this agent has
     /// no such request (an older agent in a prebuilt image).
     pub fn set_clock(&self, now: chrono::DateTime<chrono::Utc>, within: Duration) -> Result<bool> {

@@ -254,6 +254,11 @@ fn look(guest: &Guest, units: &[String], watch: &str, pushed: &mut bool) -> Resu
                 });
             }
             Err(e) if super::breaks_session(&e) => return Err(e),
+            // Early in boot, before dbus: this look goes through systemctl,
+            // the next asks the agent again.
+            Err(e) if format!("{e:#}").contains(crate::agent::units::NOT_CONNECTED) => {
+                tracing::debug!("{}: {e:#}; this look with systemctl", guest.endpoint.node);
+            }
             Err(e) => {
                 tracing::warn!(
                     "{}: the agent cannot watch units ({e:#}); watching with systemctl",
