@@ -18,9 +18,10 @@
 //! there earlier in boot): on that socket systemd signs its messages with
 //! its well-known name, and zbus (rightly, by the D-Bus specification)
 //! refuses a sender that is no unique name ("Invalid unique name"). Early
-//! in boot the watcher first waits for the system bus's socket; a guest
-//! without one (no dbus) fails the request at its deadline, and the driver
-//! watches with systemctl instead (`guest/ready.rs`).
+//! in boot the watcher first waits for the system bus's socket; until it
+//! is connected (or in a guest without dbus) a request says so within 1 s
+//! ([`NOT_CONNECTED`]), and the driver takes that look with systemctl
+//! (`guest/ready.rs`).
 //!
 //! The D-Bus protocol is zbus's (a pure-Rust client), not written here.
 
