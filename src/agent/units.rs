@@ -18,9 +18,9 @@
 //! there earlier in boot): on that socket systemd signs its messages with
 //! its well-known name, and zbus (rightly, by the D-Bus specification)
 //! refuses a sender that is no unique name ("Invalid unique name"). Early
-//! in boot the watcher first waits for the system bus's socket; until it
-//! is connected (or in a guest without dbus) a request says so within 1 s
-//! ([`NOT_CONNECTED`]), and the driver takes that look with systemctl
+//! in boot the watcher first waits for the system bus's socket; a request
+//! that finds it still unconnected at the end of its window says so
+//! ([`NOT_CONNECTED`]), and the driver takes the next look with systemctl
 //! (`guest/ready.rs`).
 //!
 //! The D-Bus protocol is zbus's (a pure-Rust client), not written here.
@@ -43,12 +43,10 @@ const UNIT: &str = "org.freedesktop.systemd1.Unit";
 const PROPERTIES: &str = "org.freedesktop.DBus.Properties";
 /// The system bus's socket (dbus.socket, part of sockets.target).
 const BUS_SOCKET: &str = "/run/dbus/system_bus_socket";
-/// What a `units` answer's error starts with while the watcher has no
-/// connection to the bus: the driver then looks with systemctl for this
-/// once and asks the agent again next time (`guest/ready.rs`).
+/// What a `units` answer's error starts with when the watcher had no
+/// connection to the bus for the request's whole window: the driver then
+/// looks with systemctl once and asks the agent again (`guest/ready.rs`).
 pub const NOT_CONNECTED: &str = "watching systemd on the system bus: not connected yet";
-/// How long a request waits for the watcher's connection before it says so.
-const CONNECTING: Duration = Duration::from_secs(1);
 /// The changes kept for requests to report (the newest).
 const KEPT_CHANGES: usize = 256;
 
@@ -147,12 +145,11 @@ pub fn watch(units: &[String], within: Duration, now: fn() -> f64) -> Result<Val
     }
     let mut known = w.lock();
     let first = known.next_seq;
-    // Not connected yet (early in boot dbus may start a minute after the
-    // agent under TCG; a guest may have none): say so soon, so that the
-    // driver looks another way meanwhile and asks again.
-    let connecting = Instant::now() + within.min(CONNECTING);
+    // Not connected within the window (early in boot dbus may start a
+    // minute after the agent under TCG; a guest may have none): say so,
+    // and the driver looks another way once and asks again.
     while !known.connected {
-        let left = connecting.saturating_duration_since(Instant::now());
+        let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
             let why = known.trouble.as_ref().map(|t| format!(" ({t})"));
             return Err(format!("{NOT_CONNECTED}{}", why.unwrap_or_default()));

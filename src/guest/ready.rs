@@ -168,11 +168,12 @@ pub fn wait_for_units(
     let what = format!("{}: units active", guest.endpoint.node);
     let watch = watch_script(units, WINDOW.as_secs() as u32);
     let mut pushed = true;
+    let mut unconnected = 0;
     let (last_active, known) = Wait::new(what, deadline)
         .pause(crate::wait::Pause::Every(Duration::from_millis(10)))
         .stop_when(stop)
         .run(|| {
-            let seen = look(guest, units, &watch, &mut pushed)?;
+            let seen = look(guest, units, &watch, &mut pushed, &mut unconnected)?;
             if let Some((unit, _)) = seen.states.iter().find(|(_, s)| s == "failed") {
                 return Err(unit_failed(guest, unit));
             }
@@ -218,6 +219,10 @@ pub struct Readiness {
     pub active: Option<Instant>,
 }
 
+/// How many looks may find the agent's watcher not yet connected to the
+/// bus before the driver stops asking it (each costs one window).
+const UNCONNECTED_LOOKS: u32 = 3;
+
 /// How long one look at the units may wait in the guest.
 const WINDOW: Duration = Duration::from_secs(15);
 
@@ -239,7 +244,13 @@ struct Look {
 /// out: pushed over the agent while it can (`pushed`), else (SSH, an agent
 /// without the watch, a guest without a system bus) by the watch loop run
 /// as a command.
-fn look(guest: &Guest, units: &[String], watch: &str, pushed: &mut bool) -> Result<Look> {
+fn look(
+    guest: &Guest,
+    units: &[String],
+    watch: &str,
+    pushed: &mut bool,
+    unconnected: &mut u32,
+) -> Result<Look> {
     if *pushed && let Some(ch) = guest.agent() {
         match ch.units(units, WINDOW) {
             Ok(w) => {
@@ -255,8 +266,13 @@ fn look(guest: &Guest, units: &[String], watch: &str, pushed: &mut bool) -> Resu
             }
             Err(e) if super::breaks_session(&e) => return Err(e),
             // Early in boot, before dbus: this look goes through systemctl,
-            // the next asks the agent again.
-            Err(e) if format!("{e:#}").contains(crate::agent::units::NOT_CONNECTED) => {
+            // the next asks the agent again; a guest whose bus stays away
+            // (none at all) is watched with systemctl from the fourth on.
+            Err(e)
+                if *unconnected < UNCONNECTED_LOOKS
+                    && format!("{e:#}").contains(crate::agent::units::NOT_CONNECTED) =>
+            {
+                *unconnected += 1;
                 tracing::debug!("{}: {e:#}; this look with systemctl", guest.endpoint.node);
             }
             Err(e) => {
