@@ -177,11 +177,15 @@ fn a_host_port_taken_at_start_is_refused_before_anything_starts() {
 }
 
 /// The global --timeout expiring during `start`: the boot is given up,
-/// every QEMU stopped, `error[timeout]`, exit 124.
+/// every QEMU stopped, `error[timeout]`, exit 124. The node waits for a
+/// unit that never becomes active, so that the timeout is what ends the
+/// start however fast the guest boots (a one-node start once took longer
+/// than 15 s; over the agent it is ready in 13 s).
 #[test]
 fn the_global_timeout_ends_a_start_with_exit_124() {
     let tmp = tempfile::tempdir().unwrap();
-    let (out, secs, _) = start_one(tmp.path(), "", "", &["--timeout", "15"], &[]);
+    let units = "units = [\"ssh.service\", \"photon-never-active.service\"]";
+    let (out, secs, _) = start_one(tmp.path(), "", units, &["--timeout", "15"], &[]);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(124), "{err}");
     assert!(err.contains("error[timeout]"), "{err}");
