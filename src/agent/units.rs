@@ -143,22 +143,19 @@ pub fn watch(units: &[String], within: Duration, now: fn() -> f64) -> Result<Val
         // The watcher's thread outlives every request.
         let _ = w.asks.send(unit.clone());
     }
-    let mut known = w.lock();
+    let known = w.lock();
     let first = known.next_seq;
     // Not connected within the window (early in boot dbus may start a
     // minute after the agent under TCG; a guest may have none): say so,
     // and the driver looks another way once and asks again.
-    while !known.connected {
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            let why = known.trouble.as_ref().map(|t| format!(" ({t})"));
-            return Err(format!("{NOT_CONNECTED}{}", why.unwrap_or_default()));
-        }
-        known = w
-            .changed
-            .wait_timeout(known, left)
-            .unwrap_or_else(|p| p.into_inner())
-            .0;
+    let left = || until.saturating_duration_since(Instant::now());
+    let (known, _) = w
+        .changed
+        .wait_timeout_while(known, left(), |k| !k.connected)
+        .unwrap_or_else(|p| p.into_inner());
+    if !known.connected {
+        let why = known.trouble.as_ref().map(|t| format!(" ({t})"));
+        return Err(format!("{NOT_CONNECTED}{}", why.unwrap_or_default()));
     }
     let refused = |k: &Known| {
         units
@@ -169,17 +166,10 @@ pub fn watch(units: &[String], within: Duration, now: fn() -> f64) -> Result<Val
         k.connected && units.iter().all(|u| k.units.contains_key(u)) && settled(k, units)
             || refused(k).is_some()
     };
-    while !answered(&known) {
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        known = w
-            .changed
-            .wait_timeout(known, left)
-            .unwrap_or_else(|p| p.into_inner())
-            .0;
-    }
+    let (known, _) = w
+        .changed
+        .wait_timeout_while(known, left(), |k| !answered(k))
+        .unwrap_or_else(|p| p.into_inner());
     if let Some((unit, why)) = refused(&known) {
         return Err(format!("systemd cannot load {unit:?}: {why}"));
     }
