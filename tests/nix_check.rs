@@ -218,11 +218,14 @@ fn check_derivations_build_with_real_nix() {
     );
 
     // A lane that runs past the check's timeout: the driver's own
-    // --timeout (from `timeout`) stops it during the boot, keeps the
-    // evidence with status `timeout`, stops the VM, and exits 124; with
-    // keepFailed the output is kept and marked failed.
-    let mut late = kept.clone();
-    late.extend(["--arg", "timeout", "20"]);
+    // --timeout (from `timeout`) stops it, keeps the evidence with status
+    // `timeout`, stops the VM, and exits 124; with keepFailed the output is
+    // kept and marked failed. Its one check sleeps far past the timeout, so
+    // the timeout ends the build however fast the node boots (over the
+    // agent a one-node boot is ready in 12 s, and the broken lane once used
+    // here finished in 19 s, under the timeout).
+    let mut late = one_node("./tests/fixtures/outlasts-timeout.toml").to_vec();
+    late.extend(["--arg", "keepFailed", "true", "--arg", "timeout", "20"]);
     let t = std::time::Instant::now();
     let (out, path) = nix_build("timeout-kept", &late);
     let err = String::from_utf8_lossy(&out.stderr);
