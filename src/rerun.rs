@@ -58,17 +58,23 @@ pub fn rerun(cluster: &Cluster, state: &StateDir, opts: &RerunOptions) -> Result
         &opts.lane.artifacts,
         &format!("rerun-{}", opts.lane.lane.name),
     )?;
+    // The header's wall-clock `started` is now, beside the clock its
+    // duration is measured from (a header made when the runs were over
+    // carried their end as `started`).
+    let lane = &opts.lane.lane;
+    let header = RunReport::new("rerun", &lane.name, &lane.source, cluster);
     let started = Instant::now();
     let fabric = record.fabric.as_ref().map(|f| f.kind).unwrap_or_default();
     let (runs, failed) = run_all(cluster, state, opts, &name, &root, fabric)?;
     let done = Done {
+        header,
         snapshot: &name,
         root: &root,
         started,
         runs,
         failed,
     };
-    conclude(cluster, state, opts, done)
+    conclude(state, opts, done)
 }
 
 /// The runs, each after a restore of `snapshot`, until `times` or a stop
@@ -114,6 +120,8 @@ type Run = (String, RunReport);
 
 /// What the runs left, for the rerun's report.
 struct Done<'a> {
+    /// Made when the runs began: what runs, and when.
+    header: RunReport,
     snapshot: &'a str,
     root: &'a Path,
     started: Instant,
@@ -144,14 +152,13 @@ fn save(cluster: &Cluster, state: &StateDir, record: &RunningCluster) -> Result<
 }
 
 /// Sums the runs up, writes the rerun's root and prints its tables.
-fn conclude(cluster: &Cluster, state: &StateDir, opts: &RerunOptions, done: Done) -> Result<u8> {
-    let lane = &opts.lane.lane;
+fn conclude(state: &StateDir, opts: &RerunOptions, done: Done) -> Result<u8> {
     let root = done.root;
-    let mut header = RunReport::new("rerun", &lane.name, &lane.source, cluster);
     let summary = report::rerun::summarize(opts.times, done.snapshot, &done.runs);
-    header.rerun = Some(summary.rerun);
     let mut ledger = ledger(&done);
     (ledger.layers, ledger.steps) = (summary.layers, summary.steps);
+    let mut header = done.header;
+    header.rerun = Some(summary.rerun);
     let mut rep = ledger.into_report(header, done.started, crate::stopped_as());
     // The rerun's own exit contract (module doc): a check flaky over the
     // runs fails the rerun, which a single run's status does not say.

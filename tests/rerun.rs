@@ -161,6 +161,15 @@ fn rerun_finds_a_check_that_fails_every_other_time_flaky_and_a_mark_turns_it_fla
     );
     assert_eq!(doc["command"], "rerun");
     assert_eq!(doc["rerun"]["runs"].as_array().unwrap().len(), 4);
+    // `started` is when the runs began: finished - started spans the
+    // duration (it once held the end of the runs, a few ms before finished).
+    let at = |k: &str| chrono::DateTime::parse_from_rfc3339(doc[k].as_str().unwrap()).unwrap();
+    let span = (at("finished") - at("started")).as_seconds_f64();
+    let duration = doc["duration_s"].as_f64().unwrap();
+    assert!(
+        span >= duration - 1.0,
+        "{span} s from started to finished, duration {duration} s"
+    );
     let even = rerun_stats(&doc, "even@solo");
     assert_eq!(even["verdict"], "flaky", "{even}");
     assert_eq!(

@@ -36,7 +36,8 @@
 //!   a TCP connect from the guest succeeded (then closed), `{"id", "error"}`
 //!   with the reason if it did not.
 //!
-//! Any failure of a request: `{"id", "error": TEXT}`. On start, unasked and
+//! Any failure of a request: `{"id", "error": TEXT}`; a `units` watch that
+//! had no connection to the system bus adds `"not_connected": true`. On start, unasked and
 //! before any answer: `{"id": null, "event": "started", "monotonic": SECS}`,
 //! SECS the same `started` its hellos give.
 //!

@@ -20,7 +20,7 @@
 //! refuses a sender that is no unique name ("Invalid unique name"). Early
 //! in boot the watcher first waits for the system bus's socket; a request
 //! that finds it still unconnected at the end of its window says so
-//! ([`NOT_CONNECTED`]), and the driver takes the next look with systemctl
+//! (`"not_connected": true`), and the driver takes the next look with systemctl
 //! (`guest/ready.rs`).
 //!
 //! The D-Bus protocol is zbus's (a pure-Rust client), not written here.
@@ -44,9 +44,10 @@ const PROPERTIES: &str = "org.freedesktop.DBus.Properties";
 /// The system bus's socket (dbus.socket, part of sockets.target).
 const BUS_SOCKET: &str = "/run/dbus/system_bus_socket";
 /// What a `units` answer's error starts with when the watcher had no
-/// connection to the bus for the request's whole window: the driver then
-/// looks with systemctl once and asks the agent again (`guest/ready.rs`).
-pub const NOT_CONNECTED: &str = "watching systemd on the system bus: not connected yet";
+/// connection to the bus for the request's whole window. The answer also
+/// says `"not_connected": true`, and on that the driver looks with
+/// systemctl once and asks the agent again (`guest/ready.rs`).
+const NOT_CONNECTED: &str = "watching systemd on the system bus: not connected yet";
 /// The changes kept for requests to report (the newest).
 const KEPT_CHANGES: usize = 256;
 
@@ -131,6 +132,12 @@ fn watcher(now: fn() -> f64) -> &'static Watcher {
     })
 }
 
+/// A failed answer that says why in a field of its own: the watcher is not
+/// connected to the bus, which passes (the driver asks again).
+fn not_connected(why: &str) -> Value {
+    json!({"error": format!("{NOT_CONNECTED}{why}"), "not_connected": true})
+}
+
 /// Watches `units` for at most `within`: the answer is
 /// `{"states": {UNIT: STATE}, "changes": [{"unit", "state", "monotonic"}],
 /// "active_since": {UNIT: SECS}, "monotonic"}`, given as soon as every unit
@@ -155,7 +162,7 @@ pub fn watch(units: &[String], within: Duration, now: fn() -> f64) -> Result<Val
         .unwrap_or_else(|p| p.into_inner());
     if !known.connected {
         let why = known.trouble.as_ref().map(|t| format!(" ({t})"));
-        return Err(format!("{NOT_CONNECTED}{}", why.unwrap_or_default()));
+        return Ok(not_connected(&why.unwrap_or_default()));
     }
     let refused = |k: &Known| {
         units
@@ -174,7 +181,7 @@ pub fn watch(units: &[String], within: Duration, now: fn() -> f64) -> Result<Val
         return Err(format!("systemd cannot load {unit:?}: {why}"));
     }
     if !known.connected {
-        return Err(format!("{NOT_CONNECTED} (the bus went away)"));
+        return Ok(not_connected(" (the bus went away)"));
     }
     let state = |u: &String| known.units.get(u).map(|s| s.state.clone());
     let states: BTreeMap<&String, String> = units

@@ -55,6 +55,16 @@ struct Waiters {
     agent_started: Option<f64>,
 }
 
+/// A `units` watch the agent could not answer because its watcher was not
+/// yet connected to the system bus (early in boot, or a guest without
+/// one): the caller may look another way and ask again.
+#[derive(Debug, thiserror::Error)]
+#[error("{node}: agent: `units`: {why}")]
+pub struct NotConnected {
+    pub node: String,
+    pub why: String,
+}
+
 /// What one `units` watch saw.
 pub struct UnitWatch {
     /// Each unit's ActiveState, in the order asked.
@@ -203,6 +213,14 @@ impl Channel {
         let a = self.request(req, "units", window + WATCH_GRACE)?;
         let received = Instant::now();
         tracing::debug!("{}: units answer {a}", self.node);
+        if a["not_connected"] == true {
+            let why = a["error"].as_str().unwrap_or_default().to_string();
+            return Err(NotConnected {
+                node: self.node.clone(),
+                why,
+            }
+            .into());
+        }
         self.failed(&a, "units")?;
         let state = |u: &String| a["states"][u].as_str().unwrap_or("unknown").to_string();
         Ok(UnitWatch {
@@ -529,8 +547,8 @@ mod tests {
     }
 
     /// Without systemd on a system bus (this host has neither) the watch
-    /// fails by name and the channel stays usable: the driver then watches
-    /// with systemctl (`ready::look`).
+    /// fails as not connected and the channel stays usable: the driver
+    /// then watches with systemctl (`ready::Route`).
     #[test]
     fn a_units_watch_without_systemd_fails_by_name_and_keeps_the_channel() {
         let ch = agent();
@@ -539,12 +557,15 @@ mod tests {
             .err()
             .unwrap();
         assert!(format!("{e:#}").contains("on the system bus"), "{e:#}");
+        // Said in a field of its own: the driver asks again after one look
+        // with systemctl.
+        assert!(e.downcast_ref::<NotConnected>().is_some(), "{e:#}");
         assert!(!super::super::breaks_session(&e), "{e:#}");
         assert_eq!(ch.exec("echo on", SECS).unwrap().stdout, "on\n");
     }
 
     /// A broken channel is a named error; it still says it broke the
-    /// session (the engine then forgets the guest, `ready::look` gives up).
+    /// session (the engine then forgets the guest, `ready::Route` gives up).
     #[test]
     fn a_broken_channel_breaks_the_session() {
         let e = broken_err("n", "gone");

@@ -167,13 +167,12 @@ pub fn wait_for_units(
     }
     let what = format!("{}: units active", guest.endpoint.node);
     let watch = watch_script(units, WINDOW.as_secs() as u32);
-    let mut pushed = true;
-    let mut unconnected = 0;
+    let mut route = Route::default();
     let (last_active, known) = Wait::new(what, deadline)
         .pause(crate::wait::Pause::Every(Duration::from_millis(10)))
         .stop_when(stop)
         .run(|| {
-            let seen = look(guest, units, &watch, &mut pushed, &mut unconnected)?;
+            let seen = route.look(guest, units, &watch)?;
             if let Some((unit, _)) = seen.states.iter().find(|(_, s)| s == "failed") {
                 return Err(unit_failed(guest, unit));
             }
@@ -240,50 +239,74 @@ struct Look {
     received: Instant,
 }
 
-/// The units' states once all are active, one failed, or the window ran
-/// out: pushed over the agent while it can (`pushed`), else (SSH, an agent
-/// without the watch, a guest without a system bus) by the watch loop run
-/// as a command.
-fn look(
-    guest: &Guest,
-    units: &[String],
-    watch: &str,
-    pushed: &mut bool,
-    unconnected: &mut u32,
-) -> Result<Look> {
-    if *pushed && let Some(ch) = guest.agent() {
-        match ch.units(units, WINDOW) {
-            Ok(w) => {
-                for c in &w.changes {
-                    tracing::debug!(node = %guest.endpoint.node, "unit change {c}");
-                }
-                return Ok(Look {
-                    states: w.states,
-                    printed: None,
-                    last_active: w.active_since.into_iter().reduce(f64::max),
-                    received: w.received,
-                });
-            }
-            Err(e) if super::breaks_session(&e) => return Err(e),
-            // Early in boot, before dbus: this look goes through systemctl,
-            // the next asks the agent again; a guest whose bus stays away
-            // (none at all) is watched with systemctl from the fourth on.
-            Err(e)
-                if *unconnected < UNCONNECTED_LOOKS
-                    && format!("{e:#}").contains(crate::agent::units::NOT_CONNECTED) =>
-            {
-                *unconnected += 1;
-                tracing::debug!("{}: {e:#}; this look with systemctl", guest.endpoint.node);
-            }
-            Err(e) => {
-                tracing::warn!(
-                    "{}: the agent cannot watch units ({e:#}); watching with systemctl",
-                    guest.endpoint.node
-                );
-                *pushed = false;
-            }
+/// Which way a node's looks go: pushed over the agent while it can, else
+/// (SSH, an agent without the watch, a guest without a system bus) the
+/// watch loop run as a command.
+struct Route {
+    /// Whether to ask the agent's watcher; false once it could not watch.
+    pushed: bool,
+    /// Looks so far that found the watcher not yet connected to the bus.
+    unconnected: u32,
+}
+
+impl Default for Route {
+    fn default() -> Self {
+        Route {
+            pushed: true,
+            unconnected: 0,
         }
     }
+}
+
+impl Route {
+    /// The units' states once all are active, one failed, or the window
+    /// ran out.
+    fn look(&mut self, guest: &Guest, units: &[String], watch: &str) -> Result<Look> {
+        if self.pushed
+            && let Some(ch) = guest.agent()
+        {
+            match ch.units(units, WINDOW) {
+                Ok(w) => return Ok(pushed_look(guest, w)),
+                Err(e) if super::breaks_session(&e) => return Err(e),
+                Err(e) => self.not_pushed(guest, &e),
+            }
+        }
+        watched_look(guest, units, watch)
+    }
+
+    /// Why the agent could not answer decides where the next look goes.
+    /// Early in boot, before dbus, this look goes through systemctl and
+    /// the next asks the agent again; a guest whose bus stays away (none
+    /// at all) is watched with systemctl from the fourth look on.
+    fn not_pushed(&mut self, guest: &Guest, e: &anyhow::Error) {
+        let node = &guest.endpoint.node;
+        if self.unconnected < UNCONNECTED_LOOKS
+            && e.downcast_ref::<super::channel::NotConnected>().is_some()
+        {
+            self.unconnected += 1;
+            tracing::debug!("{node}: {e:#}; this look with systemctl");
+        } else {
+            tracing::warn!("{node}: the agent cannot watch units ({e:#}); watching with systemctl");
+            self.pushed = false;
+        }
+    }
+}
+
+/// The agent's answer as a look.
+fn pushed_look(guest: &Guest, w: super::channel::UnitWatch) -> Look {
+    for c in &w.changes {
+        tracing::debug!(node = %guest.endpoint.node, "unit change {c}");
+    }
+    Look {
+        states: w.states,
+        printed: None,
+        last_active: w.active_since.into_iter().reduce(f64::max),
+        received: w.received,
+    }
+}
+
+/// One look by the watch loop run as a command (SSH or the agent's exec).
+fn watched_look(guest: &Guest, units: &[String], watch: &str) -> Result<Look> {
     let out = guest.exec(watch, Duration::from_secs(40))?;
     let states = units
         .iter()
