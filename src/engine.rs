@@ -15,7 +15,9 @@
 //! followed kept beside it; never a plain pass.
 //!
 //! A retried check is tried again after a pause that grows (50 ms doubling
-//! to 1 s) until it passes or its deadline passes. An attempt whose SSH
+//! to 1 s) until it passes or its deadline passes; an attempt that would
+//! not end before the deadline (it takes as long as the last one) is not
+//! begun. An attempt whose SSH
 //! session broke drops that session, so the next attempt opens a new one,
 //! whatever the check's kind.
 
@@ -429,7 +431,8 @@ fn run_check(
         };
         let pause = opts.retry.nth(attempts);
         attempts += 1;
-        let out_of_time = Instant::now() + pause >= deadline;
+        let out_of_time =
+            !time_for_another(Instant::now(), pause, attempt_started.elapsed(), deadline);
         let stop = !c.shape.retried || out_of_time || final_error || (opts.interrupted)();
         if v.outcome != Outcome::Fail || stop {
             break (v, attempt_started);
@@ -464,6 +467,14 @@ fn run_check(
     let mut out = vec![check];
     out.extend(part_results(&out[0], parts, attempt_s));
     out
+}
+
+/// Whether another attempt fits before the deadline: after its pause, as
+/// long as the last one took. One that cannot finish would end as "did not
+/// complete" and replace the judged failure and its evidence (on a loaded
+/// host a curl of 10 s left 4 s to the next one).
+fn time_for_another(now: Instant, pause: Duration, took: Duration, deadline: Instant) -> bool {
+    now + pause + took < deadline
 }
 
 /// A check stands for its parts: if one failed, so did the check, so that
@@ -723,6 +734,17 @@ mod tests {
         assert!(r.message.contains("still failing after"), "{}", r.message);
         assert!(r.duration_s < 1.0, "{}", r.duration_s);
         assert_eq!(r.evidence["n"], r.attempts - 1);
+    }
+
+    #[test]
+    fn no_attempt_begins_that_cannot_finish_before_the_deadline() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        let deadline = now + ms(1000);
+        assert!(time_for_another(now, ms(100), ms(800), deadline));
+        assert!(!time_for_another(now, ms(100), ms(900), deadline));
+        assert!(!time_for_another(now, ms(1000), ms(0), deadline));
+        assert!(time_for_another(now, ms(0), ms(0), deadline));
     }
 
     #[test]
