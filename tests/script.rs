@@ -263,7 +263,8 @@ fn scripts_pass_fail_with_evidence_and_run_as_lane_checks() {
     assert!(common::pids_mentioning("python3", "photon_machine").is_empty());
 
     // The global --timeout ends a script inside a wait: exit 124, the
-    // python child killed, the run written out.
+    // python child killed, the run written out with the subtest it was in
+    // as a failed check of its own, its steps as evidence.
     let slow = fixture("outlasts-timeout.py");
     let args = [
         "--timeout",
@@ -279,13 +280,19 @@ fn scripts_pass_fail_with_evidence_and_run_as_lane_checks() {
     let out = common::run(&state, &args);
     assert_eq!(out.status.code(), Some(124), "timeout");
     assert!(t.elapsed().as_secs() < 60, "{:?}", t.elapsed());
-    assert!(root.join("outlasts-timeout/latest/result.json").exists());
-    let so_far = root.join("outlasts-timeout/latest/script-outlasts-timeout/subtests.json");
-    let so_far = std::fs::read_to_string(&so_far).unwrap();
+    let res = result(&root, "outlasts-timeout");
+    assert_eq!(res["status"], "timeout", "{res:#}");
+    let script = common::check(&res, "outlasts-timeout");
     assert!(
-        so_far.contains("waits forever") && so_far.contains("wait_until"),
-        "{so_far}"
+        script["message"].as_str().unwrap().starts_with("stopped: "),
+        "{script:#}"
     );
+    let waiting = common::check(&res, "outlasts-timeout/waits forever");
+    assert_eq!(waiting["outcome"], "fail", "{waiting:#}");
+    let msg = waiting["message"].as_str().unwrap();
+    assert!(msg.starts_with("stopped inside this subtest"), "{msg}");
+    let step = &waiting["evidence"]["steps"][0];
+    assert_eq!(step["op"], "wait_until", "{waiting:#}");
     assert!(common::pids_mentioning("python3", "photon_machine").is_empty());
 
     // snapshot_save and snapshot_restore: the cluster back in place.

@@ -50,6 +50,7 @@ impl Check for Script {
         let evidence = json!({
             "script": self.file.display().to_string(),
             "exit": run.exit,
+            "stopped": run.stopped,
             "seconds": run.seconds,
             "subtests": summary,
             "steps": run.steps,
@@ -60,7 +61,9 @@ impl Check for Script {
         let lead = run.started.saturating_duration_since(began);
         let parts = run.subtests.iter().map(|s| self.part(s, lead)).collect();
         let passed = run.subtests.iter().filter(|s| s.passed).count();
-        let verdict = if let Some(f) = run.failed() {
+        let verdict = if let Some(why) = &run.stopped {
+            Verdict::fail(format!("stopped: {why}"), evidence)
+        } else if let Some(f) = run.failed() {
             let msg = f.message.clone().unwrap_or_else(|| "failed".into());
             Verdict::fail(format!("subtest {:?}: {msg}", f.name), evidence)
         } else if run.exit != Some(0) {
@@ -110,9 +113,14 @@ mod tests {
     use crate::guest::GuestPool;
     use crate::spec::Cluster;
     use crate::state::RunningCluster;
+    use serde_json::Value;
 
     /// Runs `text` as a script on a cluster without nodes (it calls none).
     fn attempt(dir: &std::path::Path, text: &str) -> (Verdict, PathBuf) {
+        attempt_within(dir, text, Duration::from_secs(60))
+    }
+
+    fn attempt_within(dir: &std::path::Path, text: &str, budget: Duration) -> (Verdict, PathBuf) {
         let file = dir.join("s.py");
         std::fs::write(&file, text).unwrap();
         let record: RunningCluster = serde_json::from_value(json!({
@@ -133,7 +141,7 @@ mod tests {
             artifacts: Some(dir),
         };
         let check = Script { file: file.clone() };
-        let v = check.attempt(&ctx, None, Duration::from_secs(60)).unwrap();
+        let v = check.attempt(&ctx, None, budget).unwrap();
         (v, file)
     }
 
@@ -160,6 +168,30 @@ mod tests {
         // The script's own evidence only sums them up.
         assert_eq!(v.evidence["subtests"][1]["passed"], false);
         assert!(v.evidence["subtests"][0].get("steps").is_none());
+    }
+
+    /// A script stopped by its deadline is killed, and what it did so far
+    /// is its verdict: the subtests it finished, and the one it was in.
+    #[test]
+    fn a_stopped_script_keeps_its_subtests_as_parts() {
+        let text = "import time\n\
+            with subtest(\"first\"):\n    pass\n\
+            with subtest(\"sleeps\"):\n    time.sleep(600)\n";
+        let dir = tempfile::tempdir().unwrap();
+        let (v, _) = attempt_within(dir.path(), text, Duration::from_secs(3));
+        assert_eq!(v.outcome, Outcome::Fail);
+        assert!(v.message.starts_with("stopped: "), "{}", v.message);
+        let parts: Vec<_> = v.parts.iter().map(|p| (&*p.name, p.outcome)).collect();
+        assert_eq!(parts, [("first", Outcome::Pass), ("sleeps", Outcome::Fail)]);
+        assert!(
+            v.parts[1]
+                .message
+                .starts_with("stopped inside this subtest"),
+            "{}",
+            v.parts[1].message
+        );
+        assert_eq!(v.evidence["exit"], Value::Null);
+        assert!(v.evidence["stopped"].is_string(), "{}", v.evidence);
     }
 
     #[test]

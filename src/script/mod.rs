@@ -32,6 +32,9 @@ pub struct Run {
     #[serde(skip)]
     pub started: Instant,
     pub exit: Option<i32>,
+    /// Why the script was stopped before it ended (its deadline, Ctrl-C,
+    /// `--timeout`); it was then killed.
+    pub stopped: Option<String>,
     pub seconds: f64,
     pub subtests: Vec<Subtest>,
     /// Calls made outside any subtest.
@@ -104,18 +107,17 @@ pub fn run(
     });
     let _ = std::fs::remove_file(&sock);
     let (stdout, stderr) = outputs(dir);
-    let (subtests, steps) = session.into_results();
-    // Stopped (Ctrl-C, --timeout, deadline): what the script did so far
-    // stays as a file in its directory, since the check's error has no evidence.
-    if served.is_err() {
-        let so_far = serde_json::json!({ "subtests": subtests, "steps": steps });
-        let _ =
-            crate::files::write_atomic(&dir.join("subtests.json"), so_far.to_string().as_bytes());
-    }
-    let exit = served?;
+    // Stopped (its deadline, Ctrl-C, --timeout): what the script did so far
+    // is still its result, so that its subtests are checks with evidence.
+    let (exit, stopped) = match served {
+        Ok(exit) => (exit, None),
+        Err(e) => (None, Some(format!("{e:#}"))),
+    };
+    let (subtests, steps) = session.into_results(stopped.as_deref());
     Ok(Run {
         started,
         exit,
+        stopped,
         seconds: started.elapsed().as_secs_f64(),
         subtests,
         steps,

@@ -124,12 +124,15 @@ impl<'a> Session<'a> {
     }
 
     /// The subtests (an unfinished one counts as failed) and the loose steps.
-    pub fn into_results(self) -> (Vec<Subtest>, Vec<Step>) {
+    pub fn into_results(self, stopped: Option<&str>) -> (Vec<Subtest>, Vec<Step>) {
         let mut log = self.log.into_inner().unwrap_or_default();
         if let Some((mut open, at)) = log.open.take() {
             open.passed = false;
             open.seconds = at.elapsed().as_secs_f64();
-            open.message = Some("the script ended inside this subtest".into());
+            open.message = Some(match stopped {
+                Some(why) => format!("stopped inside this subtest: {why}"),
+                None => "the script ended inside this subtest".into(),
+            });
             log.done.push(open);
         }
         (log.done, log.loose)
