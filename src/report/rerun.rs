@@ -179,7 +179,8 @@ fn run_summaries(runs: &[(String, RunReport)]) -> Vec<RunSummary> {
 
 /// Every check of the layer `name` in any run, each where its run had it:
 /// a script's subtests differ between runs (one that a run never reached
-/// is not among its checks), and the first run need not have them all.
+/// is not among its checks, and counts as skipped there), and the first
+/// run need not have them all.
 fn checks_of<'a>(name: &str, runs: &'a [(String, RunReport)]) -> Vec<&'a CheckResult> {
     let mut out: Vec<&CheckResult> = Vec::new();
     let layers = runs.iter().flat_map(|(_, r)| &r.layers);
@@ -216,8 +217,17 @@ fn check_stats(id: &str, layer: &str, runs: &[(String, RunReport)]) -> CheckStat
             found.push((i as u32 + 1, dir, c, r));
         }
     }
-    let count =
-        |f: &dyn Fn(Outcome) -> bool| found.iter().filter(|x| f(x.2.outcome)).count() as u32;
+    // Each run's outcome; a run without the check (a subtest its script
+    // never reached) skipped it, so that every run is counted.
+    let outcomes: Vec<Outcome> = runs
+        .iter()
+        .enumerate()
+        .map(|(i, _)| match found.iter().find(|x| x.0 == i as u32 + 1) {
+            Some(x) => x.2.outcome,
+            None => Outcome::Skipped,
+        })
+        .collect();
+    let count = |f: &dyn Fn(Outcome) -> bool| outcomes.iter().filter(|o| f(**o)).count() as u32;
     let passes = count(&|o| matches!(o, Outcome::Pass | Outcome::Degraded));
     let failures = count(&|o| o == Outcome::Fail);
     let flaky = count(&|o| o == Outcome::Flaky);
@@ -249,7 +259,7 @@ fn check_stats(id: &str, layer: &str, runs: &[(String, RunReport)]) -> CheckStat
         id: id.into(),
         layer: layer.into(),
         verdict,
-        outcomes: found.iter().map(|x| x.2.outcome).collect(),
+        outcomes,
         passes,
         failures,
         flaky,
@@ -297,6 +307,9 @@ fn summary_check(first: &CheckResult, s: &CheckStats) -> CheckResult {
         s.duration_s.min,
         s.duration_s.max
     );
+    if s.skipped > 0 {
+        message.push_str(&format!(", skipped in {}", s.skipped));
+    }
     if s.verdict == Outcome::Flaky
         && let Some(f) = &s.failing
     {
@@ -470,7 +483,7 @@ mod tests {
     }
 
     #[test]
-    fn a_subtest_only_a_later_run_reached_is_listed_after_its_script() {
+    fn a_subtest_only_a_later_run_reached_is_listed_after_its_script_and_skipped_before() {
         use crate::error::RunStatus as S;
         use Outcome::*;
         let runs = vec![
@@ -497,8 +510,16 @@ mod tests {
         let r = summarize(2, "s", &runs);
         let ids: Vec<&str> = r.layers[0].checks.iter().map(|c| c.id.as_str()).collect();
         assert_eq!(ids, ["s", "s/a", "s/b", "t"]);
+        // Run 1 never reached s/b: skipped there, so both runs count.
         let b = &r.rerun.checks[2];
-        assert_eq!((b.verdict, b.outcomes.as_slice()), (Pass, &[Pass][..]));
+        assert_eq!(
+            (b.verdict, b.outcomes.as_slice()),
+            (Pass, &[Skipped, Pass][..])
+        );
+        assert_eq!((b.passes, b.skipped, b.pass_rate), (1, 1, 1.0));
+        let line = &r.layers[0].checks[2].message;
+        assert!(line.starts_with("passed 1/2 run(s)"), "{line}");
+        assert!(line.contains("skipped in 1"), "{line}");
     }
 
     #[test]
