@@ -17,8 +17,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// `run`'s arguments this command sets itself for each process it starts
-/// (with a value, then without).
-const OWN_VALUES: &[&str] = &["--jobs", "--out", "--state-dir"];
+/// (with a value, then without). `--timeout`: each gets what is left of
+/// this one's, so that it ends with `timeout` when this one does.
+const OWN_VALUES: &[&str] = &["--jobs", "--out", "--state-dir", "--timeout"];
 const OWN_FLAGS: &[&str] = &["--keep-failed", "--json"];
 
 /// No layer is waited for longer; each process keeps its own deadlines
@@ -48,18 +49,47 @@ pub fn run(lane: &Lane, out: &Path, jobs: usize, keep_failed: bool, json: bool) 
     let base = base_args(std::env::args_os());
     let ready = parts.join("ready");
     eprintln!("graph: the ready cluster, once, into {}", ready.display());
-    let status = step(&base, &parts, "ready", &ready, &["--ready".into()])
+    let mut boot = step(&base, &parts, "ready", &ready, &["--ready".into()])
         .stdout(Stdio::null())
-        .status()
+        .spawn()
         .context("starting the ready boot")?;
+    crate::own_child(boot.id());
+    let status = boot.wait();
+    crate::disown_child(boot.id());
+    let status = status.context("waiting for the ready boot")?;
+    if crate::stopped_as().is_some() {
+        keep_logs(&parts, out);
+        return Err(crate::stop_error().context("during the ready boot; nothing of the lane ran"));
+    }
     if !status.success() {
         bail!("the ready boot ended {status}; nothing of the lane ran");
     }
-    let outputs = layers(lane, &base, &parts, &ready, jobs.max(1))?;
-    let code = crate::layered::assemble(&outputs, out, keep_failed, json)?;
+    let outputs = match layers(lane, &base, &parts, &ready, jobs.max(1)) {
+        Ok(outputs) => outputs,
+        Err(e) if crate::stopped_as().is_some() => return stopped(lane, &parts, out, json, e),
+        Err(e) => return Err(e),
+    };
+    let code = crate::layered::assemble(&outputs, out, keep_failed, json, None)?;
     keep_logs(&parts, out);
     let _ = fs::remove_dir_all(&parts);
     Ok(code)
+}
+
+/// Ctrl-C or `--timeout` stopped the layers: what they left is assembled
+/// (each stopped one says so itself), the lane's status says how it
+/// stopped, and the parts stay beside the output; the stop is the error.
+fn stopped(lane: &Lane, parts: &Path, out: &Path, json: bool, e: anyhow::Error) -> Result<u8> {
+    let left: Vec<PathBuf> = lane
+        .layers
+        .iter()
+        .map(|l| parts.join(&l.name))
+        .filter(|d| d.join("result.json").is_file())
+        .collect();
+    if !left.is_empty() {
+        crate::layered::assemble(&left, out, false, json, crate::stopped_as())?;
+    }
+    keep_logs(parts, out);
+    Err(e)
 }
 
 /// Where the step processes' outputs go: beside `out`, not in it.
@@ -98,6 +128,16 @@ pub fn base_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
 fn step(base: &[OsString], parts: &Path, name: &str, out: &Path, extra: &[OsString]) -> Command {
     let exe = std::env::current_exe().unwrap_or_else(|_| "photon-cluster".into());
     let mut c = Command::new(exe);
+    // A group of its own: the terminal's Ctrl-C reaches this process only,
+    // which passes each one on (a second one at once would end the step
+    // without its evidence).
+    std::os::unix::process::CommandExt::process_group(&mut c, 0);
+    // Rounded up: the step's timeout fires with or just after this one's,
+    // so this one knows it stopped when the step ends.
+    if let Some(left) = crate::time_left() {
+        let secs = left.as_millis().div_ceil(1000).max(1);
+        c.arg("--timeout").arg(secs.to_string());
+    }
     c.args(base)
         .args(extra)
         .arg("--keep-failed")
@@ -179,6 +219,7 @@ fn launch(base: &[OsString], parts: &Path, name: &str, from: &Path, save_end: bo
         .stderr(file)
         .spawn()
         .with_context(|| format!("starting layer {name}"))?;
+    crate::own_child(child.id());
     eprintln!("graph: layer {name} started (log: {})", log.display());
     Ok(Job {
         name: name.to_string(),
@@ -200,6 +241,7 @@ fn reap(running: &mut Vec<Job>) -> Result<Vec<String>> {
             continue;
         };
         let job = running.remove(i);
+        crate::disown_child(job.child.id());
         report(&job, status)?;
         ended.push(job.name);
     }
@@ -225,13 +267,17 @@ fn report(job: &Job, status: ExitStatus) -> Result<()> {
     Ok(())
 }
 
-/// Ctrl-C or `--timeout`: every running layer is asked to stop (as Ctrl-C
-/// would) and waited for through its teardown, then killed.
+/// The layers stop: each is waited for through its teardown, then killed.
+/// Ctrl-C was passed on to them as it came, and `--timeout` is their own
+/// (at most a second after this one's); any other end asks them to stop
+/// as Ctrl-C would.
 fn stop_all(running: &mut Vec<Job>) {
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
-    for job in running.iter() {
-        let _ = kill(Pid::from_raw(job.child.id() as i32), Signal::SIGINT);
+    if !crate::interrupted() {
+        for job in running.iter() {
+            let _ = kill(Pid::from_raw(job.child.id() as i32), Signal::SIGINT);
+        }
     }
     let _ = Wait::new("layers stopping", TEARDOWN)
         .through_interrupt()
@@ -247,6 +293,7 @@ fn stop_all(running: &mut Vec<Job>) {
     for job in running.iter_mut() {
         let _ = job.child.kill();
         let _ = job.child.wait();
+        crate::disown_child(job.child.id());
     }
 }
 
@@ -281,6 +328,8 @@ mod tests {
             "l.toml",
             "--json",
             "--keep-failed",
+            "--timeout",
+            "30",
             "--image-dir",
             "/i",
         ];

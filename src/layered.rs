@@ -221,8 +221,16 @@ fn read_layer(dir: &Path) -> Result<LayerRun> {
 /// Assembles the layers' outputs into one artifact tree in `out` with the
 /// schema of a whole lane run: every layer's results, its health layer as
 /// `health:<layer>`, its steps as `<layer>:<step>`, its evidence tree under
-/// `layers/<layer>/`. Returns the exit code, as `run` does.
-pub fn assemble(inputs: &[PathBuf], out: &Path, keep_failed: bool, json: bool) -> Result<u8> {
+/// `layers/<layer>/`. `stopped`: how the run that made them was stopped
+/// early, if it was (the lane's status then says so). Returns the exit
+/// code, as `run` does.
+pub fn assemble(
+    inputs: &[PathBuf],
+    out: &Path,
+    keep_failed: bool,
+    json: bool,
+    stopped: Option<crate::error::RunStatus>,
+) -> Result<u8> {
     let runs = inputs
         .iter()
         .map(|d| read_layer(d))
@@ -233,7 +241,7 @@ pub fn assemble(inputs: &[PathBuf], out: &Path, keep_failed: bool, json: bool) -
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let started = Instant::now();
     let header = header(&first.report);
-    let mut rep = merged(&runs).into_report(header, started, None);
+    let mut rep = merged(&runs).into_report(header, started, stopped);
     // The lane took its layers' time, wherever and whenever they ran; not
     // this assembly's.
     rep.duration_s = runs.iter().map(|r| r.report.duration_s).sum();

@@ -43,14 +43,34 @@ pub mod text;
 pub mod validate;
 pub mod wait;
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 /// QEMU processes this command launched and still owns: a second Ctrl-C,
 /// which exits at once, kills them first so none is orphaned.
 static OWNED_PIDS: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+
+/// Driver processes this command started (`run --jobs`' steps), each in a
+/// process group of its own so that the terminal's Ctrl-C reaches only
+/// this one: every Ctrl-C is passed on to them, the first to stop them
+/// with their evidence, a second to end them at once.
+static CHILDREN: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+
+/// Records a driver process this command started (until [`disown_child`]).
+pub fn own_child(pid: u32) {
+    CHILDREN.lock().expect("children").push(pid as i32);
+}
+
+/// Forgets a driver process once it ended.
+pub fn disown_child(pid: u32) {
+    CHILDREN
+        .lock()
+        .expect("children")
+        .retain(|p| *p != pid as i32);
+}
 
 /// Records a QEMU launched by this command (until [`release_owned`]).
 pub fn own_pid(pid: i32) {
@@ -71,11 +91,15 @@ pub fn interrupted() -> bool {
 /// Seconds of the global `--timeout` once it has expired (0: not expired).
 static TIMED_OUT: AtomicU64 = AtomicU64::new(0);
 
+/// When the global `--timeout` expires, once armed.
+static DEADLINE: OnceLock<Instant> = OnceLock::new();
+
 /// Arms the command's global `--timeout`. When it expires the command
 /// unwinds exactly as after Ctrl-C (every wait polls [`interrupted`]):
 /// evidence is collected, artifacts are written with status `timeout`,
 /// and what the command started is stopped. It then exits 124.
-pub fn arm_timeout(after: std::time::Duration) {
+pub fn arm_timeout(after: Duration) {
+    let _ = DEADLINE.set(Instant::now() + after);
     std::thread::spawn(move || {
         std::thread::sleep(after);
         let secs = after.as_secs().max(1);
@@ -85,6 +109,14 @@ pub fn arm_timeout(after: std::time::Duration) {
             "--timeout {secs} s expired; collecting evidence and stopping what was started"
         );
     });
+}
+
+/// What is left of the global `--timeout`, if one is armed: a process this
+/// command starts gets it as its own, and so ends with `timeout` too.
+pub fn time_left() -> Option<Duration> {
+    DEADLINE
+        .get()
+        .map(|d| d.saturating_duration_since(Instant::now()))
 }
 
 /// The `--timeout` that expired, in seconds, if it did.
@@ -115,6 +147,10 @@ pub fn stopped_as() -> Option<error::RunStatus> {
 /// Installs the Ctrl-C / SIGTERM handler that sets [`interrupted`].
 pub fn install_interrupt_handler() {
     let _ = ctrlc::set_handler(|| {
+        for pid in CHILDREN.lock().map(|p| p.clone()).unwrap_or_default() {
+            use nix::sys::signal::{Signal, kill};
+            let _ = kill(nix::unistd::Pid::from_raw(pid), Signal::SIGINT);
+        }
         if INTERRUPTED.swap(true, Ordering::SeqCst) {
             eprintln!("interrupted again; killing owned QEMU processes and exiting now");
             for pid in OWNED_PIDS.lock().map(|p| p.clone()).unwrap_or_default() {

@@ -410,3 +410,116 @@ fn a_layer_after_another_continues_from_its_end_state_in_a_graph_of_two_jobs() {
     let needle = tmp.path().to_str().unwrap();
     assert_eq!(common::qemu_pids_mentioning(needle), Vec::<i32>::new());
 }
+
+/// Waits up to `within` for `cond`, polling every 500 ms; returns the
+/// seconds it took, or panics with `what` at the deadline.
+fn wait_for(what: &str, within: std::time::Duration, cond: impl Fn() -> bool) -> f64 {
+    let t = std::time::Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!("{what}: after {secs:.1} s");
+    secs
+}
+
+/// Ctrl-C during `run --jobs 2`: the one signal is passed on to the layer
+/// still running (its process group is its own, so the terminal's signal
+/// would reach the graph only), which stops with its evidence; the graph
+/// assembles what the layers left with status `interrupted`, exits 130,
+/// and leaves nothing running. Each layer got what was left of the graph's
+/// `--timeout` as its own.
+#[test]
+fn ctrl_c_during_a_graph_of_two_jobs_stops_every_layer_with_its_evidence() {
+    use nix::sys::signal::{Signal, kill};
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    common::image_dir_with_cmdline(&images, "");
+    let cluster = common::one_node_cluster(tmp.path(), &images);
+    let lane = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/layered-stopped.toml"
+    );
+    let (state, out) = (tmp.path().join("s"), tmp.path().join("lane"));
+    let log = tmp.path().join("graph.log");
+    let mut graph = common::bin()
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--timeout", "1800", "--cluster", cluster.to_str().unwrap()])
+        .args([
+            "run",
+            "--jobs",
+            "2",
+            "--accel",
+            "tcg",
+            "--allow-impure",
+            "/",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .arg("--image-dir")
+        .arg(&images)
+        .args(["--lane-file", lane])
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let long_log = tmp.path().join("lane.parts/logs/long.log");
+    let read = |p: &Path| fs::read_to_string(p).unwrap_or_default();
+    wait_for(
+        "quick passed and long's check running",
+        std::time::Duration::from_secs(900),
+        || {
+            read(&log).contains("graph: layer quick pass")
+                && read(&long_log).contains("sleeper@solo: running")
+        },
+    );
+    let needle = tmp.path().to_str().unwrap();
+    let long: Vec<i32> = common::pids_mentioning("photon-cluster", needle)
+        .into_iter()
+        .filter(|p| {
+            let cmd = fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmd).contains("\0long\0")
+        })
+        .collect();
+    assert_eq!(long.len(), 1, "the long layer's process: {long:?}");
+    let cmd = fs::read(format!("/proc/{}/cmdline", long[0])).unwrap();
+    let args: Vec<String> = String::from_utf8_lossy(&cmd)
+        .split('\0')
+        .map(str::to_string)
+        .collect();
+    let at = args
+        .iter()
+        .position(|a| a == "--timeout")
+        .expect("--timeout");
+    let secs: u64 = args[at + 1].parse().unwrap();
+    assert!((1..1800).contains(&secs), "the layer's --timeout {secs}");
+
+    let t = std::time::Instant::now();
+    kill(
+        nix::unistd::Pid::from_raw(graph.id() as i32),
+        Signal::SIGINT,
+    )
+    .unwrap();
+    let status = graph.wait().unwrap();
+    let text = read(&log);
+    eprintln!(
+        "the graph stopped {:.1} s after Ctrl-C:\n{text}",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(status.code(), Some(130), "{text}");
+    let r = json(&out.join("result.json"));
+    assert_eq!(r["status"], "interrupted", "{}", r["layers"]);
+    assert_eq!(common::check(&r, "quick@solo")["outcome"], "pass");
+    let long = json(&out.join("layers/long/result.json"));
+    assert_eq!(long["status"], "interrupted", "{long}");
+    assert!(out.join("layers/long/nodes/solo/vm.log").is_file());
+    assert!(out.join("jobs/long.log").is_file());
+    assert_eq!(common::qemu_pids_mentioning(needle), Vec::<i32>::new());
+    assert_eq!(
+        common::pids_mentioning("photon-cluster", needle),
+        Vec::<i32>::new()
+    );
+}

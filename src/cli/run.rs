@@ -522,7 +522,7 @@ fn snapshot_command(cluster: &Cluster, state: &StateDir, cmd: SnapshotCmd) -> Re
 fn hermetic_run(mut cluster: Cluster, target: &Target, args: &RunArgs) -> Result<i32> {
     if !args.assemble.is_empty() {
         let code =
-            crate::layered::assemble(&args.assemble, &args.out, args.keep_failed, args.json)?;
+            crate::layered::assemble(&args.assemble, &args.out, args.keep_failed, args.json, None)?;
         return Ok(code as i32);
     }
     let images = args
