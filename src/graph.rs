@@ -53,7 +53,7 @@ pub fn run(lane: &Lane, out: &Path, jobs: usize, keep_failed: bool, json: bool) 
         .stdout(Stdio::null())
         .spawn()
         .context("starting the ready boot")?;
-    crate::own_child(boot.id());
+    own(&boot);
     let status = boot.wait();
     crate::disown_child(boot.id());
     let status = status.context("waiting for the ready boot")?;
@@ -198,6 +198,19 @@ fn layers(
     Ok(lane.layers.iter().map(|l| parts.join(&l.name)).collect())
 }
 
+/// Records a step's process, so that each Ctrl-C is passed on to it; one
+/// that came while it was starting is passed on now.
+fn own(child: &Child) {
+    crate::own_child(child.id());
+    if crate::interrupted() && crate::timed_out().is_none() {
+        use nix::sys::signal::{Signal, kill};
+        let _ = kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            Signal::SIGINT,
+        );
+    }
+}
+
 /// Starts one layer's process, its stdout and stderr into its log.
 fn launch(base: &[OsString], parts: &Path, name: &str, from: &Path, save_end: bool) -> Result<Job> {
     let (out, log) = (
@@ -219,7 +232,7 @@ fn launch(base: &[OsString], parts: &Path, name: &str, from: &Path, save_end: bo
         .stderr(file)
         .spawn()
         .with_context(|| format!("starting layer {name}"))?;
-    crate::own_child(child.id());
+    own(&child);
     eprintln!("graph: layer {name} started (log: {})", log.display());
     Ok(Job {
         name: name.to_string(),
