@@ -33,7 +33,7 @@ impl Check for Script {
 
     fn attempt(&self, ctx: &Ctx, _target: Option<&str>, budget: Duration) -> Result<Verdict> {
         let began = Instant::now();
-        let stem = self.file.file_stem().unwrap_or_default().to_string_lossy();
+        let stem = artifact_stem(&self.file);
         let dir = match ctx.artifact_path(&format!("script-{stem}")) {
             Some(d) => d,
             None => {
@@ -73,6 +73,26 @@ impl Check for Script {
             Verdict::pass(format!("{passed} subtests passed"), evidence)
         };
         Ok(verdict.with_parts(parts))
+    }
+}
+
+/// The script's name for its artifact directory: its file stem, without
+/// the hash a Nix store path puts before it (`/nix/store/<hash>-t.py`
+/// gives `t`, as a file outside the store would).
+fn artifact_stem(file: &std::path::Path) -> String {
+    let stem = file.file_stem().unwrap_or_default().to_string_lossy();
+    let in_store = file.parent() == Some(std::path::Path::new("/nix/store"));
+    match stem.split_once('-') {
+        Some((hash, name))
+            if in_store
+                && hash.len() == 32
+                && hash
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase()) =>
+        {
+            name.to_string()
+        }
+        _ => stem.to_string(),
     }
 }
 
@@ -192,6 +212,18 @@ mod tests {
         );
         assert_eq!(v.evidence["exit"], Value::Null);
         assert!(v.evidence["stopped"].is_string(), "{}", v.evidence);
+    }
+
+    #[test]
+    fn the_artifact_directory_is_named_without_the_store_hash() {
+        let stem = |p: &str| artifact_stem(std::path::Path::new(p));
+        assert_eq!(
+            stem("/nix/store/0c6kzph7l1dcbgdlkvhm7yg4hzmwkx6q-dns.py"),
+            "dns"
+        );
+        assert_eq!(stem("/work/lanes/dns-check.py"), "dns-check");
+        // Not a store hash: kept.
+        assert_eq!(stem("/nix/store/short-dns.py"), "short-dns");
     }
 
     #[test]
