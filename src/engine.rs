@@ -434,10 +434,14 @@ fn run_check(
         let out_of_time =
             !time_for_another(Instant::now(), pause, attempt_started.elapsed(), deadline);
         let stop = !c.shape.retried || out_of_time || final_error || (opts.interrupted)();
-        if v.outcome != Outcome::Fail || stop {
+        // The pause goes through the wait helper: Ctrl-C or --timeout ends
+        // it, and the last attempt stands.
+        if v.outcome != Outcome::Fail
+            || stop
+            || crate::wait::Wait::hold("the pause between attempts", pause).is_err()
+        {
             break (v, attempt_started);
         }
-        std::thread::sleep(pause);
     };
     let parts = std::mem::take(&mut verdict.parts);
     fail_with_parts(&mut verdict, &parts);
