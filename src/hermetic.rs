@@ -72,17 +72,18 @@ pub fn check_paths(
 
 /// The tools' paths as found on PATH; a missing tool is bad input.
 pub fn tool_paths() -> Result<Vec<(String, PathBuf)>> {
+    TOOLS.iter().map(|t| tool_path(t)).collect()
+}
+
+/// One tool's path as found on PATH (`python3` for a lane with script
+/// checks); a missing tool is bad input.
+pub fn tool_path(tool: &str) -> Result<(String, PathBuf)> {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    TOOLS
-        .iter()
-        .map(|t| {
-            std::env::split_paths(&path)
-                .map(|d| d.join(t))
-                .find(|p| p.is_file())
-                .map(|p| (t.to_string(), p))
-                .ok_or_else(|| bad_input(format!("hermetic run: `{t}` is not on PATH")))
-        })
-        .collect()
+    std::env::split_paths(&path)
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+        .map(|p| (tool.to_string(), p))
+        .ok_or_else(|| bad_input(format!("hermetic run: `{tool}` is not on PATH")))
 }
 
 /// Points the cluster at the image directory `dir` (see image::dir: per-node

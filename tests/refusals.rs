@@ -219,6 +219,46 @@ fn hermetic_run_refuses_paths_outside_the_store() {
     assert!(err.contains("qemu-system-x86_64"), "{err}");
     assert!(!out_dir.exists(), "nothing written before the refusal");
 
+    // A lane with a script check: python3 is judged like the other tools.
+    // Every other path allowed, one by one, python3 alone is refused.
+    fs::write(dir.join("t.py"), "pass\n").unwrap();
+    let lane = dir.join("scripted.toml");
+    fs::write(
+        &lane,
+        "[lane]\nname = \"scripted\"\ndescription = \"a script check\"\n\
+         [[layer]]\nname = \"s\"\n[[layer.check]]\nname = \"t\"\nkind = \"script\"\nfile = \"t.py\"\n",
+    )
+    .unwrap();
+    let mut args = vec![
+        "run".to_string(),
+        "--out".into(),
+        out_dir.display().to_string(),
+        "--image-dir".into(),
+        images.display().to_string(),
+        "--lane-file".into(),
+        lane.display().to_string(),
+        "--allow-impure".into(),
+        images.display().to_string(),
+        "--allow-impure".into(),
+        env!("CARGO_BIN_EXE_photon-cluster").into(),
+    ];
+    for tool in ["qemu-system-x86_64", "qemu-img", "ssh-keygen", "mkfs.ext4"] {
+        let found = std::env::split_paths(&std::env::var_os("PATH").unwrap())
+            .map(|d| d.join(tool))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| panic!("{tool} on PATH"));
+        for p in [fs::canonicalize(&found).unwrap(), found] {
+            args.extend(["--allow-impure".into(), p.display().to_string()]);
+        }
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = common::run(&dir, &args);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("python3: "), "{err}");
+    assert!(!err.contains("qemu-system-x86_64"), "{err}");
+    assert!(!out_dir.exists(), "nothing written before the refusal");
+
     // A missing image file is named.
     fs::remove_file(images.join("initrd.img")).unwrap();
     let out = run();

@@ -535,6 +535,19 @@ fn hermetic_run(mut cluster: Cluster, target: &Target, args: &RunArgs) -> Result
     if let Some(ready) = &args.from_ready {
         paths.push(("ready cluster".into(), ready.clone()));
     }
+    // The lane, read before anything starts: its script checks run python3,
+    // which is then judged and recorded like the other tools.
+    let lane = match args.ready {
+        true => None,
+        false => Some(args.select.load(&cluster)?),
+    };
+    if lane
+        .iter()
+        .flat_map(|l| l.checks())
+        .any(|c| c.kind == "script")
+    {
+        paths.push(crate::hermetic::tool_path("python3")?);
+    }
     let checked =
         crate::hermetic::check_paths(&paths, &crate::hermetic::store_dir(), &args.allow_impure)?;
     let base = match &target.state_dir {
@@ -555,7 +568,7 @@ fn hermetic_run(mut cluster: Cluster, target: &Target, args: &RunArgs) -> Result
         )?;
         return Ok(code as i32);
     }
-    let mut lane = args.select.load(&cluster)?;
+    let mut lane = lane.expect("read above unless --ready");
     if let Some(jobs) = args.jobs {
         let (out, keep, json) = (&args.out, args.keep_failed, args.json);
         return Ok(crate::graph::run(&lane, out, jobs.into(), keep, json)? as i32);
