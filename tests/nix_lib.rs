@@ -130,6 +130,7 @@ fn pure_library_tests_pass() {
         "builders-name-no-bin",
         "test-script-text",
         "test-script-needs-python",
+        "lane-file-in-its-directory-keeps-its-scripts",
     ] {
         assert!(names.contains(&name.to_string()), "missing test {name}");
     }

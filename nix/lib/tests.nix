@@ -532,6 +532,14 @@ let
       expr = map (i: evaluates (mk { testScript = "x"; python = "/opt/python/bin"; impurePaths = i; }).drvPath) [ [ ] [ "/opt/python" ] ];
       expected = [ false true ];
     };
+    # A lane file whose script checks sit beside it: given as a path into
+    # its copied directory ("${./dir}/lane.toml"), the scripts come along
+    # (a bare ./dir/lane.toml copies the lane file alone).
+    lane-file-in-its-directory-keeps-its-scripts = {
+      expr = let c = mk { laneFile = "${../../tests/fixtures/scripts}/lane.toml"; cluster = ../../tests/fixtures/one-node.toml; python = fakePkg "python3"; }; in
+        dirOf c.photonCluster.laneFile == "${../../tests/fixtures/scripts}";
+      expected = true;
+    };
     lane-file-script-checks-need-python = {
       expr = map (p: evaluates (mk ({ laneFile = ../../tests/fixtures/scripts/lane.toml; cluster = ../../tests/fixtures/one-node.toml; } // p)).drvPath)
         [ { } { python = fakePkg "python3"; } ];
