@@ -61,9 +61,7 @@ fn ssh_port(state: &Path, cluster: &str) -> u64 {
 fn one_snapshot_restores_twice_side_by_side_from_a_read_only_directory() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
-    let images = tmp.path().join("images");
-    common::image_dir_with_cmdline(&images, "");
-    let cluster = common::one_node_cluster(tmp.path(), &images);
+    let (_, cluster) = one_node(tmp.path());
     let c = cluster.to_str().unwrap().to_string();
     let saved_in = tmp.path().join("saved-in");
     let (b, d) = (tmp.path().join("b"), tmp.path().join("d"));
@@ -199,6 +197,15 @@ fn hermetic_lane(
     common::run(state, &args)
 }
 
+/// A one-node cluster in `tmp` on the shared image: its image directory
+/// and its definition.
+fn one_node(tmp: &Path) -> (PathBuf, PathBuf) {
+    let images = tmp.join("images");
+    common::image_dir_with_cmdline(&images, "");
+    let cluster = common::one_node_cluster(tmp, &images);
+    (images, cluster)
+}
+
 fn json(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
         .unwrap()
@@ -210,9 +217,7 @@ fn json(path: &Path) -> serde_json::Value {
 fn layers_run_from_one_ready_output_and_assemble_into_the_lane() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
-    let images = tmp.path().join("images");
-    common::image_dir_with_cmdline(&images, "");
-    let cluster = common::one_node_cluster(tmp.path(), &images);
+    let (images, cluster) = one_node(tmp.path());
     let ready = tmp.path().join("ready");
     let t = std::time::Instant::now();
     let out = hermetic(
@@ -363,9 +368,7 @@ fn layers_run_from_one_ready_output_and_assemble_into_the_lane() {
 fn a_layer_after_another_continues_from_its_end_state_in_a_graph_of_two_jobs() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
-    let images = tmp.path().join("images");
-    common::image_dir_with_cmdline(&images, "");
-    let cluster = common::one_node_cluster(tmp.path(), &images);
+    let (images, cluster) = one_node(tmp.path());
     let lane = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/layered-after.toml"
@@ -435,9 +438,7 @@ fn ctrl_c_during_a_graph_of_two_jobs_stops_every_layer_with_its_evidence() {
     use nix::sys::signal::{Signal, kill};
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
-    let images = tmp.path().join("images");
-    common::image_dir_with_cmdline(&images, "");
-    let cluster = common::one_node_cluster(tmp.path(), &images);
+    let (images, cluster) = one_node(tmp.path());
     let lane = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/layered-stopped.toml"
