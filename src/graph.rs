@@ -203,11 +203,7 @@ fn layers(
 fn own(child: &Child) {
     crate::own_child(child.id());
     if crate::interrupted() && crate::timed_out().is_none() {
-        use nix::sys::signal::{Signal, kill};
-        let _ = kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            Signal::SIGINT,
-        );
+        crate::interrupt_child(child.id());
     }
 }
 
@@ -285,11 +281,9 @@ fn report(job: &Job, status: ExitStatus) -> Result<()> {
 /// (at most a second after this one's); any other end asks them to stop
 /// as Ctrl-C would.
 fn stop_all(running: &mut Vec<Job>) {
-    use nix::sys::signal::{Signal, kill};
-    use nix::unistd::Pid;
     if !crate::interrupted() {
         for job in running.iter() {
-            let _ = kill(Pid::from_raw(job.child.id() as i32), Signal::SIGINT);
+            crate::interrupt_child(job.child.id());
         }
     }
     let _ = Wait::new("layers stopping", TEARDOWN)

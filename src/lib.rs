@@ -64,6 +64,12 @@ pub fn own_child(pid: u32) {
     CHILDREN.lock().expect("children").push(pid as i32);
 }
 
+/// Asks a driver process this command started to stop, as Ctrl-C would.
+pub fn interrupt_child(pid: u32) {
+    use nix::sys::signal::{Signal, kill};
+    let _ = kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGINT);
+}
+
 /// Forgets a driver process once it ended.
 pub fn disown_child(pid: u32) {
     CHILDREN
@@ -148,8 +154,7 @@ pub fn stopped_as() -> Option<error::RunStatus> {
 pub fn install_interrupt_handler() {
     let _ = ctrlc::set_handler(|| {
         for pid in CHILDREN.lock().map(|p| p.clone()).unwrap_or_default() {
-            use nix::sys::signal::{Signal, kill};
-            let _ = kill(nix::unistd::Pid::from_raw(pid), Signal::SIGINT);
+            interrupt_child(pid as u32);
         }
         if INTERRUPTED.swap(true, Ordering::SeqCst) {
             eprintln!("interrupted again; killing owned QEMU processes and exiting now");
